@@ -1,0 +1,1 @@
+"""The rayfleet Kubernetes operator (kopf). It reconciles ServeDeployments and never imports Ray."""

@@ -1,0 +1,34 @@
+"""Operator settings, read once from the environment (the Helm chart sets them)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_REPLICA_IMAGE = "ghcr.io/rayfleet/replica:0.1.0"
+
+
+def _resources(prefix: str, cpu: str, memory: str) -> dict[str, Any]:
+    cpu = os.environ.get(f"{prefix}_CPU", cpu)
+    memory = os.environ.get(f"{prefix}_MEMORY", memory)
+    return {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}}
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    replica_image: str = DEFAULT_REPLICA_IMAGE
+    control_port: int = 8090  # the rayfleet controller's HTTP API on the head pod
+    ingress_port: int = 8000  # HAProxy on every Ray pod; the Service targets it
+    resync_seconds: float = 10.0  # level-based re-reconcile period
+    head_resources: dict[str, Any] = field(default_factory=lambda: _resources("RAYFLEET_HEAD", "1", "2Gi"))
+    worker_resources: dict[str, Any] = field(default_factory=lambda: _resources("RAYFLEET_WORKER", "1", "2Gi"))
+
+    @classmethod
+    def from_env(cls) -> "OperatorConfig":
+        env = os.environ
+        return cls(
+            replica_image=env.get("RAYFLEET_REPLICA_IMAGE", DEFAULT_REPLICA_IMAGE),
+            control_port=int(env.get("RAYFLEET_CONTROL_PORT", 8090)),
+            ingress_port=int(env.get("RAYFLEET_INGRESS_PORT", 8000)),
+            resync_seconds=float(env.get("RAYFLEET_RESYNC_SECONDS", 10)),
+        )

@@ -1,0 +1,77 @@
+"""Kubernetes API I/O through the official client. The client is synchronous, so every call runs in a
+worker thread: kopf's event loop is never blocked. Objects travel as plain dicts."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from .naming import RAY_GROUP, RAY_PLURAL, RAY_VERSION
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+    @property
+    def retriable(self) -> bool:
+        return self.status in (0, 409, 429) or self.status >= 500
+
+
+def load_client_config() -> None:
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+
+
+async def _call(fn, *args, **kwargs) -> dict[str, Any] | None:
+    """Run one client call off the loop; 404 → None; other API errors → KubeError."""
+    def run():
+        try:
+            response = fn(*args, _preload_content=False, **kwargs)
+            return json.loads(response.data or b"null")
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            try:
+                message = json.loads(exc.body).get("message", exc.reason)
+            except (TypeError, ValueError):
+                message = exc.reason
+            raise KubeError(exc.status or 0, message) from None
+    return await asyncio.to_thread(run)
+
+
+class Kube:
+    """The few operations the operator needs, namespaced, returning dicts."""
+
+    def __init__(self) -> None:
+        self.custom = kubernetes.client.CustomObjectsApi()
+        self.core = kubernetes.client.CoreV1Api()
+
+    async def get_raycluster(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await _call(self.custom.get_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
+
+    async def create_raycluster(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return await _call(self.custom.create_namespaced_custom_object, RAY_GROUP, RAY_VERSION,
+                           obj["metadata"]["namespace"], RAY_PLURAL, obj)
+
+    async def replace_raycluster(self, obj: dict[str, Any], resource_version: str) -> dict[str, Any]:
+        """Replace the spec whole (a merge patch would keep fields we dropped); 409 if it moved on."""
+        obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": resource_version}}
+        return await _call(self.custom.replace_namespaced_custom_object, RAY_GROUP, RAY_VERSION,
+                           obj["metadata"]["namespace"], RAY_PLURAL, obj["metadata"]["name"], obj)
+
+    async def get_service(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await _call(self.core.read_namespaced_service, name, namespace)
+
+    async def create_service(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return await _call(self.core.create_namespaced_service, obj["metadata"]["namespace"], obj)
+
+    async def patch_service(self, obj: dict[str, Any]) -> dict[str, Any]:
+        patch = {"metadata": {"labels": obj["metadata"]["labels"]}, "spec": obj["spec"]}
+        return await _call(self.core.patch_namespaced_service, obj["metadata"]["name"], obj["metadata"]["namespace"], patch)

@@ -1,0 +1,174 @@
+"""The desired KubeRay RayCluster for a ServeDeployment, and whether an existing one needs updating.
+
+Pure functions in the spirit of KubeRay's controllers/ray/common: build the object from the spec,
+decide with a (bool, reason) pair, and let the caller do the I/O.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from rayfleet.spec import SpecError, parse_quantity
+
+from .config import OperatorConfig
+from .naming import (ANNOTATION_SPEC_HASH, CONTROL_PORT_NAME, INGRESS_PORT_NAME, RAY_GROUP, RAY_VERSION,
+                     labels, owner_reference)
+
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    replicas: int
+    min_replicas: int
+    max_replicas: int
+    cpus_per_worker: int
+    capped: bool  # the replicas need more workers than maxReplicas allows
+
+
+def _resource(resources: dict[str, Any], name: str) -> Any:
+    return (resources.get("limits") or {}).get(name, (resources.get("requests") or {}).get(name))
+
+
+def worker_resources(spec: dict[str, Any], config: OperatorConfig) -> dict[str, Any]:
+    workers = (spec.get("rayCluster") or {}).get("workers") or {}
+    return workers.get("resources") or config.worker_resources
+
+
+def plan_workers(spec: dict[str, Any], config: OperatorConfig) -> WorkerPlan:
+    """Size the worker group so the replicas' reserved CPUs fit, within min..max."""
+    workers = (spec.get("rayCluster") or {}).get("workers") or {}
+    low, high = workers.get("minReplicas", 1), workers.get("maxReplicas", 10)
+    cpu = _resource(worker_resources(spec, config), "cpu")
+    cpus_per_worker = max(1, math.floor(parse_quantity(cpu, "spec.rayCluster.workers.resources.cpu"))) if cpu else 1
+    replicas = spec.get("replicas", 1)
+    per_replica = (spec.get("rayActorOptions") or {}).get("numCpus", 1)
+    # Replicas are packed by whole replicas per worker, as Ray's scheduler does.
+    per_worker = math.floor(cpus_per_worker / per_replica + 1e-9) if per_replica else replicas or 1
+    needed = math.ceil(replicas / per_worker) if replicas and per_worker else 0
+    return WorkerPlan(max(low, min(needed, high)), low, high, cpus_per_worker, needed > high)
+
+
+def spec_problems(spec: dict[str, Any], config: OperatorConfig) -> list[str]:
+    """What the schema can't catch: replicas that could never be scheduled on the workers described."""
+    if (spec.get("rayCluster") or {}).get("existing"):
+        return []  # the referenced cluster's shape is not ours to judge
+    problems = []
+    options = spec.get("rayActorOptions") or {}
+    resources = worker_resources(spec, config)
+    try:
+        plan = plan_workers(spec, config)
+        if options.get("numCpus", 1) > plan.cpus_per_worker:
+            problems.append(f"rayActorOptions.numCpus={options['numCpus']} exceeds the {plan.cpus_per_worker} CPU(s) of a worker "
+                            "(rayCluster.workers.resources.limits.cpu); no replica could be scheduled")
+        gpus = _resource(resources, GPU_RESOURCE)
+        if options.get("numGpus", 0) > (parse_quantity(gpus, "spec.rayCluster.workers.resources.nvidia.com/gpu") if gpus else 0):
+            problems.append(f"rayActorOptions.numGpus={options['numGpus']} but a worker offers "
+                            f"{gpus or 0} {GPU_RESOURCE} (rayCluster.workers.resources.limits)")
+        memory, worker_memory = options.get("memory"), _resource(resources, "memory")
+        if memory is not None and worker_memory and (parse_quantity(memory, "spec.rayActorOptions.memory")
+                                                     > parse_quantity(worker_memory, "spec.rayCluster.workers.resources.memory")):
+            problems.append(f"rayActorOptions.memory={memory} exceeds a worker's memory {worker_memory}")
+    except SpecError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def _container(name: str, image: str, resources: dict[str, Any], ports: list[dict[str, Any]], env: list[dict[str, str]]) -> dict[str, Any]:
+    return {"name": name, "image": image, "resources": copy.deepcopy(resources), "ports": ports, "env": env}
+
+
+def build_raycluster(body: dict[str, Any], config: OperatorConfig) -> dict[str, Any]:
+    """The RayCluster rayfleet owns for this ServeDeployment (not called for rayCluster.existing)."""
+    meta, spec = body["metadata"], body["spec"]
+    cluster = spec.get("rayCluster") or {}
+    image = spec.get("image") or config.replica_image
+    plan = plan_workers(spec, config)
+    pod_labels = labels(meta["name"])
+    http_port = {"containerPort": config.ingress_port, "name": INGRESS_PORT_NAME, "protocol": "TCP"}
+    env = [{"name": "RAYFLEET_CONTROL_PORT", "value": str(config.control_port)},
+           {"name": "RAYFLEET_INGRESS_PORT", "value": str(config.ingress_port)}]
+    head = _container("ray-head", image, (cluster.get("head") or {}).get("resources") or config.head_resources, [
+        {"containerPort": 6379, "name": "gcs-server", "protocol": "TCP"},
+        {"containerPort": 8265, "name": "dashboard", "protocol": "TCP"},
+        {"containerPort": 10001, "name": "client", "protocol": "TCP"},
+        {"containerPort": config.control_port, "name": CONTROL_PORT_NAME, "protocol": "TCP"},
+        http_port,
+    ], env)
+    # The replica image starts the rayfleet controller once Ray is up on the head (see replica_image/).
+    head["lifecycle"] = {"postStart": {"exec": {"command": ["/bin/sh", "-c", "rayfleet-head-start"]}}}
+    worker = _container("ray-worker", image, worker_resources(spec, config), [http_port], env)
+    spec_out = {
+        "rayVersion": cluster.get("rayVersion", "2.60.0"),
+        "enableInTreeAutoscaling": False,
+        "headGroupSpec": {
+            "serviceType": "ClusterIP",
+            # num-cpus 0 keeps replicas off the head: it hosts the controller and an ingress only.
+            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+            "template": {"metadata": {"labels": dict(pod_labels)}, "spec": {"containers": [head]}},
+        },
+        "workerGroupSpecs": [{
+            "groupName": "replicas",
+            "replicas": plan.replicas,
+            "minReplicas": plan.min_replicas,
+            "maxReplicas": plan.max_replicas,
+            "rayStartParams": {"num-cpus": str(plan.cpus_per_worker)},
+            "template": {"metadata": {"labels": dict(pod_labels)}, "spec": {"containers": [worker]}},
+        }],
+    }
+    return {
+        "apiVersion": f"{RAY_GROUP}/{RAY_VERSION}",
+        "kind": "RayCluster",
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "labels": dict(pod_labels),
+            "annotations": {ANNOTATION_SPEC_HASH: object_hash(spec_out)},
+            "ownerReferences": [owner_reference(body)],
+        },
+        "spec": spec_out,
+    }
+
+
+def object_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def should_update_cluster(existing: dict[str, Any] | None, desired: dict[str, Any]) -> tuple[bool, str]:
+    """Whether to write `desired` over `existing`, and why (the reason lands in a condition message)."""
+    if existing is None:
+        return True, "RayCluster does not exist"
+    if not owned_by(existing, desired["metadata"]["ownerReferences"][0]["uid"]):
+        return False, f"RayCluster {existing['metadata']['name']} exists and is not owned by this ServeDeployment"
+    have = (existing["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
+    want = desired["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
+    if have != want:
+        return True, f"RayCluster spec hash changed from {have} to {want}"
+    return False, "RayCluster is up to date"
+
+
+def owned_by(obj: dict[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def readiness(cluster: dict[str, Any] | None) -> tuple[bool, str]:
+    """Whether the head is up (the controller lives there), and KubeRay's word for the state."""
+    if cluster is None:
+        return False, "missing"
+    status = cluster.get("status") or {}
+    head_ready = any(c.get("type") == "HeadPodReady" and c.get("status") == "True" for c in status.get("conditions") or [])
+    state = status.get("state") or "pending"
+    return head_ready or state == "ready", state
+
+
+def controller_url(cluster: dict[str, Any], config: OperatorConfig) -> str | None:
+    """The controller's API on the head pod, from the RayCluster status KubeRay (or the local provider) wrote."""
+    status = cluster.get("status") or {}
+    head = status.get("head") or {}
+    host = head.get("podIP") or head.get("serviceIP")
+    port = (status.get("endpoints") or {}).get(CONTROL_PORT_NAME, config.control_port)
+    return f"http://{host}:{port}" if host else None

@@ -1,0 +1,124 @@
+"""One level-based reconcile of a ServeDeployment: observe, decide (pure), apply, report.
+
+Returns the status patch and the notable transitions; the kopf handlers only write them out.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from rayfleet.spec import desired_state
+
+from . import raycluster, service
+from .conditions import READY, find
+from .config import OperatorConfig
+from .controlapi import ControlClient, ControllerRejected, ControllerUnreachable
+from .kube import Kube
+from .naming import LABEL_RAY_CLUSTER, cluster_name, deployment_key
+from .status import Observation, compute_status, status_patch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    status: dict[str, Any]  # only the changed fields
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def _ensure_cluster(body: dict[str, Any], config: OperatorConfig, kube: Kube, obs: Observation, events: list) -> dict[str, Any] | None:
+    meta = body["metadata"]
+    existing = await kube.get_raycluster(meta["namespace"], obs.cluster_name)
+    if (body["spec"].get("rayCluster") or {}).get("existing"):
+        return existing
+    desired = raycluster.build_raycluster(body, config)
+    update, reason = raycluster.should_update_cluster(existing, desired)
+    if existing is not None and not raycluster.owned_by(existing, meta["uid"]):
+        obs.cluster_conflict = reason
+        return None
+    if update and existing is None:
+        existing = await kube.create_raycluster(desired)
+        events.append(("Normal", "RayClusterCreated", f"created RayCluster {obs.cluster_name}"))
+    elif update:
+        existing = await kube.replace_raycluster(desired, existing["metadata"]["resourceVersion"])
+        events.append(("Normal", "RayClusterUpdated", f"updated RayCluster {obs.cluster_name}: {reason}"))
+    return existing
+
+
+async def _ensure_service(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> None:
+    desired = service.build_service(body, config)
+    existing = await kube.get_service(body["metadata"]["namespace"], body["metadata"]["name"])
+    if existing is None:
+        await kube.create_service(desired)
+    elif service.service_needs_update(existing, desired):
+        await kube.patch_service(desired)
+
+
+async def _observe_controller(body: dict[str, Any], cluster: dict[str, Any], config: OperatorConfig,
+                              control: ControlClient, obs: Observation) -> None:
+    url = raycluster.controller_url(cluster, config)
+    if url is None:
+        obs.controller_error = "the RayCluster reports no head pod address yet"
+        return
+    key = deployment_key(body)
+    try:
+        await control.put_deployment(url, key, desired_state(body["spec"]))
+        obs.controller = await control.get_deployment(url, key)
+    except ControllerRejected as exc:
+        obs.problems.append(f"the controller rejected the spec: {exc}")
+    except ControllerUnreachable as exc:
+        obs.controller_error = f"rayfleet controller at {url}: {exc}"
+
+
+async def reconcile(body: dict[str, Any], config: OperatorConfig, kube: Kube, control: ControlClient) -> Outcome:
+    meta, spec = body["metadata"], body["spec"]
+    name = cluster_name(body)
+    obs = Observation(generation=meta.get("generation", 0), spec=spec, cluster_name=name,
+                      selector=f"{LABEL_RAY_CLUSTER}={name}", endpoint=service.endpoint(body, config),
+                      problems=raycluster.spec_problems(spec, config))
+    events: list[tuple[str, str, str]] = []
+    if not obs.problems:
+        cluster = await _ensure_cluster(body, config, kube, obs, events)
+        await _ensure_service(body, config, kube)
+        obs.cluster_ready, obs.cluster_state = raycluster.readiness(cluster)
+        if obs.cluster_ready and not obs.cluster_conflict:
+            await _observe_controller(body, cluster, config, control, obs)
+
+    old_status = body.get("status") or {}
+    new_status = compute_status(obs, old_status, _now())
+    events.extend(_transition_events(old_status, new_status))
+    return Outcome(status_patch(old_status, new_status), events)
+
+
+def _transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """An Event whenever the Ready condition changes reason: Warning when it is not ready."""
+    before, after = find(old.get("conditions"), READY), find(new["conditions"], READY)
+    if before and before["reason"] == after["reason"] and before["status"] == after["status"]:
+        return []
+    kind = "Normal" if after["status"] == "True" else "Warning"
+    return [(kind, after["reason"], after["message"] or after["reason"])]
+
+
+async def finalize(body: dict[str, Any], config: OperatorConfig, kube: Kube, control: ControlClient) -> bool:
+    """Ask the controller to drain and remove this deployment's replicas; True once they are gone.
+
+    A missing or unready RayCluster has no replicas to drain, so deletion is never blocked by it.
+    """
+    cluster = await kube.get_raycluster(body["metadata"]["namespace"], cluster_name(body))
+    ready, _ = raycluster.readiness(cluster)
+    url = raycluster.controller_url(cluster, config) if ready else None
+    if url is None:
+        return True
+    key = deployment_key(body)
+    observed = await control.get_deployment(url, key)
+    if observed is None:
+        return True
+    if observed.get("status") != "Deleting":
+        await control.delete_deployment(url, key)
+    return False

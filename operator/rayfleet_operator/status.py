@@ -1,0 +1,121 @@
+"""Status from what was observed: pure, so every reason and transition is unit-tested.
+
+Reasons are typed (CamelCase constants) so users and tools can match on them; messages say why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .conditions import DEGRADED, PROGRESSING, READY, Condition, merge_conditions
+
+
+class Reason:
+    ALL_READY = "AllReplicasReady"
+    COMPLETE = "Complete"
+    AS_EXPECTED = "AsExpected"
+    INVALID_SPEC = "InvalidSpec"
+    CLUSTER_CONFLICT = "RayClusterConflict"
+    CLUSTER_NOT_READY = "RayClusterNotReady"
+    CONTROLLER_UNREACHABLE = "ControllerUnreachable"
+    REPLICAS_NOT_READY = "ReplicasNotReady"
+    REPLICAS_UNHEALTHY = "ReplicasUnhealthy"
+    ROLLING_UPDATE = "RollingUpdate"
+    SCALING = "Scaling"
+    OVERLOADED = "Overloaded"
+    DELETING = "Deleting"
+
+
+UNHEALTHY_STATES = {"UNHEALTHY", "FAILED", "STOPPED"}
+
+
+@dataclass
+class Observation:
+    """Everything one reconcile saw; the fields after `spec` describe the world, not the wish."""
+    generation: int
+    spec: dict[str, Any]
+    cluster_name: str
+    selector: str
+    endpoint: str
+    problems: list[str] = field(default_factory=list)
+    cluster_conflict: str | None = None
+    cluster_ready: bool = False
+    cluster_state: str = "missing"
+    controller: dict[str, Any] | None = None  # observed state from the rayfleet controller
+    controller_error: str | None = None
+
+
+def _replica_entry(r: dict[str, Any]) -> dict[str, Any]:
+    entry = {"id": r.get("id", ""), "state": r.get("state", ""), "version": r.get("version", ""),
+             "node": r.get("nodeIp") or "", "pid": r.get("pid") or 0, "inFlight": r.get("inFlight") or 0,
+             "restarts": r.get("restarts") or 0}
+    if r.get("lastError"):
+        entry["lastError"] = str(r["lastError"])[:1024]
+    return entry
+
+
+def conditions_for(obs: Observation) -> list[Condition]:
+    def blocked(reason: str, message: str, degraded: bool = False) -> list[Condition]:
+        return [Condition(READY, False, reason, message), Condition(PROGRESSING, not degraded, reason, message),
+                Condition(DEGRADED, degraded, reason if degraded else Reason.AS_EXPECTED, message if degraded else "")]
+
+    if obs.problems:
+        return blocked(Reason.INVALID_SPEC, "; ".join(obs.problems), degraded=True)
+    if obs.cluster_conflict:
+        return blocked(Reason.CLUSTER_CONFLICT, obs.cluster_conflict, degraded=True)
+    if not obs.cluster_ready:
+        return blocked(Reason.CLUSTER_NOT_READY, f"RayCluster {obs.cluster_name} is {obs.cluster_state}")
+    if obs.controller is None:
+        return blocked(Reason.CONTROLLER_UNREACHABLE, obs.controller_error or "the rayfleet controller did not answer")
+    ctl = obs.controller
+    if ctl.get("error"):
+        err = ctl["error"]
+        return blocked(err.get("reason") or "ReplicaError", err.get("message", ""), degraded=True)
+
+    desired = obs.spec.get("replicas", 1)
+    replicas = ctl.get("replicas") or []
+    ready, updated = ctl.get("readyReplicas", 0), ctl.get("updatedReplicas", 0)
+    ready_msg = f"{ready}/{desired} replicas ready"
+    conds = [Condition(READY, ready >= desired, Reason.ALL_READY if ready >= desired else Reason.REPLICAS_NOT_READY, ready_msg)]
+
+    if updated < desired or any(r.get("version") != ctl.get("version") for r in replicas):
+        conds.append(Condition(PROGRESSING, True, Reason.ROLLING_UPDATE, f"{updated}/{desired} replicas at version {ctl.get('version')}"))
+    elif len(replicas) != desired or ready != desired:
+        conds.append(Condition(PROGRESSING, True, Reason.SCALING, f"{len(replicas)} replicas, {ready_msg}"))
+    else:
+        conds.append(Condition(PROGRESSING, False, Reason.COMPLETE, ready_msg))
+
+    unhealthy = [r for r in replicas if r.get("state") in UNHEALTHY_STATES
+                 or (r.get("state") != "READY" and (r.get("restarts") or 0) > 0)]
+    capacity = ready * obs.spec.get("maxConcurrency", 100)
+    if unhealthy:
+        names = ", ".join(f"{r.get('id')} ({r.get('state')}, {r.get('restarts') or 0} restarts)" for r in unhealthy)
+        conds.append(Condition(DEGRADED, True, Reason.REPLICAS_UNHEALTHY, f"replicas not serving: {names}"))
+    elif capacity and ctl.get("inFlight", 0) >= capacity:
+        conds.append(Condition(DEGRADED, True, Reason.OVERLOADED, f"{ctl.get('inFlight')} requests in flight fill {capacity} slots"))
+    else:
+        conds.append(Condition(DEGRADED, False, Reason.AS_EXPECTED, ""))
+    return conds
+
+
+def compute_status(obs: Observation, old_status: dict[str, Any] | None, now: str) -> dict[str, Any]:
+    ctl = obs.controller or {}
+    replicas = ctl.get("replicas") or []
+    return {
+        "observedGeneration": obs.generation,
+        "replicas": len(replicas),
+        "readyReplicas": ctl.get("readyReplicas", 0),
+        "updatedReplicas": ctl.get("updatedReplicas", 0),
+        "inFlight": ctl.get("inFlight", 0),
+        "selector": obs.selector,
+        "endpoint": obs.endpoint,
+        "rayCluster": obs.cluster_name,
+        "replicaStatuses": [_replica_entry(r) for r in replicas],
+        "conditions": merge_conditions((old_status or {}).get("conditions"), conditions_for(obs), obs.generation, now),
+    }
+
+
+def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """Only the top-level status fields that changed (empty: write nothing)."""
+    old = old or {}
+    return {key: value for key, value in new.items() if old.get(key) != value}

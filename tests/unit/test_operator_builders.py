@@ -1,0 +1,103 @@
+"""The operator's pure builders and decisions: RayCluster, Service, worker sizing, spec problems."""
+import copy
+
+import pytest
+
+from rayfleet.manifest import validate
+from rayfleet_operator.config import OperatorConfig
+from rayfleet_operator.naming import ANNOTATION_SPEC_HASH, CONTROL_PORT_NAME
+from rayfleet_operator.raycluster import (build_raycluster, controller_url, plan_workers, readiness,
+                                          should_update_cluster, spec_problems)
+from rayfleet_operator.service import build_service, endpoint, service_needs_update
+
+CONFIG = OperatorConfig()
+
+
+def body(**spec):
+    obj = validate({"apiVersion": "rayfleet.io/v1alpha1", "kind": "ServeDeployment",
+                    "metadata": {"name": "echo"}, "spec": {"handler": "examples.echo:Echo", **spec}})
+    obj["metadata"].update(namespace="team", uid="uid-1", generation=1)
+    return obj
+
+
+def test_raycluster_shape_and_owner():
+    rc = build_raycluster(body(replicas=2, image="example/replica:1"), CONFIG)
+    assert rc["apiVersion"] == "ray.io/v1" and rc["kind"] == "RayCluster"
+    assert rc["metadata"]["ownerReferences"] == [{"apiVersion": "rayfleet.io/v1alpha1", "kind": "ServeDeployment", "name": "echo",
+                                                 "uid": "uid-1", "controller": True, "blockOwnerDeletion": True}]
+    head = rc["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    container = head["template"]["spec"]["containers"][0]
+    assert container["image"] == "example/replica:1"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}[CONTROL_PORT_NAME] == CONFIG.control_port
+    group = rc["spec"]["workerGroupSpecs"][0]
+    assert group["replicas"] == 2 and group["template"]["spec"]["containers"][0]["image"] == "example/replica:1"
+    assert rc["spec"]["enableInTreeAutoscaling"] is False
+
+
+@pytest.mark.parametrize("replicas, num_cpus, worker_cpu, low, high, expected, capped", [
+    (2, 1, "1", 1, 10, 2, False),     # one replica per 1-CPU worker
+    (4, 0.5, "2", 1, 10, 1, False),   # four half-CPU replicas pack onto one 2-CPU worker
+    (3, 1, "2", 1, 10, 2, False),
+    (0, 1, "1", 1, 10, 1, False),     # minReplicas holds
+    (20, 1, "1", 0, 4, 4, True),      # capped by maxReplicas
+    (3, 0, "1", 1, 10, 1, False),     # zero-CPU replicas need no extra workers
+])
+def test_worker_sizing(replicas, num_cpus, worker_cpu, low, high, expected, capped):
+    spec = body(replicas=replicas, rayActorOptions={"numCpus": num_cpus},
+                rayCluster={"workers": {"minReplicas": low, "maxReplicas": high, "resources": {"limits": {"cpu": worker_cpu}}}})["spec"]
+    plan = plan_workers(spec, CONFIG)
+    assert (plan.replicas, plan.capped) == (expected, capped)
+
+
+def test_spec_problems_the_schema_cannot_catch():
+    assert spec_problems(body()["spec"], CONFIG) == []
+    too_big = body(rayActorOptions={"numCpus": 4})["spec"]
+    assert "exceeds the 1 CPU(s)" in spec_problems(too_big, CONFIG)[0]
+    gpu = body(rayActorOptions={"numGpus": 1})["spec"]
+    assert "nvidia.com/gpu" in spec_problems(gpu, CONFIG)[0]
+    with_gpu = body(rayActorOptions={"numGpus": 1}, rayCluster={"workers": {"resources": {"limits": {"cpu": "2", "nvidia.com/gpu": 1}}}})["spec"]
+    assert spec_problems(with_gpu, CONFIG) == []
+    memory = body(rayActorOptions={"memory": "4Gi"})["spec"]
+    assert "exceeds a worker's memory" in spec_problems(memory, CONFIG)[0]
+    assert spec_problems(body(rayCluster={"existing": {"name": "shared"}}, rayActorOptions={"numCpus": 64})["spec"], CONFIG) == []
+
+
+def test_should_update_cluster_reasons():
+    desired = build_raycluster(body(), CONFIG)
+    assert should_update_cluster(None, desired) == (True, "RayCluster does not exist")
+    same = copy.deepcopy(desired)
+    assert should_update_cluster(same, desired) == (False, "RayCluster is up to date")
+    changed = build_raycluster(body(replicas=3), CONFIG)
+    update, reason = should_update_cluster(same, changed)
+    assert update and "spec hash changed" in reason
+    foreign = copy.deepcopy(desired)
+    foreign["metadata"]["ownerReferences"] = []
+    assert should_update_cluster(foreign, desired) == (False, "RayCluster echo exists and is not owned by this ServeDeployment")
+
+
+def test_spec_hash_ignores_fields_that_do_not_shape_the_cluster():
+    a = build_raycluster(body(), CONFIG)["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
+    b = build_raycluster(body(healthCheck={"periodSeconds": 20, "timeoutSeconds": 2}), CONFIG)["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
+    c = build_raycluster(body(image="other:2"), CONFIG)["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
+    assert a == b != c
+
+
+def test_readiness_and_controller_url():
+    assert readiness(None) == (False, "missing")
+    assert readiness({"status": {"state": "ready"}}) == (True, "ready")
+    assert readiness({"status": {"conditions": [{"type": "HeadPodReady", "status": "True"}]}})[0]
+    cluster = {"status": {"head": {"podIP": "10.1.2.3"}, "endpoints": {CONTROL_PORT_NAME: "18090"}}}
+    assert controller_url(cluster, CONFIG) == "http://10.1.2.3:18090"
+    assert controller_url({"status": {"head": {"podIP": "10.1.2.3"}}}, CONFIG) == "http://10.1.2.3:8090"
+    assert controller_url({"status": {}}, CONFIG) is None
+
+
+def test_service_selects_the_cluster_pods():
+    svc = build_service(body(), CONFIG)
+    assert svc["spec"]["selector"] == {"ray.io/cluster": "echo"}
+    assert svc["spec"]["ports"][0]["port"] == CONFIG.ingress_port
+    shared = build_service(body(rayCluster={"existing": {"name": "shared"}}), CONFIG)
+    assert shared["spec"]["selector"] == {"ray.io/cluster": "shared"}
+    assert service_needs_update(svc, shared) and not service_needs_update(svc, svc)
+    assert endpoint(body(routePrefix="/echo"), CONFIG) == "http://echo.team.svc:8000/echo"

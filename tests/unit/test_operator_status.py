@@ -1,0 +1,66 @@
+"""Status and conditions computed from observations: each typed reason and transition rule."""
+from rayfleet_operator.conditions import merge_conditions, Condition
+from rayfleet_operator.status import Observation, compute_status, conditions_for, status_patch
+
+
+def obs(**kw):
+    base = dict(generation=3, spec={"replicas": 2, "maxConcurrency": 10}, cluster_name="echo",
+                selector="ray.io/cluster=echo", endpoint="http://echo.ns.svc:8000/", cluster_ready=True, cluster_state="ready")
+    base.update(kw)
+    return Observation(**base)
+
+
+def replica(id_, state="READY", version="v1", restarts=0, in_flight=0):
+    return {"id": id_, "state": state, "version": version, "pid": 100, "nodeIp": "10.0.0.1", "inFlight": in_flight, "restarts": restarts}
+
+
+def controller(*replicas, version="v1", in_flight=0, error=None):
+    return {"version": version, "replicas": list(replicas), "readyReplicas": sum(r["state"] == "READY" for r in replicas),
+            "updatedReplicas": sum(r["version"] == version for r in replicas), "inFlight": in_flight, "error": error}
+
+
+def by_type(conds):
+    return {c.type: (c.status, c.reason) for c in conds}
+
+
+def test_blocked_states_have_typed_reasons():
+    assert by_type(conditions_for(obs(problems=["numCpus too big"])))["Ready"] == (False, "InvalidSpec")
+    assert by_type(conditions_for(obs(cluster_ready=False, cluster_state="pending")))["Ready"] == (False, "RayClusterNotReady")
+    assert by_type(conditions_for(obs(controller_error="refused")))["Ready"] == (False, "ControllerUnreachable")
+    err = conditions_for(obs(controller=controller(error={"reason": "HandlerImportError", "message": "No module named 'nope'"})))
+    assert by_type(err) == {"Ready": (False, "HandlerImportError"), "Progressing": (False, "HandlerImportError"),
+                            "Degraded": (True, "HandlerImportError")}
+    assert "nope" in err[0].message
+
+
+def test_all_ready():
+    conds = by_type(conditions_for(obs(controller=controller(replica("a"), replica("b")))))
+    assert conds == {"Ready": (True, "AllReplicasReady"), "Progressing": (False, "Complete"), "Degraded": (False, "AsExpected")}
+
+
+def test_scaling_rolling_unhealthy_overloaded():
+    scaling = by_type(conditions_for(obs(controller=controller(replica("a"), replica("b", "STARTING")))))
+    assert scaling["Ready"] == (False, "ReplicasNotReady") and scaling["Progressing"] == (True, "Scaling")
+    rolling = by_type(conditions_for(obs(controller=controller(replica("a", version="v1"), replica("b", version="v1"), version="v2"))))
+    assert rolling["Ready"] == (True, "AllReplicasReady") and rolling["Progressing"] == (True, "RollingUpdate")
+    restarted = by_type(conditions_for(obs(controller=controller(replica("a"), replica("b", "STARTING", restarts=1)))))
+    assert restarted["Degraded"] == (True, "ReplicasUnhealthy")
+    busy = by_type(conditions_for(obs(controller=controller(replica("a"), replica("b"), in_flight=20))))
+    assert busy["Degraded"] == (True, "Overloaded")
+
+
+def test_transition_time_moves_only_on_status_change():
+    first = merge_conditions(None, [Condition("Ready", False, "ReplicasNotReady", "")], 1, "t1")
+    same = merge_conditions(first, [Condition("Ready", False, "RayClusterNotReady", "x")], 2, "t2")
+    flipped = merge_conditions(same, [Condition("Ready", True, "AllReplicasReady", "")], 2, "t3")
+    assert [c["lastTransitionTime"] for c in (first[0], same[0], flipped[0])] == ["t1", "t1", "t3"]
+
+
+def test_status_fields_and_patch_only_changes():
+    o = obs(controller=controller(replica("a", in_flight=2), replica("b")))
+    status = compute_status(o, None, "t1")
+    assert (status["replicas"], status["readyReplicas"], status["observedGeneration"]) == (2, 2, 3)
+    assert [r["id"] for r in status["replicaStatuses"]] == ["a", "b"] and status["replicaStatuses"][0]["inFlight"] == 2
+    assert status_patch(status, compute_status(o, status, "t2")) == {}
+    later = compute_status(obs(controller=controller(replica("a"))), status, "t3")
+    assert set(status_patch(status, later)) >= {"replicas", "readyReplicas", "replicaStatuses", "conditions"}
