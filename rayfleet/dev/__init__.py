@@ -1,0 +1,1 @@
+"""Local development helpers: a real control plane for tests and `rayfleet dev`."""

@@ -1,0 +1,149 @@
+"""The CRD and the operator against a real kube-apiserver + etcd + kube-controller-manager.
+
+No KubeRay runs here, so RayClusters stay unready: these tests cover what the operator writes and
+how the API server treats ServeDeployments. The data path is covered by tests/integration/test_dev_*.
+"""
+import json
+import time
+
+import pytest
+import yaml
+
+from rayfleet.dev.operator import OperatorProcess
+
+pytestmark = pytest.mark.integration
+
+
+def sd(name="echo", **spec):
+    return {"apiVersion": "rayfleet.io/v1alpha1", "kind": "ServeDeployment", "metadata": {"name": name},
+            "spec": {"handler": "examples.echo:Echo", **spec}}
+
+
+def apply(cp, ns, obj, check=True):
+    return cp.kubectl("apply", "-n", ns, "-f", "-", check=check, input=yaml.safe_dump(obj))
+
+
+def get(cp, ns, kind, name):
+    proc = cp.kubectl("get", kind, name, "-n", ns, "-o", "json", check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def eventually(fn, timeout=30, interval=0.3, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def operator(control_plane, namespace, tmp_path):
+    with OperatorProcess(control_plane.kubeconfig, tmp_path / "operator.log", namespaces=[namespace]) as op:
+        yield op
+        assert "Traceback" not in op.log_tail(400), op.log_tail(400)
+
+
+def test_schema_defaults_and_explain(control_plane, namespace):
+    apply(control_plane, namespace, sd())
+    spec = get(control_plane, namespace, "sd", "echo")["spec"]
+    assert spec["replicas"] == 1 and spec["maxConcurrency"] == 100 and spec["routePrefix"] == "/"
+    assert spec["healthCheck"] == {"periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3}
+    explained = control_plane.kubectl("explain", "servedeployment.spec.replicas").stdout
+    assert "Number of replica actors" in explained and "kubectl scale" in explained
+
+
+@pytest.mark.parametrize("spec, words", [
+    ({"handler": None}, "spec.handler: Required value"),
+    ({"handler": "not a path"}, "spec.handler: Invalid value"),
+    ({"replicas": -1}, "spec.replicas: Invalid value: -1"),
+    ({"rayCluster": {"workers": {"minReplicas": 3, "maxReplicas": 1}}}, "minReplicas must not exceed"),
+    ({"healthCheck": {"periodSeconds": 2, "timeoutSeconds": 5}}, "timeoutSeconds must be less than"),
+])
+def test_invalid_specs_are_rejected_with_a_readable_message(control_plane, namespace, spec, words):
+    obj = sd(**spec)
+    obj["spec"] = {k: v for k, v in obj["spec"].items() if v is not None}
+    proc = apply(control_plane, namespace, obj, check=False)
+    assert proc.returncode != 0 and words in proc.stderr, proc.stderr
+    assert get(control_plane, namespace, "sd", "echo") is None
+
+
+def test_raycluster_service_status_and_printer_columns(control_plane, namespace, operator):
+    apply(control_plane, namespace, sd(replicas=2, image="example/replica:1"))
+    owner_uid = get(control_plane, namespace, "sd", "echo")["metadata"]["uid"]
+    rc = eventually(lambda: get(control_plane, namespace, "raycluster", "echo"), what="RayCluster")
+    assert [(r["kind"], r["uid"], r["controller"]) for r in rc["metadata"]["ownerReferences"]] == [("ServeDeployment", owner_uid, True)]
+    assert rc["spec"]["workerGroupSpecs"][0]["replicas"] == 2
+    assert rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "example/replica:1"
+    svc = eventually(lambda: get(control_plane, namespace, "service", "echo"), what="Service")
+    assert svc["spec"]["selector"] == {"ray.io/cluster": "echo"}
+    status = eventually(lambda: (get(control_plane, namespace, "sd", "echo").get("status") or {}).get("conditions") and
+                        get(control_plane, namespace, "sd", "echo")["status"], what="status")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "RayClusterNotReady")
+    assert status["observedGeneration"] == 1 and status["endpoint"] == f"http://echo.{namespace}.svc:8000/"
+    table = control_plane.kubectl("get", "sd", "-n", namespace).stdout.splitlines()
+    assert table[0].split() == ["NAME", "DESIRED", "READY", "IN-FLIGHT", "STATUS", "ENDPOINT", "AGE"]
+    assert table[1].split()[:2] == ["echo", "2"] and "RayClusterNotReady" in table[1]
+    events = control_plane.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+    assert "RayClusterCreated" in events
+
+
+def test_kubectl_scale_moves_the_worker_group(control_plane, namespace, operator):
+    apply(control_plane, namespace, sd(replicas=1))
+    eventually(lambda: get(control_plane, namespace, "raycluster", "echo"), what="RayCluster")
+    control_plane.kubectl("scale", "sd/echo", "-n", namespace, "--replicas=3")
+    assert get(control_plane, namespace, "sd", "echo")["spec"]["replicas"] == 3
+    eventually(lambda: get(control_plane, namespace, "raycluster", "echo")["spec"]["workerGroupSpecs"][0]["replicas"] == 3,
+               what="worker group scaled to 3")
+    scale = json.loads(control_plane.kubectl("get", "--raw", f"/apis/rayfleet.io/v1alpha1/namespaces/{namespace}/servedeployments/echo/scale").stdout)
+    assert scale["spec"]["replicas"] == 3
+    eventually(lambda: json.loads(control_plane.kubectl("get", "--raw", f"/apis/rayfleet.io/v1alpha1/namespaces/{namespace}/servedeployments/echo/scale").stdout)
+               ["status"].get("selector") == "ray.io/cluster=echo", what="scale selector")
+
+
+def test_invalid_spec_the_schema_cannot_catch(control_plane, namespace, operator):
+    apply(control_plane, namespace, sd(rayActorOptions={"numCpus": 8}))
+    status = eventually(lambda: (get(control_plane, namespace, "sd", "echo").get("status") or {}).get("conditions"), what="conditions")
+    ready = next(c for c in status if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec") and "numCpus=8" in ready["message"]
+    assert get(control_plane, namespace, "raycluster", "echo") is None
+    eventually(lambda: "InvalidSpec" in control_plane.kubectl("get", "events", "-n", namespace, "-o", "json").stdout, what="Event")
+    assert operator.alive()
+    apply(control_plane, namespace, sd(rayActorOptions={"numCpus": 1}))  # fixing the spec recovers
+    eventually(lambda: get(control_plane, namespace, "raycluster", "echo"), what="RayCluster after fix")
+
+
+def test_delete_garbage_collects_owned_objects(control_plane, namespace, operator):
+    apply(control_plane, namespace, sd())
+    eventually(lambda: get(control_plane, namespace, "raycluster", "echo") and get(control_plane, namespace, "service", "echo"), what="owned objects")
+    control_plane.kubectl("delete", "sd/echo", "-n", namespace, "--timeout=60s")
+    eventually(lambda: get(control_plane, namespace, "raycluster", "echo") is None and get(control_plane, namespace, "service", "echo") is None,
+               timeout=60, what="garbage collection")
+
+
+def test_operator_restart_readopts_without_duplicating(control_plane, namespace, tmp_path):
+    log = tmp_path / "operator.log"
+    with OperatorProcess(control_plane.kubeconfig, log, namespaces=[namespace]):
+        apply(control_plane, namespace, sd())
+        first = eventually(lambda: get(control_plane, namespace, "raycluster", "echo"), what="RayCluster")
+    with OperatorProcess(control_plane.kubeconfig, log, namespaces=[namespace]):
+        time.sleep(3)  # resume handlers and one resync run
+        clusters = json.loads(control_plane.kubectl("get", "rayclusters", "-n", namespace, "-o", "json").stdout)["items"]
+        assert [(c["metadata"]["uid"], c["metadata"]["resourceVersion"]) for c in clusters] == \
+               [(first["metadata"]["uid"], first["metadata"]["resourceVersion"])]
+
+
+def test_namespace_scoped_operator_ignores_other_namespaces(control_plane, namespace, operator, k8s_client):
+    from kubernetes import client
+    other = namespace + "-other"
+    client.CoreV1Api(k8s_client).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=other)))
+    try:
+        apply(control_plane, other, sd())
+        apply(control_plane, namespace, sd())
+        eventually(lambda: get(control_plane, namespace, "raycluster", "echo"), what="RayCluster in watched namespace")
+        assert get(control_plane, other, "raycluster", "echo") is None
+    finally:
+        client.CoreV1Api(k8s_client).delete_namespace(other)
