@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     from . import handlers  # noqa: F401  registers the handlers
     kopf.run(
         clusterwide=not args.namespace,
-        namespaces=args.namespace or None,
+        namespaces=args.namespace,
         liveness_endpoint=args.liveness or None,
         standalone=True,  # one replica; no peering CRD needed (see charts/rayfleet/values.yaml)
     )

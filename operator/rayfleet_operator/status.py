@@ -78,7 +78,7 @@ def conditions_for(obs: Observation) -> list[Condition]:
     ready_msg = f"{ready}/{desired} replicas ready"
     conds = [Condition(READY, ready >= desired, Reason.ALL_READY if ready >= desired else Reason.REPLICAS_NOT_READY, ready_msg)]
 
-    if updated < desired or any(r.get("version") != ctl.get("version") for r in replicas):
+    if any(r.get("version") != ctl.get("version") for r in replicas):
         conds.append(Condition(PROGRESSING, True, Reason.ROLLING_UPDATE, f"{updated}/{desired} replicas at version {ctl.get('version')}"))
     elif len(replicas) != desired or ready != desired:
         conds.append(Condition(PROGRESSING, True, Reason.SCALING, f"{len(replicas)} replicas, {ready_msg}"))

@@ -1,0 +1,1 @@
+"""Example rayfleet handlers (see rayfleet_runtime.handler for the contract)."""

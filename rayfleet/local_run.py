@@ -1,0 +1,178 @@
+"""`rayfleet run FILE.yaml`: serve ServeDeployment manifests on this machine with a local Ray, no Kubernetes.
+
+It validates the manifests exactly as the cluster would (``rayfleet.manifest``), starts a local Ray
+(everything on 127.0.0.1, the working directory and ``PYTHONPATH`` passed on to Ray workers so
+``handler: module:attr`` imports the same way as in this shell), ensures the rayfleet controller with one
+HAProxy ingress on the head node, PUTs each deployment, then prints the endpoint and a status line per
+deployment whenever readiness changes (``echo: 2/2 ready``). Ctrl-C / SIGTERM shuts everything down:
+Ray and every process it started, HAProxy included.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from rayfleet.manifest import load_manifests
+from rayfleet.spec import SpecError
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _request(method: str, url: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - our own local API
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"null")
+        except ValueError:
+            return exc.code, None
+
+
+def _descendants(pid: int) -> set[int]:
+    """All live descendant PIDs of ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _status_line(obs: dict[str, Any]) -> str:
+    line = f"{obs['name']}: {obs['readyReplicas']}/{obs['targetReplicas']} ready ({obs['status']})"
+    if obs.get("error"):
+        line += f" - {obs['error']['reason']}: {obs['error']['message']}"
+    if obs.get("restarts"):
+        line += f", {obs['restarts']} restarts"
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rayfleet run", description=__doc__.splitlines()[0])
+    parser.add_argument("file", help="YAML with one or more ServeDeployment manifests")
+    parser.add_argument("--host", default="127.0.0.1", help="address HAProxy listens on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--control-port", type=int, default=0, help="controller API port (default: a free one)")
+    parser.add_argument("--num-cpus", type=float, default=None, help="CPUs the local Ray may use (default: all)")
+    args = parser.parse_args(argv)
+
+    try:
+        manifests = load_manifests(args.file)
+    except (SpecError, OSError) as exc:
+        print(f"rayfleet run: {exc}", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):  # noqa: ANN001
+        stop.set()
+
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    cwd = os.getcwd()
+    pythonpath = os.pathsep.join(dict.fromkeys([cwd] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    os.environ["PYTHONPATH"] = pythonpath  # Ray's processes inherit it; runtime_env pins it for workers
+    control_port = args.control_port or _free_port("127.0.0.1")
+
+    import ray  # noqa: PLC0415 - keep `rayfleet --help` and manifest errors fast
+
+    from rayfleet_runtime.controller import ensure_controller, wait_http  # noqa: PLC0415
+
+    seen_pids: set[int] = set()
+    print(f"rayfleet: starting local Ray for {', '.join(m.name for m in manifests)} ...", flush=True)
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, namespace="rayfleet",
+             num_cpus=int(args.num_cpus) if args.num_cpus else None,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=True)
+    code = 0
+    try:
+        ensure_controller(control_port=control_port, ingress_port=args.port, ingress_nodes="head", bind_host=args.host
+                          if args.host not in ("0.0.0.0", "::") else "0.0.0.0")
+        api = f"http://127.0.0.1:{control_port}"
+        wait_http(f"{api}/healthz", 60)
+        for m in manifests:
+            status, body = _request("PUT", f"{api}/v1/deployments/{m.name}", m.desired_state())
+            if status != 200:
+                print(f"rayfleet run: {m.name}: {body.get('error') if isinstance(body, dict) else body}", file=sys.stderr)
+                return 2
+        shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        for m in manifests:
+            prefix = m.spec.get("routePrefix", "/")
+            print(f"rayfleet: {m.name} -> http://{shown_host}:{args.port}{prefix}", flush=True)
+        print(f"rayfleet: controller API at {api}; Ctrl-C to stop", flush=True)
+        last: dict[str, str] = {}
+        while not stop.is_set():
+            try:
+                _, body = _request("GET", f"{api}/v1/deployments", timeout=5)
+                for obs in (body or {}).get("deployments", []):
+                    line = _status_line(obs)
+                    if last.get(obs["name"]) != line:
+                        last[obs["name"]] = line
+                        print(line, flush=True)
+            except (OSError, ValueError) as exc:
+                print(f"rayfleet: controller not answering: {exc}", file=sys.stderr, flush=True)
+            seen_pids |= _descendants(os.getpid())
+            stop.wait(1.0)
+        print("rayfleet: shutting down ...", flush=True)
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # noqa: BLE001
+        print(f"rayfleet run: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        seen_pids |= _descendants(os.getpid())
+        haproxies = {pid for pid in seen_pids if "haproxy" in _cmdline(pid)}
+        try:
+            ray.shutdown()
+        finally:
+            # Anything Ray started that outlived it (HAProxy runs as a child of the ingress actor).
+            leftovers = {pid for pid in haproxies if "haproxy" in _cmdline(pid)} | (seen_pids & _descendants(os.getpid()))
+            for pid in leftovers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

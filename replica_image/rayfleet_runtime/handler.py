@@ -1,0 +1,317 @@
+"""The handler contract: how a replica loads user code, admits requests, calls it and turns results into HTTP.
+
+Handler contract
+================
+
+``handler`` is ``"module:attr"`` (e.g. ``"examples.echo:Echo"``). The module is imported in the
+replica process: locally from the working directory / ``PYTHONPATH`` (``rayfleet run`` passes both to
+Ray workers), on Kubernetes from the replica image or the deployment's ``runtimeEnv``.
+
+* If ``attr`` is a **class**, it is instantiated once per replica with ``handlerArgs`` as keyword
+  arguments, and the instance's ``__call__(request)`` serves every request.
+* If ``attr`` is a **function** (or any other callable), it is called directly as ``attr(request)``;
+  ``handlerArgs`` must then be empty.
+* ``async def`` handlers run concurrently on the replica's event loop, at most ``maxConcurrency`` at a
+  time. Never block the loop in them (use ``await asyncio.sleep``, async clients, or
+  ``await asyncio.to_thread(...)`` for blocking work).
+* Plain ``def`` handlers run in a worker thread so the event loop keeps answering readiness checks and
+  503s; by default (``syncThreads: 1``) one request at a time. ``syncThreads > 1`` opts into a thread
+  pool of that size (only useful if the handler releases the GIL: I/O, numpy, ...).
+* Past ``maxConcurrency`` running requests plus a small bounded wait queue, the replica answers
+  ``503`` with ``Retry-After: 1`` immediately instead of queueing without bound.
+
+The ``Request`` passed to the handler has:
+
+* ``method`` (``"GET"``...), ``path`` (the full URL path; the deployment's ``routePrefix`` is *not*
+  stripped), ``query`` (a read-only multidict: ``request.query["q"]``, ``request.query.getall("q")``),
+  ``headers`` (case-insensitive multidict);
+* ``body``: the complete request body as ``bytes`` (an attribute, already read; not a coroutine);
+* ``text()`` (body decoded as UTF-8) and ``json()`` (body parsed as JSON).
+
+The handler returns one of:
+
+* ``str`` -> ``200 text/plain; charset=utf-8``;
+* ``bytes`` / ``bytearray`` / ``memoryview`` -> ``200 application/octet-stream``;
+* ``rayfleet_runtime.Response(body, status=200, headers=None, content_type=None)`` for full control
+  (``body`` may be str, bytes or any JSON-able value);
+* anything else JSON-serialisable (dict, list, int, ``None``...) -> ``200 application/json``.
+
+A class handler may define ``check_health()`` (sync or async). The controller calls it every
+``healthCheck.periodSeconds``; raising, returning ``False``, or taking longer than
+``healthCheck.timeoutSeconds`` counts as a failure, and ``failureThreshold`` consecutive failures get the
+replica replaced.
+
+If the handler raises, the client gets ``500`` with a one-line body naming the exception type (no
+traceback unless the replica's environment sets ``RAYFLEET_DEBUG_TRACEBACKS=1``); the traceback goes to
+the replica's log, and the replica keeps serving. Import failures are reported as
+``HandlerImportError`` and constructor failures as ``HandlerInitError`` in the deployment's observed
+state, with the module name in the message.
+
+The path ``/-/ready`` is reserved: it answers 200 while the replica serves and 503 while it drains.
+Nothing received from the network is ever unpickled: requests reach the handler as plain bytes.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import importlib
+import inspect
+import json
+import logging
+import os
+import traceback
+from typing import Any, Awaitable, Callable, Mapping
+
+logger = logging.getLogger("rayfleet.replica")
+
+
+class Request:
+    """What a handler receives: method, full path, query, headers and the whole body as bytes."""
+
+    __slots__ = ("method", "path", "query", "headers", "body", "remote")
+
+    def __init__(self, method: str, path: str, query: Mapping[str, str] | None = None,
+                 headers: Mapping[str, str] | None = None, body: bytes = b"", remote: str | None = None):
+        self.method = method
+        self.path = path
+        self.query = query if query is not None else {}
+        self.headers = headers if headers is not None else {}
+        self.body = body
+        self.remote = remote
+
+    def text(self, encoding: str = "utf-8") -> str:
+        return self.body.decode(encoding)
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.path} ({len(self.body)} bytes)>"
+
+
+class Response:
+    """Explicit response: ``Response(body, status=200, headers=None, content_type=None)``."""
+
+    __slots__ = ("body", "status", "headers", "content_type")
+
+    def __init__(self, body: Any = b"", status: int = 200, headers: Mapping[str, str] | None = None,
+                 content_type: str | None = None):
+        self.body = body
+        self.status = int(status)
+        self.headers = dict(headers or {})
+        self.content_type = content_type
+
+
+class HandlerLoadError(Exception):
+    """The handler could not be imported (HandlerImportError) or constructed (HandlerInitError)."""
+
+    def __init__(self, reason: str, message: str, tb: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+        self.traceback = tb
+
+    def as_dict(self) -> dict[str, str]:
+        return {"reason": self.reason, "message": self.message, "traceback": self.traceback}
+
+
+def load_handler(spec: str, handler_args: Mapping[str, Any] | None = None) -> Callable[[Request], Any]:
+    """Import ``module:attr`` and return the callable that serves requests (instance or function)."""
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise HandlerLoadError("HandlerImportError", f"{spec}: ValueError: handler must look like 'module:attr'", "")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr_path.split("."):
+            obj = getattr(obj, part)
+    except BaseException as exc:  # noqa: BLE001 - SyntaxError, SystemExit in module code... all reported
+        if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)):
+            raise
+        raise HandlerLoadError("HandlerImportError", f"{module_name}: {type(exc).__name__}: {exc}",
+                               traceback.format_exc()) from exc
+    args = dict(handler_args or {})
+    if inspect.isclass(obj):
+        try:
+            return obj(**args)
+        except BaseException as exc:  # noqa: BLE001
+            if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)):
+                raise
+            raise HandlerInitError(module_name, exc) from exc
+    if not callable(obj):
+        raise HandlerLoadError("HandlerImportError", f"{module_name}: TypeError: {attr_path} is not callable", "")
+    if args:
+        raise HandlerLoadError("HandlerInitError",
+                               f"{module_name}: TypeError: handlerArgs given but {attr_path} is a function, not a class", "")
+    return obj
+
+
+def HandlerInitError(module_name: str, exc: BaseException) -> HandlerLoadError:  # noqa: N802 - reads like a class
+    return HandlerLoadError("HandlerInitError", f"{module_name}: {type(exc).__name__}: {exc}", traceback.format_exc())
+
+
+def is_async_callable(fn: Any) -> bool:
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+class Limiter:
+    """Admission control: ``limit`` requests run, up to ``max_queued`` wait (FIFO), the rest are refused."""
+
+    def __init__(self, limit: int, max_queued: int):
+        self.limit = max(1, int(limit))
+        self.max_queued = max(0, int(max_queued))
+        self.in_flight = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> bool:
+        """True once admitted (caller must ``release()``), False at once if full."""
+        if self.in_flight < self.limit and not self._waiters:
+            self.in_flight += 1
+            return True
+        if len(self._waiters) >= self.max_queued:
+            return False
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # release() hands its slot over: in_flight already counts us
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the slot was handed to us just as we were cancelled
+            else:
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+            raise
+        return True
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.in_flight -= 1
+
+
+def default_max_queued(max_concurrency: int) -> int:
+    """A small wait queue: enough to absorb bursts, small enough that overload is answered with 503."""
+    return max(1, min(int(max_concurrency), 16))
+
+
+# (status, headers, body bytes)
+HTTPResult = tuple[int, dict[str, str], bytes]
+
+
+def to_http(result: Any) -> HTTPResult:
+    """Turn whatever a handler returned into status, headers and body bytes."""
+    if isinstance(result, Response):
+        headers = dict(result.headers)
+        status, body, ctype = result.status, result.body, result.content_type
+    else:
+        headers, status, body, ctype = {}, 200, result, None
+    if isinstance(body, str):
+        data, default_ctype = body.encode(), "text/plain; charset=utf-8"
+    elif isinstance(body, (bytes, bytearray, memoryview)):
+        data, default_ctype = bytes(body), "application/octet-stream"
+    else:
+        data, default_ctype = json.dumps(body).encode(), "application/json"
+    if not any(k.lower() == "content-type" for k in headers):
+        headers["Content-Type"] = ctype or default_ctype
+    return status, headers, data
+
+
+def error_result(status: int, message: str, extra_headers: Mapping[str, str] | None = None) -> HTTPResult:
+    headers = {"Content-Type": "text/plain; charset=utf-8", **(extra_headers or {})}
+    return status, headers, (message + "\n").encode()
+
+
+OVERLOADED: HTTPResult = error_result(503, "503 Service Unavailable: replica at maxConcurrency", {"Retry-After": "1"})
+
+
+class HandlerRunner:
+    """Runs one loaded handler under the replica's concurrency rules and keeps request counters."""
+
+    def __init__(self, handler: Callable[[Request], Any], max_concurrency: int = 100, sync_threads: int = 1,
+                 max_queued: int | None = None, debug_tracebacks: bool | None = None):
+        self.handler = handler
+        self.is_async = is_async_callable(handler)
+        self.limiter = Limiter(max_concurrency, default_max_queued(max_concurrency) if max_queued is None else max_queued)
+        self.sync_threads = max(1, int(sync_threads))
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        if not self.is_async:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.sync_threads, thread_name_prefix="rayfleet-handler")
+        if debug_tracebacks is None:
+            debug_tracebacks = os.environ.get("RAYFLEET_DEBUG_TRACEBACKS", "") in ("1", "true", "yes")
+        self.debug_tracebacks = debug_tracebacks
+        self.total_requests = 0
+        self.errors = 0  # 5xx answered, handler-caused or not
+        self.rejected = 0  # 503 for overload
+        self.last_error: str | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return self.limiter.in_flight
+
+    @property
+    def queued(self) -> int:
+        return self.limiter.queued
+
+    async def handle(self, request: Request) -> HTTPResult:
+        """Admit, call, convert. Never raises for handler faults (returns 500/503 instead)."""
+        self.total_requests += 1
+        if not await self.limiter.acquire():
+            self.rejected += 1
+            self.errors += 1
+            return OVERLOADED
+        try:
+            result = await self._call(request)
+            out = to_http(result)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - user code may raise anything
+            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            tb = traceback.format_exc()
+            logger.error("handler raised on %s %s:\n%s", request.method, request.path, tb)
+            msg = f"500 Internal Server Error: handler raised {type(exc).__name__}"
+            out = error_result(500, msg + ("\n" + tb if self.debug_tracebacks else ""))
+        finally:
+            self.limiter.release()
+        if out[0] >= 500:
+            self.errors += 1
+        return out
+
+    async def _call(self, request: Request) -> Any:
+        if self.is_async:
+            result = self.handler(request)
+        else:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self._pool, self.handler, request)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def check_health(self) -> None:
+        """Run the handler's optional ``check_health()``; raise if it fails or returns False."""
+        check = getattr(self.handler, "check_health", None)
+        if check is None:
+            return
+        if inspect.iscoroutinefunction(check):
+            result = await check()
+        else:
+            result = await asyncio.to_thread(check)  # never queued behind busy sync handlers
+            if inspect.isawaitable(result):
+                result = await result
+        if result is False:
+            raise RuntimeError("check_health() returned False")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,360 @@
+"""Render the HAProxy configuration for one rayfleet node from the routing table.
+
+Pure: no Ray, no HAProxy, no I/O. ``render_config(table, ...)`` returns the
+text of a complete ``haproxy.cfg``; the same table always renders the same text
+(so the ingress can skip reloads when nothing changed).
+
+The routing table comes from the controller::
+
+    {"deployments": {
+        "echo": {
+            "routePrefix": "/echo",            # longest-prefix match; "/" = catch-all
+            "maxConcurrency": 100,             # per replica -> per-server maxconn
+            "requestTimeoutSeconds": 60,       # optional -> timeout server (504)
+            "maxQueuedRequests": 200,          # optional; default maxConcurrency * replicas
+            "queueTimeoutSeconds": 2,          # optional; default QUEUE_TIMEOUT_S (503)
+            "replicas": [{"id": "echo-0", "host": "127.0.0.1", "port": 43123}],
+        }}}
+
+Routing: a request goes to the deployment whose prefix is the longest one
+equal to the path or followed by ``/`` in it (``/echo`` matches ``/echo`` and
+``/echo/x`` but not ``/echoes``). The path is forwarded unchanged. With no
+``/`` deployment, unmatched paths get a 404 JSON body from HAProxy itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+READY_PATH = "/-/ready"
+QUEUE_TIMEOUT_S = 2.0
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+DEFAULT_MAX_CONCURRENCY = 100
+CONNECT_TIMEOUT_MS = 2000
+HEALTH_INTER_MS = 1000
+KEEPALIVE_TIMEOUT_S = 30
+FRONTEND_NAME = "rayfleet"
+NOT_FOUND_BACKEND = "rayfleet_no_route"
+
+_NAME_OK = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# Characters allowed in a route prefix: RFC 3986 path characters minus the ones
+# that are special in haproxy.cfg even inside quotes (' " # \ and spaces).
+_PREFIX_OK = re.compile(r"^/[A-Za-z0-9._~!$&()*+,;=:@%/-]*$")
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+
+
+def sanitize_name(raw: str) -> str:
+    """A stable HAProxy identifier for ``raw``.
+
+    Names that are already valid are kept verbatim (so ``echo-0`` stays
+    ``echo-0``); others have bad characters replaced and a hash of the original
+    appended, so two different raw names can't collapse onto one identifier.
+    """
+    raw = str(raw)
+    if _NAME_OK.match(raw):
+        return raw
+    cleaned = re.sub(r"[^A-Za-z0-9_.:-]", "_", raw)[:48] or "x"
+    return f"{cleaned}-{_short_hash(raw)}"
+
+
+def backend_name(deployment: str) -> str:
+    return "be_" + sanitize_name(deployment)
+
+
+def server_name(replica_id: str) -> str:
+    return sanitize_name(replica_id)
+
+
+def normalize_prefix(prefix: Any) -> str:
+    """``"/echo/"`` -> ``"/echo"``, ``""``/None -> ``"/"``; raises ValueError if unusable."""
+    if prefix is None or prefix == "":
+        return "/"
+    if not isinstance(prefix, str) or not _PREFIX_OK.match(prefix):
+        raise ValueError(f"invalid routePrefix {prefix!r}")
+    stripped = prefix.rstrip("/")
+    return stripped or "/"
+
+
+def _secs(value: Any, default: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return default
+    if not math.isfinite(v) or v <= 0:
+        return default
+    return v
+
+
+def _ms(seconds: float) -> str:
+    ms = max(1, int(round(seconds * 1000)))
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def _quote_single(text: str) -> str:
+    """A single-quoted haproxy.cfg word (no escapes are processed inside)."""
+    return "'" + text.replace("'", "\\u0027") + "'"
+
+
+def _json_body(obj: Mapping[str, Any]) -> str:
+    return _quote_single(json.dumps(obj, separators=(",", ":"), sort_keys=True))
+
+
+def _comment(text: str) -> str:
+    return re.sub(r"[\r\n]", " ", str(text))
+
+
+def _addr(host: str, port: int) -> str:
+    host = str(host)
+    if ":" in host and not host.startswith("["):  # IPv6 literal
+        host = f"[{host}]"
+    return f"{host}:{int(port)}"
+
+
+@dataclass
+class Server:
+    name: str
+    replica_id: str
+    addr: str
+
+
+@dataclass
+class Backend:
+    deployment: str
+    name: str
+    prefix: str
+    max_concurrency: int
+    request_timeout_s: float
+    queue_timeout_s: float
+    max_queued: int
+    servers: list[Server] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """The parsed table, in routing order (longest prefix first, ``/`` last)."""
+
+    backends: list[Backend]
+    skipped: list[str]  # human-readable reasons deployments were left out
+
+    @property
+    def catch_all(self) -> Backend | None:
+        for be in self.backends:
+            if be.prefix == "/":
+                return be
+        return None
+
+    def names(self) -> dict[str, Any]:
+        """HAProxy names -> table names, for mapping ``show stat`` back."""
+        return {
+            be.name: {"deployment": be.deployment, "servers": {s.name: s.replica_id for s in be.servers}}
+            for be in self.backends
+        }
+
+
+def plan_table(table: Mapping[str, Any] | None) -> Plan:
+    deployments = (table or {}).get("deployments") or {}
+    backends: list[Backend] = []
+    skipped: list[str] = []
+    seen_prefix: dict[str, str] = {}
+    seen_backend: set[str] = set()
+    for dep_name in sorted(deployments):
+        spec = deployments[dep_name] or {}
+        try:
+            prefix = normalize_prefix(spec.get("routePrefix"))
+        except ValueError as e:
+            skipped.append(f"deployment {dep_name!r}: {e}")
+            continue
+        if prefix in seen_prefix:
+            # Deterministic: the alphabetically-first deployment keeps the prefix.
+            skipped.append(
+                f"deployment {dep_name!r}: routePrefix {prefix} already used by {seen_prefix[prefix]!r}"
+            )
+            continue
+        name = backend_name(dep_name)
+        if name in seen_backend:
+            name = f"be_{sanitize_name(dep_name)[:40]}-{_short_hash('be:' + dep_name)}"
+        seen_prefix[prefix] = dep_name
+        seen_backend.add(name)
+
+        try:
+            max_conc = int(spec.get("maxConcurrency") or DEFAULT_MAX_CONCURRENCY)
+        except (TypeError, ValueError):
+            max_conc = DEFAULT_MAX_CONCURRENCY
+        max_conc = max(1, max_conc)
+
+        servers: list[Server] = []
+        used: set[str] = set()
+        parsed: list[tuple[str, str]] = []
+        for rep in spec.get("replicas") or []:
+            try:
+                parsed.append((str(rep["id"]), _addr(rep["host"], int(rep["port"]))))
+            except (KeyError, TypeError, ValueError) as e:
+                skipped.append(f"deployment {dep_name!r}: bad replica {rep!r}: {e}")
+        # Sorted first, so names don't depend on the order replicas are listed in.
+        for rid, addr in sorted(set(parsed)):
+            sname = server_name(rid)
+            if sname in used:
+                sname = f"{sname[:48]}-{_short_hash('dup:' + rid + addr)}"
+            if sname in used:
+                skipped.append(f"deployment {dep_name!r}: duplicate replica id {rid!r}")
+                continue
+            used.add(sname)
+            servers.append(Server(sname, rid, addr))
+        servers.sort(key=lambda s: s.name)
+
+        max_queued_default = max_conc * max(1, len(servers))
+        try:
+            max_queued = int(spec.get("maxQueuedRequests", max_queued_default))
+        except (TypeError, ValueError):
+            max_queued = max_queued_default
+        backends.append(
+            Backend(
+                deployment=dep_name,
+                name=name,
+                prefix=prefix,
+                max_concurrency=max_conc,
+                request_timeout_s=_secs(spec.get("requestTimeoutSeconds"), DEFAULT_REQUEST_TIMEOUT_S),
+                queue_timeout_s=_secs(spec.get("queueTimeoutSeconds"), QUEUE_TIMEOUT_S),
+                # queue() ge 0 would reject everything: 1 is the smallest bound.
+                max_queued=max(1, max_queued),
+                servers=servers,
+            )
+        )
+    # Longest prefix first; ties can't happen (prefixes are unique). "/" is len 1 -> last.
+    backends.sort(key=lambda b: (-len(b.prefix), b.prefix))
+    return Plan(backends, skipped)
+
+
+def render_config(
+    table: Mapping[str, Any] | None,
+    *,
+    port: int,
+    bind_host: str,
+    runtime_socket: str,
+    nbthread: int = 2,
+    maxconn: int = 20000,
+    hard_stop_after_s: float | None = None,
+    log_target: str = "stderr format raw",
+    health_inter_ms: int = HEALTH_INTER_MS,
+    connect_timeout_ms: int = CONNECT_TIMEOUT_MS,
+) -> str:
+    """Render a complete haproxy.cfg for ``table`` (see the module docstring)."""
+    plan = plan_table(table)
+    max_req_timeout = max([b.request_timeout_s for b in plan.backends] + [DEFAULT_REQUEST_TIMEOUT_S])
+    if hard_stop_after_s is None:
+        # Old workers left by a reload get this long to finish in-flight requests.
+        hard_stop_after_s = max_req_timeout + 30
+    bind_addr = _addr(bind_host, port)
+
+    out: list[str] = []
+    w = out.append
+    w("# Generated by rayfleet_runtime.haproxy_config -- do not edit.")
+    for reason in plan.skipped:
+        w(f"# SKIPPED {_comment(reason)}")
+    w("")
+    w("global")
+    w(f"    nbthread {max(1, int(nbthread))}")
+    w(f"    maxconn {int(maxconn)}")
+    w(f"    stats socket {runtime_socket} mode 600 level admin expose-fd listeners")
+    w("    stats timeout 30s")
+    w(f"    hard-stop-after {_ms(hard_stop_after_s)}")
+    w("    mworker-max-reloads 50")
+    # notice: drops per-request logs (info) but keeps errors (log-separate-errors
+    # raises them to err) and server up/down transitions.
+    w(f"    log {log_target} local0 notice")
+    w("")
+    w("defaults")
+    w("    mode http")
+    w("    log global")
+    w("    option httplog")
+    w("    option dontlog-normal")
+    w("    option log-separate-errors")
+    w("    option http-keep-alive")
+    # On reload, the old worker keeps idle client keep-alive connections until
+    # their next request and answers it with "Connection: close" instead of
+    # closing them under the client's feet (no reset race).
+    w("    option idle-close-on-response")
+    w("    option forwardfor")
+    w("    option redispatch 1")
+    w("    retries 2")
+    # Only retry what can't have run the handler: failed connects, and 503s
+    # (rayfleet replicas answer 503 only when draining/overloaded, before the
+    # handler runs). No empty-response/response-timeout: the handler may have run.
+    w("    retry-on conn-failure 503")
+    w(f"    timeout connect {int(connect_timeout_ms)}ms")
+    w(f"    timeout client {_ms(max_req_timeout)}")
+    w(f"    timeout server {_ms(DEFAULT_REQUEST_TIMEOUT_S)}")
+    w("    timeout http-request 10s")
+    w(f"    timeout http-keep-alive {KEEPALIVE_TIMEOUT_S}s")
+    w(f"    timeout queue {_ms(QUEUE_TIMEOUT_S)}")
+    w("    timeout check 2s")
+    w(
+        "    http-error status 503 content-type application/json string "
+        + _json_body({"error": "service unavailable"})
+    )
+    w(
+        "    http-error status 504 content-type application/json string "
+        + _json_body({"error": "upstream request timed out"})
+    )
+    w("")
+    w(f"frontend {FRONTEND_NAME}")
+    w(f"    bind {bind_addr}")
+    w(f"    maxconn {int(maxconn)}")
+    for be in plan.backends:
+        if be.prefix == "/":
+            continue
+        w(f"    # deployment {_comment(be.deployment)}")
+        w(f"    use_backend {be.name} if {{ path {be.prefix} }} || {{ path_beg {be.prefix}/ }}")
+    catch_all = plan.catch_all
+    w(f"    default_backend {catch_all.name if catch_all else NOT_FOUND_BACKEND}")
+
+    for be in plan.backends:
+        w("")
+        w(f"# deployment {_comment(be.deployment)}: prefix {be.prefix}, {len(be.servers)} replica(s)")
+        w(f"backend {be.name}")
+        w("    balance random(2)")
+        w("    http-reuse always")
+        w("    option httpchk")
+        w(f"    http-check send meth GET uri {READY_PATH}")
+        w("    http-check expect status 200")
+        w(f"    timeout server {_ms(be.request_timeout_s)}")
+        w(f"    timeout queue {_ms(be.queue_timeout_s)}")
+        no_replicas = _json_body({"error": "no ready replicas", "deployment": be.deployment})
+        if not be.servers:
+            w(f"    http-request return status 503 content-type application/json string {no_replicas}")
+        else:
+            w(
+                "    http-request return status 503 content-type application/json string "
+                f"{no_replicas} if {{ nbsrv() eq 0 }}"
+            )
+            overloaded = _json_body({"error": "overloaded", "deployment": be.deployment})
+            w(
+                "    http-request return status 503 content-type application/json string "
+                f"{overloaded} if {{ queue() ge {be.max_queued} }}"
+            )
+        w(
+            f"    default-server check inter {int(health_inter_ms)}ms fastinter {max(100, int(health_inter_ms) // 2)}ms"
+            f" rise 1 fall 2 observe layer4 error-limit 3 on-error mark-down"
+            f" maxconn {be.max_concurrency} init-addr last,libc,none"
+        )
+        for s in be.servers:
+            comment = "" if s.name == s.replica_id else f"  # replica {_comment(s.replica_id)}"
+            w(f"    server {s.name} {s.addr}{comment}")
+
+    if catch_all is None:
+        w("")
+        w(f"backend {NOT_FOUND_BACKEND}")
+        w(
+            "    http-request return status 404 content-type application/json string "
+            + _json_body({"error": "no deployment serves this path"})
+        )
+    w("")
+    return "\n".join(out)

@@ -1,0 +1,177 @@
+"""Reconciliation decisions as pure functions: replica views in, intents out (no Ray, no I/O).
+
+The controller observes its replicas, turns them into ``ReplicaView``s, asks ``plan()`` what to do and
+executes the returned ``Plan`` (like Ray Serve's deployment_state.py, but small). Rules:
+
+* keep ``target`` replicas of the desired ``version``: start missing ones, stop extras on scale-down
+  (not-ready ones first, then the newest ready ones);
+* a FAILED replica (actor died, or its handler failed to load) is replaced, and the replacement inherits
+  the slot's restart count + 1; an UNHEALTHY replica is replaced once ``failure_threshold`` consecutive
+  health checks failed;
+* starts are suppressed while ``can_start`` is False (back-off after handler load failures, see
+  ``backoff_seconds``): FAILED replicas then stay as placeholders so nothing hot-loops;
+* on a version change, new replicas are started (at most ``max_surge`` above ``target``) and an old READY
+  replica is drained only once enough new ones are READY: the READY count never drops below
+  ``min(target, READY count)``;
+* stopping a READY replica is graceful: the controller marks it DRAINING (``mark_draining``), which takes
+  it out of the routing table (``routable``) *before* it asks the replica to drain and finally kills it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+STARTING = "STARTING"
+READY = "READY"
+UNHEALTHY = "UNHEALTHY"
+DRAINING = "DRAINING"
+STOPPED = "STOPPED"
+FAILED = "FAILED"
+STATES = (STARTING, READY, UNHEALTHY, DRAINING, STOPPED, FAILED)
+
+# Scale-down preference: cheapest to lose first.
+_STOP_ORDER = {FAILED: 0, STARTING: 1, UNHEALTHY: 2, READY: 3}
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    id: str
+    version: str
+    state: str
+    health_failures: int = 0  # consecutive failed health checks
+    restarts: int = 0  # how often this slot was restarted
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class StartIntent:
+    restarts: int = 0  # restart count the new replica's slot carries
+    replaces: str | None = None  # id of the FAILED/UNHEALTHY replica it replaces (a counted restart)
+
+
+@dataclass(frozen=True)
+class StopIntent:
+    replica_id: str
+    graceful: bool  # True: unroute, drain in-flight requests (grace period), then kill
+    reason: str  # scale-down | rollout | unhealthy | failed | delete
+
+
+@dataclass
+class Plan:
+    start: list[StartIntent] = field(default_factory=list)
+    stop: list[StopIntent] = field(default_factory=list)
+
+    @property
+    def restarts(self) -> int:
+        return sum(1 for s in self.start if s.replaces is not None)
+
+    def __bool__(self) -> bool:
+        return bool(self.start or self.stop)
+
+
+def default_max_surge(target: int) -> int:
+    return max(1, math.ceil(target / 4))
+
+
+def backoff_seconds(consecutive_failures: int, base: float = 1.0, cap: float = 60.0) -> float:
+    """Delay before the next start after ``consecutive_failures`` handler load failures (0 -> none)."""
+    if consecutive_failures <= 0:
+        return 0.0
+    return min(cap, base * 2 ** (consecutive_failures - 1))
+
+
+def _stop(r: ReplicaView, reason: str) -> StopIntent:
+    return StopIntent(r.id, graceful=r.state == READY, reason=reason)
+
+
+def plan(target: int, version: str, replicas: list[ReplicaView], *, failure_threshold: int = 3,
+         deleting: bool = False, can_start: bool = True, max_surge: int | None = None) -> Plan:
+    """What to start and stop so that ``replicas`` converge to ``target`` replicas of ``version``."""
+    out = Plan()
+    active = [r for r in replicas if r.state not in (DRAINING, STOPPED)]
+    if deleting:
+        out.stop = [_stop(r, "delete") for r in active]
+        return out
+
+    threshold = max(1, failure_threshold)
+    current: list[ReplicaView] = []
+    old_ready: list[ReplicaView] = []
+    replacements: list[StartIntent] = []
+    for r in active:
+        if r.version != version:
+            if r.state == READY:
+                old_ready.append(r)
+            else:  # old and not serving: nothing to protect
+                out.stop.append(StopIntent(r.id, graceful=False, reason="rollout"))
+        elif r.state == FAILED:
+            if can_start:
+                out.stop.append(StopIntent(r.id, graceful=False, reason="failed"))
+                replacements.append(StartIntent(restarts=r.restarts + 1, replaces=r.id))
+            else:
+                current.append(r)  # placeholder until the back-off expires
+        elif r.state == UNHEALTHY and r.health_failures >= threshold:
+            out.stop.append(StopIntent(r.id, graceful=False, reason="unhealthy"))
+            replacements.append(StartIntent(restarts=r.restarts + 1, replaces=r.id))
+        else:
+            current.append(r)
+
+    # Scale down the current version: not-ready first, newest first among equals.
+    excess = len(current) + len(replacements) - target
+    if excess > 0:
+        drop_replacements = min(excess, len(replacements))
+        replacements = replacements[: len(replacements) - drop_replacements]
+        excess -= drop_replacements
+        for r in sorted(current, key=lambda r: (_STOP_ORDER.get(r.state, 9), -r.created_at))[:excess]:
+            out.stop.append(_stop(r, "scale-down"))
+            current.remove(r)
+
+    # Start what is missing (replacements first: they carry the slot's restart count).
+    missing = target - len(current)
+    starts = replacements + [StartIntent() for _ in range(max(0, missing - len(replacements)))]
+    if old_ready:
+        surge = default_max_surge(target) if max_surge is None else max(0, max_surge)
+        room = target + surge - len(current) - len(old_ready)
+        if room < len(starts):
+            starts = starts[: max(0, room)] if room > 0 else []
+            if not starts and not current:
+                starts = [replacements[0] if replacements else StartIntent()]  # always make progress
+    out.start = starts if can_start else []
+
+    # Drain old READY replicas only as far as new READY ones cover the target.
+    ready_current = sum(1 for r in current if r.state == READY)
+    excess_old = max(0, ready_current + len(old_ready) - target)
+    for r in sorted(old_ready, key=lambda r: r.created_at)[:excess_old]:
+        out.stop.append(StopIntent(r.id, graceful=True, reason="rollout"))
+    return out
+
+
+def mark_draining(replicas: list[ReplicaView], p: Plan) -> list[ReplicaView]:
+    """Replica views after the plan's stops began: graceful stops DRAINING, the others STOPPED."""
+    stops = {s.replica_id: s for s in p.stop}
+    return [replace(r, state=DRAINING if stops[r.id].graceful else STOPPED) if r.id in stops else r
+            for r in replicas]
+
+
+def routable(replicas: list[ReplicaView]) -> list[ReplicaView]:
+    """Replicas that belong in the routing table: READY ones only (never STARTING/DRAINING/...)."""
+    return [r for r in replicas if r.state == READY]
+
+
+def next_health_state(state: str, failures: int, healthy: bool) -> tuple[str, int]:
+    """(state, consecutive failures) after one health check of a STARTING/READY/UNHEALTHY replica."""
+    if healthy:
+        return READY, 0
+    return UNHEALTHY, failures + 1
+
+
+def deployment_status(target: int, version: str, replicas: list[ReplicaView], *, deleting: bool = False,
+                      error: bool = False) -> str:
+    """Running | Updating | Deleting | Failed, for the observed state."""
+    if deleting:
+        return "Deleting"
+    live = [r for r in replicas if r.state not in (STOPPED,)]
+    ready_new = sum(1 for r in live if r.state == READY and r.version == version)
+    if error and ready_new < target:
+        return "Failed"
+    settled = ready_new == target and all(r.version == version and r.state == READY for r in live)
+    return "Running" if settled else "Updating"

@@ -1,0 +1,185 @@
+"""The replica: a Ray actor (its own OS process) that serves one deployment's handler over HTTP itself.
+
+No Python process stands between the client and a replica: HAProxy connects straight to the aiohttp
+server that runs on the actor's own event loop (uvloop inside Ray workers). Ray method calls are only
+for the controller: ``info()``, ``health()`` and ``drain()`` run in the ``control`` concurrency group,
+which has its own thread and event loop, so a replica whose handler keeps the data-plane loop busy still
+answers them (and a wedged loop shows up as a failed health check instead of a hung controller).
+
+A handler that fails to import or construct does not kill the actor: the actor stays up, serves no
+traffic, and ``info()`` returns ``{"error": {"reason", "message", "traceback"}}`` for the controller.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+import ray
+from aiohttp import web
+from aiohttp.web_request import BaseRequest
+
+from rayfleet_runtime.handler import HandlerLoadError, HandlerRunner, Request, error_result, load_handler
+
+NAMESPACE = "rayfleet"
+REPLICA_PREFIX = "rayfleet-replica"
+READY_PATH = "/-/ready"
+CLIENT_MAX_SIZE = 64 * 1024 * 1024
+
+logger = logging.getLogger("rayfleet.replica")
+
+
+def replica_actor_name(deployment: str, replica_id: str) -> str:
+    """Detached actor name; a restarted controller finds live replicas by it."""
+    return f"{REPLICA_PREFIX}:{deployment}:{replica_id}"
+
+
+def parse_replica_actor_name(name: str) -> tuple[str, str] | None:
+    """(deployment, replica id) for a replica actor name, else None."""
+    prefix, sep, rest = name.partition(":")
+    if prefix != REPLICA_PREFIX or not sep:
+        return None
+    deployment, sep, replica_id = rest.rpartition(":")
+    return (deployment, replica_id) if sep and deployment and replica_id else None
+
+
+class ReplicaServer:
+    """Handler + aiohttp server, independent of Ray (the actor below wraps it)."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+        self.version = config.get("version")
+        self.runner: HandlerRunner | None = None
+        self.error: dict[str, str] | None = None
+        self.draining = False
+        self.host: str | None = None
+        self.port: int | None = None
+        self.started_at = time.time()
+        self._site_runner: web.BaseRunner | None = None
+
+    async def start(self, bind_host: str = "0.0.0.0", port: int = 0, advertise_host: str | None = None) -> None:
+        try:
+            handler = load_handler(self.config["handler"], self.config.get("handlerArgs") or {})
+        except HandlerLoadError as exc:
+            self.error = exc.as_dict()
+            logger.error("%s: %s\n%s", exc.reason, exc.message, exc.traceback)
+            return
+        self.runner = HandlerRunner(handler, max_concurrency=int(self.config.get("maxConcurrency", 100)),
+                                    sync_threads=int(self.config.get("syncThreads", 1)),
+                                    max_queued=self.config.get("maxQueued"))
+        loop = asyncio.get_running_loop()
+
+        def make_request(message, payload, protocol, writer, task):  # type: ignore[no-untyped-def]
+            return BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=CLIENT_MAX_SIZE)
+
+        server = web.Server(self._on_request, request_factory=make_request, access_log=None)
+        self._site_runner = web.ServerRunner(server, access_log=None)
+        await self._site_runner.setup()
+        sock = socket.socket(socket.AF_INET6 if ":" in bind_host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bind_host, port))
+        await web.SockSite(self._site_runner, sock, backlog=1024).start()
+        self.port = sock.getsockname()[1]
+        wildcard = bind_host in ("0.0.0.0", "::", "")
+        self.host = (advertise_host or "127.0.0.1") if wildcard else bind_host
+
+    async def _on_request(self, req: BaseRequest) -> web.StreamResponse:
+        if req.path == READY_PATH:
+            if self.draining:
+                return web.Response(status=503, text="draining\n")
+            return web.Response(status=200, text="ready\n")
+        assert self.runner is not None
+        try:
+            body = await req.read()
+        except web.HTTPRequestEntityTooLarge:
+            status, headers, data = error_result(413, "413 Request Entity Too Large")
+            return web.Response(status=status, headers=headers, body=data)
+        request = Request(req.method, req.path, req.query, req.headers, body, req.remote)
+        status, headers, data = await self.runner.handle(request)
+        return web.Response(status=status, headers=headers, body=data)
+
+    def stats(self) -> dict[str, Any]:
+        r = self.runner
+        return {
+            "version": self.version,
+            "host": self.host,
+            "port": self.port,
+            "pid": os.getpid(),
+            "inFlight": r.in_flight if r else 0,
+            "queued": r.queued if r else 0,
+            "totalRequests": r.total_requests if r else 0,
+            "errors": r.errors if r else 0,
+            "rejected": r.rejected if r else 0,
+            "lastError": r.last_error if r else None,
+            "draining": self.draining,
+            "startedAt": self.started_at,
+            "error": self.error,
+        }
+
+    async def stop(self) -> None:
+        if self._site_runner is not None:
+            await self._site_runner.cleanup()
+        if self.runner is not None:
+            self.runner.close()
+
+
+@ray.remote(concurrency_groups={"control": 4}, max_restarts=0, max_task_retries=0)
+class Replica:
+    """One replica of a deployment; created by the controller as a named detached actor."""
+
+    async def __init__(self, deployment: str, replica_id: str, config: dict[str, Any]):
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.deployment = deployment
+        self.replica_id = replica_id
+        self._loop = asyncio.get_running_loop()  # the data-plane loop (default concurrency group)
+        ctx = ray.get_runtime_context()
+        self.node_id = ctx.get_node_id()
+        self.node_ip = ray.util.get_node_ip_address()
+        self.server = ReplicaServer(config)
+        await self.server.start(config.get("bindHost", "0.0.0.0"), int(config.get("port", 0)), self.node_ip)
+
+    def _info(self) -> dict[str, Any]:
+        return {"deployment": self.deployment, "id": self.replica_id, "nodeId": self.node_id,
+                "nodeIp": self.node_ip, **self.server.stats()}
+
+    @ray.method(concurrency_group="control")
+    async def info(self) -> dict[str, Any]:
+        """Where it serves, what it runs, its counters; ``error`` is set if the handler failed to load."""
+        return self._info()
+
+    @ray.method(concurrency_group="control")
+    async def health(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """Ping the data-plane loop and run the handler's ``check_health()`` there, within ``timeout_s``."""
+        healthy, message = True, None
+        if self.server.error is not None:
+            healthy, message = False, self.server.error["message"]
+        elif self.server.runner is not None:
+            fut = asyncio.run_coroutine_threadsafe(self.server.runner.check_health(), self._loop)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
+            except asyncio.TimeoutError:
+                fut.cancel()
+                healthy, message = False, f"health check timed out after {timeout_s}s (event loop busy or check_health slow)"
+            except Exception as exc:  # noqa: BLE001
+                healthy, message = False, f"check_health: {type(exc).__name__}: {exc}"[:500]
+        return {"healthy": healthy, "message": message, **self._info()}
+
+    @ray.method(concurrency_group="control")
+    async def drain(self, grace_s: float = 30.0) -> dict[str, Any]:
+        """Stop being ready, then wait (at most ``grace_s``) until no request is in flight.
+
+        Requests that still arrive while draining are served (a proxy may not have reloaded yet);
+        the controller has already removed this replica from the routing table.
+        """
+        self.server.draining = True
+        deadline = time.monotonic() + max(0.0, grace_s)
+        runner = self.server.runner
+        while runner is not None and (runner.in_flight or runner.queued) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self._info()

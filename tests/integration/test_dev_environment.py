@@ -1,0 +1,157 @@
+"""Issue: end to end on the local Kubernetes environment — real API server, real operator process,
+the local RayCluster provider running real Ray, the rayfleet controller and HAProxy ingress.
+
+One ServeDeployment lives through the module (tests run in file order): apply → Ready → traffic →
+scale → replica killed → operator restarted → a broken sibling on the same RayCluster → delete.
+"""
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+
+from rayfleet.dev.operator import OperatorProcess
+from rayfleet.dev.provider import LocalProvider
+
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
+NAME = "echo"
+
+
+def sd(name=NAME, **spec):
+    return {"apiVersion": "rayfleet.io/v1alpha1", "kind": "ServeDeployment", "metadata": {"name": name},
+            "spec": {"handler": "examples.echo:Echo", "replicas": 2, "routePrefix": "/echo",
+                     "rayActorOptions": {"numCpus": 0.25}, "healthCheck": {"periodSeconds": 2, "timeoutSeconds": 1},
+                     "gracefulShutdownSeconds": 5, **spec}}
+
+
+def eventually(fn, timeout=90, interval=0.5, what="condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+class Cluster:
+    def __init__(self, cp, ns):
+        self.cp, self.ns = cp, ns
+
+    def apply(self, obj):
+        self.cp.kubectl("apply", "-n", self.ns, "-f", "-", input=yaml.safe_dump(obj))
+
+    def get(self, kind, name):
+        proc = self.cp.kubectl("get", kind, name, "-n", self.ns, "-o", "json", check=False)
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+    def status(self, name=NAME):
+        return (self.get("sd", name) or {}).get("status") or {}
+
+    def condition(self, type_, name=NAME):
+        return next((c for c in self.status(name).get("conditions", []) if c["type"] == type_), {})
+
+    def url(self, path=""):
+        rc = self.get("raycluster", NAME)
+        return f"http://127.0.0.1:{rc['status']['endpoints']['rayfleet-http']}/echo{path}"
+
+    def ready_with(self, n, name=NAME):
+        s = self.status(name)
+        ready = self.condition("Ready", name)
+        return ready.get("status") == "True" and s.get("readyReplicas") == n and s.get("replicas") == n and s
+
+
+def fetch(url, timeout=10):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, None
+
+
+@pytest.fixture(scope="module")
+def env(control_plane, tmp_path_factory, k8s_client):
+    from kubernetes import client
+    ns = f"dev-{os.getpid()}"
+    client.CoreV1Api(k8s_client).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    work = tmp_path_factory.mktemp("dev")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    provider = LocalProvider(control_plane.kubeconfig, work / "provider", code_dir=repo).start()
+    operator = OperatorProcess(control_plane.kubeconfig, work / "operator.log", namespaces=[ns],
+                               env={"RAYFLEET_RESYNC_SECONDS": "2"}).start()
+    cluster = Cluster(control_plane, ns)
+    cluster.operator = operator
+    yield cluster
+    operator.stop()
+    provider.stop()
+    client.CoreV1Api(k8s_client).delete_namespace(ns)
+
+
+def test_apply_becomes_ready_with_distinct_pids_and_serves(env):
+    env.apply(sd())
+    status = eventually(lambda: env.ready_with(2), timeout=180, what="Ready with 2 replicas")
+    pids = {r["pid"] for r in status["replicaStatuses"]}
+    assert len(pids) == 2 and all(pids)
+    assert status["endpoint"] == f"http://echo.{env.ns}.svc:8000/echo"
+    seen = set()
+    for _ in range(40):
+        code, body = fetch(env.url("/hello?x=1"))
+        assert code == 200 and body["path"] == "/echo/hello" and body["query"] == {"x": "1"}
+        seen.add(body["pid"])
+    assert seen == pids  # the ingress balanced across both replica processes
+    printed = env.cp.kubectl("get", "sd", NAME, "-n", env.ns).stdout.splitlines()[1].split()
+    assert printed[:5] == [NAME, "2", "2", "0", "AllReplicasReady"]
+
+
+def test_kubectl_scale_up_and_down(env):
+    env.cp.kubectl("scale", f"sd/{NAME}", "-n", env.ns, "--replicas=3")
+    eventually(lambda: env.ready_with(3), what="3 ready replicas")
+    env.cp.kubectl("scale", f"sd/{NAME}", "-n", env.ns, "--replicas=2")
+    eventually(lambda: env.ready_with(2), what="back to 2 ready replicas")
+
+
+def test_killed_replica_degrades_then_recovers_with_a_restart(env):
+    victim = env.status()["replicaStatuses"][0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    eventually(lambda: env.condition("Degraded").get("status") == "True" or env.condition("Ready").get("status") == "False",
+               what="Degraded or not Ready after the kill", interval=0.2)
+    status = eventually(lambda: env.ready_with(2), what="Ready again")
+    assert sum(r["restarts"] for r in status["replicaStatuses"]) >= 1
+    assert victim["pid"] not in {r["pid"] for r in status["replicaStatuses"]}
+    assert fetch(env.url())[0] == 200
+
+
+def test_operator_restart_restarts_no_replica(env):
+    before = {r["id"]: r["pid"] for r in env.status()["replicaStatuses"]}
+    env.operator.stop()
+    env.operator.start()
+    time.sleep(6)  # resume + a couple of resyncs
+    assert {r["id"]: r["pid"] for r in eventually(lambda: env.ready_with(2), what="Ready")["replicaStatuses"]} == before
+
+
+def test_handler_import_typo_reports_handler_import_error(env):
+    env.apply(sd("broken", handler="examples.ecko:Echo", routePrefix="/broken", rayCluster={"existing": {"name": NAME}}))
+    ready = eventually(lambda: env.condition("Ready", "broken").get("reason") == "HandlerImportError" and env.condition("Ready", "broken"),
+                       what="HandlerImportError")
+    assert ready["status"] == "False" and "examples.ecko" in ready["message"]
+    assert env.operator.alive() and fetch(env.url())[0] == 200
+    env.cp.kubectl("delete", "sd/broken", "-n", env.ns, "--timeout=60s")
+
+
+def test_delete_drains_replicas_and_collects_the_raycluster(env):
+    pids = [r["pid"] for r in env.status()["replicaStatuses"]]
+    env.cp.kubectl("delete", f"sd/{NAME}", "-n", env.ns, "--timeout=90s")
+    eventually(lambda: env.get("raycluster", NAME) is None, what="RayCluster garbage-collected")
+
+    def gone(pid):
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+    eventually(lambda: all(gone(p) for p in pids), what="replica processes gone")

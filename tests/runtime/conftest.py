@@ -1,0 +1,93 @@
+"""A real local Ray cluster (lean: 4 CPUs, no dashboard, 127.0.0.1) with the rayfleet controller on it."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Api:
+    """Tiny client for the controller's /v1 API plus helpers to wait for observed state."""
+
+    def __init__(self, base: str, ingress: str):
+        self.base = base
+        self.ingress = ingress
+        self.http = httpx.Client(base_url=base, timeout=10)
+
+    def put(self, name: str, **desired):
+        body = {"handler": "examples.echo:Echo", "replicas": 1, "version": "v1", "routePrefix": f"/{name}",
+                "rayActorOptions": {"numCpus": 0.1}, "gracefulShutdownSeconds": 5,
+                "healthCheck": {"periodSeconds": 1, "timeoutSeconds": 2, "failureThreshold": 2}, **desired}
+        r = self.http.put(f"/v1/deployments/{name}", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def get(self, name: str):
+        r = self.http.get(f"/v1/deployments/{name}")
+        return None if r.status_code == 404 else r.json()
+
+    def wait(self, name: str, pred, timeout: float = 60.0, what: str = ""):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = self.get(name)
+            except httpx.TransportError as exc:  # controller restarting
+                last = exc
+            else:
+                if pred(last):
+                    return last
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what or name}: {last}")
+
+    def wait_ready(self, name: str, n: int, timeout: float = 60.0):
+        return self.wait(name, lambda o: o is not None and o["readyReplicas"] == n and o["status"] == "Running"
+                         and all(r["state"] == "READY" for r in o["replicas"]), timeout, f"{name} {n} ready")
+
+    def delete(self, name: str, wait: bool = True):
+        r = self.http.delete(f"/v1/deployments/{name}")
+        assert r.status_code in (202, 404), r.text
+        if wait:
+            self.wait(name, lambda o: o is None, 60, f"{name} deleted")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    pythonpath = os.pathsep.join([str(REPO), str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    os.environ["PYTHONPATH"] = pythonpath
+    sys.path[:0] = [str(REPO), str(HERE)]
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", namespace="rayfleet",
+             log_to_driver=os.environ.get("RAYFLEET_TEST_LOGS") == "1",
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def api(ray_cluster):
+    from rayfleet_runtime.controller import ensure_controller, wait_http
+
+    control_port, ingress_port = free_port(), free_port()
+    ensure_controller(control_port=control_port, ingress_port=ingress_port, ingress_nodes="head", bind_host="127.0.0.1")
+    wait_http(f"http://127.0.0.1:{control_port}/healthz", 30)
+    client = Api(f"http://127.0.0.1:{control_port}", f"http://127.0.0.1:{ingress_port}")
+    yield client
+    client.http.close()

@@ -1,0 +1,23 @@
+"""Handlers only the runtime tests use (on the Ray workers' PYTHONPATH via conftest)."""
+import asyncio
+import os
+import time
+
+
+async def async_sleep(request):
+    await asyncio.sleep(float(request.query.get("s", "1")))
+    return {"pid": os.getpid()}
+
+
+def sync_sleep(request):
+    time.sleep(float(request.query.get("s", "1")))
+    return {"pid": os.getpid()}
+
+
+class Flaky:
+    """Raises on /boom, answers otherwise."""
+
+    async def __call__(self, request):
+        if request.path.endswith("/boom"):
+            raise ValueError("kaboom")
+        return {"pid": os.getpid()}

@@ -1,0 +1,255 @@
+"""The data plane on a real local Ray cluster, driven through the controller's HTTP API.
+
+Traffic goes through the HAProxy ingress when ``rayfleet_runtime.ingress`` is available, otherwise
+straight to the replicas' advertised host:port (no Python process sits in between either way).
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+
+VIA_INGRESS = importlib.util.find_spec("rayfleet_runtime.ingress") is not None
+
+
+def wait_ingress(api, obs, pids: int = 1, timeout: float = 30.0) -> str:
+    """The ingress URL of a deployment once it routes to ``pids`` distinct replica processes."""
+    url = api.ingress + obs["routePrefix"]
+    deadline, seen, last = time.monotonic() + timeout, set(), None
+    while time.monotonic() < deadline:
+        try:
+            last = httpx.get(url + "/probe", timeout=5)
+            if last.status_code == 200:
+                seen.add(last.json()["pid"])
+                if len(seen) >= pids:
+                    return url
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise AssertionError(f"ingress never routed {url} to {pids} replicas (saw {seen}, last {last})")
+
+
+def replica_urls(obs) -> list[str]:
+    return [f"http://{r['host']}:{r['port']}" for r in obs["replicas"] if r["state"] == "READY"]
+
+
+async def burst(urls: list[str], n: int, path: str) -> tuple[float, list[httpx.Response]]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        t = time.monotonic()
+        responses = await asyncio.gather(*(client.get(urls[i % len(urls)] + path) for i in range(n)))
+        return time.monotonic() - t, responses
+
+
+def test_two_replicas_answer_from_distinct_pids(api):
+    api.put("pids", replicas=2)
+    obs = api.wait_ready("pids", 2)
+    pids = {httpx.get(u + "/x").json()["pid"] for u in replica_urls(obs)}
+    assert len(pids) == 2
+    assert pids == {r["pid"] for r in obs["replicas"]}
+    assert all(r["port"] and r["host"] == "127.0.0.1" for r in obs["replicas"])
+    ready = httpx.get(replica_urls(obs)[0] + "/-/ready")
+    assert ready.status_code == 200
+    if VIA_INGRESS:
+        url = wait_ingress(api, obs, pids=2)
+        seen = {httpx.get(url + f"/{i}").json()["pid"] for i in range(10)}
+        assert seen == pids
+    api.delete("pids", wait=False)
+
+
+def test_async_handlers_overlap_sync_handlers_queue(api):
+    api.put("aio", handler="rf_test_handlers:async_sleep")
+    api.put("blocking", handler="rf_test_handlers:sync_sleep")
+    aio, blocking = api.wait_ready("aio", 1), api.wait_ready("blocking", 1)
+    elapsed, responses = asyncio.run(burst(replica_urls(aio), 5, "/?s=1"))
+    assert all(r.status_code == 200 for r in responses)
+    assert len({r.json()["pid"] for r in responses}) == 1
+    assert elapsed < 2.5, f"5 x asyncio.sleep(1) on one replica took {elapsed:.2f}s"
+    elapsed, responses = asyncio.run(burst(replica_urls(blocking), 5, "/?s=1"))
+    assert all(r.status_code == 200 for r in responses)
+    assert elapsed > 4.0, f"5 x time.sleep(1) on one replica took only {elapsed:.2f}s"
+    api.delete("aio", wait=False)
+    api.delete("blocking", wait=False)
+
+
+def test_raising_handler_gives_500_and_replica_keeps_serving(api):
+    api.put("flaky", handler="rf_test_handlers:Flaky")
+    url = replica_urls(api.wait_ready("flaky", 1))[0]
+    bad = httpx.get(url + "/boom")
+    assert bad.status_code == 500 and "ValueError" in bad.text and "kaboom" not in bad.text
+    assert httpx.get(url + "/ok").status_code == 200
+    obs = api.wait("flaky", lambda o: o["replicas"][0]["lastError"], 10, "lastError")
+    assert obs["replicas"][0]["lastError"] == "ValueError: kaboom"
+    assert obs["restarts"] == 0
+    api.delete("flaky", wait=False)
+
+
+def test_import_error_is_reported_not_hot_looped(api):
+    api.put("broken", handler="rf_test_broken:handler")
+    obs = api.wait("broken", lambda o: o["error"] is not None, 60, "error")
+    assert obs["error"]["reason"] == "HandlerImportError"
+    assert "rf_test_broken" in obs["error"]["message"] and "rayfleet_no_such_dependency" in obs["error"]["message"]
+    assert obs["status"] == "Failed" and obs["readyReplicas"] == 0
+    time.sleep(3)
+    assert api.get("broken")["restarts"] <= 3  # exponential back-off: 1 s, 2 s, 4 s...
+    # Fixing the handler (new version) recovers at once.
+    api.put("broken", handler="examples.echo:Echo", version="v2")
+    obs = api.wait_ready("broken", 1, 60)
+    assert obs["error"] is None
+    api.delete("broken", wait=False)
+
+
+def test_overload_answers_503_quickly(api):
+    api.put("tight", handler="rf_test_handlers:async_sleep", maxConcurrency=1)
+    url = replica_urls(api.wait_ready("tight", 1))[0]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=30) as client:
+            slow = [asyncio.ensure_future(client.get(url + "/?s=2")) for _ in range(2)]  # 1 runs, 1 waits
+            await asyncio.sleep(0.5)
+            t = time.monotonic()
+            rejected = await client.get(url + "/?s=2")
+            took = time.monotonic() - t
+            return rejected, took, await asyncio.gather(*slow)
+
+    rejected, took, slow = asyncio.run(main())
+    assert rejected.status_code == 503 and rejected.headers["Retry-After"] == "1"
+    assert took < 0.5
+    assert [r.status_code for r in slow] == [200, 200]
+    api.delete("tight", wait=False)
+
+
+class Traffic(threading.Thread):
+    """Steady sequential requests, each to a READY replica from the current observed state."""
+
+    def __init__(self, api, name: str, ingress: str | None = None):
+        super().__init__(daemon=True)
+        self.api, self.name, self.ingress = api, name, ingress
+        self.ok = 0
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self):
+        with httpx.Client(timeout=10) as client:
+            i = 0
+            while not self.stop.is_set():
+                urls = [self.ingress] if self.ingress else replica_urls(self.api.get(self.name))
+                if not urls:
+                    self.failures.append("no READY replica")
+                    time.sleep(0.05)
+                    continue
+                try:
+                    r = client.get(urls[i % len(urls)] + f"/n/{i}")
+                    if r.status_code == 200:
+                        self.ok += 1
+                    else:
+                        self.failures.append(f"{r.status_code}")
+                except httpx.HTTPError as exc:
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+                i += 1
+
+
+def test_scale_up_and_down_loses_no_request(api):
+    api.put("scale", replicas=1, gracefulShutdownSeconds=10)
+    obs = api.wait_ready("scale", 1)
+    traffic = Traffic(api, "scale", wait_ingress(api, obs) if VIA_INGRESS else None)
+    traffic.start()
+    try:
+        api.put("scale", replicas=3, gracefulShutdownSeconds=10)
+        obs = api.wait_ready("scale", 3)
+        assert len({r["pid"] for r in obs["replicas"]}) == 3
+        time.sleep(1)
+        api.put("scale", replicas=1, gracefulShutdownSeconds=10)
+        api.wait("scale", lambda o: len(o["replicas"]) == 1 and o["readyReplicas"] == 1, 60, "scaled down to 1")
+        time.sleep(1)
+    finally:
+        traffic.stop.set()
+        traffic.join(10)
+    assert traffic.ok > 20
+    assert traffic.failures == [], traffic.failures[:5]
+    api.delete("scale", wait=False)
+
+
+def test_sigkill_replica_is_replaced_and_restart_counted(api):
+    api.put("victim", replicas=2)
+    obs = api.wait_ready("victim", 2)
+    victim = obs["replicas"][0]
+    survivor = next(r for r in obs["replicas"] if r["id"] != victim["id"])
+    traffic = Traffic(api, "victim", wait_ingress(api, obs, pids=2)) if VIA_INGRESS else None
+    if traffic:
+        traffic.start()
+        time.sleep(0.5)
+    os.kill(victim["pid"], signal.SIGKILL)
+    # The survivor keeps serving while the victim is replaced.
+    assert httpx.get(f"http://{survivor['host']}:{survivor['port']}/x").status_code == 200
+    obs = api.wait("victim", lambda o: o["restarts"] >= 1 and o["readyReplicas"] == 2
+                   and victim["id"] not in {r["id"] for r in o["replicas"]}, 60, "replacement")
+    new = next(r for r in obs["replicas"] if r["id"] != survivor["id"])
+    assert new["pid"] != victim["pid"] and new["restarts"] == 1
+    assert {httpx.get(u + "/x").status_code for u in replica_urls(obs)} == {200}
+    if traffic:
+        time.sleep(1)
+        traffic.stop.set()
+        traffic.join(10)
+        # Requests in flight on (or sent over a pooled connection to) the killed process may fail;
+        # HAProxy's health checks take the dead server out within about a second, then all is 200.
+        assert traffic.ok > 10 and len(traffic.failures) <= 3, traffic.failures[:5]
+        url = api.ingress + obs["routePrefix"]
+        assert {httpx.get(url + f"/{i}").status_code for i in range(20)} == {200}
+    api.delete("victim", wait=False)
+
+
+def test_rolling_update_replaces_every_replica(api):
+    api.put("roll", replicas=2, handlerArgs={"greeting": "old"}, version="a")
+    old = api.wait_ready("roll", 2)
+    api.put("roll", replicas=2, handlerArgs={"greeting": "new"}, version="b")
+    obs = api.wait("roll", lambda o: o["status"] == "Running" and o["version"] == "b" and o["readyReplicas"] == 2
+                   and len(o["replicas"]) == 2 and all(r["version"] == "b" for r in o["replicas"]), 60, "rollout")
+    assert not {r["pid"] for r in obs["replicas"]} & {r["pid"] for r in old["replicas"]}
+    assert {httpx.get(u + "/x").json()["greeting"] for u in replica_urls(obs)} == {"new"}
+    assert obs["restarts"] == 0
+    api.delete("roll")
+    assert api.get("roll") is None
+
+
+def test_api_validation_and_listing(api):
+    r = api.http.put("/v1/deployments/bad", json={"handler": "examples.echo:Echo", "replicas": -1})
+    assert r.status_code == 400 and r.json()["field"] == "replicas"
+    r = api.http.put("/v1/deployments/bad", json={"handler": "nocolon"})
+    assert r.status_code == 400 and "handler" in r.json()["error"]
+    r = api.http.put("/v1/deployments/Bad_Name", json={"handler": "a:b"})
+    assert r.status_code == 400 and r.json()["field"] == "name"
+    r = api.http.put("/v1/deployments/bad", json={"handler": "a:b", "healthCheck": {"failureThreshold": 0}})
+    assert r.status_code == 400 and r.json()["field"] == "healthCheck.failureThreshold"
+    api.put("pfx-a", replicas=0, routePrefix="/shared")
+    r = api.http.put("/v1/deployments/pfx-b", json={"handler": "a:b", "routePrefix": "/shared"})
+    assert r.status_code == 400 and r.json()["field"] == "routePrefix" and "pfx-a" in r.json()["error"]
+    api.delete("pfx-a")
+    assert api.http.get("/v1/deployments/nope").status_code == 404
+    assert api.http.delete("/v1/deployments/nope").status_code == 404
+    assert api.http.get("/healthz").status_code == 200
+    assert "deployments" in api.http.get("/v1/deployments").json()
+
+
+def test_controller_restart_rediscovers_replicas(api, ray_cluster):
+    from rayfleet_runtime.controller import CONTROLLER_NAME
+    from rayfleet_runtime.replica import NAMESPACE
+
+    api.put("survive", replicas=2)
+    before = api.wait_ready("survive", 2)
+    controller = ray_cluster.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    ray_cluster.kill(controller, no_restart=False)  # Ray restarts it; it must find its state again
+    time.sleep(1)
+    after = api.wait("survive", lambda o: o is not None and o["readyReplicas"] == 2, 60, "re-discovery")
+    assert {r["pid"] for r in after["replicas"]} == {r["pid"] for r in before["replicas"]}
+    assert after["restarts"] == 0 and after["version"] == before["version"]
+    api.put("survive", replicas=3)  # and it goes on reconciling
+    api.wait_ready("survive", 3)
+    api.delete("survive")

@@ -1,0 +1,376 @@
+"""The ingress actor with real Ray and a real HAProxy, in front of stand-in replicas.
+
+Stand-in replicas are tiny aiohttp servers on 127.0.0.1, run on a background
+event loop in the test process. Everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+httpx = pytest.importorskip("httpx")
+web = pytest.importorskip("aiohttp.web")
+
+from rayfleet_runtime.haproxy_bin import HAProxyNotFound, find_haproxy  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+try:
+    find_haproxy()
+except HAProxyNotFound:  # pragma: no cover
+    pytest.skip("no HAProxy binary", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Replicas:
+    """aiohttp servers standing in for replica actors, on one background loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.hits: collections.Counter[str] = collections.Counter()
+        self.runners: dict[str, web.AppRunner] = {}
+        self.ports: dict[str, int] = {}
+
+    def _run(self, coro, timeout=10):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, rid: str) -> dict:
+        port = free_port()
+
+        async def handle(request: web.Request) -> web.Response:
+            self.hits[rid] += 1
+            sleep = float(request.query.get("sleep", 0))
+            if sleep:
+                await asyncio.sleep(sleep)
+            return web.json_response({"replica": rid, "path": request.path})
+
+        async def ready(request: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
+        async def go():
+            app = web.Application()
+            app.router.add_get("/-/ready", ready)
+            app.router.add_route("*", "/{tail:.*}", handle)
+            runner = web.AppRunner(app, access_log=None, keepalive_timeout=75)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            return runner
+
+        self.runners[rid] = self._run(go())
+        self.ports[rid] = port
+        return {"id": rid, "host": "127.0.0.1", "port": port}
+
+    def close(self) -> None:
+        for runner in self.runners.values():
+            self._run(runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=False,
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def replicas():
+    r = Replicas()
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def ingress(ray_cluster):
+    from rayfleet_runtime.ingress import actor_name, ensure_ingress
+
+    node_id = ray.get_runtime_context().get_node_id()
+    port = free_port()
+    handle = ensure_ingress(node_id, port=port, bind_host="127.0.0.1")
+    info = ray.get(handle.ready.remote(), timeout=120)
+    # get-or-create is idempotent: same actor, HAProxy not restarted.
+    again = ensure_ingress(node_id, port=port, bind_host="127.0.0.1")
+    assert again._actor_id == handle._actor_id
+    assert ray.get(again.ready.remote(), timeout=30)["pid"] == info["pid"]
+    assert ray.get_actor(actor_name(node_id), namespace="rayfleet")._actor_id == handle._actor_id
+    yield handle, port, info
+    # HAProxy must die with its actor (PR_SET_PDEATHSIG), not only on stop().
+    ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + 15
+    while pid_alive(info["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pid_alive(info["pid"]), "HAProxy master outlived the ingress actor"
+    time.sleep(0.5)
+    leftovers = [
+        p for p in os.listdir("/proc") if p.isdigit() and _cmdline(int(p)).find(info["config_path"]) >= 0 and pid_alive(int(p))
+    ]
+    assert not leftovers, f"HAProxy workers left behind: {leftovers}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def push(handle, table) -> dict:
+    result = ray.get(handle.update.remote(table), timeout=60)
+    assert result["error"] is None, result
+    return result
+
+
+def dep(prefix, reps, **kw):
+    return {"routePrefix": prefix, "maxConcurrency": 100, "replicas": reps, **kw}
+
+
+def test_balances_across_replicas(ingress, replicas):
+    handle, port, _ = ingress
+    a, b = replicas.start("echo-a"), replicas.start("echo-b")
+    result = push(handle, {"deployments": {"echo": dep("/echo", [a, b])}})
+    assert result["changed"]
+    # Same table again: no reload.
+    assert push(handle, {"deployments": {"echo": dep("/echo", [b, a])}})["changed"] is False
+
+    seen = collections.Counter()
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        for i in range(200):
+            r = client.get(f"/echo/x{i}")
+            assert r.status_code == 200, r.text
+            assert r.json()["path"] == f"/echo/x{i}"  # path forwarded unchanged
+            seen[r.json()["replica"]] += 1
+    assert set(seen) == {"echo-a", "echo-b"}
+    assert min(seen.values()) > 40, seen
+
+    stats = ray.get(handle.stats.remote(), timeout=30)
+    servers = stats["deployments"]["echo"]["servers"]
+    assert set(servers) == {"echo-a", "echo-b"}
+    assert all(s["status"] in ("UP", "no check") or s["status"].startswith("UP") for s in servers.values()), servers
+    assert sum(s["total"] for s in servers.values()) >= 200
+
+
+def test_update_under_keepalive_load_drops_nothing(ingress, replicas):
+    handle, port, _ = ingress
+    a = {"id": "echo-a", "host": "127.0.0.1", "port": replicas.ports["echo-a"]}
+    b = {"id": "echo-b", "host": "127.0.0.1", "port": replicas.ports["echo-b"]}
+    c = replicas.start("echo-c")
+    push(handle, {"deployments": {"echo": dep("/echo", [a, b])}})
+
+    statuses: collections.Counter = collections.Counter()
+    failures: list[str] = []
+    by_replica: collections.Counter = collections.Counter()
+    stop = threading.Event()
+
+    async def worker(i: int):
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=15) as client:
+            n = 0
+            while not stop.is_set() and n < 5000:
+                n += 1
+                # Some requests are slow so they are in flight across reloads.
+                path = "/echo/slow?sleep=0.3" if (i == 0 and n % 3 == 0) else f"/echo/{i}-{n}"
+                try:
+                    r = await client.get(path)
+                    statuses[r.status_code] += 1
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.text[:100]}")
+                    else:
+                        by_replica[r.json()["replica"]] += 1
+                except httpx.HTTPError as e:
+                    failures.append(repr(e))
+
+    async def load():
+        await asyncio.gather(*(worker(i) for i in range(8)))
+
+    t = threading.Thread(target=lambda: asyncio.run(load()))
+    t.start()
+    try:
+        time.sleep(0.7)
+        tables = [
+            [a],  # remove b
+            [a, c],  # add c
+            [c],  # remove a
+            [a, b, c],
+            [b],
+        ]
+        reloads = 0
+        for reps in tables:
+            reloads += bool(push(handle, {"deployments": {"echo": dep("/echo", reps)}})["changed"])
+            time.sleep(0.6)
+        assert reloads == len(tables)
+        before = dict(replicas.hits)
+        time.sleep(0.7)
+    finally:
+        stop.set()
+        t.join(60)
+    assert not t.is_alive()
+    total = sum(statuses.values())
+    assert total > 200, statuses
+    assert not failures, (len(failures), failures[:10], statuses)
+    assert set(by_replica) >= {"echo-a", "echo-b", "echo-c"}
+    # After the last update ([b]), only b gets new traffic (old workers may finish in-flight work).
+    after = dict(replicas.hits)
+    assert after["echo-a"] - before["echo-a"] <= 2 and after["echo-c"] - before["echo-c"] <= 2, (before, after)
+    assert after["echo-b"] > before["echo-b"]
+
+
+def test_unknown_prefix_404(ingress, replicas):
+    handle, port, _ = ingress
+    a = {"id": "echo-a", "host": "127.0.0.1", "port": replicas.ports["echo-a"]}
+    push(handle, {"deployments": {"echo": dep("/echo", [a])}})
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        for path in ("/nope", "/echoes", "/"):
+            r = client.get(path)
+            assert r.status_code == 404, (path, r.text)
+            assert r.json()["error"]
+        assert client.get("/echo").status_code == 200
+    # With a "/" deployment, everything unmatched goes there.
+    push(handle, {"deployments": {"echo": dep("/echo", [a]), "root": dep("/", [a])}})
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        assert client.get("/nope").status_code == 200
+
+
+def test_empty_backend_503_quickly(ingress, replicas):
+    handle, port, _ = ingress
+    push(handle, {"deployments": {"empty": dep("/empty", [])}})
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        t0 = time.monotonic()
+        r = client.get("/empty/x")
+        assert time.monotonic() - t0 < 1.0
+    assert r.status_code == 503
+    assert r.json() == {"deployment": "empty", "error": "no ready replicas"}
+
+
+def test_saturated_replica_sheds_load_quickly(ingress, replicas):
+    handle, port, _ = ingress
+    s = replicas.start("slow-0")
+    push(
+        handle,
+        {"deployments": {"slow": {"routePrefix": "/slow", "maxConcurrency": 1, "queueTimeoutSeconds": 0.5, "replicas": [s]}}},
+    )
+
+    async def one(client):
+        t0 = time.monotonic()
+        r = await client.get("/slow/x?sleep=2")
+        return r.status_code, time.monotonic() - t0
+
+    async def flood():
+        limits = httpx.Limits(max_connections=30)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=15) as client:
+            return await asyncio.gather(*(one(client) for _ in range(20)))
+
+    results = asyncio.run(flood())
+    ok = [d for code, d in results if code == 200]
+    shed = [d for code, d in results if code == 503]
+    assert len(ok) >= 1 and len(ok) + len(shed) == len(results), results
+    assert len(shed) >= 17, results
+    # Shed requests fail fast (queue bound, or the 0.5s queue timeout), never hang.
+    assert max(shed) < 1.5, results
+    assert replicas.hits["slow-0"] <= 2
+
+
+def test_stop_kills_haproxy(ray_cluster, replicas):
+    from rayfleet_runtime.ingress import IngressManager
+
+    port = free_port()
+    h = IngressManager.options(num_cpus=0).remote(port=port, bind_host="127.0.0.1")
+    info = ray.get(h.ready.remote(), timeout=60)
+    assert pid_alive(info["pid"])
+    ray.get(h.stop.remote(), timeout=30)
+    assert not pid_alive(info["pid"])
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    ray.kill(h, no_restart=True)
+
+
+def test_invalid_config_keeps_running_one(replicas, tmp_path):
+    """No Ray: the Ingress class directly. A config haproxy -c rejects is not applied."""
+    from rayfleet_runtime.ingress import Ingress
+
+    port = free_port()
+    ing = Ingress(port=port, bind_host="127.0.0.1", workdir=str(tmp_path / "ing"), nbthread=1)
+    try:
+        a = replicas.start("inv-a")
+        asyncio.run(ing.ready())
+        assert asyncio.run(ing.update({"deployments": {"x": dep("/x", [a])}}))["changed"]
+        good = ing._config
+        ing._render = lambda table: good + "\nbackend broken\n    this-is-not-a-keyword\n"
+        result = asyncio.run(ing.update({"deployments": {"x": dep("/x", [])}}))
+        assert result["applied"] is False and "this-is-not-a-keyword" in result["error"]
+        assert ing._config == good
+        with open(ing.cfg_path) as f:
+            assert f.read() == good
+        r = httpx.get(f"http://127.0.0.1:{port}/x/1", timeout=10)
+        assert r.status_code == 200 and r.json()["replica"] == "inv-a"
+    finally:
+        pid = ing._proc.pid
+        ing._terminate(1)
+    assert not pid_alive(pid)
+
+
+def test_actor_crash_kills_haproxy_and_restart_restores_table(ray_cluster, replicas):
+    import signal
+
+    from rayfleet_runtime.ingress import IngressManager
+
+    port = free_port()
+    a = replicas.start("crash-a")
+    h = IngressManager.options(num_cpus=0).remote(port=port, bind_host="127.0.0.1")
+    try:
+        info = ray.get(h.ready.remote(), timeout=60)
+        push(h, {"deployments": {"c": dep("/c", [a])}})
+        os.kill(info["actor_pid"], signal.SIGKILL)  # the actor's process dies abruptly
+        deadline = time.monotonic() + 15
+        while pid_alive(info["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not pid_alive(info["pid"]), "HAProxy outlived its actor process"
+        # Ray restarts the actor (max_restarts=-1); it serves the last table until the next push.
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                info2 = ray.get(h.ready.remote(), timeout=60)
+                break
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError):
+                # Calls made while Ray restarts the actor fail; callers retry.
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+        assert info2["actor_pid"] != info["actor_pid"] and info2["pid"] != info["pid"]
+        r = httpx.get(f"http://127.0.0.1:{port}/c/1", timeout=10)
+        assert r.status_code == 200 and r.json()["replica"] == "crash-a"
+    finally:
+        try:
+            ray.get(h.stop.remote(), timeout=30)
+        finally:
+            ray.kill(h, no_restart=True)

@@ -1,0 +1,286 @@
+"""The handler wrapper without Ray: loading, concurrency rules, result conversion, errors."""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from rayfleet_runtime import Response
+from rayfleet_runtime.handler import (HandlerLoadError, HandlerRunner, Limiter, Request, load_handler, to_http)
+
+
+@pytest.fixture
+def handler_module(tmp_path, monkeypatch):
+    """Write a module into a temp dir on sys.path; returns a function (name, source) -> name."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def write(name: str, source: str) -> str:
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        sys.modules.pop(name, None)
+        return name
+
+    yield write
+
+
+def req(path: str = "/", body: bytes = b"", method: str = "GET") -> Request:
+    return Request(method, path, {"q": "1"}, {"X-A": "b"}, body)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_class_is_instantiated_once_with_handler_args(handler_module):
+    mod = handler_module("h_class", """
+        class H:
+            instances = 0
+            def __init__(self, greeting):
+                H.instances += 1
+                self.greeting = greeting
+            async def __call__(self, request):
+                return f"{self.greeting} {request.path}"
+    """)
+    h = load_handler(f"{mod}:H", {"greeting": "hi"})
+    runner = HandlerRunner(h)
+    assert runner.is_async
+    assert run(runner.handle(req("/a/b")))[2] == b"hi /a/b"
+    assert run(runner.handle(req("/c")))[2] == b"hi /c"
+    assert type(h).instances == 1
+
+
+def test_function_handler_called_directly(handler_module):
+    mod = handler_module("h_func", """
+        def handle(request):
+            return {"method": request.method, "q": request.query["q"], "body": request.json()}
+    """)
+    runner = HandlerRunner(load_handler(f"{mod}:handle"))
+    assert not runner.is_async
+    status, headers, body = run(runner.handle(req("/", b'{"x": 1}', "POST")))
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert json.loads(body) == {"method": "POST", "q": "1", "body": {"x": 1}}
+
+
+def test_handler_args_for_function_is_init_error(handler_module):
+    mod = handler_module("h_func2", "def handle(request):\n    return 'x'\n")
+    with pytest.raises(HandlerLoadError) as err:
+        load_handler(f"{mod}:handle", {"a": 1})
+    assert err.value.reason == "HandlerInitError"
+
+
+def test_import_error_names_the_module(handler_module):
+    mod = handler_module("h_broken", "import rayfleet_definitely_missing_dep\n")
+    with pytest.raises(HandlerLoadError) as err:
+        load_handler(f"{mod}:handle")
+    assert err.value.reason == "HandlerImportError"
+    assert err.value.message.startswith("h_broken: ModuleNotFoundError:")
+    assert "rayfleet_definitely_missing_dep" in err.value.message
+    assert "Traceback" in err.value.traceback
+
+
+def test_missing_module_and_attribute(handler_module):
+    with pytest.raises(HandlerLoadError) as err:
+        load_handler("rayfleet_no_such_module_xyz:H")
+    assert err.value.reason == "HandlerImportError" and "rayfleet_no_such_module_xyz" in err.value.message
+    mod = handler_module("h_noattr", "X = 1\n")
+    with pytest.raises(HandlerLoadError) as err:
+        load_handler(f"{mod}:Missing")
+    assert err.value.reason == "HandlerImportError" and err.value.message.startswith("h_noattr: AttributeError")
+    with pytest.raises(HandlerLoadError):
+        load_handler("no_colon_here")
+
+
+def test_constructor_error_is_init_error(handler_module):
+    mod = handler_module("h_init", """
+        class H:
+            def __init__(self):
+                raise RuntimeError("no model file")
+            def __call__(self, request):
+                return "x"
+    """)
+    with pytest.raises(HandlerLoadError) as err:
+        load_handler(f"{mod}:H")
+    assert err.value.reason == "HandlerInitError"
+    assert err.value.message == "h_init: RuntimeError: no model file"
+
+
+def test_return_types():
+    assert to_http("hé") == (200, {"Content-Type": "text/plain; charset=utf-8"}, "hé".encode())
+    assert to_http(b"\x00") == (200, {"Content-Type": "application/octet-stream"}, b"\x00")
+    assert to_http([1, 2]) == (200, {"Content-Type": "application/json"}, b"[1, 2]")
+    assert to_http(None)[2] == b"null"
+    status, headers, body = to_http(Response({"a": 1}, status=201, headers={"X-Y": "z"}))
+    assert status == 201 and headers == {"X-Y": "z", "Content-Type": "application/json"} and body == b'{"a": 1}'
+    status, headers, _ = to_http(Response("<p>", content_type="text/html"))
+    assert headers["Content-Type"] == "text/html"
+    assert to_http(Response(b"x", headers={"content-type": "image/png"}))[1] == {"content-type": "image/png"}
+
+
+def test_exception_gives_500_with_type_and_runner_keeps_serving():
+    async def handler(request):
+        if request.path == "/boom":
+            raise ValueError("secret detail")
+        return "ok"
+
+    runner = HandlerRunner(handler, debug_tracebacks=False)
+
+    async def main():
+        status, _, body = await runner.handle(req("/boom"))
+        assert status == 500 and b"ValueError" in body
+        assert b"secret detail" not in body and b"Traceback" not in body
+        assert await runner.handle(req("/")) == (200, {"Content-Type": "text/plain; charset=utf-8"}, b"ok")
+
+    run(main())
+    assert runner.errors == 1 and runner.last_error == "ValueError: secret detail" and runner.total_requests == 2
+
+
+def test_unserialisable_return_is_500():
+    runner = HandlerRunner(lambda request: object())
+    assert run(runner.handle(req()))[0] == 500
+
+
+def test_async_handlers_run_concurrently_up_to_max_concurrency():
+    active, peak = 0, 0
+
+    async def handler(request):
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.2)
+        active -= 1
+        return "ok"
+
+    runner = HandlerRunner(handler, max_concurrency=3, max_queued=10)
+
+    async def main():
+        t = time.monotonic()
+        results = await asyncio.gather(*(runner.handle(req()) for _ in range(6)))
+        return time.monotonic() - t, results
+
+    elapsed, results = run(main())
+    assert all(r[0] == 200 for r in results)
+    assert peak == 3
+    assert 0.35 < elapsed < 1.0  # two waves of 0.2 s
+
+
+def test_overload_is_503_at_once():
+    async def handler(request):
+        await asyncio.sleep(0.5)
+        return "ok"
+
+    runner = HandlerRunner(handler, max_concurrency=2, max_queued=1)
+
+    async def main():
+        tasks = [asyncio.ensure_future(runner.handle(req())) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        t = time.monotonic()
+        status, headers, _ = await runner.handle(req())
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert time.monotonic() - t < 0.05
+        assert [r[0] for r in await asyncio.gather(*tasks)] == [200, 200, 200]
+
+    run(main())
+    assert runner.rejected == 1
+
+
+def test_sync_handler_runs_one_at_a_time_off_the_event_loop():
+    active, peak = 0, 0
+    lock = threading.Lock()
+    threads = set()
+
+    def handler(request):
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        threads.add(threading.get_ident())
+        time.sleep(0.1)
+        with lock:
+            active -= 1
+        return "ok"
+
+    runner = HandlerRunner(handler, max_concurrency=10)
+
+    async def main():
+        ticks = 0
+
+        async def ticker():  # the loop stays responsive while the handler blocks
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        tick = asyncio.ensure_future(ticker())
+        t = time.monotonic()
+        results = await asyncio.gather(*(runner.handle(req()) for _ in range(4)))
+        elapsed = time.monotonic() - t
+        tick.cancel()
+        return elapsed, results, ticks
+
+    elapsed, results, ticks = run(main())
+    assert all(r[0] == 200 for r in results)
+    assert peak == 1 and elapsed >= 0.4
+    assert threading.get_ident() not in threads
+    assert ticks > 10
+
+
+def test_sync_threads_opt_in_pool():
+    def handler(request):
+        time.sleep(0.2)
+        return "ok"
+
+    runner = HandlerRunner(handler, max_concurrency=10, sync_threads=4)
+
+    async def main():
+        t = time.monotonic()
+        await asyncio.gather(*(runner.handle(req()) for _ in range(4)))
+        return time.monotonic() - t
+
+    assert run(main()) < 0.6
+
+
+def test_check_health_sync_async_and_false():
+    class H:
+        def __init__(self, ok):
+            self.ok = ok
+
+        def __call__(self, request):
+            return "x"
+
+        def check_health(self):
+            return self.ok
+
+    class A:
+        async def __call__(self, request):
+            return "x"
+
+        async def check_health(self):
+            raise RuntimeError("db down")
+
+    run(HandlerRunner(H(True)).check_health())
+    with pytest.raises(RuntimeError, match="returned False"):
+        run(HandlerRunner(H(False)).check_health())
+    with pytest.raises(RuntimeError, match="db down"):
+        run(HandlerRunner(A()).check_health())
+    run(HandlerRunner(lambda r: "x").check_health())  # no check_health: healthy
+
+
+def test_limiter_cancelled_waiter_frees_its_place():
+    async def main():
+        lim = Limiter(1, 2)
+        assert await lim.acquire()
+        waiter = asyncio.ensure_future(lim.acquire())
+        await asyncio.sleep(0)
+        assert lim.queued == 1
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert lim.queued == 0
+        lim.release()
+        assert lim.in_flight == 0
+
+    run(main())

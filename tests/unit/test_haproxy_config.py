@@ -1,0 +1,209 @@
+"""Pure rendering tests for rayfleet_runtime.haproxy_config (no Ray; haproxy -c when available)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from rayfleet_runtime import haproxy_config as hc
+
+SOCK = "/tmp/rayfleet-test/admin.sock"
+
+
+def render(table, **kw):
+    kw.setdefault("port", 8000)
+    kw.setdefault("bind_host", "127.0.0.1")
+    kw.setdefault("runtime_socket", SOCK)
+    kw.setdefault("maxconn", 4000)
+    return hc.render_config(table, **kw)
+
+
+def rep(rid, port, host="127.0.0.1"):
+    return {"id": rid, "host": host, "port": port}
+
+
+TABLE = {
+    "deployments": {
+        "echo": {"routePrefix": "/echo", "maxConcurrency": 7, "replicas": [rep("echo-1", 9002), rep("echo-0", 9001)]},
+        "echo-api": {"routePrefix": "/echo/api/", "maxConcurrency": 3, "requestTimeoutSeconds": 2.5, "replicas": [rep("a-0", 9003)]},
+        "root": {"routePrefix": "/", "maxConcurrency": 1, "replicas": [rep("root-0", 9004)]},
+        "zz": {"routePrefix": "/z", "replicas": []},
+    }
+}
+
+
+def section(cfg: str, header: str) -> str:
+    """The lines of one section (from its header up to the next blank line)."""
+    lines = cfg.splitlines()
+    start = lines.index(header)
+    out = []
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            break
+        out.append(line.strip())
+    return "\n".join(out)
+
+
+def test_prefixes_longest_first_and_catch_all_default():
+    cfg = render(TABLE)
+    fe = section(cfg, f"frontend {hc.FRONTEND_NAME}")
+    uses = re.findall(r"use_backend (\S+) if \{ path (\S+) \} \|\| \{ path_beg (\S+) \}", fe)
+    assert uses == [
+        ("be_echo-api", "/echo/api", "/echo/api/"),
+        ("be_echo", "/echo", "/echo/"),
+        ("be_zz", "/z", "/z/"),
+    ]
+    # "/" is not an ACL: it's the default backend, so it is matched last.
+    assert fe.splitlines()[-1] == "default_backend be_root"
+    assert hc.NOT_FOUND_BACKEND not in cfg
+
+
+def test_unknown_prefix_404_without_catch_all():
+    table = {"deployments": {"echo": {"routePrefix": "/echo", "replicas": [rep("e", 1)]}}}
+    cfg = render(table)
+    assert f"default_backend {hc.NOT_FOUND_BACKEND}" in cfg
+    nf = section(cfg, f"backend {hc.NOT_FOUND_BACKEND}")
+    assert "http-request return status 404" in nf
+    assert "application/json" in nf
+
+
+def test_backend_settings():
+    cfg = render(TABLE)
+    be = section(cfg, "backend be_echo")
+    assert "balance random(2)" in be
+    assert "http-reuse always" in be
+    assert "option httpchk" in be
+    assert "http-check send meth GET uri /-/ready" in be
+    assert "http-check expect status 200" in be
+    assert re.search(r"default-server check inter \d+ms .* maxconn 7\b", be)
+    # Servers sorted by stable name, address host:port.
+    assert re.findall(r"^server (\S+) (\S+)", be, re.M) == [("echo-0", "127.0.0.1:9001"), ("echo-1", "127.0.0.1:9002")]
+    # Bounded queue: maxConcurrency * replicas by default, plus a short queue timeout.
+    assert "if { queue() ge 14 }" in be
+    assert "timeout queue 2s" in be
+    assert "timeout server 60s" in be
+    api = section(cfg, "backend be_echo-api")
+    assert "timeout server 2500ms" in api
+    assert "maxconn 3" in api
+
+
+def test_retry_policy_only_safe_errors():
+    cfg = render(TABLE)
+    defaults = section(cfg, "defaults")
+    assert "retry-on conn-failure 503" in defaults
+    assert "option redispatch 1" in defaults
+    assert "response-timeout" not in defaults and "empty-response" not in defaults
+    # Client keep-alive stays on, and reloads don't reset idle keep-alive connections.
+    assert "option http-keep-alive" in defaults
+    assert "option idle-close-on-response" in defaults
+    assert "http-server-close" not in cfg and "httpclose" not in cfg
+
+
+def test_global_section():
+    cfg = render(TABLE, nbthread=2, maxconn=1234)
+    glob = section(cfg, "global")
+    assert f"stats socket {SOCK} mode 600 level admin expose-fd listeners" in glob
+    assert "nbthread 2" in glob
+    assert "maxconn 1234" in glob
+    assert "hard-stop-after" in glob
+    assert "bind 127.0.0.1:8000" in cfg
+
+
+def test_empty_backend_returns_503():
+    cfg = render(TABLE)
+    be = section(cfg, "backend be_zz")
+    assert "http-request return status 503" in be
+    assert "if {" not in be.split("http-request return status 503", 1)[1].splitlines()[0]
+    assert not re.search(r"^server ", be, re.M)
+    # Backends with replicas answer 503 (with a body) when all are down.
+    assert "if { nbsrv() eq 0 }" in section(cfg, "backend be_echo")
+
+
+def test_sanitised_stable_server_names():
+    table = {
+        "deployments": {
+            "my app/v1": {
+                "routePrefix": "/app",
+                "replicas": [rep("my app/v1#0", 1), rep("ok-1.x:y", 2), rep("ok-1.x:y", 3)],
+            }
+        }
+    }
+    cfg = render(table)
+    again = render(table)
+    assert cfg == again  # deterministic
+    names = re.findall(r"^\s+server (\S+) ", cfg, re.M)
+    assert len(names) == len(set(names)) == 3
+    for n in names:
+        assert re.fullmatch(r"[A-Za-z0-9_.:-]+", n)
+    assert "ok-1.x:y" in names
+    assert hc.server_name("my app/v1#0") in names
+    assert hc.server_name("my app/v1#0") != hc.server_name("my app/v1_0")
+    assert re.search(r"^backend be_my_app_v1-[0-9a-f]{8}$", cfg, re.M)
+    # Replica order in the table doesn't matter.
+    shuffled = {"deployments": {"my app/v1": dict(table["deployments"]["my app/v1"])}}
+    shuffled["deployments"]["my app/v1"]["replicas"] = list(reversed(table["deployments"]["my app/v1"]["replicas"]))
+    assert "server ok-1.x:y 127.0.0.1:2" in render(shuffled)
+
+
+def test_invalid_and_duplicate_prefixes_are_skipped_not_fatal():
+    table = {
+        "deployments": {
+            "a": {"routePrefix": "/same", "replicas": [rep("a", 1)]},
+            "b": {"routePrefix": "/same/", "replicas": [rep("b", 2)]},
+            "c": {"routePrefix": "/bad path' #x", "replicas": [rep("c", 3)]},
+        }
+    }
+    cfg = render(table)
+    assert "backend be_a" in cfg
+    assert "backend be_b" not in cfg and "backend be_c" not in cfg
+    assert cfg.count("# SKIPPED") == 2
+
+
+def test_names_map_back_to_table():
+    plan = hc.plan_table(TABLE)
+    names = plan.names()
+    assert names["be_echo"] == {"deployment": "echo", "servers": {"echo-0": "echo-0", "echo-1": "echo-1"}}
+
+
+def test_normalize_prefix():
+    assert hc.normalize_prefix("/") == "/"
+    assert hc.normalize_prefix("") == "/"
+    assert hc.normalize_prefix("/a/b/") == "/a/b"
+    with pytest.raises(ValueError):
+        hc.normalize_prefix("no-slash")
+
+
+@pytest.fixture(scope="module")
+def haproxy():
+    from rayfleet_runtime.haproxy_bin import HAProxyNotFound, find_haproxy
+
+    try:
+        return find_haproxy()
+    except HAProxyNotFound:
+        pytest.skip("no HAProxy binary")
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        TABLE,
+        {"deployments": {}},
+        None,
+        {"deployments": {"v6": {"routePrefix": "/v6", "replicas": [rep("v6-0", 9, host="::1"), rep("h", 8, host="localhost")]}}},
+        {"deployments": {"x y": {"routePrefix": "/x", "maxQueuedRequests": 0, "replicas": [rep("x y#1", 1)]}}},
+    ],
+)
+def test_config_passes_haproxy_check(haproxy, tmp_path, table):
+    from rayfleet_runtime.haproxy_bin import check_config
+
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(render(table, runtime_socket=str(tmp_path / "admin.sock"), bind_host="0.0.0.0"))
+    ok, out = check_config(haproxy, str(path))
+    assert ok, out
+
+
+def test_haproxy_version(haproxy):
+    from rayfleet_runtime.haproxy_bin import haproxy_version
+
+    assert re.match(r"\d+\.\d+", haproxy_version(haproxy))
