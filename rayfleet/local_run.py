@@ -13,23 +13,15 @@ import argparse
 import json
 import os
 import signal
-import socket
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from rayfleet.manifest import load_manifests
+from rayfleet.ports import free_port
 from rayfleet.spec import SpecError
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _request(method: str, url: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
@@ -110,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     cwd = os.getcwd()
     pythonpath = os.pathsep.join(dict.fromkeys([cwd] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     os.environ["PYTHONPATH"] = pythonpath  # Ray's processes inherit it; runtime_env pins it for workers
-    control_port = args.control_port or _free_port("127.0.0.1")
+    control_port = args.control_port or free_port("127.0.0.1")
 
     import ray  # noqa: PLC0415 - keep `rayfleet --help` and manifest errors fast
 

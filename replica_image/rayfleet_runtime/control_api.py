@@ -14,18 +14,17 @@ The operator (which never imports Ray) and ``rayfleet run`` talk to the controll
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import re
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from rayfleet.spec import spec_version
+
 # A DNS label, optionally qualified by one more (the operator uses "<namespace>.<name>").
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)?$")
 
-# Fields whose change needs new replica processes; used only when a client sends no `version`.
-VERSIONED_FIELDS = ("handler", "handlerArgs", "maxConcurrency", "syncThreads", "rayActorOptions", "runtimeEnv", "env")
 
 DEFAULTS: dict[str, Any] = {
     "handlerArgs": {},
@@ -109,8 +108,7 @@ def validate_desired(body: Any) -> dict[str, Any]:
     _number(hc, "timeoutSeconds", "healthCheck.timeoutSeconds", minimum=0, exclusive=True)
     _number(hc, "failureThreshold", "healthCheck.failureThreshold", minimum=1, integer=True)
     if d.get("version") in (None, ""):
-        versioned = {k: d.get(k) for k in VERSIONED_FIELDS}
-        d["version"] = hashlib.sha256(json.dumps(versioned, sort_keys=True).encode()).hexdigest()[:12]
+        d["version"] = spec_version(d)  # a client that sends none gets the operator's own hash
     elif not isinstance(d["version"], str):
         raise DesiredStateError("version", "must be a string")
     return d

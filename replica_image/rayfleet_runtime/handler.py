@@ -61,7 +61,7 @@ import json
 import logging
 import os
 import traceback
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 logger = logging.getLogger("rayfleet.replica")
 

@@ -504,7 +504,6 @@ except ImportError:  # pragma: no cover - Ray-less environments (unit tests of t
 
 def ensure_ingress(node_id: str, port: int = 8000, bind_host: str = "0.0.0.0"):
     """Get-or-create the ingress actor for ``node_id`` (idempotent, race-free)."""
-    import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return IngressManager.options(
