@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, namespace="rayfleet",
              num_cpus=int(args.num_cpus) if args.num_cpus else None,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=True)
+    # ray.init replaces the SIGTERM handler with sys.exit(15) (and its core worker logs a crash-style
+    # "SIGTERM received" trace): take it back so SIGTERM is an orderly stop, exit 0, like Ctrl-C.
+    for sig in old_handlers:
+        signal.signal(sig, on_signal)
     code = 0
     try:
         ensure_controller(control_port=control_port, ingress_port=args.port, ingress_nodes="head", bind_host=args.host

@@ -67,11 +67,13 @@ class Api:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    """One fresh local Ray per test module (test_dataplane, test_ingress): module scope, not session,
+    because both put an ingress actor on the head node under the same detached name."""
     import ray
 
-    pythonpath = os.pathsep.join([str(REPO), str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    pythonpath = os.pathsep.join(dict.fromkeys([str(REPO), str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     os.environ["PYTHONPATH"] = pythonpath
-    sys.path[:0] = [str(REPO), str(HERE)]
+    sys.path[:0] = [p for p in (str(REPO), str(HERE)) if p not in sys.path]
     ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", namespace="rayfleet",
              log_to_driver=os.environ.get("RAYFLEET_TEST_LOGS") == "1",
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})

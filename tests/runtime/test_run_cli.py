@@ -1,0 +1,186 @@
+"""`rayfleet run FILE.yaml` driven as a user would: the real console script in a subprocess.
+
+Each run gets its own short ``RAY_TMPDIR``, so "did Ray start?" and "is anything of it left?" are
+answered for this run only, even while other Ray clusters run on the machine: every Ray process
+(gcs_server, raylet, agents, workers) carries that directory in its command line, and a session
+directory appears under it as soon as Ray starts.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rayfleet.local_run import _cmdline, _descendants
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[2]
+RAYFLEET = Path(sys.executable).with_name("rayfleet")
+
+BAD_REPLICAS = """\
+apiVersion: rayfleet.io/v1alpha1
+kind: ServeDeployment
+metadata:
+  name: bad
+spec:
+  handler: examples.echo:Echo
+  replicas: -1
+"""
+
+BROKEN_YAML = """\
+apiVersion: rayfleet.io/v1alpha1
+kind: ServeDeployment
+metadata: {name: broken
+spec:
+  handler: examples.echo:Echo
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot), or None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().decode(errors="replace").rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def processes_mentioning(text: str) -> dict[int, str]:
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and entry != str(os.getpid()):
+            cmd = _cmdline(int(entry))
+            if text in cmd and start_time(int(entry)) is not None:
+                out[int(entry)] = cmd[:160]
+    return out
+
+
+@pytest.fixture
+def ray_tmpdir():
+    # Short: Ray puts unix sockets under it (108-byte limit), so not under pytest's long tmp_path.
+    path = tempfile.mkdtemp(prefix="rf-run-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_env(ray_tmpdir: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    env["RAY_TMPDIR"] = ray_tmpdir
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [(BAD_REPLICAS, ["spec.replicas", "minimum"]), (BROKEN_YAML, ["invalid YAML", "line"])],
+    ids=["replicas-negative", "broken-yaml"],
+)
+def test_invalid_manifest_fails_fast_naming_the_problem(tmp_path, ray_tmpdir, content, expected):
+    manifest = tmp_path / "app.yaml"
+    manifest.write_text(content)
+    t = time.monotonic()
+    proc = subprocess.run([str(RAYFLEET), "run", str(manifest), "--port", str(free_port())], cwd=REPO,
+                          env=run_env(ray_tmpdir), capture_output=True, text=True, timeout=30)
+    elapsed = time.monotonic() - t
+    assert proc.returncode != 0, proc
+    assert all(word in proc.stderr for word in expected), proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "starting local Ray" not in proc.stdout, proc.stdout
+    assert elapsed < 10, f"rejecting a manifest took {elapsed:.1f}s"
+    # Nothing of Ray was started: no session directory, no process pointing at this run's temp dir.
+    assert os.listdir(ray_tmpdir) == [], os.listdir(ray_tmpdir)
+    assert processes_mentioning(ray_tmpdir) == {}
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_run_echo_serves_then_stops_everything(tmp_path, ray_tmpdir, stop):
+    port = free_port()
+    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+    seen: dict[int, int] = {}  # pid -> start time, of every process the run had under it
+
+    def record() -> None:
+        for pid in _descendants(proc.pid):
+            st = start_time(pid)
+            if st is not None:
+                seen.setdefault(pid, st)
+
+    def output() -> str:
+        return f"--- stdout\n{out_path.read_text()}\n--- stderr (tail)\n{err_path.read_text()[-3000:]}"
+
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        # Its own session: the finally below can kill the whole group whatever happens.
+        proc = subprocess.Popen([str(RAYFLEET), "run", "examples/echo.yaml", "--port", str(port)], cwd=REPO,
+                                env=run_env(ray_tmpdir), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 75
+        while "echo: 2/2 ready" not in out_path.read_text():
+            assert proc.poll() is None, f"rayfleet run exited with {proc.returncode}\n{output()}"
+            assert time.monotonic() < deadline, f"never printed 'echo: 2/2 ready'\n{output()}"
+            record()
+            time.sleep(0.3)
+        assert f"echo -> http://127.0.0.1:{port}/echo" in out_path.read_text(), output()
+
+        pids: set[int] = set()
+        deadline = time.monotonic() + 20
+        while len(pids) < 2:
+            assert time.monotonic() < deadline, f"answers came from {pids} only\n{output()}"
+            r = httpx.get(f"http://127.0.0.1:{port}/echo/hi", timeout=10)  # a new connection each time
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["path"] == "/echo/hi" and body["greeting"] == "hi", body
+            pids.add(body["pid"])
+        record()
+        assert pids <= seen.keys(), f"replica pids {pids} are not processes of the run {sorted(seen)}"
+        assert any("haproxy" in _cmdline(pid) for pid in seen), {p: _cmdline(p)[:80] for p in seen}
+
+        if stop == "ctrl-c":  # the terminal sends SIGINT to the whole foreground process group
+            os.killpg(proc.pid, signal.SIGINT)
+        else:  # `kill PID`: an orderly stop too, not Ray's driver handler's sys.exit(15)
+            proc.terminate()
+        t = time.monotonic()
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 30 s after {stop}\n{output()}")
+        assert code == 0, f"exit code {code} after {stop}\n{output()}"
+        assert "shutting down" in out_path.read_text(), output()
+        stop_s = time.monotonic() - t
+
+        # Nothing left: neither what ran under it (HAProxy included) nor anything else of this Ray.
+        deadline = time.monotonic() + 5  # SIGKILLed processes take a moment to be gone
+        while True:
+            alive = {pid: _cmdline(pid)[:120] for pid, st in seen.items() if start_time(pid) == st}
+            alive.update(processes_mentioning(ray_tmpdir))
+            if not alive or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert not alive, f"left behind after exit (stopped in {stop_s:.1f}s): {alive}\n{output()}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        for pid, st in seen.items():  # never leave a stray cluster for the next test
+            if start_time(pid) == st:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
