@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address HAProxy listens on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--control-port", type=int, default=0, help="controller API port (default: a free one)")
-    parser.add_argument("--num-cpus", type=float, default=None, help="CPUs the local Ray may use (default: all)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray may use (default: all)")
     args = parser.parse_args(argv)
 
     try:
@@ -110,15 +110,14 @@ def main(argv: list[str] | None = None) -> int:
 
     seen_pids: set[int] = set()
     print(f"rayfleet: starting local Ray for {', '.join(m.name for m in manifests)} ...", flush=True)
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, namespace="rayfleet",
-             num_cpus=int(args.num_cpus) if args.num_cpus else None,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=True)
-    # ray.init replaces the SIGTERM handler with sys.exit(15) (and its core worker logs a crash-style
-    # "SIGTERM received" trace): take it back so SIGTERM is an orderly stop, exit 0, like Ctrl-C.
-    for sig in old_handlers:
-        signal.signal(sig, on_signal)
     code = 0
     try:
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, namespace="rayfleet",
+                 num_cpus=args.num_cpus, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=True)
+        # ray.init replaces the SIGTERM handler with sys.exit(15) (and its core worker logs a crash-style
+        # "SIGTERM received" trace): take it back so SIGTERM is an orderly stop, exit 0, like Ctrl-C.
+        for sig in old_handlers:
+            signal.signal(sig, on_signal)
         ensure_controller(control_port=control_port, ingress_port=args.port, ingress_nodes="head", bind_host=args.host
                           if args.host not in ("0.0.0.0", "::") else "0.0.0.0")
         api = f"http://127.0.0.1:{control_port}"

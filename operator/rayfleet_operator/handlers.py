@@ -37,7 +37,7 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     await memo.control.close()
 
 
-async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
+async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int) -> None:
     # One reconcile at a time per object: the timer and change handlers would otherwise race.
     lock = memo.setdefault("lock", asyncio.Lock())
     async with lock:
@@ -52,18 +52,21 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> Non
         patch.status[key] = value
     for type_, reason, message in outcome.events:
         kopf.event(body, type=type_, reason=reason, message=message)
+    if outcome.retry:
+        # The status patch above is still applied; kopf retries with exponential backoff.
+        raise kopf.TemporaryError(outcome.retry, delay=min(2 ** retry, 30))
 
 
 @kopf.on.resume(**RESOURCE)
 @kopf.on.create(**RESOURCE)
 @kopf.on.update(**RESOURCE, field="spec")
-async def apply(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    await _reconcile(body, patch, memo)
+async def apply(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    await _reconcile(body, patch, memo, retry)
 
 
 @kopf.timer(**RESOURCE, interval=CONFIG.resync_seconds, initial_delay=CONFIG.resync_seconds)
-async def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    await _reconcile(body, patch, memo)
+async def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    await _reconcile(body, patch, memo, retry)
 
 
 @kopf.on.delete(**RESOURCE, retries=30)

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 class Outcome:
     status: dict[str, Any]  # only the changed fields
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    retry: str | None = None  # a transient failure worth retrying sooner, with backoff
 
 
 def _now() -> str:
@@ -93,7 +94,7 @@ async def reconcile(body: dict[str, Any], config: OperatorConfig, kube: Kube, co
     old_status = body.get("status") or {}
     new_status = compute_status(obs, old_status, _now())
     events.extend(_transition_events(old_status, new_status))
-    return Outcome(status_patch(old_status, new_status), events)
+    return Outcome(status_patch(old_status, new_status), events, retry=obs.controller_error)
 
 
 def _transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str]]:

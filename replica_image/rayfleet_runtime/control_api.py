@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from typing import Any, Protocol
 
@@ -51,6 +52,10 @@ def _number(body: dict, key: str, field: str, *, minimum: float, integer: bool =
     value = body[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise DesiredStateError(field, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+    # Python's JSON parser accepts NaN/Infinity; NaN passes every comparison below, and either would
+    # stall timers (a NaN health period never comes due) and make the observed state invalid JSON.
+    if not math.isfinite(value):
+        raise DesiredStateError(field, f"must be a finite number, got {value!r}")
     if value < minimum or (exclusive and value == minimum):
         raise DesiredStateError(field, f"must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
 

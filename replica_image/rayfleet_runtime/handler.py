@@ -246,6 +246,10 @@ class HandlerRunner:
         self.limiter = Limiter(max_concurrency, default_max_queued(max_concurrency) if max_queued is None else max_queued)
         self.sync_threads = max(1, int(sync_threads))
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # Sync check_health() gets a thread of its own: the loop's default executor is shared with the
+        # user's `await asyncio.to_thread(...)` calls, and under load a health check queued behind them
+        # would time out and get a busy but healthy replica killed.
+        self._health_pool: concurrent.futures.ThreadPoolExecutor | None = None
         if not self.is_async:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.sync_threads, thread_name_prefix="rayfleet-handler")
         if debug_tracebacks is None:
@@ -306,12 +310,16 @@ class HandlerRunner:
         if inspect.iscoroutinefunction(check):
             result = await check()
         else:
-            result = await asyncio.to_thread(check)  # never queued behind busy sync handlers
+            if self._health_pool is None:
+                self._health_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rayfleet-health")
+            # never queued behind busy sync handlers or the user's own to_thread() work
+            result = await asyncio.get_running_loop().run_in_executor(self._health_pool, check)
             if inspect.isawaitable(result):
                 result = await result
         if result is False:
             raise RuntimeError("check_health() returned False")
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._health_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)

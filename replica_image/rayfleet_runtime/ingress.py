@@ -143,6 +143,7 @@ class Ingress:
         self._seq = 0
         self._applied_seq = 0
         self._desired: dict[str, Any] = self._table
+        self._last_result: dict[str, Any] = {"applied": True, "changed": False, "error": None}
         self._lock: asyncio.Lock | None = None  # created on the actor's event loop
 
         self._log_tail: collections.deque[str] = collections.deque(maxlen=200)
@@ -385,41 +386,48 @@ class Ingress:
         self._desired = table
         async with self._lock:
             if self._applied_seq >= my_seq:
-                return {"applied": True, "changed": False, "coalesced": True, "error": None}
-            seq, desired = self._seq, self._desired
-            config = self._render(desired)
-            if config == self._config:
-                self._applied_seq = seq
-                self._table = desired
-                return {"applied": True, "changed": False, "error": None}
-            ok, out = await asyncio.to_thread(self._check, config)
-            if not ok:
-                self._last_error = f"invalid config, keeping the previous one: {out}"
-                logger.error("rejected routing table: %s", self._last_error)
-                self._applied_seq = seq
-                return {"applied": False, "changed": False, "error": self._last_error}
-            wait = self._last_reload + MIN_RELOAD_INTERVAL_S - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            self._write_config(config)
-            err = await asyncio.to_thread(self._reload)
-            self._last_reload = time.monotonic()
-            if err:
-                self._last_error = err
-                logger.error("HAProxy reload failed: %s", err)
-                # The master keeps the old workers when a reload fails; keep the
-                # old config on disk too so a restart brings back what runs.
-                self._write_config(self._config)
-                self._applied_seq = seq
-                return {"applied": False, "changed": False, "error": err}
-            self._config = config
-            self._table = desired
-            self._save_table(desired)
-            self._names = plan_table(desired).names()
+                # A later table was handled in this call's place: report how that went (it may have been
+                # rejected, and a caller must not believe its table is live when it is not).
+                return {**self._last_result, "changed": False, "coalesced": True}
+            self._last_result = result = await self._apply_latest()
+            return result
+
+    async def _apply_latest(self) -> dict[str, Any]:
+        """Apply the newest table given to ``update()`` (under ``self._lock``)."""
+        seq, desired = self._seq, self._desired
+        config = self._render(desired)
+        if config == self._config:
             self._applied_seq = seq
-            self._last_error = None
-            self._reloads += 1
-            return {"applied": True, "changed": True, "error": None, "reloads": self._reloads}
+            self._table = desired
+            return {"applied": True, "changed": False, "error": None}
+        ok, out = await asyncio.to_thread(self._check, config)
+        if not ok:
+            self._last_error = f"invalid config, keeping the previous one: {out}"
+            logger.error("rejected routing table: %s", self._last_error)
+            self._applied_seq = seq
+            return {"applied": False, "changed": False, "error": self._last_error}
+        wait = self._last_reload + MIN_RELOAD_INTERVAL_S - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._write_config(config)
+        err = await asyncio.to_thread(self._reload)
+        self._last_reload = time.monotonic()
+        if err:
+            self._last_error = err
+            logger.error("HAProxy reload failed: %s", err)
+            # The master keeps the old workers when a reload fails; keep the
+            # old config on disk too so a restart brings back what runs.
+            self._write_config(self._config)
+            self._applied_seq = seq
+            return {"applied": False, "changed": False, "error": err}
+        self._config = config
+        self._table = desired
+        self._save_table(desired)
+        self._names = plan_table(desired).names()
+        self._applied_seq = seq
+        self._last_error = None
+        self._reloads += 1
+        return {"applied": True, "changed": True, "error": None, "reloads": self._reloads}
 
     def _reload(self) -> str | None:
         try:

@@ -26,6 +26,8 @@ def test_defaults_and_version():
     ({"handler": "a:b", "env": {"A": 1}}, "env"),
     ({"handler": "a:b", "healthCheck": {"timeoutSeconds": 0}}, "healthCheck.timeoutSeconds"),
     ({"handler": "a:b", "runtimeEnv": "pip"}, "runtimeEnv"),
+    ({"handler": "a:b", "healthCheck": {"periodSeconds": float("nan")}}, "healthCheck.periodSeconds"),
+    ({"handler": "a:b", "gracefulShutdownSeconds": float("inf")}, "gracefulShutdownSeconds"),
     ([], "<body>"),
 ])
 def test_invalid_fields_are_named(body, field):

@@ -269,6 +269,31 @@ def test_check_health_sync_async_and_false():
     run(HandlerRunner(lambda r: "x").check_health())  # no check_health: healthy
 
 
+def test_sync_check_health_is_not_queued_behind_user_to_thread_work():
+    class H:
+        async def __call__(self, request):
+            return "x"
+
+        def check_health(self):
+            return True
+
+    async def main():
+        import concurrent.futures
+
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+        release = threading.Event()
+        busy = asyncio.ensure_future(asyncio.to_thread(release.wait, 10))  # the handler's own blocking work
+        await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(HandlerRunner(H()).check_health(), 2)
+        finally:
+            release.set()
+            await busy
+
+    run(main())
+
+
 def test_limiter_cancelled_waiter_frees_its_place():
     async def main():
         lim = Limiter(1, 2)

@@ -1,0 +1,441 @@
+"""The controller's state machine: every deployment's replicas, kept as desired (like Ray Serve's deployment_state.py).
+
+``ControllerCore`` runs on the controller actor's event loop and does everything but serve HTTP and host
+the actor (``controller.py``). A reconcile tick every ``TICK_S``
+
+1. probes every replica (``info()`` every couple of seconds, ``health()`` every
+   ``healthCheck.periodSeconds``; a dead actor is noticed by the next probe),
+2. asks ``planning.plan()`` what to start and stop, and executes it: starts are named detached
+   ``Replica`` actors (SPREAD across nodes, resources from ``rayActorOptions``); graceful stops mark the
+   replica DRAINING, publish the routing table without it, wait until every proxy applied it, call
+   ``drain(grace)`` and finally ``ray.kill``,
+3. has the ``RoutePublisher`` push the routing table of READY replicas to the ingress proxies.
+
+State lives where a restarted controller finds it again: desired state (plus restart counters) is
+checkpointed in Ray's GCS KV, replicas are found by their actor names. Every error in the loop is logged
+and the loop goes on. Handler import/init failures are reported in the observed state and retried with
+exponential back-off instead of hot-looping.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.experimental import internal_kv
+
+from rayfleet_runtime import planning
+from rayfleet_runtime.control_api import DesiredStateError
+from rayfleet_runtime.planning import DRAINING, FAILED, READY, STARTING, STOPPED, UNHEALTHY, ReplicaView
+from rayfleet_runtime.replica import NAMESPACE, Replica, parse_replica_actor_name, replica_actor_name
+from rayfleet_runtime.route_publisher import RoutePublisher
+
+KV_NAMESPACE = "rayfleet"
+KV_PREFIX = "deployment/"
+TICK_S = 0.25
+PROBE_INTERVAL_S = 2.0
+RECOVER_PROBE_TIMEOUT_S = 10.0
+
+logger = logging.getLogger("rayfleet.controller")
+
+
+@dataclass
+class ReplicaRecord:
+    id: str
+    version: str
+    actor: Any
+    state: str = STARTING
+    restarts: int = 0
+    health_failures: int = 0
+    created_at: float = field(default_factory=time.time)
+    info: dict[str, Any] = field(default_factory=dict)
+    last_error: str | None = None
+    next_probe_at: float = 0.0
+    next_health_at: float = 0.0
+    task: asyncio.Task | None = None  # start / probe / stop in progress
+
+    def view(self) -> ReplicaView:
+        return ReplicaView(self.id, self.version, self.state, self.health_failures, self.restarts, self.created_at)
+
+    def observed(self) -> dict[str, Any]:
+        i = self.info
+        return {"id": self.id, "state": self.state, "version": self.version, "pid": i.get("pid"),
+                "nodeId": i.get("nodeId"), "nodeIp": i.get("nodeIp"), "host": i.get("host"), "port": i.get("port"),
+                "inFlight": i.get("inFlight", 0), "totalRequests": i.get("totalRequests", 0),
+                "errors": i.get("errors", 0), "restarts": self.restarts,
+                "lastError": self.last_error or i.get("lastError")}
+
+
+@dataclass
+class DeploymentRecord:
+    name: str
+    desired: dict[str, Any]
+    deleting: bool = False
+    restarts: int = 0
+    next_index: int = 0
+    error: dict[str, str] | None = None
+    start_failures: int = 0
+    next_start_at: float = 0.0
+    replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
+
+    def checkpoint(self) -> bytes:
+        return json.dumps({"desired": self.desired, "deleting": self.deleting, "restarts": self.restarts,
+                           "nextIndex": self.next_index}).encode()
+
+
+def replica_actor_options(name: str, replica_id: str, desired: dict[str, Any]) -> dict[str, Any]:
+    """Ray actor options for one replica of a deployment."""
+    opts = desired.get("rayActorOptions") or {}
+    runtime_env = dict(desired.get("runtimeEnv") or {})
+    env_vars = {**(runtime_env.get("env_vars") or {}), **(desired.get("env") or {})}
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    options: dict[str, Any] = {
+        "name": replica_actor_name(name, replica_id),
+        "namespace": NAMESPACE,
+        "lifetime": "detached",
+        "num_cpus": opts.get("numCpus", 1),
+        "num_gpus": opts.get("numGpus", 0),
+        "scheduling_strategy": "SPREAD",
+        "max_restarts": 0,
+    }
+    if opts.get("memory"):
+        options["memory"] = int(opts["memory"])
+    if opts.get("resources"):
+        options["resources"] = dict(opts["resources"])
+    if runtime_env:
+        options["runtime_env"] = runtime_env
+    return options
+
+
+class ControllerCore:
+    """Everything the controller does, on one event loop; the ``Controller`` actor (controller.py) hosts it."""
+
+    def __init__(self, ingress_port: int = 8000, ingress_nodes: str = "all", bind_host: str = "0.0.0.0",
+                 drain_settle_s: float = 1.0):
+        self.ingress_port = ingress_port
+        self.ingress_nodes = ingress_nodes
+        self.bind_host = bind_host
+        self.drain_settle_s = drain_settle_s
+        self.deployments: dict[str, DeploymentRecord] = {}
+        self.routes = RoutePublisher(self.routing_table, ingress_port, ingress_nodes, bind_host)
+        self._tasks: list[asyncio.Task] = []
+
+    # ---------- persistence and re-discovery ----------
+    def _save(self, dep: DeploymentRecord) -> None:
+        try:
+            internal_kv._internal_kv_put(KV_PREFIX + dep.name, dep.checkpoint(), overwrite=True, namespace=KV_NAMESPACE)
+        except Exception:  # noqa: BLE001
+            logger.exception("checkpoint of %s failed", dep.name)
+
+    def _forget(self, name: str) -> None:
+        try:
+            internal_kv._internal_kv_del(KV_PREFIX + name, namespace=KV_NAMESPACE)
+        except Exception:  # noqa: BLE001
+            logger.exception("removing checkpoint of %s failed", name)
+
+    async def recover(self) -> None:
+        """Load checkpointed deployments and adopt their live replica actors (after a controller restart)."""
+        unreadable: set[str] = set()
+        for key in internal_kv._internal_kv_list(KV_PREFIX, namespace=KV_NAMESPACE) or []:
+            key = key.decode() if isinstance(key, bytes) else key
+            name = key[len(KV_PREFIX):]
+            try:
+                raw = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+                if not raw:
+                    continue
+                data = json.loads(raw)
+                self.deployments[name] = DeploymentRecord(
+                    name, data["desired"], deleting=data.get("deleting", False), restarts=data.get("restarts", 0),
+                    next_index=data.get("nextIndex", 0))
+            except Exception:  # noqa: BLE001 - one bad checkpoint must not keep the controller from starting
+                logger.exception("cannot read the checkpoint of deployment %s; leaving its replicas alone", name)
+                unreadable.add(name)
+        adopt = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry.get("namespace") != NAMESPACE:
+                continue
+            parsed = parse_replica_actor_name(entry["name"])
+            if parsed is None or parsed[0] in unreadable:
+                continue
+            try:
+                adopt.append((parsed, ray.get_actor(entry["name"], namespace=NAMESPACE)))
+            except ValueError:
+                continue
+
+        async def ask(actor: Any) -> Any:
+            try:
+                return await asyncio.wait_for(actor.info.remote(), RECOVER_PROBE_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001
+                return exc
+
+        # All at once: one after the other, N silent replicas would keep the HTTP API down N x 10 s.
+        infos = await asyncio.gather(*(ask(actor) for _, actor in adopt))
+        for ((dep_name, rid), actor), info in zip(adopt, infos):
+            dep = self.deployments.get(dep_name)
+            if isinstance(info, BaseException):
+                logger.warning("replica %s/%s did not answer (%s); killing it", dep_name, rid, info)
+                info = None
+            if dep is None or info is None:
+                kill_actor(actor)
+                continue
+            rec = ReplicaRecord(rid, info.get("version") or "", actor, info=info)
+            rec.state = FAILED if info.get("error") else (DRAINING if info.get("draining") else READY)
+            rec.created_at = info.get("startedAt", time.time())
+            dep.replicas[rid] = rec
+            try:
+                dep.next_index = max(dep.next_index, int(rid.rsplit("-", 1)[1]) + 1)
+            except (IndexError, ValueError):
+                pass
+            if rec.state == DRAINING:
+                self._begin_stop(dep, rec, planning.StopIntent(rid, True, "scale-down"))
+        logger.info("recovered %d deployments, adopted %d replicas", len(self.deployments),
+                    sum(len(d.replicas) for d in self.deployments.values()))
+        self.routes.changed()
+
+    # ---------- API ----------
+    def put_deployment(self, name: str, desired: dict[str, Any]) -> dict[str, Any]:
+        prefix = desired.get("routePrefix", "/")
+        for other in self.deployments.values():
+            if other.name != name and not other.deleting and other.desired.get("routePrefix", "/") == prefix:
+                raise DesiredStateError("routePrefix", f"{prefix} is already used by deployment {other.name!r}")
+        dep = self.deployments.get(name)
+        if dep is None:
+            dep = self.deployments[name] = DeploymentRecord(name, desired)
+        else:
+            if dep.desired.get("version") != desired.get("version"):
+                dep.error, dep.start_failures, dep.next_start_at = None, 0, 0.0  # new code: retry at once
+            dep.desired, dep.deleting = desired, False
+        self._save(dep)
+        self.routes.changed()
+        return desired
+
+    def get_deployment(self, name: str) -> dict[str, Any] | None:
+        dep = self.deployments.get(name)
+        return None if dep is None else self.observed(dep)
+
+    def list_deployments(self) -> list[dict[str, Any]]:
+        return [self.observed(d) for d in sorted(self.deployments.values(), key=lambda d: d.name)]
+
+    def delete_deployment(self, name: str) -> bool:
+        dep = self.deployments.get(name)
+        if dep is None:
+            return False
+        dep.deleting = True
+        self._save(dep)
+        self.routes.changed()
+        return True
+
+    def observed(self, dep: DeploymentRecord) -> dict[str, Any]:
+        version = dep.desired.get("version")
+        reps = sorted(dep.replicas.values(), key=lambda r: r.created_at)
+        views = [r.view() for r in reps]
+        return {
+            "name": dep.name,
+            "version": version,
+            "targetReplicas": 0 if dep.deleting else dep.desired["replicas"],
+            "readyReplicas": sum(1 for r in reps if r.state == READY),
+            "updatedReplicas": sum(1 for r in reps if r.version == version and r.state in (STARTING, READY, UNHEALTHY)),
+            "inFlight": sum(r.info.get("inFlight", 0) for r in reps if r.state in (READY, UNHEALTHY, DRAINING)),
+            "restarts": dep.restarts,
+            "status": planning.deployment_status(dep.desired["replicas"], version, views, deleting=dep.deleting,
+                                                 error=dep.error is not None),
+            "error": None if dep.error is None else {"reason": dep.error["reason"], "message": dep.error["message"],
+                                                     "traceback": (dep.error.get("traceback") or "")[-2000:]},
+            "routePrefix": dep.desired.get("routePrefix", "/"),
+            "replicas": [r.observed() for r in reps],
+        }
+
+    # ---------- reconcile ----------
+    async def run(self) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(self.routes.run()))
+        while True:
+            try:
+                self.reconcile_once()
+            except Exception:  # noqa: BLE001
+                logger.exception("reconcile failed; continuing")
+            await asyncio.sleep(TICK_S)
+
+    def reconcile_once(self) -> None:
+        now = time.time()
+        for dep in list(self.deployments.values()):
+            try:
+                self._reconcile(dep, now)
+            except Exception:  # noqa: BLE001
+                logger.exception("reconciling %s failed; continuing", dep.name)
+
+    def _reconcile(self, dep: DeploymentRecord, now: float) -> None:
+        # Drop replicas whose stop finished.
+        for rid in [rid for rid, r in dep.replicas.items() if r.state == STOPPED and (r.task is None or r.task.done())]:
+            del dep.replicas[rid]
+        if dep.deleting and not dep.replicas:
+            del self.deployments[dep.name]
+            self._forget(dep.name)
+            self.routes.changed()
+            logger.info("deployment %s deleted", dep.name)
+            return
+        hc = dep.desired.get("healthCheck") or {}
+        # Probe serving replicas.
+        for rec in dep.replicas.values():
+            if rec.state in (READY, UNHEALTHY) and (rec.task is None or rec.task.done()) and now >= rec.next_probe_at:
+                health = now >= rec.next_health_at
+                if health:
+                    rec.next_health_at = now + float(hc.get("periodSeconds", 10))
+                rec.next_probe_at = now + min(PROBE_INTERVAL_S, float(hc.get("periodSeconds", 10)))
+                rec.task = asyncio.get_running_loop().create_task(self._probe(dep, rec, health, float(hc.get("timeoutSeconds", 5))))
+        # Decide and act.
+        target = int(dep.desired["replicas"])
+        p = planning.plan(target, dep.desired["version"], [r.view() for r in dep.replicas.values()],
+                          failure_threshold=int(hc.get("failureThreshold", 3)), deleting=dep.deleting,
+                          can_start=now >= dep.next_start_at)
+        if not p:
+            return
+        for stop in p.stop:
+            rec = dep.replicas.get(stop.replica_id)
+            if rec is not None:
+                self._begin_stop(dep, rec, stop)
+        for start in p.start:
+            self._start_replica(dep, start)
+        dep.restarts += p.restarts
+        if p.start:  # checkpoint the restart count and next_index (replica names stay unique after a restart)
+            self._save(dep)
+        self.routes.changed()
+
+    def _start_replica(self, dep: DeploymentRecord, intent: planning.StartIntent) -> None:
+        rid = f"{dep.name}-{dep.next_index}"
+        dep.next_index += 1
+        desired = dep.desired
+        config = {"handler": desired["handler"], "handlerArgs": desired.get("handlerArgs") or {},
+                  "maxConcurrency": desired.get("maxConcurrency", 100), "syncThreads": desired.get("syncThreads", 1),
+                  "version": desired["version"], "bindHost": self.bind_host}
+        rec = ReplicaRecord(rid, desired["version"], None, restarts=intent.restarts)
+        dep.replicas[rid] = rec
+        try:
+            rec.actor = Replica.options(**replica_actor_options(dep.name, rid, desired)).remote(dep.name, rid, config)
+        except Exception as exc:  # noqa: BLE001 - e.g. invalid runtime_env or name clash
+            self._start_failed(dep, rec, {"reason": "ReplicaCreateError", "message": f"{type(exc).__name__}: {exc}"})
+            return
+        logger.info("starting replica %s (version %s, restarts %d)", rid, rec.version, rec.restarts)
+        rec.task = asyncio.get_running_loop().create_task(self._await_start(dep, rec))
+
+    async def _await_start(self, dep: DeploymentRecord, rec: ReplicaRecord) -> None:
+        try:
+            info = await rec.actor.info.remote()
+        except Exception as exc:  # noqa: BLE001 - actor died during __init__, runtime_env failed, ...
+            if rec.state != STARTING:  # we stopped it ourselves (scale-down or delete while starting)
+                return
+            reason = "RuntimeEnvSetupError" if "RuntimeEnv" in type(exc).__name__ else "ReplicaStartError"
+            self._start_failed(dep, rec, {"reason": reason, "message": f"{type(exc).__name__}: {str(exc)[:2000]}"})
+            return
+        rec.info = info
+        if rec.state != STARTING:  # stopped meanwhile
+            return
+        if info.get("error"):
+            self._start_failed(dep, rec, info["error"])
+            return
+        rec.state = READY
+        rec.next_health_at = time.time() + float((dep.desired.get("healthCheck") or {}).get("periodSeconds", 10))
+        rec.next_probe_at = time.time() + PROBE_INTERVAL_S
+        if rec.version == dep.desired.get("version"):
+            dep.error, dep.start_failures, dep.next_start_at = None, 0, 0.0
+        logger.info("replica %s ready at %s:%s (pid %s)", rec.id, info.get("host"), info.get("port"), info.get("pid"))
+        self.routes.changed()
+
+    def _start_failed(self, dep: DeploymentRecord, rec: ReplicaRecord, error: dict[str, str]) -> None:
+        if rec.state != STARTING:
+            return
+        logger.error("replica %s failed to start: %s: %s", rec.id, error.get("reason"), error.get("message"))
+        rec.state = FAILED
+        rec.last_error = f"{error.get('reason')}: {error.get('message')}"
+        if rec.actor is not None:
+            kill_actor(rec.actor)
+        if rec.version == dep.desired.get("version"):
+            dep.error = {k: error[k] for k in ("reason", "message", "traceback") if k in error}
+            dep.start_failures += 1
+            dep.next_start_at = time.time() + planning.backoff_seconds(dep.start_failures)
+
+    async def _probe(self, dep: DeploymentRecord, rec: ReplicaRecord, health: bool, timeout_s: float) -> None:
+        try:
+            if health:
+                result = await asyncio.wait_for(rec.actor.health.remote(timeout_s), timeout_s + 1.0)
+            else:
+                result = await asyncio.wait_for(rec.actor.info.remote(), timeout_s + 1.0)
+        except ray.exceptions.ActorUnavailableError as exc:
+            result = {"healthy": False, "message": f"actor unavailable: {exc}"[:300]}
+        except ray.exceptions.RayActorError as exc:
+            if rec.state in (READY, UNHEALTHY):
+                logger.warning("replica %s died: %s", rec.id, str(exc)[:300])
+                rec.state, rec.last_error = FAILED, "replica process died"
+                self.routes.changed()
+            return
+        except (asyncio.TimeoutError, ray.exceptions.GetTimeoutError):
+            result = {"healthy": False, "message": f"no answer within {timeout_s}s"}
+        except Exception as exc:  # noqa: BLE001
+            result = {"healthy": False, "message": f"{type(exc).__name__}: {exc}"[:300]}
+        if "pid" in result:
+            rec.info = {k: v for k, v in result.items() if k not in ("healthy", "message")}
+        if rec.state not in (READY, UNHEALTHY) or (not health and "healthy" not in result):
+            return
+        before = rec.state
+        rec.state, rec.health_failures = planning.next_health_state(rec.state, rec.health_failures, result["healthy"])
+        if not result["healthy"]:
+            rec.last_error = result.get("message")
+            logger.warning("replica %s health check failed (%d): %s", rec.id, rec.health_failures, rec.last_error)
+        if rec.state != before:
+            self.routes.changed()
+
+    def _begin_stop(self, dep: DeploymentRecord, rec: ReplicaRecord, stop: planning.StopIntent) -> None:
+        """Take the replica out of routing now; drain and kill it in the background."""
+        graceful = stop.graceful and rec.actor is not None
+        rec.state = DRAINING if graceful else STOPPED
+        unrouted = self.routes.changed()  # routes version without this replica
+        grace = float(dep.desired.get("gracefulShutdownSeconds", 30))
+        logger.info("stopping replica %s (%s, %s)", rec.id, stop.reason, "drain" if graceful else "kill")
+        rec.task = asyncio.get_running_loop().create_task(self._stop(rec, graceful, grace, unrouted))
+
+    async def _stop(self, rec: ReplicaRecord, graceful: bool, grace: float, unrouted: int = 0) -> None:
+        try:
+            if graceful:
+                started = time.monotonic()
+                # Unroute *before* draining: wait until every HAProxy has reloaded with a table without
+                # this replica (a fixed sleep is not enough: `haproxy -c`, a reload in progress or a
+                # recreated ingress can take longer, and drain() returning while a proxy still sends
+                # requests means they hit a killed process). Bounded by the grace period.
+                if not await self.routes.wait_applied(unrouted, grace) and grace > 0:
+                    logger.warning("replica %s: proxies did not apply the routing table without it within %.0fs;"
+                                   " draining anyway", rec.id, grace)
+                # Then give the old HAProxy workers' keep-alive connections a moment to finish.
+                await asyncio.sleep(min(self.drain_settle_s, grace))
+                left = max(0.0, grace - (time.monotonic() - started))
+                try:
+                    rec.info = await asyncio.wait_for(rec.actor.drain.remote(left), left + 5)
+                except Exception as exc:  # noqa: BLE001 - already dead, or too slow: kill anyway
+                    logger.info("drain of %s ended: %s", rec.id, type(exc).__name__)
+        finally:
+            if rec.actor is not None:
+                kill_actor(rec.actor)
+            rec.state = STOPPED
+
+    # ---------- routing ----------
+    def routing_table(self) -> dict[str, Any]:
+        table: dict[str, Any] = {}
+        for dep in self.deployments.values():
+            if dep.deleting:
+                continue
+            d = dep.desired
+            ready = [r for r in sorted(dep.replicas.values(), key=lambda r: r.id) if r.state == READY and r.info.get("port")]
+            table[dep.name] = {"routePrefix": d.get("routePrefix", "/"), "maxConcurrency": d.get("maxConcurrency", 100),
+                               "requestTimeoutSeconds": d.get("requestTimeoutSeconds", 60),
+                               "replicas": [{"id": r.id, "host": r.info["host"], "port": r.info["port"]} for r in ready]}
+        return {"deployments": table}
+
+
+def kill_actor(actor: Any) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass

@@ -1,0 +1,144 @@
+"""Publishing the routing table: the controller's READY replicas -> one ``IngressManager`` (HAProxy) per node.
+
+``RoutePublisher.changed()`` says the table may differ now and returns a *routes version*. A background
+loop (``run()``) renders the table with the ``table`` callback and pushes it to every ingress node that
+has not yet applied that exact table (one ``IngressManager`` per alive node for ``ingress_nodes="all"``,
+only the head node for ``"head"``; the node list is refreshed every ``NODES_REFRESH_S``, which is also
+how often a failed push is retried at the latest).
+
+``wait_applied(version)`` returns once every ingress has *applied* (validated the config and reloaded
+HAProxy) a table at least that new. A graceful stop waits for it before it drains the replica, so no
+proxy still routes new requests to a replica that is about to go away.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, Callable
+
+import ray
+
+NODES_REFRESH_S = 5.0
+PUSH_TIMEOUT_S = 30.0
+
+logger = logging.getLogger("rayfleet.controller")
+
+
+class RoutePublisher:
+    """Pushes ``table()`` to the ingress of every node, only when it changed; tracks what was applied."""
+
+    def __init__(self, table: Callable[[], dict[str, Any]], ingress_port: int = 8000, ingress_nodes: str = "all",
+                 bind_host: str = "0.0.0.0"):
+        self._table = table
+        self.ingress_port = ingress_port
+        self.ingress_nodes = ingress_nodes
+        self.bind_host = bind_host
+        self._changed = asyncio.Event()
+        self._version = 0  # bumped by every changed()
+        self._applied = 0  # newest version that every ingress node has applied
+        self._ingress: dict[str, Any] = {}  # node id -> IngressManager handle
+        self._pushed: dict[str, str] = {}  # node id -> routing table JSON it last applied
+        self._nodes: list[str] = []
+        self._nodes_at = 0.0
+        self._ensure_ingress: Any = None
+        self._ingress_import_at = 0.0
+
+    def changed(self) -> int:
+        """The table may have changed: push it soon. Returns the version that covers this change."""
+        self._version += 1
+        self._changed.set()
+        return self._version
+
+    async def wait_applied(self, version: int, timeout_s: float) -> bool:
+        """True once every ingress applied a table of at least ``version``; False after ``timeout_s``."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while self._applied < version:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(0.05, left))
+        return True
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._changed.wait(), NODES_REFRESH_S)
+            except asyncio.TimeoutError:
+                pass
+            self._changed.clear()
+            try:
+                await self.push()
+            except Exception:  # noqa: BLE001
+                logger.exception("pushing routes failed; will retry")
+                await asyncio.sleep(1.0)
+                self._changed.set()
+
+    def _ingress_fn(self) -> Any:
+        if self._ensure_ingress is None and time.time() >= self._ingress_import_at:
+            try:
+                from rayfleet_runtime.ingress import ensure_ingress  # noqa: PLC0415 - optional until it lands
+                self._ensure_ingress = ensure_ingress
+            except ImportError as exc:
+                logger.warning("ingress unavailable (%s); serving replicas without HAProxy", exc)
+                self._ingress_import_at = time.time() + 60
+        return self._ensure_ingress
+
+    async def _ingress_node_ids(self) -> list[str]:
+        if time.time() - self._nodes_at > NODES_REFRESH_S or not self._nodes:
+            nodes = await asyncio.to_thread(ray.nodes)
+            alive = [n for n in nodes if n.get("Alive")]
+            if self.ingress_nodes == "head":
+                alive = [n for n in alive if "node:__internal_head__" in (n.get("Resources") or {})]
+            self._nodes = [n["NodeID"] for n in alive]
+            self._nodes_at = time.time()
+        return self._nodes
+
+    async def push(self) -> None:
+        # No await between reading the version and rendering the table: the table reflects every
+        # change up to ``version``.
+        version = self._version
+        ensure = self._ingress_fn()
+        if ensure is None:  # no proxies: nothing routes anywhere, nothing to wait for
+            self._applied = max(self._applied, version)
+            return
+        table = self._table()
+        blob = json.dumps(table, sort_keys=True)
+        nodes = await self._ingress_node_ids()
+        for gone in set(self._ingress) - set(nodes):
+            self._ingress.pop(gone, None)
+            self._pushed.pop(gone, None)
+        pending = []
+        for node_id in nodes:
+            if self._pushed.get(node_id) == blob:
+                continue
+            handle = self._ingress.get(node_id)
+            if handle is None:
+                handle = await asyncio.to_thread(ensure, node_id, self.ingress_port, self.bind_host)
+                self._ingress[node_id] = handle
+            pending.append((node_id, handle.update.remote(table)))
+        everywhere = True
+        for node_id, ref in pending:
+            try:
+                result = await asyncio.wait_for(ref, PUSH_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - ingress died or is slow: recreate next time
+                logger.warning("routing update to node %s failed: %s", node_id[:12], str(exc)[:300])
+                self._ingress.pop(node_id, None)
+                self._pushed.pop(node_id, None)
+                self._changed.set()
+                everywhere = False
+                continue
+            # The ingress answers (it did not raise) also when it kept its old config: an invalid
+            # config or a failed HAProxy reload is ``applied: False``. Then HAProxy still routes by the
+            # previous table: don't record this one as pushed, so it is retried (at the latest after
+            # NODES_REFRESH_S), and don't let graceful stops believe the replica was unrouted.
+            if isinstance(result, dict) and result.get("applied") is False:
+                logger.warning("ingress on node %s kept its previous routing table: %s", node_id[:12],
+                               str(result.get("error"))[:300])
+                self._pushed.pop(node_id, None)
+                everywhere = False
+                continue
+            self._pushed[node_id] = blob
+        if everywhere:
+            self._applied = max(self._applied, version)

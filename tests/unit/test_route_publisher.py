@@ -1,0 +1,107 @@
+"""Routing-table publication and the drain order of a graceful stop, with fake ingresses (no Ray cluster)."""
+from __future__ import annotations
+
+import asyncio
+
+from rayfleet_runtime.deployment_state import ControllerCore, DeploymentRecord, ReplicaRecord
+from rayfleet_runtime.planning import DRAINING, READY, STOPPED, StopIntent
+from rayfleet_runtime.route_publisher import RoutePublisher
+
+
+class FakeIngress:
+    """An IngressManager handle: ``update.remote(table)`` answers after ``delay`` with ``result``."""
+
+    def __init__(self, delay: float = 0.0, result: dict | None = None):
+        self.delay, self.result, self.tables = delay, result or {"applied": True}, []
+        self.update = self
+
+    def remote(self, table):
+        async def apply():
+            await asyncio.sleep(self.delay)
+            self.tables.append(table)
+            return self.result
+
+        return asyncio.ensure_future(apply())
+
+
+def publisher(table, ingress: FakeIngress) -> RoutePublisher:
+    pub = RoutePublisher(table)
+    pub._ingress_fn = lambda: (lambda node_id, port, host: ingress)  # type: ignore[method-assign]
+
+    async def nodes():
+        return ["node-a"]
+
+    pub._ingress_node_ids = nodes  # type: ignore[method-assign]
+    return pub
+
+
+def test_wait_applied_only_after_the_ingress_applied_the_table():
+    async def main():
+        ingress = FakeIngress(delay=0.2)
+        pub = publisher(lambda: {"deployments": {"d": 1}}, ingress)
+        v = pub.changed()
+        assert not await pub.wait_applied(v, 0.05)
+        task = asyncio.ensure_future(pub.push())
+        assert await pub.wait_applied(v, 2)
+        assert ingress.tables == [{"deployments": {"d": 1}}]
+        await task
+        # Unchanged table: nothing pushed again, the new version counts as applied at once.
+        v2 = pub.changed()
+        await pub.push()
+        assert await pub.wait_applied(v2, 0) and len(ingress.tables) == 1
+
+    asyncio.run(main())
+
+
+def test_a_table_the_ingress_kept_out_is_not_acknowledged_and_is_retried():
+    async def main():
+        ingress = FakeIngress(result={"applied": False, "error": "reload failed"})
+        pub = publisher(lambda: {"deployments": {}}, ingress)
+        v = pub.changed()
+        await pub.push()
+        assert not await pub.wait_applied(v, 0.05)
+        ingress.result = {"applied": True}
+        await pub.push()  # not recorded as pushed, so sent again
+        assert len(ingress.tables) == 2 and await pub.wait_applied(v, 0)
+
+    asyncio.run(main())
+
+
+def test_graceful_stop_drains_only_after_the_proxies_dropped_the_replica(monkeypatch):
+    from rayfleet_runtime import deployment_state
+
+    events: list[str] = []
+    monkeypatch.setattr(deployment_state, "kill_actor", lambda actor: events.append("kill"))
+
+    class FakeReplica:
+        def __init__(self):
+            self.drain = self
+
+        def remote(self, grace):
+            events.append("drain")
+
+            async def done():
+                return {"pid": 1}
+
+            return asyncio.ensure_future(done())
+
+    async def main():
+        core = ControllerCore(drain_settle_s=0.0)
+        ingress = FakeIngress(delay=0.3)
+        table = core.routing_table
+        core.routes = publisher(lambda: (events.append("unrouted"), table())[1], ingress)
+        dep = DeploymentRecord("d", {"replicas": 0, "version": "v", "gracefulShutdownSeconds": 5})
+        rec = dep.replicas["d-0"] = ReplicaRecord("d-0", "v", FakeReplica(), state=READY,
+                                                  info={"host": "127.0.0.1", "port": 1})
+        core.deployments["d"] = dep
+        core._begin_stop(dep, rec, StopIntent("d-0", True, "scale-down"))
+        assert rec.state == DRAINING
+        publish = asyncio.ensure_future(core.routes.run())
+        await asyncio.wait_for(rec.task, 5)
+        publish.cancel()
+        assert rec.state == STOPPED
+        assert ingress.tables[-1] == {"deployments": {"d": {"routePrefix": "/", "maxConcurrency": 100,
+                                                            "requestTimeoutSeconds": 60, "replicas": []}}}
+        assert events == ["unrouted", "drain", "kill"]
+
+    asyncio.run(main())
