@@ -10,7 +10,7 @@ REPLICA_IMAGE ?= ghcr.io/rayfleet/replica:0.1.0
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ".[operator,runtime,test]"
+	$(VENV)/bin/pip install -q -e ".[operator,runtime,test,bench]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -33,3 +33,7 @@ images:
 
 chart-check:
 	$(PYTHON) -m pytest tests/unit/test_chart.py -q
+
+# rayfleet vs Ray Serve (defaults, tuned, HAProxy mode) with wrk; ~15 min. BENCH_ARGS="--quick" for a smoke run.
+bench: $(VENV)/.installed
+	$(PYTHON) -m bench.run $(BENCH_ARGS)

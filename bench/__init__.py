@@ -1,0 +1,1 @@
+"""rayfleet vs Ray Serve benchmarks (``python -m bench.run``); see bench/README.md."""
