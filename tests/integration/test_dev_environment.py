@@ -4,6 +4,7 @@ the local RayCluster provider running real Ray, the rayfleet controller and HAPr
 One ServeDeployment lives through the module (tests run in file order): apply → Ready → traffic →
 scale → replica killed → operator restarted → a broken sibling on the same RayCluster → delete.
 """
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import urllib.request
 import pytest
 import yaml
 from kubernetes import watch
+from urllib3.exceptions import ProtocolError
 
 from rayfleet.dev.operator import OperatorProcess
 from rayfleet.dev.provider import LocalProvider
@@ -123,9 +125,11 @@ def test_killed_replica_degrades_then_recovers_with_a_restart(env):
     seen, watcher = [], watch.Watch()
 
     def record():
-        for event in watcher.stream(env.api.list_namespaced_custom_object, "rayfleet.io", "v1alpha1", env.ns, "servedeployments",
-                                    field_selector=f"metadata.name={NAME}", timeout_seconds=120):
-            seen.append({c["type"]: c["status"] for c in (event["object"].get("status") or {}).get("conditions", [])})
+        stream = watcher.stream(env.api.list_namespaced_custom_object, "rayfleet.io", "v1alpha1", env.ns, "servedeployments",
+                                field_selector=f"metadata.name={NAME}", timeout_seconds=120)
+        with contextlib.suppress(ProtocolError):  # the server closes the stream when the test module tears down
+            for event in stream:
+                seen.append({c["type"]: c["status"] for c in (event["object"].get("status") or {}).get("conditions", [])})
 
     thread = threading.Thread(target=record, daemon=True)
     thread.start()
