@@ -32,7 +32,7 @@ def up(timeout: float) -> int:
     d = state_dir()
     if _running_pid(d) and (d / "ready").exists():
         print(f"rayfleet dev is already up (state in {d})", file=sys.stderr)
-        print(f"export KUBECONFIG={(d / 'ready').read_text()}")
+        _print_exports(d)
         return 0
     ensure_binaries(), ensure_tools(), kuberay_crds()  # a cold build shows its progress here
     d.mkdir(parents=True, exist_ok=True)
@@ -50,8 +50,14 @@ def up(timeout: float) -> int:
             return 1
         time.sleep(0.3)
     print(f"rayfleet dev is up: control plane, CRDs, operator and local RayCluster provider (state in {d})", file=sys.stderr)
-    print(f"export KUBECONFIG={(d / 'ready').read_text()}")
+    _print_exports(d)
     return 0
+
+
+def _print_exports(d: Path) -> None:
+    """Shell lines for `eval "$(rayfleet dev up)"`: the cluster, and kubectl/helm from the pinned wheel."""
+    print(f"export KUBECONFIG={(d / 'ready').read_text()}")
+    print(f'export PATH="{ensure_tools().kubectl.parent}:$PATH"')
 
 
 def url(name: str, namespace: str) -> int:
