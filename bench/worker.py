@@ -12,7 +12,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.wrk import run_wrk
+from rayfleet.procs import cmdline, descendants
+from rayfleet.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ("rayfleet", "serve-default", "serve-tuned", "serve-haproxy")
@@ -33,12 +34,6 @@ SEED_N = 5
 REPLICAS = 2
 RAYFLEET_MAX_CONCURRENCY = 1000  # same per-replica cap as the tuned Serve peers (max_ongoing_requests=1000)
 TUNED_MAX_ONGOING = 1000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(method: str, url: str, body: Any = None, timeout: float = 10.0) -> tuple[int, bytes]:
@@ -67,32 +62,8 @@ def wait_serving(url: str, timeout_s: float = 120.0, streak: int = 5) -> None:
 
 # ---------------------------------------------------------------- /proc helpers
 
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                ppid = int(f.read().decode(errors="replace").rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
 
 
 def mem_kib(pid: int) -> dict[str, int] | None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from rayfleet.manifest import load_manifests
 from rayfleet.ports import free_port
+from rayfleet.procs import cmdline, descendants
 from rayfleet.spec import SpecError
 
 
@@ -37,35 +38,8 @@ def _request(method: str, url: str, body: Any = None, timeout: float = 10.0) -> 
             return exc.code, None
 
 
-def _descendants(pid: int) -> set[int]:
-    """All live descendant PIDs of ``pid`` (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in out:
-                out.add(child)
-                todo.append(child)
-    return out
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _status_line(obs: dict[str, Any]) -> str:
@@ -143,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(line, flush=True)
             except (OSError, ValueError) as exc:
                 print(f"rayfleet: controller not answering: {exc}", file=sys.stderr, flush=True)
-            seen_pids |= _descendants(os.getpid())
+            seen_pids |= descendants(os.getpid())
             stop.wait(1.0)
         print("rayfleet: shutting down ...", flush=True)
     except KeyboardInterrupt:
@@ -152,13 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rayfleet run: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = 1
     finally:
-        seen_pids |= _descendants(os.getpid())
-        haproxies = {pid for pid in seen_pids if "haproxy" in _cmdline(pid)}
+        seen_pids |= descendants(os.getpid())
+        haproxies = {pid for pid in seen_pids if "haproxy" in cmdline(pid)}
         try:
             ray.shutdown()
         finally:
             # Anything Ray started that outlived it (HAProxy runs as a child of the ingress actor).
-            leftovers = {pid for pid in haproxies if "haproxy" in _cmdline(pid)} | (seen_pids & _descendants(os.getpid()))
+            leftovers = {pid for pid in haproxies if "haproxy" in cmdline(pid)} | (seen_pids & descendants(os.getpid()))
             for pid in leftovers:
                 try:
                     os.kill(pid, signal.SIGKILL)

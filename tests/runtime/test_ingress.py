@@ -20,6 +20,8 @@ httpx = pytest.importorskip("httpx")
 web = pytest.importorskip("aiohttp.web")
 
 from rayfleet_runtime.haproxy_bin import HAProxyNotFound, find_haproxy  # noqa: E402
+from rayfleet.procs import cmdline  # noqa: E402
+from rayfleet.ports import free_port  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -27,12 +29,6 @@ try:
     find_haproxy()
 except HAProxyNotFound:  # pragma: no cover
     pytest.skip("no HAProxy binary", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pid_alive(pid: int) -> bool:
@@ -119,17 +115,11 @@ def ingress(ray_cluster):
     assert not pid_alive(info["pid"]), "HAProxy master outlived the ingress actor"
     time.sleep(0.5)
     leftovers = [
-        p for p in os.listdir("/proc") if p.isdigit() and _cmdline(int(p)).find(info["config_path"]) >= 0 and pid_alive(int(p))
+        p for p in os.listdir("/proc") if p.isdigit() and cmdline(int(p)).find(info["config_path"]) >= 0 and pid_alive(int(p))
     ]
     assert not leftovers, f"HAProxy workers left behind: {leftovers}"
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def push(handle, table) -> dict:

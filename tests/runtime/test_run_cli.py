@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rayfleet.local_run import _cmdline, _descendants
+from rayfleet.procs import cmdline, descendants
 
 pytestmark = pytest.mark.ray
 
@@ -66,7 +66,7 @@ def processes_mentioning(text: str) -> dict[int, str]:
     out = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and entry != str(os.getpid()):
-            cmd = _cmdline(int(entry))
+            cmd = cmdline(int(entry))
             if text in cmd and start_time(int(entry)) is not None:
                 out[int(entry)] = cmd[:160]
     return out
@@ -117,7 +117,7 @@ def test_run_echo_serves_then_stops_everything(tmp_path, ray_tmpdir, stop):
     seen: dict[int, int] = {}  # pid -> start time, of every process the run had under it
 
     def record() -> None:
-        for pid in _descendants(proc.pid):
+        for pid in descendants(proc.pid):
             st = start_time(pid)
             if st is not None:
                 seen.setdefault(pid, st)
@@ -150,7 +150,7 @@ def test_run_echo_serves_then_stops_everything(tmp_path, ray_tmpdir, stop):
             pids.add(body["pid"])
         record()
         assert pids <= seen.keys(), f"replica pids {pids} are not processes of the run {sorted(seen)}"
-        assert any("haproxy" in _cmdline(pid) for pid in seen), {p: _cmdline(p)[:80] for p in seen}
+        assert any("haproxy" in cmdline(pid) for pid in seen), {p: cmdline(p)[:80] for p in seen}
 
         if stop == "ctrl-c":  # the terminal sends SIGINT to the whole foreground process group
             os.killpg(proc.pid, signal.SIGINT)
@@ -168,7 +168,7 @@ def test_run_echo_serves_then_stops_everything(tmp_path, ray_tmpdir, stop):
         # Nothing left: neither what ran under it (HAProxy included) nor anything else of this Ray.
         deadline = time.monotonic() + 5  # SIGKILLed processes take a moment to be gone
         while True:
-            alive = {pid: _cmdline(pid)[:120] for pid, st in seen.items() if start_time(pid) == st}
+            alive = {pid: cmdline(pid)[:120] for pid, st in seen.items() if start_time(pid) == st}
             alive.update(processes_mentioning(ray_tmpdir))
             if not alive or time.monotonic() > deadline:
                 break
