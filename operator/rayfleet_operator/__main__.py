@@ -17,6 +17,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from . import handlers  # noqa: F401  registers the handlers
+    if args.namespace:
+        # Exact namespaces: kopf need not scan CRDs or namespaces cluster-wide, so a namespaced
+        # install works with Roles alone (no cluster-scoped permission at all).
+        @kopf.on.startup()
+        def no_cluster_scanning(settings: kopf.OperatorSettings, **_: object) -> None:
+            settings.scanning.disabled = True
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,

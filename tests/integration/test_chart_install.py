@@ -138,6 +138,8 @@ def test_operator_runs_with_the_charts_service_account(control_plane, namespace,
         sa = f"system:serviceaccount:{namespace}:{sa_name}"
         assert can_i(cp, sa, "create", "rayclusters.ray.io", namespace)
         assert not can_i(cp, sa, "create", "rayclusters.ray.io", "default"), "namespaced mode must not reach other namespaces"
+        for verb, resource in [("list", "customresourcedefinitions.apiextensions.k8s.io"), ("list", "namespaces")]:
+            assert not can_i(cp, sa, verb, resource, None), f"namespaced mode must grant nothing cluster-scoped: {verb} {resource}"
 
         # A real token for the ServiceAccount (TokenRequest API), in a kubeconfig of its own.
         token = kubectl(cp, "create", "token", sa_name, "-n", namespace, "--duration=1h").stdout.strip()

@@ -26,7 +26,6 @@ NAMESPACED_RULES = {
     ("", "events"): {"create"},
 }
 SCANNING_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
-NAMESPACE_RULES = {("", "namespaces"): {"list", "watch"}}
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +170,8 @@ def test_render_namespaced_and_custom_images(helm):
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "ops"}]
-    # Cluster-wide, only read-only discovery that kopf needs (CRDs and namespaces come and go).
-    (cluster_role,) = of_kind(docs, "ClusterRole")
-    assert rules_of(cluster_role) == {**SCANNING_RULES, **NAMESPACE_RULES}
-    assert all(verbs <= {"list", "watch"} for verbs in rules_of(cluster_role).values())
+    # Nothing cluster-scoped: the operator runs kopf with scanning off for exact namespaces.
+    assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")
 
     _, container = operator_container(docs)
     assert container["image"] == "registry.example.com/rayfleet-operator:dev"
