@@ -39,6 +39,7 @@ KV_PREFIX = "deployment/"
 TICK_S = 0.25
 PROBE_INTERVAL_S = 2.0
 RECOVER_PROBE_TIMEOUT_S = 10.0
+SLOW_START_S = 60.0  # a replica still starting after this says so in its lastError
 
 logger = logging.getLogger("rayfleet.controller")
 
@@ -61,13 +62,22 @@ class ReplicaRecord:
     def view(self) -> ReplicaView:
         return ReplicaView(self.id, self.version, self.state, self.health_failures, self.restarts, self.created_at)
 
-    def observed(self) -> dict[str, Any]:
+    def observed(self, now: float | None = None) -> dict[str, Any]:
         i = self.info
         return {"id": self.id, "state": self.state, "version": self.version, "pid": i.get("pid"),
                 "nodeId": i.get("nodeId"), "nodeIp": i.get("nodeIp"), "host": i.get("host"), "port": i.get("port"),
                 "inFlight": i.get("inFlight", 0), "totalRequests": i.get("totalRequests", 0),
                 "errors": i.get("errors", 0), "restarts": self.restarts,
-                "lastError": self.last_error or i.get("lastError")}
+                "lastError": self.last_error or i.get("lastError") or self._slow_start(now or time.time())}
+
+    def _slow_start(self, now: float) -> str | None:
+        """A start that takes long is not an error yet, but users should see why nothing is ready:
+        Ray may have no node with the resources asked for, or the handler's constructor is slow or stuck."""
+        waited = now - self.created_at
+        if self.state != STARTING or waited < SLOW_START_S:
+            return None
+        return (f"still starting after {waited:.0f} s: waiting for a Ray node with the resources in "
+                "rayActorOptions, or for the handler's constructor")
 
 
 @dataclass
