@@ -1,7 +1,10 @@
 """What is running on this machine, read from Linux /proc: for stopping everything a command started."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 
 
 def cmdline(pid: int) -> str:
@@ -33,3 +36,17 @@ def descendants(pid: int) -> set[int]:
                 out.add(child)
                 todo.append(child)
     return out
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM the child's process group, give it `grace` seconds, then SIGKILL whatever of it lingers.
+
+    The children are started with `start_new_session=True`, so the group holds everything they started.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

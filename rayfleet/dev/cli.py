@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from rayfleet_operator.naming import INGRESS_PORT_NAME
+
 from .controlplane import cache_dir, ensure_binaries, ensure_tools, kuberay_crds
 
 
@@ -76,7 +78,7 @@ def url(name: str, namespace: str) -> int:
     try:
         sd = get("servedeployment", name)
         cluster = sd.get("status", {}).get("rayCluster") or name
-        port = (get("raycluster", cluster).get("status") or {}).get("endpoints", {}).get("rayfleet-http")
+        port = (get("raycluster", cluster).get("status") or {}).get("endpoints", {}).get(INGRESS_PORT_NAME)
     except LookupError as exc:
         print(exc, file=sys.stderr)
         return 1

