@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-USAGE = """usage: rayfleet run FILE.yaml [--host HOST] [--port PORT]
+USAGE = """usage: rayfleet run FILE.yaml [--host HOST] [--port PORT] [--validate strict|warn|ignore]
        rayfleet dev up | url NAME [-n NAMESPACE] | down
 
   run   serve ServeDeployment manifests on this machine with a local Ray (no Kubernetes)

@@ -58,13 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--control-port", type=int, default=0, help="controller API port (default: a free one)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray may use (default: all)")
+    parser.add_argument("--validate", default="strict", choices=["strict", "warn", "ignore", "true", "false"],
+                        help="unknown fields, as kubectl apply --validate: strict (or true, the default) refuses them, "
+                             "warn drops them with a warning, ignore (or false) drops them")
     args = parser.parse_args(argv)
 
+    warnings: list[str] = []
     try:
-        manifests = load_manifests(args.file)
+        manifests = load_manifests(args.file, {"true": "strict", "false": "ignore"}.get(args.validate, args.validate), warnings)
     except (SpecError, OSError) as exc:
         print(f"rayfleet run: {exc}", file=sys.stderr)
         return 2
+    for warning in warnings:
+        print(f"Warning: {warning}", file=sys.stderr)
 
     stop = threading.Event()
 

@@ -37,6 +37,17 @@ spec:
   replicas: -1
 """
 
+MISSPELLED_FIELD = """\
+apiVersion: rayfleet.io/v1alpha1
+kind: ServeDeployment
+metadata:
+  name: typo
+spec:
+  handler: examples.echo:Echo
+  replica: 3
+  maxConcurency: 8
+"""
+
 BROKEN_YAML = """\
 apiVersion: rayfleet.io/v1alpha1
 kind: ServeDeployment
@@ -89,8 +100,9 @@ def run_env(ray_tmpdir: str) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     "content, expected",
-    [(BAD_REPLICAS, ["spec.replicas", "minimum"]), (BROKEN_YAML, ["invalid YAML", "line"])],
-    ids=["replicas-negative", "broken-yaml"],
+    [(BAD_REPLICAS, ["spec.replicas", "minimum"]), (BROKEN_YAML, ["invalid YAML", "line"]),
+     (MISSPELLED_FIELD, ['unknown field "spec.maxConcurency", unknown field "spec.replica"'])],
+    ids=["replicas-negative", "broken-yaml", "misspelled-field"],
 )
 def test_invalid_manifest_fails_fast_naming_the_problem(tmp_path, ray_tmpdir, content, expected):
     manifest = tmp_path / "app.yaml"
