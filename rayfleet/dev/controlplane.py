@@ -86,6 +86,10 @@ _GO_PACKAGES = {
     "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
     "kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
     "etcd": "./cmd/etcd",
+    # The e2e suite's node (tests/e2e): a real kubelet, scheduler and service proxy.
+    "kube-scheduler": "k8s.io/kubernetes/cmd/kube-scheduler",
+    "kubelet": "k8s.io/kubernetes/cmd/kubelet",
+    "kube-proxy": "k8s.io/kubernetes/cmd/kube-proxy",
 }
 
 
@@ -99,40 +103,48 @@ def _module_versions() -> tuple[str, str]:
     return found["k8s.io/kubernetes"], found["go.etcd.io/etcd/server/v3"]
 
 
-def ensure_binaries() -> Binaries:
-    """Build (once) and return kube-apiserver, kube-controller-manager, etcd.
-
-    The cache key hashes go.mod, go.sum, main.go and the ldflags, so bumping a
-    version in controlplane/ rebuilds into a fresh directory.
-    """
-    k8s, etcd = _module_versions()
+def kubernetes_ldflags() -> str:
+    """What hack/lib/version.sh stamps in; without it the binaries report v0.0.0-master+$Format:%H$,
+    which kubectl and clients refuse to parse."""
+    k8s, _ = _module_versions()
     major, minor = k8s.lstrip("v").split(".")[:2]
-    # What hack/lib/version.sh stamps in; without it the server reports
-    # v0.0.0-master+$Format:%H$, which kubectl and clients refuse to parse.
-    ldflags = " ".join(["-s", "-w"] + [f"-X k8s.io/component-base/version.{k}={v}" for k, v in {
+    return " ".join(["-s", "-w"] + [f"-X k8s.io/component-base/version.{k}={v}" for k, v in {
         "gitVersion": k8s, "gitMajor": major, "gitMinor": minor, "gitCommit": "", "gitTreeState": "clean",
     }.items()])
-    digest = hashlib.sha256(ldflags.encode())
-    for name in ("go.mod", "go.sum", "cmd/etcd/main.go"):
-        digest.update((GO_MODULE_DIR / name).read_bytes())
-    out = cache_dir() / "controlplane" / f"k8s-{k8s}-etcd-{etcd}-{digest.hexdigest()[:10]}"
-    bins = Binaries(*(out / n for n in ("kube-apiserver", "kube-controller-manager", "etcd")))
-    if all(b.exists() for b in bins):
+
+
+def go_build(name: str, packages: dict[str, str], *, cwd: Path, key: Sequence[bytes | Path],
+             ldflags: str = "-s -w") -> dict[str, Path]:
+    """Build (once) static binaries from Go packages into the cache; returns {binary: path}.
+
+    The cache directory is `<name>-<hash>`, the hash covering the ldflags, the packages and `key`
+    (the go.mod/go.sum/sources that pin what is built), so bumping a version rebuilds into a fresh
+    directory and an unchanged one is never rebuilt.
+    """
+    digest = hashlib.sha256(ldflags.encode() + json.dumps(packages, sort_keys=True).encode())
+    for part in key:
+        digest.update(part.read_bytes() if isinstance(part, Path) else part)
+    out = cache_dir() / "go" / f"{name}-{digest.hexdigest()[:10]}"
+    bins = {binary: out / binary for binary in packages}
+    if all(b.exists() for b in bins.values()):
         return bins
     with _locked(out.parent / f"{out.name}.lock"):
-        if all(b.exists() for b in bins):  # another process built it meanwhile
+        if all(b.exists() for b in bins.values()):  # another process built it meanwhile
             return bins
         go = shutil.which("go")
         if go is None:
-            raise RuntimeError("building the control plane needs Go (>= 1.26) on PATH")
+            raise RuntimeError(f"building {name} needs Go (>= 1.26) on PATH")
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
         tmp.chmod(0o755)
-        cmd = [go, "build", "-v", "-trimpath", f"-ldflags={ldflags}", "-o", f"{tmp}/", *_GO_PACKAGES.values()]
-        _log(f"building k8s {k8s} + etcd {etcd} into {out} (cold: ~8-10 min on 2 cores)")
+        _log(f"building {name} into {out} (cold: minutes on 2 cores)")
         env = {**os.environ, "CGO_ENABLED": "0"}
         start = time.monotonic()
+        # One `go build` for all packages, so shared dependencies compile once; `-o dir/` names each
+        # binary after its package's last element, `-o file` names a single one.
+        target = tmp / next(iter(packages)) if len(packages) == 1 else f"{tmp}/"
+        cmd = [go, "build", "-v", "-trimpath", f"-ldflags={ldflags}", "-o", str(target), *packages.values()]
         # `go build -v` names each package as it compiles: turn that into progress lines.
-        proc = subprocess.Popen(cmd, cwd=GO_MODULE_DIR, env=env, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
         assert proc.stderr is not None
         lines: list[str] = []
         last = start
@@ -141,13 +153,26 @@ def ensure_binaries() -> Binaries:
             if time.monotonic() - last > 30:
                 last = time.monotonic()
                 _log(f"  ... {len(lines)} packages compiled, {last - start:.0f}s")
-        if proc.wait() != 0:
+        if proc.wait() != 0 or not all((tmp / b).exists() for b in packages):
             shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError("go build failed:\n" + "".join(lines[-60:]))
+            raise RuntimeError(f"go build of {name} failed:\n" + "".join(lines[-60:]))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # atomic: a half-built directory is never visible under `out`
-        _log(f"built control plane in {time.monotonic() - start:.0f}s")
+        _log(f"built {name} in {time.monotonic() - start:.0f}s")
     return bins
+
+
+def kubernetes_binaries(*names: str) -> dict[str, Path]:
+    """Kubernetes components (and etcd) at the versions pinned in controlplane/go.mod."""
+    k8s, etcd = _module_versions()
+    return go_build(f"k8s-{k8s}-etcd-{etcd}-{'-'.join(names)}", {n: _GO_PACKAGES[n] for n in names},
+                    cwd=GO_MODULE_DIR, ldflags=kubernetes_ldflags(),
+                    key=[GO_MODULE_DIR / n for n in ("go.mod", "go.sum", "cmd/etcd/main.go")])
+
+
+def ensure_binaries() -> Binaries:
+    """Build (once) and return kube-apiserver, kube-controller-manager, etcd."""
+    return Binaries(*kubernetes_binaries("kube-apiserver", "kube-controller-manager", "etcd").values())
 
 
 # --------------------------------------------------------------------------
@@ -201,6 +226,17 @@ def ensure_tools() -> Tools:
 # KubeRay CRDs
 
 
+def kuberay_module_dir() -> Path:
+    """KubeRay's ray-operator Go module at KUBERAY_VERSION, from the Go module proxy (read-only)."""
+    # Run outside any module so `go mod download` fetches exactly this version.
+    info = json.loads(subprocess.run(
+        ["go", "mod", "download", "-json", f"{KUBERAY_MODULE}@{KUBERAY_VERSION}"],
+        cwd=tempfile.gettempdir(), env={**os.environ, "GO111MODULE": "on", "GOFLAGS": ""},
+        check=True, capture_output=True, text=True,
+    ).stdout)
+    return Path(info["Dir"])
+
+
 def kuberay_crds() -> list[Path]:
     """KubeRay's CRDs (RayCluster, RayJob, RayService) at KUBERAY_VERSION."""
     out = cache_dir() / "crds" / f"kuberay-{KUBERAY_VERSION}"
@@ -208,15 +244,10 @@ def kuberay_crds() -> list[Path]:
         with _locked(out.parent / f"{out.name}.lock"):
             if not (out / "ray.io_rayclusters.yaml").exists():
                 _log(f"downloading {KUBERAY_MODULE}@{KUBERAY_VERSION} via the Go module proxy")
-                # Run outside any module so `go mod download` fetches exactly this version.
-                info = json.loads(subprocess.run(
-                    ["go", "mod", "download", "-json", f"{KUBERAY_MODULE}@{KUBERAY_VERSION}"],
-                    cwd=tempfile.gettempdir(), env={**os.environ, "GO111MODULE": "on", "GOFLAGS": ""},
-                    check=True, capture_output=True, text=True,
-                ).stdout)
+                src = kuberay_module_dir()
                 tmp = Path(tempfile.mkdtemp(dir=out.parent))
                 tmp.chmod(0o755)
-                for crd in Path(info["Dir"], "config/crd/bases").glob("*.yaml"):
+                for crd in (src / "config/crd/bases").glob("*.yaml"):
                     shutil.copyfile(crd, tmp / crd.name)  # copyfile: the module cache is read-only
                 shutil.rmtree(out, ignore_errors=True)
                 tmp.rename(out)
@@ -227,8 +258,9 @@ def kuberay_crds() -> list[Path]:
 # PKI
 
 
-def _write_pki(d: Path) -> None:
-    """CA, apiserver serving cert (127.0.0.1/localhost) and service-account key pair."""
+def _write_pki(d: Path, address: str) -> None:
+    """CA, apiserver serving cert (localhost, `address`, the `kubernetes` Service), the apiserver's
+    client cert for kubelets (group system:masters) and the service-account key pair."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -251,24 +283,35 @@ def _write_pki(d: Path) -> None:
                                      key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans = [x509.DNSName("localhost"), x509.DNSName("kubernetes.default.svc"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("10.0.0.1"))]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    def leaf(subject: x509.Name, usage, sans=()):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder().subject_name(subject)
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=365))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+        return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), pem_key(key)
+
+    ips = {"127.0.0.1", "10.0.0.1", address}
+    cert, key = leaf(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]),
+                     x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+                     [x509.DNSName("localhost"), x509.DNSName("kubernetes.default.svc")]
+                     + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in sorted(ips)])
+    kubelet_client, kubelet_client_key = leaf(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver-kubelet-client"),
+                   x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters")]),
+        x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH)
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     files = {
         "ca.crt": ca.public_bytes(serialization.Encoding.PEM),
         "ca.key": pem_key(ca_key),
-        "apiserver.crt": cert.public_bytes(serialization.Encoding.PEM),
-        "apiserver.key": pem_key(key),
+        "apiserver.crt": cert,
+        "apiserver.key": key,
+        "apiserver-kubelet-client.crt": kubelet_client,
+        "apiserver-kubelet-client.key": kubelet_client_key,
         "sa.key": pem_key(sa_key),
         "sa.pub": sa_key.public_key().public_bytes(serialization.Encoding.PEM,
                                                    serialization.PublicFormat.SubjectPublicKeyInfo),
@@ -301,19 +344,28 @@ class _Proc:
 
 
 class ControlPlane:
-    """etcd + kube-apiserver + kube-controller-manager on free loopback ports.
+    """etcd + kube-apiserver + kube-controller-manager on free ports.
 
     Everything (data, certs, logs, kubeconfig) lives in `workdir`. Attributes
     after start(): `server` (https URL), `token` (admin, group system:masters),
     `kubeconfig` (path), `ca_file` (path).
+
+    By default the API server listens on 127.0.0.1 and nothing can run pods. With
+    `address` set to an IP that pods can reach (the e2e node's bridge), it serves there,
+    publishes itself as the `kubernetes` Service's endpoint, authorizes kubelets with the
+    Node authorizer, and `users` ((name, group) pairs: a kubelet, the scheduler, kube-proxy)
+    get tokens; `kubeconfig_for(name)` writes theirs.
 
     Children get PR_SET_PDEATHSIG, which fires when the *thread* that called
     start() exits: call start() from a long-lived thread (e.g. the main one).
     """
 
     def __init__(self, workdir: Path, *, binaries: Binaries | None = None,
-                 extra_apiserver_args: Sequence[str] = (), start_timeout: float = 90.0):
+                 extra_apiserver_args: Sequence[str] = (), start_timeout: float = 90.0,
+                 address: str = "127.0.0.1", users: Sequence[tuple[str, str]] = ()):
         self.workdir = Path(workdir).resolve()
+        self.address = address
+        self.users = {name: (group, secrets.token_hex(24)) for name, group in users}
         self.binaries = binaries
         self.extra_apiserver_args = list(extra_apiserver_args)
         self.start_timeout = start_timeout
@@ -336,9 +388,20 @@ class ControlPlane:
         bins = self.binaries or ensure_binaries()
         wd, pki = self.workdir, self.workdir / "pki"
         wd.mkdir(parents=True, exist_ok=True)
-        _write_pki(pki)
+        _write_pki(pki, self.address)
         self.token = secrets.token_hex(24)
-        (wd / "tokens.csv").write_text(f'{self.token},admin,admin,"system:masters"\n')
+        (wd / "tokens.csv").write_text("".join(
+            f'{token},{name},{name},"{group}"\n'
+            for name, (group, token) in {"admin": ("system:masters", self.token), **self.users}.items()))
+        loopback = ipaddress.ip_address(self.address).is_loopback
+        if loopback:
+            # The `kubernetes` Endpoints would point at 127.0.0.1, which Endpoints
+            # validation rejects (loopback): skip reconciling it instead of log spam.
+            serving = ["--endpoint-reconciler-type=none", "--authorization-mode=RBAC"]
+        else:
+            serving = ["--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
+                       f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+                       f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}"]
         try:
             etcd_port, peer_port, api_port, kcm_port = (free_port() for _ in range(4))
             etcd_url, peer_url = f"http://127.0.0.1:{etcd_port}", f"http://127.0.0.1:{peer_port}"
@@ -349,24 +412,21 @@ class ControlPlane:
                 f"--initial-cluster=default={peer_url}",
                 "--unsafe-no-fsync=true",  # throwaway data: fsync only slows tests down
             ])
-            self.server = f"https://127.0.0.1:{api_port}"
+            self.server = f"https://{self.address}:{api_port}"
             self._spawn("kube-apiserver", [
                 str(bins.kube_apiserver),
                 f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
+                f"--bind-address={self.address}", f"--advertise-address={self.address}", f"--secure-port={api_port}",
                 f"--cert-dir={wd / 'apiserver-certs'}",
                 f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
                 f"--token-auth-file={wd / 'tokens.csv'}",
-                "--authorization-mode=RBAC",
+                *serving,
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--allow-privileged=true",
-                # The `kubernetes` Endpoints would point at 127.0.0.1, which Endpoints
-                # validation rejects (loopback): skip reconciling it instead of log spam.
-                "--endpoint-reconciler-type=none",
                 *self.extra_apiserver_args,
             ])
             self._wait("kube-apiserver /readyz", lambda: self._get("/readyz") == 200)
@@ -432,16 +492,25 @@ class ControlPlane:
             return 0
 
     def _write_kubeconfig(self) -> None:
+        self._kubeconfig(self.kubeconfig, "admin", self.token)
+
+    def kubeconfig_for(self, user: str) -> Path:
+        """A kubeconfig authenticating as one of `users` (written next to the admin's)."""
+        path = self.workdir / f"{user.replace(':', '-')}.kubeconfig"
+        self._kubeconfig(path, user, self.users[user][1])
+        return path
+
+    def _kubeconfig(self, path: Path, user: str, token: str) -> None:
         ca = base64.b64encode(self.ca_file.read_bytes()).decode()
         cfg = {
             "apiVersion": "v1", "kind": "Config", "current-context": "rayfleet-dev",
             "clusters": [{"name": "rayfleet-dev",
                           "cluster": {"server": self.server, "certificate-authority-data": ca}}],
-            "users": [{"name": "admin", "user": {"token": self.token}}],
-            "contexts": [{"name": "rayfleet-dev", "context": {"cluster": "rayfleet-dev", "user": "admin"}}],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [{"name": "rayfleet-dev", "context": {"cluster": "rayfleet-dev", "user": user}}],
         }
-        self.kubeconfig.write_text(yaml.safe_dump(cfg))
-        self.kubeconfig.chmod(0o600)
+        path.write_text(yaml.safe_dump(cfg))
+        path.chmod(0o600)
 
     def kubectl(self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None) -> subprocess.CompletedProcess:
         """Run kubectl against this control plane (stdin from `input`); returns the CompletedProcess (text)."""

@@ -21,10 +21,16 @@ def instructions(path: Path) -> list[tuple[str, str]]:
             for line in (raw.strip() for raw in text.splitlines()) if line and not line.startswith("#")]
 
 
+def base_image(ins: list[tuple[str, str]]) -> str:
+    """The BASE_IMAGE build argument's default; every stage must build FROM it."""
+    (default,) = [arg.split("=", 1)[1] for op, arg in ins if op == "ARG" and arg.startswith("BASE_IMAGE=")]
+    assert all(arg.split()[0] == "${BASE_IMAGE}" for op, arg in ins if op == "FROM")
+    return default
+
+
 def test_operator_image():
     ins = instructions(OPERATOR)
-    froms = [arg for op, arg in ins if op == "FROM"]
-    assert all(f.startswith("python:3.11-slim") for f in froms)
+    assert base_image(ins) == "python:3.11-slim"
     (user,) = [arg for op, arg in ins if op == "USER"]
     assert re.fullmatch(r"[1-9]\d*(:\d+)?", user), "a numeric non-root USER, so runAsNonRoot can be enforced"
     assert ("ENTRYPOINT", '["rayfleet-operator"]') in ins
@@ -34,7 +40,7 @@ def test_operator_image():
 
 def test_replica_image():
     ins = instructions(REPLICA)
-    assert [arg for op, arg in ins if op == "FROM"] == ["rayproject/ray:2.60.0-py311"]
+    assert base_image(ins) == "rayproject/ray:2.60.0-py311"
     runs = " ".join(arg for op, arg in ins if op == "RUN")
     assert "['runtime']" in runs and "rayfleet_runtime.haproxy_bin" in runs and "rayfleet-head-start" in runs
     assert any(op == "ENV" and "PYTHONPATH=/home/ray/app" in arg for op, arg in ins)

@@ -1,0 +1,166 @@
+"""The e2e suite's cluster: a real kubelet running our images, KubeRay's real operator, the chart.
+
+Session fixture `cluster`: builds every image offline (tests/e2e/images.py), starts the single-node
+cluster (tests/e2e/node.py), installs KubeRay's operator from its own kustomize manifests (the Go
+module's config/default, image swapped for the one built here), then `helm install`s charts/rayfleet.
+
+Without what the host needs (root, Docker, containerd, ...) every test SKIPS with the reason, unless
+RAYFLEET_E2E_STRICT=1 (set by `make e2e`, and by `make test` where it installed them), which turns
+that into a failure. The cluster's logs are in pytest's temporary directory (printed on failure).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rayfleet.dev.controlplane import ensure_tools, kuberay_module_dir
+
+from . import images as e2e_images
+from .node import NodeCluster, missing_host_prerequisites, run
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "rayfleet"
+NAMESPACE = "rayfleet-e2e"
+OPERATOR_NAMESPACE = "rayfleet-system"
+
+
+def eventually(check, *, timeout: float, interval: float = 2.0, what: str = "condition", diagnostics=None):
+    """Poll `check()` until it returns a truthy value (returned), else fail with `diagnostics()`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not met after {timeout:.0f}s\n{diagnostics() if diagnostics else ''}")
+        time.sleep(interval)
+
+
+class Cluster:
+    """kubectl/helm against the e2e cluster, and reads that the tests share."""
+
+    def __init__(self, node: NodeCluster):
+        self.node = node
+        self.kubeconfig = node.kubeconfig
+        tools = ensure_tools()
+        self.kubectl_bin, self.helm_bin = str(tools.kubectl), str(tools.helm)
+
+    def kubectl(self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None):
+        return run(self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *args, check=check, timeout=timeout, input=input)
+
+    def helm(self, *args: str, timeout: float = 600):
+        return run(self.helm_bin, f"--kubeconfig={self.kubeconfig}", *args, timeout=timeout)
+
+    def get(self, *args: str) -> dict | None:
+        proc = self.kubectl("get", *args, "-o", "json", check=False)
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+    def sd(self, name: str) -> dict:
+        return self.get("sd", name, "-n", NAMESPACE) or {}
+
+    def pods(self, cluster_name: str) -> list[dict]:
+        return (self.get("pods", "-n", NAMESPACE, "-l", f"ray.io/cluster={cluster_name}") or {}).get("items", [])
+
+    def service_url(self, name: str) -> str:
+        """The ServeDeployment's Service, by ClusterIP: kube-proxy routes this host's requests to it."""
+        svc = self.get("service", name, "-n", NAMESPACE)
+        assert svc, f"no Service {name}"
+        return f"http://{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}"
+
+    def diagnostics(self, name: str | None = None) -> str:
+        parts = [self.kubectl("get", "sd,raycluster,pods,svc", "-n", NAMESPACE, "-o", "wide", check=False).stdout,
+                 self.kubectl("get", "events", "-n", NAMESPACE, "--sort-by=.lastTimestamp", check=False).stdout[-3000:],
+                 self.kubectl("logs", "-n", OPERATOR_NAMESPACE, "deployment/rayfleet", "--tail=60", check=False).stdout]
+        if name:
+            parts.insert(1, json.dumps(self.sd(name).get("status"), indent=1))
+        return "\n".join(parts)
+
+    def wait_ready(self, name: str, replicas: int, timeout: float = 600) -> dict:
+        def ready():
+            sd = self.sd(name)
+            status = sd.get("status") or {}
+            cond = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+            done = (cond.get("status") == "True" and status.get("readyReplicas") == replicas
+                    and status.get("updatedReplicas") == replicas and len(status.get("replicaStatuses") or []) == replicas
+                    and status.get("observedGeneration") == sd["metadata"]["generation"])
+            return sd if done else None
+        return eventually(ready, timeout=timeout, what=f"sd/{name} Ready with {replicas} replicas",
+                          diagnostics=lambda: self.diagnostics(name))
+
+
+def _strict() -> bool:
+    return os.environ.get("RAYFLEET_E2E_STRICT") == "1"
+
+
+def _missing() -> list[str]:
+    missing = missing_host_prerequisites()
+    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode != 0:
+        missing.append("a running Docker engine (`docker info` fails; start dockerd)")
+    return missing
+
+
+def install_kuberay(cluster: Cluster, image: str, workdir: Path) -> None:
+    """KubeRay's operator from its own manifests (config/default: CRDs, RBAC, Deployment)."""
+    overlay = workdir / "kuberay"
+    shutil.copytree(kuberay_module_dir() / "config", overlay / "config")
+    for path in overlay.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)  # copies of the read-only module cache
+    repo, tag = image.rsplit(":", 1)
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "namespace": "kuberay-system", "resources": ["config/default"],
+        "images": [{"name": "quay.io/kuberay/operator", "newName": repo, "newTag": tag}],
+    }))
+    cluster.kubectl("create", "namespace", "kuberay-system")
+    # Server-side: the CRDs exceed the 256 KiB last-applied annotation.
+    cluster.kubectl("apply", "--server-side", "-k", str(overlay), timeout=300)
+    cluster.kubectl("rollout", "status", "-n", "kuberay-system", "deployment/kuberay-operator", "--timeout=300s",
+                    timeout=330)
+
+
+def install_rayfleet(cluster: Cluster, images: e2e_images.Images) -> None:
+    op_repo, op_tag = images.operator.rsplit(":", 1)
+    replica_repo, replica_tag = images.replica.rsplit(":", 1)
+    cluster.helm("install", "rayfleet", str(CHART), "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
+                 "--set", f"image.repository={op_repo}", "--set", f"image.tag={op_tag}",
+                 "--set", "image.pullPolicy=Never",
+                 "--set", f"replicaImage.repository={replica_repo}", "--set", f"replicaImage.tag={replica_tag}",
+                 # Small pods, so that a head and two workers fit the 2 CPUs of this node.
+                 "--set", "rayCluster.head.cpu=500m", "--set", "rayCluster.head.memory=2Gi",
+                 "--set", "rayCluster.worker.cpu=500m", "--set", "rayCluster.worker.memory=2Gi",
+                 "--set", "resyncSeconds=3", "--wait", "--timeout=5m")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    missing = _missing()
+    if missing:
+        message = "e2e needs " + "; ".join(missing)
+        if _strict():
+            pytest.fail(message)
+        pytest.skip(message)
+
+    workdir = tmp_path_factory.mktemp("e2e")
+    images = e2e_images.build_all()
+    node = NodeCluster(workdir / "node")
+    node.start(images.all(), pause_image=images.pause, coredns_image=images.coredns)
+    c = Cluster(node)
+    try:
+        install_kuberay(c, images.kuberay, workdir)
+        install_rayfleet(c, images)
+        c.kubectl("create", "namespace", NAMESPACE)
+        eventually(lambda: c.get("serviceaccount", "default", "-n", NAMESPACE), timeout=30,
+                   what="the namespace's default ServiceAccount")
+        yield c
+    except BaseException:
+        print(node.logs_tail(40))
+        raise
+    finally:
+        node.stop()

@@ -1,0 +1,3 @@
+module rayfleet.io/e2e/pause
+
+go 1.26.0

@@ -1,0 +1,197 @@
+"""End to end on a real cluster: the user's path, from `helm install` to `kubectl delete`.
+
+A real kubelet runs the images built from our Dockerfiles, KubeRay's real operator turns the
+ServeDeployments' RayClusters into pods, requests go through each ServeDeployment's Service. The
+tests run in order and share the echo deployment, as a user's session would.
+
+    make e2e        # or: .venv/bin/python -m pytest tests/e2e -v -rs   (as root)
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import NAMESPACE, OPERATOR_NAMESPACE, eventually
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Image builds (cold: minutes) happen in the session fixture's setup, which this budget covers.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
+
+
+def http_get(url: str, timeout: float = 30) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, {"error": exc.read().decode(errors="replace")}
+    except OSError as exc:  # refused, reset, timed out: the client saw no HTTP answer
+        return 0, {"error": repr(exc)}
+
+
+def example(name: str) -> dict:
+    return yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())
+
+
+def apply(cluster, sd: dict) -> None:
+    cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(sd))
+
+
+def replica_pids(sd: dict) -> dict[str, int]:
+    return {r["id"]: r["pid"] for r in sd["status"]["replicaStatuses"]}
+
+
+class Traffic:
+    """GETs in a loop on a background thread (a new connection each), counting what failed."""
+
+    def __init__(self, url: str):
+        self.url, self.answers, self.failures = url, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.answers + len(self.failures) < 100_000:
+            code, body = http_get(self.url, timeout=30)
+            if code == 200:
+                self.answers += 1
+                self.last = body
+            else:
+                self.failures.append((code, body))
+            time.sleep(0.02)
+
+    def __enter__(self) -> "Traffic":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+
+@pytest.fixture(scope="module")
+def echo(cluster):
+    sd = example("echo")
+    apply(cluster, sd)
+    return sd
+
+
+def test_echo_serves_from_distinct_replica_processes(cluster, echo):
+    name, replicas = echo["metadata"]["name"], echo["spec"]["replicas"]
+    sd = cluster.wait_ready(name, replicas)
+    pids = set(replica_pids(sd).values())
+    assert len(pids) == replicas and all(pids), sd["status"]["replicaStatuses"]
+
+    base, prefix = cluster.service_url(name), echo["spec"]["routePrefix"]
+    status, body = http_get(f"{base}{prefix}/hello?x=1")
+    assert status == 200, body
+    assert body["path"] == f"{prefix}/hello" and body["query"] == {"x": "1"}
+    assert body["greeting"] == echo["spec"]["handlerArgs"]["greeting"]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: http_get(f"{base}{prefix}/n/{i}"), range(64)))
+    assert all(code == 200 for code, _ in answers), answers
+    # Every replica is its own OS process, and the Service + ingress spread requests over all of them.
+    assert {body["pid"] for _, body in answers} == pids
+
+
+def test_kubectl_get_and_events_read_well(cluster, echo):
+    name = echo["metadata"]["name"]
+    table = cluster.kubectl("get", "sd", name, "-n", NAMESPACE).stdout.splitlines()
+    header, row = table[0].split(), table[1].split()
+    assert header[:5] == ["NAME", "DESIRED", "READY", "IN-FLIGHT", "STATUS"], table
+    assert row[:3] == [name, "2", "2"] and row[4] == "AllReplicasReady", table
+    assert f"{name}.{NAMESPACE}.svc" in table[1], table
+    events = cluster.get("events", "-n", NAMESPACE, "--field-selector",
+                         f"involvedObject.kind=ServeDeployment,involvedObject.name={name}")["items"]
+    assert any(e["reason"] == "AllReplicasReady" and e["type"] == "Normal" for e in events), events
+    described = cluster.kubectl("describe", "sd", name, "-n", NAMESPACE).stdout
+    assert "AllReplicasReady" in described and "Replica Statuses" in described, described
+
+
+def test_scale_up_and_down(cluster, echo):
+    name = echo["metadata"]["name"]
+    before = replica_pids(cluster.sd(name))
+    cluster.kubectl("scale", f"sd/{name}", "-n", NAMESPACE, "--replicas=3")
+    sd = cluster.wait_ready(name, 3)
+    after = replica_pids(sd)
+    assert len(set(after.values())) == 3 and before.items() <= after.items(), (before, after)
+    # 3 replicas of 0.5 CPU need a second 1-CPU worker: KubeRay made that pod.
+    workers = [p for p in cluster.pods(name) if p["metadata"]["labels"].get("ray.io/node-type") == "worker"]
+    assert len(workers) == 2, [p["metadata"]["name"] for p in workers]
+
+    cluster.kubectl("scale", f"sd/{name}", "-n", NAMESPACE, "--replicas=2")
+    sd = cluster.wait_ready(name, 2)
+    assert replica_pids(sd).items() <= after.items(), "scale-down only removes replicas"
+
+
+def test_rolling_update_fails_no_request(cluster, echo):
+    name, prefix = echo["metadata"]["name"], echo["spec"]["routePrefix"]
+    old = replica_pids(cluster.sd(name))
+    with Traffic(f"{cluster.service_url(name)}{prefix}/rollout") as traffic:
+        eventually(lambda: traffic.answers >= 20, timeout=60, what="traffic flowing before the rollout")
+        patch = {"spec": {"handlerArgs": {"greeting": "rolled"}}}
+        cluster.kubectl("patch", "sd", name, "-n", NAMESPACE, "--type=merge", "-p", json.dumps(patch))
+        sd = cluster.wait_ready(name, 2)
+        eventually(lambda: traffic.last.get("greeting") == "rolled", timeout=60, what="the new version answering")
+        answered = traffic.answers
+        eventually(lambda: traffic.answers >= answered + 20, timeout=60, what="traffic after the rollout")
+    assert not traffic.failures, traffic.failures[:5]
+    assert not set(replica_pids(sd)) & set(old), "every replica was replaced"
+
+
+def test_operator_restart_keeps_replicas(cluster, echo):
+    name = echo["metadata"]["name"]
+    sd = cluster.sd(name)
+    pids = replica_pids(sd)
+    pods = {p["metadata"]["uid"]: p["status"]["containerStatuses"][0]["restartCount"] for p in cluster.pods(name)}
+    old_operator = cluster.get("pods", "-n", OPERATOR_NAMESPACE, "-l", "app.kubernetes.io/name=rayfleet")["items"]
+    cluster.kubectl("delete", "pod", "-n", OPERATOR_NAMESPACE, "-l", "app.kubernetes.io/name=rayfleet", "--wait=true",
+                    timeout=180)
+    cluster.kubectl("rollout", "status", "-n", OPERATOR_NAMESPACE, "deployment/rayfleet", "--timeout=180s", timeout=200)
+    new_operator = cluster.get("pods", "-n", OPERATOR_NAMESPACE, "-l", "app.kubernetes.io/name=rayfleet")["items"]
+    assert {p["metadata"]["uid"] for p in new_operator}.isdisjoint(p["metadata"]["uid"] for p in old_operator)
+
+    # An in-place change proves the new operator pod has reconciled (observedGeneration moves).
+    cluster.kubectl("patch", "sd", name, "-n", NAMESPACE, "--type=merge", "-p", '{"spec": {"requestTimeoutSeconds": 45}}')
+    sd = cluster.wait_ready(name, 2)
+    assert replica_pids(sd) == pids, "the operator's restart restarted no replica"
+    assert all(r["restarts"] == 0 for r in sd["status"]["replicaStatuses"]), sd["status"]["replicaStatuses"]
+    assert {p["metadata"]["uid"]: p["status"]["containerStatuses"][0]["restartCount"] for p in cluster.pods(name)} == pods
+
+
+def test_delete_removes_everything(cluster, echo):
+    name = echo["metadata"]["name"]
+    cluster.kubectl("delete", "sd", name, "-n", NAMESPACE, "--timeout=300s", timeout=330)
+
+    def gone():
+        left = [kind for kind in ("raycluster", "service") if cluster.get(kind, name, "-n", NAMESPACE)]
+        return not left and not cluster.pods(name)
+    eventually(gone, timeout=300, what=f"RayCluster, Service and pods of sd/{name} deleted",
+               diagnostics=cluster.diagnostics)
+
+
+def test_async_handler_overlaps_concurrent_requests(cluster):
+    sd = example("async_io")
+    name, prefix = sd["metadata"]["name"], sd["spec"]["routePrefix"]
+    apply(cluster, sd)
+    try:
+        cluster.wait_ready(name, sd["spec"]["replicas"])
+        url = f"{cluster.service_url(name)}{prefix}?seconds=1"
+        assert http_get(url)[0] == 200  # warm up: connections, imports
+        with ThreadPoolExecutor(5) as pool:
+            started = time.monotonic()
+            answers = list(pool.map(lambda _: http_get(url), range(5)))
+            elapsed = time.monotonic() - started
+        assert all(code == 200 for code, _ in answers), answers
+        assert len({body["pid"] for _, body in answers}) == 1, "one replica served them all"
+        # One replica, five 1-second awaits: concurrent, not 5 s in a row.
+        assert elapsed < 2.5, f"5 concurrent 1 s requests took {elapsed:.2f}s"
+    finally:
+        cluster.kubectl("delete", "sd", name, "-n", NAMESPACE, "--timeout=300s", check=False, timeout=330)
