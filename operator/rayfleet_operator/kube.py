@@ -66,6 +66,20 @@ class Kube:
         return await _call(self.custom.replace_namespaced_custom_object, RAY_GROUP, RAY_VERSION,
                            obj["metadata"]["namespace"], RAY_PLURAL, obj["metadata"]["name"], obj)
 
+    async def create_secret_unless_present(self, obj: dict[str, Any]) -> bool:
+        """Create the Secret; False if it exists already. Create-only, so the operator needs no right
+        to read Secrets."""
+        try:
+            await _call(self.core.create_namespaced_secret, obj["metadata"]["namespace"], obj)
+        except KubeError as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        return (await _call(self.core.list_namespaced_pod, namespace, label_selector=selector) or {}).get("items", [])
+
     async def get_service(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await _call(self.core.read_namespaced_service, name, namespace)
 

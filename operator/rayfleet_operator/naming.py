@@ -9,10 +9,12 @@ RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayclusters"
 LABEL_DEPLOYMENT = "rayfleet.io/serve-deployment"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_RAY_CLUSTER = "ray.io/cluster"  # KubeRay puts it on every pod of a RayCluster
+LABEL_RAY_NODE_TYPE = "ray.io/node-type"  # and this one: head or worker
 ANNOTATION_SPEC_HASH = "rayfleet.io/spec-hash"
 
 CONTROL_PORT_NAME = "rayfleet-ctl"
 INGRESS_PORT_NAME = "rayfleet-http"
+RAY_AUTH_TOKEN_KEY = "token"  # the key of the token in the RayCluster's auth Secret
 
 
 def labels(sd_name: str) -> dict[str, str]:
@@ -35,6 +37,11 @@ def cluster_name(body: dict[str, Any]) -> str:
     """The RayCluster hosting this deployment: the referenced one, or one named after it."""
     existing = ((body.get("spec") or {}).get("rayCluster") or {}).get("existing")
     return existing["name"] if existing else body["metadata"]["name"]
+
+
+def auth_secret_name(cluster: str) -> str:
+    """The Secret holding the Ray auth token of a RayCluster rayfleet owns."""
+    return f"{cluster}-ray-auth"
 
 
 def deployment_key(body: dict[str, Any]) -> str:

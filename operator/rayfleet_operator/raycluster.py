@@ -15,10 +15,12 @@ from typing import Any
 from rayfleet.spec import SpecError, parse_quantity
 
 from .config import OperatorConfig
-from .naming import (ANNOTATION_SPEC_HASH, CONTROL_PORT_NAME, INGRESS_PORT_NAME, RAY_GROUP, RAY_VERSION,
-                     labels, owner_reference)
+from .naming import (ANNOTATION_SPEC_HASH, CONTROL_PORT_NAME, INGRESS_PORT_NAME, RAY_AUTH_TOKEN_KEY, RAY_GROUP,
+                     RAY_VERSION, auth_secret_name, labels, owner_reference)
 
 GPU_RESOURCE = "nvidia.com/gpu"
+HEAD_CONTAINER, WORKER_CONTAINER = "ray-head", "ray-worker"
+PRESTOP_SLEEP_S = 5
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,32 @@ def plan_workers(spec: dict[str, Any], config: OperatorConfig) -> WorkerPlan:
     return WorkerPlan(max(low, min(needed, high)), low, high, cpus_per_worker, needed > high)
 
 
+def worker_replicas(cluster: dict[str, Any] | None) -> int | None:
+    """The worker count a RayCluster asks for now (None: no cluster)."""
+    if cluster is None:
+        return None
+    groups = (cluster.get("spec") or {}).get("workerGroupSpecs") or [{}]
+    return groups[0].get("replicas", 0)
+
+
+def shrink_workers(current: int, wanted: int, worker_pods: list[dict[str, Any]],
+                   replica_ips: set[str]) -> tuple[int, list[str]]:
+    """The worker count to ask for, and the pods to delete, when the plan wants fewer workers.
+
+    With autoscaling off, KubeRay deletes arbitrary worker pods when the count drops below the pods
+    running, serving replicas or not. So the count drops freely only by workers that don't run (not yet
+    created, or terminating), and beyond that only by pods that host no replica (the controller drains
+    replicas first), named in the group's scaleStrategy.workersToDelete.
+    """
+    if wanted >= current:
+        return wanted, []
+    live = [p for p in worker_pods if not p["metadata"].get("deletionTimestamp")]
+    free = min(current - wanted, max(0, current - len(live)))
+    idle = sorted(p["metadata"]["name"] for p in live if (p.get("status") or {}).get("podIP") not in replica_ips)
+    going = idle[:current - wanted - free]
+    return current - free - len(going), going
+
+
 def spec_problems(spec: dict[str, Any], config: OperatorConfig) -> list[str]:
     """What the schema can't catch: replicas that could never be scheduled on the workers described."""
     if (spec.get("rayCluster") or {}).get("existing"):
@@ -78,30 +106,55 @@ def spec_problems(spec: dict[str, Any], config: OperatorConfig) -> list[str]:
     return problems
 
 
-def _container(name: str, image: str, resources: dict[str, Any], ports: list[dict[str, Any]], env: list[dict[str, str]]) -> dict[str, Any]:
-    return {"name": name, "image": image, "resources": copy.deepcopy(resources), "ports": ports, "env": env}
+def _container(name: str, image: str, resources: dict[str, Any], ports: list[dict[str, Any]], env: list[dict[str, str]],
+               ingress_port: int) -> dict[str, Any]:
+    # KubeRay's own readiness check (what it injects when a container declares none: the raylet, and on
+    # the head the GCS) plus our ingress: a pod joins the Service only once its HAProxy listens, so a new
+    # worker never takes connections it would refuse. KubeRay still injects its liveness probe.
+    checks = ["wget --tries 1 -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"]
+    if name == HEAD_CONTAINER:
+        checks.append("wget --tries 1 -T 2 -q -O- http://localhost:8265/api/gcs_healthz | grep success")
+    checks.append(f"(exec 3<>/dev/tcp/127.0.0.1/{ingress_port})")
+    return {
+        "name": name, "image": image, "resources": copy.deepcopy(resources), "ports": ports, "env": env,
+        "readinessProbe": {"exec": {"command": ["bash", "-c", " && ".join(checks)]},
+                           "initialDelaySeconds": 10, "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 10},
+        # The pod leaves the Service's endpoints as it starts terminating; its HAProxy keeps serving
+        # what is already in flight (and what proxies have not yet stopped sending) meanwhile.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
+    }
 
 
-def build_raycluster(body: dict[str, Any], config: OperatorConfig) -> dict[str, Any]:
-    """The RayCluster rayfleet owns for this ServeDeployment (not called for rayCluster.existing)."""
+def build_raycluster(body: dict[str, Any], config: OperatorConfig,
+                     workers: tuple[int, list[str]] | None = None) -> dict[str, Any]:
+    """The RayCluster rayfleet owns for this ServeDeployment (not called for rayCluster.existing).
+
+    `workers`: the worker count and the pods to delete, from shrink_workers; default: the plan's count.
+    """
     meta, spec = body["metadata"], body["spec"]
     cluster = spec.get("rayCluster") or {}
     image = spec.get("image") or config.replica_image
     plan = plan_workers(spec, config)
+    worker_count, workers_to_delete = workers or (plan.replicas, [])
     pod_labels = labels(meta["name"])
     http_port = {"containerPort": config.ingress_port, "name": INGRESS_PORT_NAME, "protocol": "TCP"}
     env = [{"name": "RAYFLEET_CONTROL_PORT", "value": str(config.control_port)},
-           {"name": "RAYFLEET_INGRESS_PORT", "value": str(config.ingress_port)}]
-    head = _container("ray-head", image, (cluster.get("head") or {}).get("resources") or config.head_resources, [
+           {"name": "RAYFLEET_INGRESS_PORT", "value": str(config.ingress_port)},
+           # Ray's token auth: without a token, `ray start` leaves it off and any pod that reaches the
+           # cluster can run code in it. KubeRay copies this env into the workers' init container too.
+           {"name": "RAY_AUTH_MODE", "value": "token"},
+           {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
+               "name": auth_secret_name(meta["name"]), "key": RAY_AUTH_TOKEN_KEY}}}]
+    head = _container(HEAD_CONTAINER, image, (cluster.get("head") or {}).get("resources") or config.head_resources, [
         {"containerPort": 6379, "name": "gcs-server", "protocol": "TCP"},
         {"containerPort": 8265, "name": "dashboard", "protocol": "TCP"},
         {"containerPort": 10001, "name": "client", "protocol": "TCP"},
         {"containerPort": config.control_port, "name": CONTROL_PORT_NAME, "protocol": "TCP"},
         http_port,
-    ], env)
+    ], env, config.ingress_port)
     # The replica image starts the rayfleet controller once Ray is up on the head (see replica_image/).
-    head["lifecycle"] = {"postStart": {"exec": {"command": ["/bin/sh", "-c", "rayfleet-head-start"]}}}
-    worker = _container("ray-worker", image, worker_resources(spec, config), [http_port], env)
+    head["lifecycle"]["postStart"] = {"exec": {"command": ["/bin/sh", "-c", "rayfleet-head-start"]}}
+    worker = _container(WORKER_CONTAINER, image, worker_resources(spec, config), [http_port], env, config.ingress_port)
     spec_out = {
         "rayVersion": cluster.get("rayVersion", "2.60.0"),
         "enableInTreeAutoscaling": False,
@@ -113,9 +166,11 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig) -> dict[str, 
         },
         "workerGroupSpecs": [{
             "groupName": "replicas",
-            "replicas": plan.replicas,
+            "replicas": worker_count,
             "minReplicas": plan.min_replicas,
-            "maxReplicas": plan.max_replicas,
+            # A lowered maxReplicas can't take down pods that still serve: they go once drained.
+            "maxReplicas": max(plan.max_replicas, worker_count),
+            **({"scaleStrategy": {"workersToDelete": workers_to_delete}} if workers_to_delete else {}),
             "rayStartParams": {"num-cpus": str(plan.cpus_per_worker)},
             "template": {"metadata": {"labels": dict(pod_labels)}, "spec": {"containers": [worker]}},
         }],
@@ -134,6 +189,19 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig) -> dict[str, 
     }
 
 
+def build_auth_secret(body: dict[str, Any], token: str) -> dict[str, Any]:
+    """The Secret with the Ray auth token of the RayCluster rayfleet owns (the caller makes the token)."""
+    meta = body["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {"name": auth_secret_name(meta["name"]), "namespace": meta["namespace"],
+                     "labels": labels(meta["name"]), "ownerReferences": [owner_reference(body)]},
+        "stringData": {RAY_AUTH_TOKEN_KEY: token},
+    }
+
+
 def object_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -142,13 +210,21 @@ def should_update_cluster(existing: dict[str, Any] | None, desired: dict[str, An
     """Whether to write `desired` over `existing`, and why (the reason lands in a condition message)."""
     if existing is None:
         return True, "RayCluster does not exist"
-    if not owned_by(existing, desired["metadata"]["ownerReferences"][0]["uid"]):
-        return False, f"RayCluster {existing['metadata']['name']} exists and is not owned by this ServeDeployment"
+    conflict = ownership_conflict(existing, desired["metadata"]["ownerReferences"][0]["uid"])
+    if conflict:
+        return False, conflict
     have = (existing["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
     want = desired["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
     if have != want:
         return True, f"RayCluster spec hash changed from {have} to {want}"
     return False, "RayCluster is up to date"
+
+
+def ownership_conflict(existing: dict[str, Any] | None, uid: str) -> str | None:
+    """Why an existing RayCluster of our name isn't ours to manage (None: it is, or there is none)."""
+    if existing is not None and not owned_by(existing, uid):
+        return f"RayCluster {existing['metadata']['name']} exists and is not owned by this ServeDeployment"
+    return None
 
 
 def owned_by(obj: dict[str, Any], uid: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from .conditions import READY, find
 from .config import OperatorConfig
 from .controlapi import ControlClient, ControllerRejected, ControllerUnreachable
 from .kube import Kube
-from .naming import LABEL_RAY_CLUSTER, cluster_name, deployment_key
+from .naming import LABEL_RAY_CLUSTER, LABEL_RAY_NODE_TYPE, cluster_name, deployment_key
 from .status import Observation, compute_status, status_patch
 
 log = logging.getLogger(__name__)
@@ -33,16 +34,15 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def _ensure_cluster(body: dict[str, Any], config: OperatorConfig, kube: Kube, obs: Observation, events: list) -> dict[str, Any] | None:
-    meta = body["metadata"]
-    existing = await kube.get_raycluster(meta["namespace"], obs.cluster_name)
-    if (body["spec"].get("rayCluster") or {}).get("existing"):
-        return existing
-    desired = raycluster.build_raycluster(body, config)
+async def _ensure_cluster(body: dict[str, Any], config: OperatorConfig, kube: Kube, obs: Observation,
+                          existing: dict[str, Any] | None, events: list) -> dict[str, Any]:
+    """Create or replace the RayCluster this ServeDeployment owns."""
+    desired = raycluster.build_raycluster(body, config, await _workers(body, config, kube, obs, existing))
     update, reason = raycluster.should_update_cluster(existing, desired)
-    if existing is not None and not raycluster.owned_by(existing, meta["uid"]):
-        obs.cluster_conflict = reason
-        return None
+    if update:
+        # The pods read Ray's auth token from this Secret: made once (before the first RayCluster that
+        # needs it, including one written by an older operator) and never rotated.
+        await kube.create_secret_unless_present(raycluster.build_auth_secret(body, secrets.token_urlsafe(32)))
     if update and existing is None:
         existing = await kube.create_raycluster(desired)
         events.append(("Normal", "RayClusterCreated", f"created RayCluster {obs.cluster_name}"))
@@ -50,6 +50,20 @@ async def _ensure_cluster(body: dict[str, Any], config: OperatorConfig, kube: Ku
         existing = await kube.replace_raycluster(desired, existing["metadata"]["resourceVersion"])
         events.append(("Normal", "RayClusterUpdated", f"updated RayCluster {obs.cluster_name}: {reason}"))
     return existing
+
+
+async def _workers(body: dict[str, Any], config: OperatorConfig, kube: Kube, obs: Observation,
+                   existing: dict[str, Any] | None) -> tuple[int, list[str]]:
+    """The worker count (and pods to delete): the plan's, except that only idle pods ever go."""
+    wanted, current = raycluster.plan_workers(body["spec"], config).replicas, raycluster.worker_replicas(existing)
+    if current is None or wanted >= current:
+        return wanted, []
+    if obs.controller is None:  # where the replicas run is unknown: keep every worker for now
+        return current, []
+    pods = await kube.list_pods(body["metadata"]["namespace"],
+                                f"{LABEL_RAY_CLUSTER}={obs.cluster_name},{LABEL_RAY_NODE_TYPE}=worker")
+    serving = {r.get("nodeIp") for r in obs.controller.get("replicas") or []}
+    return raycluster.shrink_workers(current, wanted, pods, serving)
 
 
 async def _ensure_service(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> None:
@@ -85,11 +99,17 @@ async def reconcile(body: dict[str, Any], config: OperatorConfig, kube: Kube, co
                       problems=raycluster.spec_problems(spec, config))
     events: list[tuple[str, str, str]] = []
     if not obs.problems:
-        cluster = await _ensure_cluster(body, config, kube, obs, events)
+        existing = await kube.get_raycluster(meta["namespace"], name)
+        shared = bool((spec.get("rayCluster") or {}).get("existing"))
+        obs.cluster_conflict = None if shared else raycluster.ownership_conflict(existing, meta["uid"])
+        if not obs.cluster_conflict:
+            # The controller hears of a change first: on scale-down it drains replicas, and only then
+            # can the workers they ran on go (see _workers).
+            if raycluster.readiness(existing)[0]:
+                await _observe_controller(body, existing, config, control, obs)
+            cluster = existing if shared else await _ensure_cluster(body, config, kube, obs, existing, events)
+            obs.cluster_ready, obs.cluster_state = raycluster.readiness(cluster)
         await _ensure_service(body, config, kube)
-        obs.cluster_ready, obs.cluster_state = raycluster.readiness(cluster)
-        if obs.cluster_ready and not obs.cluster_conflict:
-            await _observe_controller(body, cluster, config, control, obs)
 
     old_status = body.get("status") or {}
     new_status = compute_status(obs, old_status, _now())

@@ -14,13 +14,13 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from rayfleet.dev.controlplane import ensure_tools, kuberay_module_dir
+from tests.waiting import eventually
 
 from . import images as e2e_images
 from .node import NodeCluster, missing_host_prerequisites, run
@@ -29,18 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "rayfleet"
 NAMESPACE = "rayfleet-e2e"
 OPERATOR_NAMESPACE = "rayfleet-system"
-
-
-def eventually(check, *, timeout: float, interval: float = 2.0, what: str = "condition", diagnostics=None):
-    """Poll `check()` until it returns a truthy value (returned), else fail with `diagnostics()`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not met after {timeout:.0f}s\n{diagnostics() if diagnostics else ''}")
-        time.sleep(interval)
 
 
 class Cluster:
@@ -91,7 +79,7 @@ class Cluster:
                     and status.get("updatedReplicas") == replicas and len(status.get("replicaStatuses") or []) == replicas
                     and status.get("observedGeneration") == sd["metadata"]["generation"])
             return sd if done else None
-        return eventually(ready, timeout=timeout, what=f"sd/{name} Ready with {replicas} replicas",
+        return eventually(ready, timeout=timeout, interval=2, what=f"sd/{name} Ready with {replicas} replicas",
                           diagnostics=lambda: self.diagnostics(name))
 
 

@@ -8,6 +8,7 @@ tests run in order and share the echo deployment, as a user's session would.
 """
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -19,7 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import NAMESPACE, OPERATOR_NAMESPACE, eventually
+from tests.waiting import eventually
+
+from .conftest import NAMESPACE, OPERATOR_NAMESPACE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 
 
-def http_get(url: str, timeout: float = 30) -> tuple[int, dict]:
+def http_get(url: str, timeout: float = 30, headers: dict[str, str] | None = None) -> tuple[int, dict]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as response:
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as exc:
         return exc.code, {"error": exc.read().decode(errors="replace")}
@@ -43,6 +46,11 @@ def example(name: str) -> dict:
 
 def apply(cluster, sd: dict) -> None:
     cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(sd))
+
+
+def workers(cluster, name: str) -> list[dict]:
+    return [p for p in cluster.pods(name) if p["metadata"]["labels"].get("ray.io/node-type") == "worker"
+            and not p["metadata"].get("deletionTimestamp")]
 
 
 def replica_pids(sd: dict) -> dict[str, int]:
@@ -101,6 +109,17 @@ def test_echo_serves_from_distinct_replica_processes(cluster, echo):
     assert {body["pid"] for _, body in answers} == pids
 
 
+def test_ray_needs_the_clusters_token(cluster, echo):
+    """Ray's token auth is on: the Jobs API (which runs code) refuses a client without the token."""
+    name = echo["metadata"]["name"]
+    (head,) = [p for p in cluster.pods(name) if p["metadata"]["labels"].get("ray.io/node-type") == "head"]
+    jobs = f"http://{head['status']['podIP']}:8265/api/jobs/"
+    token = base64.b64decode(cluster.get("secret", f"{name}-ray-auth", "-n", NAMESPACE)["data"]["token"]).decode()
+    assert http_get(jobs)[0] == 401
+    assert http_get(jobs, headers={"Authorization": "Bearer not-the-token"})[0] in (401, 403)
+    assert http_get(jobs, headers={"Authorization": f"Bearer {token}"})[0] == 200
+
+
 def test_kubectl_get_and_events_read_well(cluster, echo):
     name = echo["metadata"]["name"]
     table = cluster.kubectl("get", "sd", name, "-n", NAMESPACE).stdout.splitlines()
@@ -115,20 +134,29 @@ def test_kubectl_get_and_events_read_well(cluster, echo):
     assert "AllReplicasReady" in described and "Replica Statuses" in described, described
 
 
-def test_scale_up_and_down(cluster, echo):
-    name = echo["metadata"]["name"]
+def test_scale_up_and_down_fails_no_request(cluster, echo):
+    name, prefix = echo["metadata"]["name"], echo["spec"]["routePrefix"]
     before = replica_pids(cluster.sd(name))
-    cluster.kubectl("scale", f"sd/{name}", "-n", NAMESPACE, "--replicas=3")
-    sd = cluster.wait_ready(name, 3)
-    after = replica_pids(sd)
-    assert len(set(after.values())) == 3 and before.items() <= after.items(), (before, after)
-    # 3 replicas of 0.5 CPU need a second 1-CPU worker: KubeRay made that pod.
-    workers = [p for p in cluster.pods(name) if p["metadata"]["labels"].get("ray.io/node-type") == "worker"]
-    assert len(workers) == 2, [p["metadata"]["name"] for p in workers]
+    with Traffic(f"{cluster.service_url(name)}{prefix}/scale") as traffic:
+        cluster.kubectl("scale", f"sd/{name}", "-n", NAMESPACE, "--replicas=3")
+        sd = cluster.wait_ready(name, 3)
+        after = replica_pids(sd)
+        assert len(set(after.values())) == 3 and before.items() <= after.items(), (before, after)
+        # 3 replicas of 0.5 CPU need a second 1-CPU worker: KubeRay made that pod, and it joined the
+        # Service only once its HAProxy listened (the traffic saw no refused connection).
+        assert len(workers(cluster, name)) == 2
+        answered = traffic.answers
+        eventually(lambda: traffic.answers >= answered + 20, timeout=60, what="traffic after scaling up")
 
-    cluster.kubectl("scale", f"sd/{name}", "-n", NAMESPACE, "--replicas=2")
-    sd = cluster.wait_ready(name, 2)
+        cluster.kubectl("scale", f"sd/{name}", "-n", NAMESPACE, "--replicas=2")
+        sd = cluster.wait_ready(name, 2)
+        answered = traffic.answers
+        eventually(lambda: traffic.answers >= answered + 20, timeout=60, what="traffic after scaling down")
+    assert not traffic.failures, traffic.failures[:5]
+    # Only the drained replica stopped: no worker pod that still served was taken away.
     assert replica_pids(sd).items() <= after.items(), "scale-down only removes replicas"
+    serving = {r["node"] for r in sd["status"]["replicaStatuses"]}
+    assert serving <= {p["status"].get("podIP") for p in workers(cluster, name)}
 
 
 def test_rolling_update_fails_no_request(cluster, echo):
@@ -171,9 +199,9 @@ def test_delete_removes_everything(cluster, echo):
     cluster.kubectl("delete", "sd", name, "-n", NAMESPACE, "--timeout=300s", timeout=330)
 
     def gone():
-        left = [kind for kind in ("raycluster", "service") if cluster.get(kind, name, "-n", NAMESPACE)]
-        return not left and not cluster.pods(name)
-    eventually(gone, timeout=300, what=f"RayCluster, Service and pods of sd/{name} deleted",
+        owned = [("raycluster", name), ("service", name), ("secret", f"{name}-ray-auth")]
+        return not cluster.pods(name) and not any(cluster.get(kind, obj, "-n", NAMESPACE) for kind, obj in owned)
+    eventually(gone, timeout=300, interval=2, what=f"RayCluster, pods, Service and Secret of sd/{name} deleted",
                diagnostics=cluster.diagnostics)
 
 

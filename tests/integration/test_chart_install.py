@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from rayfleet.dev.controlplane import ensure_tools
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -58,17 +59,6 @@ def helm(cp, *args: str, **kw) -> subprocess.CompletedProcess:
 def get_json(cp, *args: str, **kw) -> dict | None:
     proc = kubectl(cp, "get", *args, "-o", "json", check=False, **kw)
     return json.loads(proc.stdout) if proc.returncode == 0 else None
-
-
-def wait_for(what: str, probe, timeout: float = 60, interval: float = 0.5, diagnostics=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{diagnostics()}")
-        time.sleep(interval)
 
 
 def set_args(values: dict[str, str]) -> list[str]:
@@ -180,7 +170,7 @@ def test_operator_runs_with_the_charts_service_account(control_plane, namespace,
                 conditions = (sd.get("status") or {}).get("conditions") or []
                 return next((c for c in conditions if c["type"] == "Ready"), None)
 
-            ready = wait_for("status.conditions from the operator", ready_condition, diagnostics=diagnostics)
+            ready = eventually(what="status.conditions from the operator", timeout=60, check=ready_condition, diagnostics=diagnostics)
             assert ready["status"] == "False" and ready["reason"] == "RayClusterNotReady", ready
 
             sd = get_json(cp, "sd", "echo", "-n", namespace)
@@ -194,7 +184,7 @@ def test_operator_runs_with_the_charts_service_account(control_plane, namespace,
             assert service["spec"]["selector"] == {"ray.io/cluster": "echo"}
             assert cluster["spec"]["workerGroupSpecs"][0]["replicas"] >= 1
             # Events were posted as the ServiceAccount, too.
-            events = wait_for("an Event about echo", lambda: (get_json(
+            events = eventually(what="an Event about echo", timeout=60, check=lambda: (get_json(
                 cp, "events", "-n", namespace, "--field-selector", "involvedObject.name=echo") or {}).get("items"),
                 diagnostics=diagnostics)
             assert any(e["reason"] == "RayClusterCreated" for e in events), [e["reason"] for e in events]
@@ -202,15 +192,13 @@ def test_operator_runs_with_the_charts_service_account(control_plane, namespace,
             # Spec changes reach the RayCluster (update verb).
             kubectl(cp, "patch", "sd", "echo", "-n", namespace, "--type=merge",
                     "-p", json.dumps({"spec": {"rayCluster": {"workers": {"minReplicas": 2, "maxReplicas": 4}}}}))
-            wait_for("the RayCluster update", lambda: (get_json(cp, "raycluster", "echo", "-n", namespace) or {})
+            eventually(what="the RayCluster update", timeout=60, check=lambda: (get_json(cp, "raycluster", "echo", "-n", namespace) or {})
                      .get("spec", {}).get("workerGroupSpecs", [{}])[0].get("minReplicas") == 2, diagnostics=diagnostics)
 
             # Deletion: the operator's finalizer runs and is removed; the GC removes what it owned.
             kubectl(cp, "delete", "sd", "echo", "-n", namespace, "--wait=false")
-            wait_for("the ServeDeployment to be finalized and deleted",
-                     lambda: get_json(cp, "sd", "echo", "-n", namespace) is None, diagnostics=diagnostics)
-            wait_for("the RayCluster to be garbage-collected",
-                     lambda: get_json(cp, "raycluster", "echo", "-n", namespace) is None, diagnostics=diagnostics)
+            eventually(what="the ServeDeployment to be finalized and deleted", timeout=60, check=lambda: get_json(cp, "sd", "echo", "-n", namespace) is None, diagnostics=diagnostics)
+            eventually(what="the RayCluster to be garbage-collected", timeout=60, check=lambda: get_json(cp, "raycluster", "echo", "-n", namespace) is None, diagnostics=diagnostics)
 
             assert operator.poll() is None, f"operator exited with {operator.returncode}:\n{log()[-6000:]}"
             denied = [line for line in log().splitlines() if FORBIDDEN.search(line)]

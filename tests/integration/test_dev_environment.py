@@ -20,6 +20,9 @@ from urllib3.exceptions import ProtocolError
 
 from rayfleet.dev.operator import OperatorProcess
 from rayfleet.dev.provider import LocalProvider
+from tests.waiting import eventually
+
+WAIT_S = 90  # Ray processes start and stop on this 2-core machine
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 NAME = "echo"
@@ -31,16 +34,6 @@ def sd(name=NAME, **spec):
                      "rayActorOptions": {"numCpus": 0.25}, "healthCheck": {"periodSeconds": 2, "timeoutSeconds": 1},
                      "gracefulShutdownSeconds": 5, **spec}}
 
-
-def eventually(fn, timeout=90, interval=0.5, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 class Cluster:
@@ -115,9 +108,9 @@ def test_apply_becomes_ready_with_distinct_pids_and_serves(env):
 
 def test_kubectl_scale_up_and_down(env):
     env.cp.kubectl("scale", f"sd/{NAME}", "-n", env.ns, "--replicas=3")
-    eventually(lambda: env.ready_with(3), what="3 ready replicas")
+    eventually(lambda: env.ready_with(3), timeout=WAIT_S, what="3 ready replicas")
     env.cp.kubectl("scale", f"sd/{NAME}", "-n", env.ns, "--replicas=2")
-    eventually(lambda: env.ready_with(2), what="back to 2 ready replicas")
+    eventually(lambda: env.ready_with(2), timeout=WAIT_S, what="back to 2 ready replicas")
 
 
 def test_killed_replica_degrades_then_recovers_with_a_restart(env):
@@ -137,8 +130,8 @@ def test_killed_replica_degrades_then_recovers_with_a_restart(env):
     victim = env.status()["replicaStatuses"][0]
     os.kill(victim["pid"], signal.SIGKILL)
     eventually(lambda: any(c.get("Degraded") == "True" or c.get("Ready") == "False" for c in seen),
-               what="Degraded or not Ready after the kill")
-    status = eventually(lambda: env.ready_with(2), what="Ready again")
+               timeout=WAIT_S, what="Degraded or not Ready after the kill")
+    status = eventually(lambda: env.ready_with(2), timeout=WAIT_S, what="Ready again")
     watcher.stop()
     assert sum(r["restarts"] for r in status["replicaStatuses"]) >= 1
     assert victim["pid"] not in {r["pid"] for r in status["replicaStatuses"]}
@@ -150,13 +143,13 @@ def test_operator_restart_restarts_no_replica(env):
     env.operator.stop()
     env.operator.start()
     time.sleep(6)  # resume + a couple of resyncs
-    assert {r["id"]: r["pid"] for r in eventually(lambda: env.ready_with(2), what="Ready")["replicaStatuses"]} == before
+    assert {r["id"]: r["pid"] for r in eventually(lambda: env.ready_with(2), timeout=WAIT_S, what="Ready")["replicaStatuses"]} == before
 
 
 def test_handler_import_typo_reports_handler_import_error(env):
     env.apply(sd("broken", handler="examples.ecko:Echo", routePrefix="/broken", rayCluster={"existing": {"name": NAME}}))
     ready = eventually(lambda: env.condition("Ready", "broken").get("reason") == "HandlerImportError" and env.condition("Ready", "broken"),
-                       what="HandlerImportError")
+                       timeout=WAIT_S, what="HandlerImportError")
     assert ready["status"] == "False" and "examples.ecko" in ready["message"]
     assert env.operator.alive() and fetch(env.url())[0] == 200
     env.cp.kubectl("delete", "sd/broken", "-n", env.ns, "--timeout=60s")
@@ -165,7 +158,7 @@ def test_handler_import_typo_reports_handler_import_error(env):
 def test_delete_drains_replicas_and_collects_the_raycluster(env):
     pids = [r["pid"] for r in env.status()["replicaStatuses"]]
     env.cp.kubectl("delete", f"sd/{NAME}", "-n", env.ns, "--timeout=90s")
-    eventually(lambda: env.get("raycluster", NAME) is None, what="RayCluster garbage-collected")
+    eventually(lambda: env.get("raycluster", NAME) is None, timeout=WAIT_S, what="RayCluster garbage-collected")
 
     def gone(pid):
         try:
@@ -173,4 +166,4 @@ def test_delete_drains_replicas_and_collects_the_raycluster(env):
             return False
         except ProcessLookupError:
             return True
-    eventually(lambda: all(gone(p) for p in pids), what="replica processes gone")
+    eventually(lambda: all(gone(p) for p in pids), timeout=WAIT_S, what="replica processes gone")

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from rayfleet.dev.operator import OperatorProcess
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -26,17 +27,6 @@ def apply(cp, ns, obj, check=True):
 def get(cp, ns, kind, name):
     proc = cp.kubectl("get", kind, name, "-n", ns, "-o", "json", check=False)
     return json.loads(proc.stdout) if proc.returncode == 0 else None
-
-
-def eventually(fn, timeout=30, interval=0.3, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture
@@ -79,6 +69,10 @@ def test_raycluster_service_status_and_printer_columns(control_plane, namespace,
     assert rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "example/replica:1"
     svc = eventually(lambda: get(control_plane, namespace, "service", "echo"), what="Service")
     assert svc["spec"]["selector"] == {"ray.io/cluster": "echo"}
+    # Ray's token auth: the pods take the token from a Secret owned by the ServeDeployment.
+    token_ref = {e["name"]: e for e in rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}["RAY_AUTH_TOKEN"]
+    secret = get(control_plane, namespace, "secret", token_ref["valueFrom"]["secretKeyRef"]["name"])
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == owner_uid and len(secret["data"]["token"]) >= 40
     status = eventually(lambda: (get(control_plane, namespace, "sd", "echo").get("status") or {}).get("conditions") and
                         get(control_plane, namespace, "sd", "echo")["status"], what="status")
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
@@ -120,7 +114,8 @@ def test_delete_garbage_collects_owned_objects(control_plane, namespace, operato
     apply(control_plane, namespace, sd())
     eventually(lambda: get(control_plane, namespace, "raycluster", "echo") and get(control_plane, namespace, "service", "echo"), what="owned objects")
     control_plane.kubectl("delete", "sd/echo", "-n", namespace, "--timeout=60s")
-    eventually(lambda: get(control_plane, namespace, "raycluster", "echo") is None and get(control_plane, namespace, "service", "echo") is None,
+    eventually(lambda: all(get(control_plane, namespace, kind, name) is None for kind, name in
+                           [("raycluster", "echo"), ("service", "echo"), ("secret", "echo-ray-auth")]),
                timeout=60, what="garbage collection")
 
 

@@ -23,6 +23,8 @@ NAMESPACED_RULES = {
     ("rayfleet.io", "servedeployments/finalizers"): {"update"},
     ("ray.io", "rayclusters"): {"get", "create", "update"},
     ("", "services"): {"get", "create", "patch"},
+    ("", "pods"): {"list"},
+    ("", "secrets"): {"create"},
     ("", "events"): {"create"},
 }
 SCANNING_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}

@@ -6,8 +6,9 @@ import pytest
 from rayfleet.manifest import validate
 from rayfleet_operator.config import OperatorConfig
 from rayfleet_operator.naming import ANNOTATION_SPEC_HASH, CONTROL_PORT_NAME
-from rayfleet_operator.raycluster import (build_raycluster, controller_url, plan_workers, readiness,
-                                          should_update_cluster, spec_problems)
+from rayfleet_operator.raycluster import (build_auth_secret, build_raycluster, controller_url, plan_workers,
+                                          readiness, should_update_cluster, shrink_workers, spec_problems,
+                                          worker_replicas)
 from rayfleet_operator.service import build_service, endpoint, service_needs_update
 
 CONFIG = OperatorConfig()
@@ -33,6 +34,56 @@ def test_raycluster_shape_and_owner():
     group = rc["spec"]["workerGroupSpecs"][0]
     assert group["replicas"] == 2 and group["template"]["spec"]["containers"][0]["image"] == "example/replica:1"
     assert rc["spec"]["enableInTreeAutoscaling"] is False
+
+
+def test_pods_are_ready_only_with_their_ingress_and_drain_before_stopping():
+    rc = build_raycluster(body(), CONFIG)
+    head = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    worker = rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    for container, gcs in ((head, True), (worker, False)):
+        probe = container["readinessProbe"]["exec"]["command"][-1]
+        assert "local_raylet_healthz" in probe and f"/dev/tcp/127.0.0.1/{CONFIG.ingress_port}" in probe
+        assert ("gcs_healthz" in probe) is gcs
+        assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    assert "rayfleet-head-start" in head["lifecycle"]["postStart"]["exec"]["command"][-1]
+
+
+def pod(name, ip=None, deleting=False):
+    meta = {"name": name, **({"deletionTimestamp": "2026-01-01T00:00:00Z"} if deleting else {})}
+    return {"metadata": meta, "status": {"podIP": ip} if ip else {}}
+
+
+@pytest.mark.parametrize("current, wanted, pods, serving, expected", [
+    (2, 3, [], set(), (3, [])),                                                # growing: the plan's count
+    (2, 1, [pod("w-a", "10.0.0.5"), pod("w-b", "10.0.0.6")], {"10.0.0.5"}, (1, ["w-b"])),  # only the idle pod goes
+    (2, 1, [pod("w-a", "10.0.0.5"), pod("w-b", "10.0.0.6")], {"10.0.0.5", "10.0.0.6"}, (2, [])),  # both serve: keep
+    (3, 1, [pod("w-a", "10.0.0.5"), pod("w-b"), pod("w-c", "10.0.0.7")], {"10.0.0.5"}, (1, ["w-b", "w-c"])),
+    (2, 1, [pod("w-a", "10.0.0.5"), pod("w-b", "10.0.0.6", deleting=True)], {"10.0.0.5"}, (1, [])),  # already going
+    (3, 1, [pod("w-a", "10.0.0.5")], {"10.0.0.5"}, (1, [])),                  # workers not running: drop freely
+    (3, 1, [pod("w-a", "10.0.0.5"), pod("w-b", "10.0.0.6")], {"10.0.0.5", "10.0.0.6"}, (2, [])),
+])
+def test_shrink_workers_never_takes_a_serving_pod(current, wanted, pods, serving, expected):
+    assert shrink_workers(current, wanted, pods, serving) == expected
+
+
+def test_scale_down_names_the_pods_that_go():
+    rc = build_raycluster(body(replicas=1), CONFIG, (2, ["echo-replicas-worker-b"]))
+    group = rc["spec"]["workerGroupSpecs"][0]
+    assert group["replicas"] == 2 and group["scaleStrategy"] == {"workersToDelete": ["echo-replicas-worker-b"]}
+    assert worker_replicas(rc) == 2 and worker_replicas(None) is None
+    assert "scaleStrategy" not in build_raycluster(body(replicas=1), CONFIG)["spec"]["workerGroupSpecs"][0]
+
+
+def test_ray_token_auth_from_the_clusters_secret():
+    b = body()
+    rc, secret = build_raycluster(b, CONFIG), build_auth_secret(b, "s3cret")
+    assert secret["metadata"]["name"] == "echo-ray-auth" and secret["metadata"]["namespace"] == "team"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1" and secret["stringData"] == {"token": "s3cret"}
+    groups = [rc["spec"]["headGroupSpec"], *rc["spec"]["workerGroupSpecs"]]
+    for group in groups:
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "echo-ray-auth", "key": "token"}}
 
 
 @pytest.mark.parametrize("replicas, num_cpus, worker_cpu, low, high, expected, capped", [

@@ -1,0 +1,20 @@
+"""How every suite waits: poll a condition until it holds or a deadline passes, never a bare sleep."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+
+def eventually(check: Callable[[], Any], timeout: float = 30, interval: float = 0.5, what: str = "condition",
+               diagnostics: Callable[[], str] | None = None) -> Any:
+    """Poll `check()` until it returns something truthy, and return that; else fail naming `what`,
+    with `diagnostics()` (logs, object dumps) in the message."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {value!r}\n"
+                                 f"{diagnostics() if diagnostics else ''}")
+        time.sleep(interval)
