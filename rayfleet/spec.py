@@ -11,6 +11,10 @@ import json
 import re
 from typing import Any
 
+# Answered by the ingress itself on every Ray pod (200 once it routes a deployment, else 404): the
+# pods' readiness probe, so that a pod joins the Service only once its HAProxy can route.
+INGRESS_READY_PATH = "/-/ingress/ready"
+
 # Spec fields baked into a replica process: changing one rolls the replicas.
 VERSIONED_FIELDS = ("handler", "handlerArgs", "maxConcurrency", "syncThreads", "rayActorOptions", "runtimeEnv", "env", "image")
 

@@ -9,9 +9,12 @@ DEFAULT_REPLICA_IMAGE = "ghcr.io/rayfleet/replica:0.1.0"
 
 
 def _resources(prefix: str, cpu: str, memory: str) -> dict[str, Any]:
+    # CPU is requested, not limited: CFS throttling stalls the raylet past the GCS's health checks (the
+    # node is declared dead and its replicas with it) and stretches request latency; Ray packs replicas
+    # by the num-cpus it is given. Memory is limited at what is requested.
     cpu = os.environ.get(f"{prefix}_CPU", cpu)
     memory = os.environ.get(f"{prefix}_MEMORY", memory)
-    return {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}}
+    return {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}}
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from rayfleet.spec import SpecError, parse_quantity
+from rayfleet.spec import INGRESS_READY_PATH, SpecError, parse_quantity
 
 from .config import OperatorConfig
 from .naming import (ANNOTATION_SPEC_HASH, CONTROL_PORT_NAME, INGRESS_PORT_NAME, RAY_AUTH_TOKEN_KEY, RAY_GROUP,
@@ -109,12 +109,16 @@ def spec_problems(spec: dict[str, Any], config: OperatorConfig) -> list[str]:
 def _container(name: str, image: str, resources: dict[str, Any], ports: list[dict[str, Any]], env: list[dict[str, str]],
                ingress_port: int) -> dict[str, Any]:
     # KubeRay's own readiness check (what it injects when a container declares none: the raylet, and on
-    # the head the GCS) plus our ingress: a pod joins the Service only once its HAProxy listens, so a new
-    # worker never takes connections it would refuse. KubeRay still injects its liveness probe.
+    # the head the GCS) plus our ingress: a worker joins the Service only once its HAProxy routes, so it
+    # never takes requests it would refuse or answer 404. The head can't wait for routes (the operator
+    # sends the deployment only once the head is ready), so it waits for its HAProxy to listen, which the
+    # controller starts on its own. KubeRay still injects its liveness probe.
     checks = ["wget --tries 1 -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"]
     if name == HEAD_CONTAINER:
-        checks.append("wget --tries 1 -T 2 -q -O- http://localhost:8265/api/gcs_healthz | grep success")
-    checks.append(f"(exec 3<>/dev/tcp/127.0.0.1/{ingress_port})")
+        checks += ["wget --tries 1 -T 2 -q -O- http://localhost:8265/api/gcs_healthz | grep success",
+                   f"(exec 3<>/dev/tcp/127.0.0.1/{ingress_port})"]
+    else:
+        checks.append(f"wget --tries 1 -T 2 -q -O /dev/null http://localhost:{ingress_port}{INGRESS_READY_PATH}")
     return {
         "name": name, "image": image, "resources": copy.deepcopy(resources), "ports": ports, "env": env,
         "readinessProbe": {"exec": {"command": ["bash", "-c", " && ".join(checks)]},

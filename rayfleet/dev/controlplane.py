@@ -401,7 +401,9 @@ class ControlPlane:
         else:
             serving = ["--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
                        f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
-                       f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}"]
+                       f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+                       # Node names resolve nowhere here: reach kubelets (logs, exec) by their IP.
+                       "--kubelet-preferred-address-types=InternalIP"]
         try:
             etcd_port, peer_port, api_port, kcm_port = (free_port() for _ in range(4))
             etcd_url, peer_url = f"http://127.0.0.1:{etcd_port}", f"http://127.0.0.1:{peer_port}"

@@ -31,6 +31,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from rayfleet.spec import INGRESS_READY_PATH
+
 READY_PATH = "/-/ready"
 QUEUE_TIMEOUT_S = 2.0
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
@@ -308,6 +310,8 @@ def render_config(
     w(f"frontend {FRONTEND_NAME}")
     w(f"    bind {bind_addr}")
     w(f"    maxconn {int(maxconn)}")
+    if plan.backends:  # the pod's readiness: this ingress routes (else the path falls through to 404)
+        w(f"    http-request return status 200 content-type text/plain string ready if {{ path {INGRESS_READY_PATH} }}")
     for be in plan.backends:
         if be.prefix == "/":
             continue

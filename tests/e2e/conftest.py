@@ -1,6 +1,6 @@
 """The e2e suite's cluster: a real kubelet running our images, KubeRay's real operator, the chart.
 
-Session fixture `cluster`: builds every image offline (tests/e2e/images.py), starts the single-node
+Fixture `cluster`: builds every image offline (tests/e2e/images.py), starts the single-node
 cluster (tests/e2e/node.py), installs KubeRay's operator from its own kustomize manifests (the Go
 module's config/default, image swapped for the one built here), then `helm install`s charts/rayfleet.
 
@@ -126,7 +126,8 @@ def install_rayfleet(cluster: Cluster, images: e2e_images.Images) -> None:
                  "--set", "resyncSeconds=3", "--wait", "--timeout=5m")
 
 
-@pytest.fixture(scope="session")
+# Module scope: the cluster (and its CPU and memory) is gone before the next suite starts.
+@pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     missing = _missing()
     if missing:

@@ -100,7 +100,8 @@ class NodeCluster:
             self._spawn("kubelet", [str(bins["kubelet"]), f"--config={self._kubelet_config()}",
                                     f"--kubeconfig={cp.kubeconfig_for(f'system:node:{NODE_NAME}')}",
                                     f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP}",
-                                    f"--root-dir={STATE_ROOT / 'kubelet'}", "--v=1"])
+                                    f"--root-dir={STATE_ROOT / 'kubelet'}", f"--cert-dir={STATE_ROOT / 'kubelet' / 'pki'}",
+                                    "--v=1"])
             self._spawn("kube-proxy", [str(bins["kube-proxy"]), f"--config={self._kube_proxy_config()}",
                                        f"--hostname-override={NODE_NAME}"])
             self._wait("node Ready", self._node_ready, 180)

@@ -22,6 +22,7 @@ web = pytest.importorskip("aiohttp.web")
 from rayfleet_runtime.haproxy_bin import HAProxyNotFound, find_haproxy  # noqa: E402
 from rayfleet.procs import cmdline  # noqa: E402
 from rayfleet.ports import free_port  # noqa: E402
+from rayfleet.spec import INGRESS_READY_PATH  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -236,6 +237,20 @@ def test_unknown_prefix_404(ingress, replicas):
     push(handle, {"deployments": {"echo": dep("/echo", [a]), "root": dep("/", [a])}})
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
         assert client.get("/nope").status_code == 200
+
+
+def test_ready_path_only_once_it_routes(ingress, replicas):
+    """The pods' readiness probe: 404 while the ingress routes nothing, 200 once it routes a deployment,
+    whatever the deployments' own prefixes (a "/" deployment doesn't shadow it). A new connection each
+    time, as the kubelet's probe makes."""
+    handle, port, _ = ingress
+    a = replicas.start("ready-a")
+    url = f"http://127.0.0.1:{port}{INGRESS_READY_PATH}"
+    push(handle, {"deployments": {}})
+    assert httpx.get(url, timeout=10).status_code == 404
+    push(handle, {"deployments": {"root": dep("/", [a])}})
+    r = httpx.get(url, timeout=10)
+    assert (r.status_code, r.text) == (200, "ready")
 
 
 def test_empty_backend_503_quickly(ingress, replicas):

@@ -59,6 +59,13 @@ def test_prefixes_longest_first_and_catch_all_default():
     assert hc.NOT_FOUND_BACKEND not in cfg
 
 
+def test_ready_path_answers_only_with_a_route():
+    rule = f"http-request return status 200 content-type text/plain string ready if {{ path {hc.INGRESS_READY_PATH} }}"
+    fe = section(render(TABLE), f"frontend {hc.FRONTEND_NAME}").splitlines()
+    assert rule in fe and fe.index(rule) < min(i for i, line in enumerate(fe) if "backend" in line)
+    assert rule not in render({"deployments": {}})
+
+
 def test_unknown_prefix_404_without_catch_all():
     table = {"deployments": {"echo": {"routePrefix": "/echo", "replicas": [rep("e", 1)]}}}
     cfg = render(table)

@@ -40,11 +40,12 @@ def test_pods_are_ready_only_with_their_ingress_and_drain_before_stopping():
     rc = build_raycluster(body(), CONFIG)
     head = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     worker = rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
-    for container, gcs in ((head, True), (worker, False)):
-        probe = container["readinessProbe"]["exec"]["command"][-1]
-        assert "local_raylet_healthz" in probe and f"/dev/tcp/127.0.0.1/{CONFIG.ingress_port}" in probe
-        assert ("gcs_healthz" in probe) is gcs
-        assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    probes = {c["name"]: c["readinessProbe"]["exec"]["command"][-1] for c in (head, worker)}
+    assert all("local_raylet_healthz" in probe for probe in probes.values())
+    # Workers wait for routes; the head (whose readiness lets the operator send the routes) for HAProxy.
+    assert f"localhost:{CONFIG.ingress_port}/-/ingress/ready" in probes["ray-worker"]
+    assert "gcs_healthz" in probes["ray-head"] and f"/dev/tcp/127.0.0.1/{CONFIG.ingress_port}" in probes["ray-head"]
+    assert all(c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"] for c in (head, worker))
     assert "rayfleet-head-start" in head["lifecycle"]["postStart"]["exec"]["command"][-1]
 
 
