@@ -333,7 +333,7 @@ def _die_with_parent() -> None:
 
 
 # --------------------------------------------------------------------------
-# Control plane
+# Processes
 
 
 @dataclass
@@ -341,6 +341,51 @@ class _Proc:
     name: str
     popen: subprocess.Popen
     log: Path
+
+
+class Processes:
+    """Long-running children, each in its own process group with its log in `logdir`, killed with
+    the Python process that started them (PR_SET_PDEATHSIG: start them from a long-lived thread)."""
+
+    def __init__(self, logdir: Path, what: str):
+        self.logdir, self.what = logdir, what
+        self._procs: list[_Proc] = []
+
+    def spawn(self, name: str, args: list[str]) -> None:
+        log = self.logdir / f"{name}.log"
+        with open(log, "ab") as f:
+            popen = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+        self._procs.append(_Proc(name, popen, log))
+
+    def wait(self, what: str, ready, timeout: float) -> None:
+        """Until `ready()`; fails at once, with its log's tail, if one of the processes exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for p in self._procs:
+                if p.popen.poll() is not None:
+                    raise RuntimeError(f"{p.name} exited with {p.popen.returncode} (log {p.log}):\n{self.tail(p)}")
+            if ready():
+                return
+            time.sleep(0.25)
+        raise TimeoutError(f"{self.what}: {what} not ready after {timeout}s (logs in {self.logdir})")
+
+    def stop(self, *names: str, grace: float = 10.0) -> None:
+        """SIGTERM each process group (the named ones, else all; last started first), then SIGKILL."""
+        for p in [p for p in reversed(self._procs) if not names or p.name in names]:
+            stop_process_group(p.popen, grace)
+            self._procs.remove(p)
+
+    @staticmethod
+    def tail(p: _Proc, lines: int = 30) -> str:
+        return "".join(p.log.read_text(errors="replace").splitlines(True)[-lines:])
+
+    def logs_tail(self, lines: int = 25) -> str:
+        return "\n".join(f"--- {p.name} ({p.log})\n{self.tail(p, lines)}" for p in self._procs if p.log.exists())
+
+
+# --------------------------------------------------------------------------
+# Control plane
 
 
 class ControlPlane:
@@ -373,7 +418,7 @@ class ControlPlane:
         self.ca_file = self.workdir / "pki" / "ca.crt"
         self.token = ""
         self.server = ""
-        self._procs: list[_Proc] = []
+        self.procs = Processes(self.workdir, "control plane")
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -407,7 +452,7 @@ class ControlPlane:
         try:
             etcd_port, peer_port, api_port, kcm_port = (free_port() for _ in range(4))
             etcd_url, peer_url = f"http://127.0.0.1:{etcd_port}", f"http://127.0.0.1:{peer_port}"
-            self._spawn("etcd", [
+            self.procs.spawn("etcd", [
                 str(bins.etcd), "--name=default", f"--data-dir={wd / 'etcd'}",
                 f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
                 f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
@@ -415,7 +460,7 @@ class ControlPlane:
                 "--unsafe-no-fsync=true",  # throwaway data: fsync only slows tests down
             ])
             self.server = f"https://{self.address}:{api_port}"
-            self._spawn("kube-apiserver", [
+            self.procs.spawn("kube-apiserver", [
                 str(bins.kube_apiserver),
                 f"--etcd-servers={etcd_url}",
                 f"--bind-address={self.address}", f"--advertise-address={self.address}", f"--secure-port={api_port}",
@@ -431,9 +476,9 @@ class ControlPlane:
                 "--allow-privileged=true",
                 *self.extra_apiserver_args,
             ])
-            self._wait("kube-apiserver /readyz", lambda: self._get("/readyz") == 200)
+            self.procs.wait("kube-apiserver /readyz", lambda: self._get("/readyz") == 200, self.start_timeout)
             self._write_kubeconfig()
-            self._spawn("kube-controller-manager", [
+            self.procs.spawn("kube-controller-manager", [
                 str(bins.kube_controller_manager),
                 f"--kubeconfig={self.kubeconfig}",
                 "--leader-elect=false", "--controllers=*",
@@ -446,9 +491,11 @@ class ControlPlane:
             ])
             insecure = ssl.create_default_context()  # kcm serves a throwaway self-signed cert
             insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE
-            self._wait("kube-controller-manager /healthz",
-                       lambda: self._get("/healthz", f"https://127.0.0.1:{kcm_port}", insecure) == 200)
-            self._wait("namespace default", lambda: self._get("/api/v1/namespaces/default") == 200)
+            self.procs.wait("kube-controller-manager /healthz",
+                            lambda: self._get("/healthz", f"https://127.0.0.1:{kcm_port}", insecure) == 200,
+                            self.start_timeout)
+            self.procs.wait("namespace default", lambda: self._get("/api/v1/namespaces/default") == 200,
+                            self.start_timeout)
         except BaseException:
             self.stop()
             raise
@@ -456,30 +503,9 @@ class ControlPlane:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM each process group (dependents first), then SIGKILL."""
-        for p in reversed(self._procs):
-            stop_process_group(p.popen, grace)
-        self._procs.clear()
+        self.procs.stop(grace=grace)
 
     # -- helpers -----------------------------------------------------------
-
-    def _spawn(self, name: str, args: list[str]) -> None:
-        log = self.workdir / f"{name}.log"
-        with open(log, "ab") as f:
-            popen = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
-        self._procs.append(_Proc(name, popen, log))
-
-    def _wait(self, what: str, ready) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            for p in self._procs:
-                if p.popen.poll() is not None:
-                    tail = "".join(p.log.read_text(errors="replace").splitlines(True)[-30:])
-                    raise RuntimeError(f"{p.name} exited with {p.popen.returncode} (log {p.log}):\n{tail}")
-            if ready():
-                return
-            time.sleep(0.25)
-        raise TimeoutError(f"control plane: {what} not ready after {self.start_timeout}s (logs in {self.workdir})")
 
     def _get(self, path: str, base: str | None = None, ctx: ssl.SSLContext | None = None) -> int:
         req = urllib.request.Request((base or self.server) + path,

@@ -149,7 +149,7 @@ def cluster(tmp_path_factory):
                    what="the namespace's default ServiceAccount")
         yield c
     except BaseException:
-        print(node.logs_tail(40))
+        print(node.procs.logs_tail(40))
         raise
     finally:
         node.stop()

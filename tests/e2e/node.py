@@ -29,9 +29,8 @@ from pathlib import Path
 
 import yaml
 
-from rayfleet.dev.controlplane import ControlPlane, ensure_tools, kubernetes_binaries
+from rayfleet.dev.controlplane import ControlPlane, Processes, ensure_tools, kubernetes_binaries
 from rayfleet.ports import free_port
-from rayfleet.procs import stop_process_group
 
 NODE_NAME = "rayfleet-e2e-node"
 BRIDGE = "rfe2e0"
@@ -79,7 +78,7 @@ class NodeCluster:
                    ("system:kube-proxy", "system:node-proxier")])
         self.kubeconfig = self.control_plane.kubeconfig
         self.containerd_socket = RUN_ROOT / "containerd.sock"
-        self._procs: list[tuple[str, subprocess.Popen, Path]] = []
+        self.procs = Processes(self.workdir, "e2e node")
         self.kubectl_bin = str(ensure_tools().kubectl)
 
     # -- lifecycle ---------------------------------------------------------
@@ -92,19 +91,19 @@ class NodeCluster:
             self._host_network()
             self.control_plane.start()
             cp = self.control_plane
-            self._spawn("kube-scheduler", [str(bins["kube-scheduler"]),
+            self.procs.spawn("kube-scheduler", [str(bins["kube-scheduler"]),
                                            f"--kubeconfig={cp.kubeconfig_for('system:kube-scheduler')}",
                                            "--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port=0"])
             self._start_containerd(pause_image)
             self.import_images(images)
-            self._spawn("kubelet", [str(bins["kubelet"]), f"--config={self._kubelet_config()}",
+            self.procs.spawn("kubelet", [str(bins["kubelet"]), f"--config={self._kubelet_config()}",
                                     f"--kubeconfig={cp.kubeconfig_for(f'system:node:{NODE_NAME}')}",
                                     f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP}",
                                     f"--root-dir={STATE_ROOT / 'kubelet'}", f"--cert-dir={STATE_ROOT / 'kubelet' / 'pki'}",
                                     "--v=1"])
-            self._spawn("kube-proxy", [str(bins["kube-proxy"]), f"--config={self._kube_proxy_config()}",
+            self.procs.spawn("kube-proxy", [str(bins["kube-proxy"]), f"--config={self._kube_proxy_config()}",
                                        f"--hostname-override={NODE_NAME}"])
-            self._wait("node Ready", self._node_ready, 180)
+            self.procs.wait("node Ready", self._node_ready, 180)
             self._install_coredns(coredns_image)
         except BaseException:
             self.stop()
@@ -113,11 +112,10 @@ class NodeCluster:
 
     def stop(self) -> None:
         """Stop every container and process, and remove what they set up on the host."""
-        for name, proc, _ in reversed(self._procs):
-            if name == "containerd":
-                self._kill_containers()
-            stop_process_group(proc, 10)
-        self._procs.clear()
+        self.procs.stop("kube-proxy", "kubelet")  # before the containers, or the kubelet restarts them
+        if self.containerd_socket.exists():
+            self._kill_containers()
+        self.procs.stop()
         self.control_plane.stop()
         self.cleanup_leftovers()
 
@@ -191,8 +189,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 """)
         # Containers inherit containerd's open-file limit. KubeRay's `ulimit -n 65536` fails where the
         # hard limit is lower and can't be raised (this VM: 20000, no CAP_SYS_RESOURCE); Ray runs anyway.
-        self._spawn("containerd", ["containerd", f"--config={config}"])
-        self._wait("containerd", lambda: self.ctr("version", check=False).returncode == 0, 60)
+        self.procs.spawn("containerd", ["containerd", f"--config={config}"])
+        self.procs.wait("containerd", lambda: self.ctr("version", check=False).returncode == 0, 60)
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
         return run("ctr", f"--address={self.containerd_socket}", "--namespace=k8s.io", *args,
@@ -288,34 +286,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             return False
         conditions = json.loads(proc.stdout)["status"].get("conditions") or []
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
-
-    def _spawn(self, name: str, args: list[str]) -> None:
-        log = self.workdir / f"{name}.log"
-        with open(log, "ab") as f:
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
-        self._procs.append((name, proc, log))
-
-    def _wait(self, what: str, ready, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, proc, log in self._procs:
-                if proc.poll() is not None:
-                    tail = "".join(log.read_text(errors="replace").splitlines(True)[-40:])
-                    raise RuntimeError(f"{name} exited with {proc.returncode} (log {log}):\n{tail}")
-            if ready():
-                return
-            time.sleep(1)
-        raise TimeoutError(f"e2e node: {what} not ready after {timeout}s (logs in {self.workdir})\n{self.logs_tail()}")
-
-    def logs_tail(self, lines: int = 25) -> str:
-        return "\n".join(f"--- {name} ({log})\n" + "".join(log.read_text(errors="replace").splitlines(True)[-lines:])
-                         for name, _, log in self._procs if log.exists())
-
-
-def _die_with_parent() -> None:
-    import ctypes
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _normalized(ref: str) -> str:

@@ -132,6 +132,10 @@ def test_kubectl_get_and_events_read_well(cluster, echo):
     assert any(e["reason"] == "AllReplicasReady" and e["type"] == "Normal" for e in events), events
     described = cluster.kubectl("describe", "sd", name, "-n", NAMESPACE).stdout
     assert "AllReplicasReady" in described and "Replica Statuses" in described, described
+    # `kubectl logs` reaches the kubelet: Ray's own start-up, and the operator's reconciles.
+    (head,) = [p["metadata"]["name"] for p in cluster.pods(name) if p["metadata"]["labels"]["ray.io/node-type"] == "head"]
+    assert "Ray runtime started" in cluster.kubectl("logs", "-n", NAMESPACE, head, "-c", "ray-head").stdout
+    assert "Handler 'apply' succeeded" in cluster.kubectl("logs", "-n", OPERATOR_NAMESPACE, "deployment/rayfleet").stdout
 
 
 def test_scale_up_and_down_fails_no_request(cluster, echo):
