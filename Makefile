@@ -25,7 +25,7 @@ test: setup
 	@bash tests/e2e/prepare-host.sh && strict=1 || { rc=$$?; [ $$rc = 10 ] || exit $$rc; strict=0; }; \
 	RAYFLEET_E2E_STRICT=$$strict $(PYTHON) -m pytest -q -rs
 
-# Only the e2e suite (tests/e2e): builds every image offline, starts a real single-node cluster on this
+# Only the e2e suite (tests/e2e): builds every image without a registry, starts a real single-node cluster on this
 # host, installs KubeRay and the chart, runs the examples, tears it all down. Root; FAILS where it can't run.
 e2e: setup
 	bash tests/e2e/prepare-host.sh

@@ -39,9 +39,10 @@ def cluster_name(body: dict[str, Any]) -> str:
     return existing["name"] if existing else body["metadata"]["name"]
 
 
-def auth_secret_name(cluster: str) -> str:
-    """The Secret holding the Ray auth token of a RayCluster rayfleet owns."""
-    return f"{cluster}-ray-auth"
+def auth_secret_name(body: dict[str, Any]) -> str:
+    """The Secret holding the Ray auth token of the RayCluster this ServeDeployment owns. The uid keeps a
+    re-created ServeDeployment off its predecessor's Secret while the garbage collector removes it."""
+    return f"{body['metadata']['name']}-ray-auth-{body['metadata']['uid'][:8]}"
 
 
 def deployment_key(body: dict[str, Any]) -> str:

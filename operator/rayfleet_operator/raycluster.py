@@ -55,30 +55,35 @@ def plan_workers(spec: dict[str, Any], config: OperatorConfig) -> WorkerPlan:
     return WorkerPlan(max(low, min(needed, high)), low, high, cpus_per_worker, needed > high)
 
 
-def worker_replicas(cluster: dict[str, Any] | None) -> int | None:
-    """The worker count a RayCluster asks for now (None: no cluster)."""
+def worker_replicas(cluster: dict[str, Any] | None) -> tuple[int, list[str]] | None:
+    """The worker count a RayCluster asks for now, and the pods it names for deletion (None: no cluster)."""
     if cluster is None:
         return None
-    groups = (cluster.get("spec") or {}).get("workerGroupSpecs") or [{}]
-    return groups[0].get("replicas", 0)
+    group = ((cluster.get("spec") or {}).get("workerGroupSpecs") or [{}])[0]
+    return group.get("replicas", 0), list((group.get("scaleStrategy") or {}).get("workersToDelete") or [])
 
 
-def shrink_workers(current: int, wanted: int, worker_pods: list[dict[str, Any]],
-                   replica_ips: set[str]) -> tuple[int, list[str]]:
-    """The worker count to ask for, and the pods to delete, when the plan wants fewer workers.
+def shrink_workers(current: int, wanted: int, worker_pods: list[dict[str, Any]], replica_ips: set[str | None],
+                   named: list[str] = ()) -> tuple[int, list[str]]:
+    """The worker count to ask for, and the pods to delete, given the plan's count.
 
     With autoscaling off, KubeRay deletes arbitrary worker pods when the count drops below the pods
     running, serving replicas or not. So the count drops freely only by workers that don't run (not yet
     created, or terminating), and beyond that only by pods that host no replica (the controller drains
-    replicas first), named in the group's scaleStrategy.workersToDelete.
+    replicas first), named in the group's scaleStrategy.workersToDelete. Names stay listed until their
+    pod is gone, as KubeRay may act on them a reconcile later. A replica not yet placed (no node IP)
+    could land on any pod: then no pod counts as idle.
     """
-    if wanted >= current:
-        return wanted, []
     live = [p for p in worker_pods if not p["metadata"].get("deletionTimestamp")]
-    free = min(current - wanted, max(0, current - len(live)))
-    idle = sorted(p["metadata"]["name"] for p in live if (p.get("status") or {}).get("podIP") not in replica_ips)
+    still_named = [name for name in named if name in {p["metadata"]["name"] for p in live}]
+    if wanted >= current:
+        return wanted, still_named
+    free = min(current - wanted, max(0, current - len(live) + len(still_named)))
+    idle = [] if None in replica_ips else sorted(
+        p["metadata"]["name"] for p in live
+        if p["metadata"]["name"] not in still_named and (p.get("status") or {}).get("podIP") not in replica_ips)
     going = idle[:current - wanted - free]
-    return current - free - len(going), going
+    return current - free - len(going), still_named + going
 
 
 def spec_problems(spec: dict[str, Any], config: OperatorConfig) -> list[str]:
@@ -110,9 +115,9 @@ def _container(name: str, image: str, resources: dict[str, Any], ports: list[dic
                ingress_port: int) -> dict[str, Any]:
     # KubeRay's own readiness check (what it injects when a container declares none: the raylet, and on
     # the head the GCS) plus our ingress: a worker joins the Service only once its HAProxy routes, so it
-    # never takes requests it would refuse or answer 404. The head can't wait for routes (the operator
-    # sends the deployment only once the head is ready), so it waits for its HAProxy to listen, which the
-    # controller starts on its own. KubeRay still injects its liveness probe.
+    # never takes requests it would refuse, or answer 404 for want of routes. The head can't wait for
+    # routes (the operator sends the deployment only once the head is ready), so it waits for its HAProxy
+    # to listen, which the controller starts on its own. KubeRay still injects its liveness probe.
     checks = ["wget --tries 1 -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"]
     if name == HEAD_CONTAINER:
         checks += ["wget --tries 1 -T 2 -q -O- http://localhost:8265/api/gcs_healthz | grep success",
@@ -148,7 +153,7 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
            # cluster can run code in it. KubeRay copies this env into the workers' init container too.
            {"name": "RAY_AUTH_MODE", "value": "token"},
            {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
-               "name": auth_secret_name(meta["name"]), "key": RAY_AUTH_TOKEN_KEY}}}]
+               "name": auth_secret_name(body), "key": RAY_AUTH_TOKEN_KEY}}}]
     head = _container(HEAD_CONTAINER, image, (cluster.get("head") or {}).get("resources") or config.head_resources, [
         {"containerPort": 6379, "name": "gcs-server", "protocol": "TCP"},
         {"containerPort": 8265, "name": "dashboard", "protocol": "TCP"},
@@ -200,7 +205,7 @@ def build_auth_secret(body: dict[str, Any], token: str) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
-        "metadata": {"name": auth_secret_name(meta["name"]), "namespace": meta["namespace"],
+        "metadata": {"name": auth_secret_name(body), "namespace": meta["namespace"],
                      "labels": labels(meta["name"]), "ownerReferences": [owner_reference(body)]},
         "stringData": {RAY_AUTH_TOKEN_KEY: token},
     }

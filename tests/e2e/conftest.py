@@ -1,12 +1,13 @@
 """The e2e suite's cluster: a real kubelet running our images, KubeRay's real operator, the chart.
 
-Fixture `cluster`: builds every image offline (tests/e2e/images.py), starts the single-node
+Fixture `cluster`: builds every image without a registry (tests/e2e/images.py), starts the single-node
 cluster (tests/e2e/node.py), installs KubeRay's operator from its own kustomize manifests (the Go
 module's config/default, image swapped for the one built here), then `helm install`s charts/rayfleet.
 
 Without what the host needs (root, Docker, containerd, ...) every test SKIPS with the reason, unless
 RAYFLEET_E2E_STRICT=1 (set by `make e2e`, and by `make test` where it installed them), which turns
-that into a failure. The cluster's logs are in pytest's temporary directory (printed on failure).
+that into a failure. Every component's log is in pytest's temporary directory (e2e0/node/); when the
+cluster fails to come up, their tails are printed.
 """
 from __future__ import annotations
 
@@ -37,11 +38,8 @@ class Cluster:
     def __init__(self, node: NodeCluster):
         self.node = node
         self.kubeconfig = node.kubeconfig
-        tools = ensure_tools()
-        self.kubectl_bin, self.helm_bin = str(tools.kubectl), str(tools.helm)
-
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None):
-        return run(self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *args, check=check, timeout=timeout, input=input)
+        self.kubectl = node.control_plane.kubectl
+        self.helm_bin = str(ensure_tools().helm)
 
     def helm(self, *args: str, timeout: float = 600):
         return run(self.helm_bin, f"--kubeconfig={self.kubeconfig}", *args, timeout=timeout)

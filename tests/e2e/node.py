@@ -4,8 +4,9 @@ makes one: our control plane (rayfleet.dev.controlplane) plus kube-scheduler, a 
 
 Why not kind: kind always starts its node containers with `docker run --privileged`, which this VM
 refuses (its capability bounding set lacks CAP_SYS_RESOURCE), and kind has no option to start them
-otherwise. Everything here runs as root on the host instead; a user's laptop with kind can run the same
-suite against its cluster (tests/e2e/conftest.py, RAYFLEET_E2E_KUBECONFIG).
+otherwise. Everything here runs as root on the host instead, so it refuses a host that already runs a
+kubelet, holds a lock so that two runs never share the host, and keeps its pods under a cgroup of its
+own (CGROUP_ROOT).
 
 Networking stays on this machine: the node's address is the gateway of a bridge we create
 (NODE_IP on BRIDGE), pods get addresses on it, Services come from the control plane's 10.0.0.0/24, and
@@ -18,6 +19,7 @@ stop(), and a run starts by clearing what an interrupted one left.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -26,11 +28,15 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import IO
 
 import yaml
 
-from rayfleet.dev.controlplane import ControlPlane, Processes, ensure_tools, kubernetes_binaries
+from rayfleet.dev.controlplane import ControlPlane, Processes, kubernetes_binaries
 from rayfleet.ports import free_port
+from rayfleet.procs import cmdline
+
+from .images import image_id
 
 NODE_NAME = "rayfleet-e2e-node"
 BRIDGE = "rfe2e0"
@@ -42,6 +48,7 @@ CLUSTER_DOMAIN = "cluster.local"
 STATE_ROOT = Path(os.environ.get("RAYFLEET_E2E_STATE", "/var/lib/rayfleet-e2e"))  # containerd's images, the kubelet's dir
 RUN_ROOT = Path("/run/rayfleet-e2e")  # containerd's socket and state
 CNI_BIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
+CGROUP_ROOT = "rayfleet-e2e"  # the kubelet's cgroupRoot: our pods, and nobody else's, live below it
 HERE = Path(__file__).resolve().parent
 
 
@@ -57,6 +64,9 @@ def missing_host_prerequisites() -> list[str]:
             missing.append(f"{tool} (apt-get install {package})")
     if not Path(CNI_BIN_DIR, "bridge").exists():
         missing.append(f"the CNI plugins in {CNI_BIN_DIR} (apt-get install containernetworking-plugins)")
+    if any(cmdline(pid).split(" ", 1)[0].endswith("/kubelet") and str(STATE_ROOT) not in cmdline(pid) for pid in _pids()):
+        missing.append("a host without a kubelet of its own (this one runs one; the e2e node's iptables and "
+                       "network namespaces would disturb its pods)")
     return missing
 
 
@@ -79,12 +89,19 @@ class NodeCluster:
         self.kubeconfig = self.control_plane.kubeconfig
         self.containerd_socket = RUN_ROOT / "containerd.sock"
         self.procs = Processes(self.workdir, "e2e node")
-        self.kubectl_bin = str(ensure_tools().kubectl)
+        self.kubectl = self.control_plane.kubectl
+        self._lock: IO | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
     def start(self, images: list[str], pause_image: str, coredns_image: str) -> "NodeCluster":
         bins = kubernetes_binaries("kube-scheduler", "kubelet", "kube-proxy")
+        STATE_ROOT.mkdir(parents=True, exist_ok=True)
+        self._lock = open(STATE_ROOT / "node.lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another e2e node runs on this host (lock {STATE_ROOT / 'node.lock'})") from None
         self.cleanup_leftovers()
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
@@ -92,17 +109,17 @@ class NodeCluster:
             self.control_plane.start()
             cp = self.control_plane
             self.procs.spawn("kube-scheduler", [str(bins["kube-scheduler"]),
-                                           f"--kubeconfig={cp.kubeconfig_for('system:kube-scheduler')}",
-                                           "--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port=0"])
+                                                f"--kubeconfig={cp.kubeconfig_for('system:kube-scheduler')}",
+                                                "--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port=0"])
             self._start_containerd(pause_image)
             self.import_images(images)
             self.procs.spawn("kubelet", [str(bins["kubelet"]), f"--config={self._kubelet_config()}",
-                                    f"--kubeconfig={cp.kubeconfig_for(f'system:node:{NODE_NAME}')}",
-                                    f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP}",
-                                    f"--root-dir={STATE_ROOT / 'kubelet'}", f"--cert-dir={STATE_ROOT / 'kubelet' / 'pki'}",
-                                    "--v=1"])
+                                         f"--kubeconfig={cp.kubeconfig_for(f'system:node:{NODE_NAME}')}",
+                                         f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP}",
+                                         f"--root-dir={STATE_ROOT / 'kubelet'}",
+                                         f"--cert-dir={STATE_ROOT / 'kubelet' / 'pki'}", "--v=1"])
             self.procs.spawn("kube-proxy", [str(bins["kube-proxy"]), f"--config={self._kube_proxy_config()}",
-                                       f"--hostname-override={NODE_NAME}"])
+                                            f"--hostname-override={NODE_NAME}"])
             self.procs.wait("node Ready", self._node_ready, 180)
             self._install_coredns(coredns_image)
         except BaseException:
@@ -112,20 +129,24 @@ class NodeCluster:
 
     def stop(self) -> None:
         """Stop every container and process, and remove what they set up on the host."""
-        self.procs.stop("kube-proxy", "kubelet")  # before the containers, or the kubelet restarts them
-        if self.containerd_socket.exists():
-            self._kill_containers()
-        self.procs.stop()
-        self.control_plane.stop()
-        self.cleanup_leftovers()
+        try:
+            self.procs.stop("kube-proxy", "kubelet")  # before the containers, or the kubelet restarts them
+            if self.containerd_socket.exists():
+                self._kill_containers()
+        finally:
+            self.procs.stop()
+            self.control_plane.stop()
+            self.cleanup_leftovers()
+            if self._lock:
+                self._lock.close()  # releases the flock
 
     def cleanup_leftovers(self) -> None:
         """Undo a node's footprint: container shims, mounts, network namespaces, iptables, bridge, cgroups."""
         # Shims outlive containerd by design; ours are the ones pointing at our socket.
-        for pid in _pids_with_arg(str(self.containerd_socket)):
+        for pid in [pid for pid in _pids() if f" {self.containerd_socket} " in f" {cmdline(pid)} "]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        for pid in _pids_in_cgroup("kubepods"):
+        for pid in _pids_in_cgroup(CGROUP_ROOT):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for root in (STATE_ROOT / "kubelet", RUN_ROOT):
@@ -135,13 +156,16 @@ class NodeCluster:
             run("ip", "netns", "delete", netns.name, check=False)
         _delete_iptables_chains("KUBE-", "CNI-")
         run("ip", "link", "delete", BRIDGE, check=False)
-        _remove_cgroups("kubepods")
+        _remove_cgroups(CGROUP_ROOT)
         shutil.rmtree(STATE_ROOT / "kubelet", ignore_errors=True)
         shutil.rmtree(RUN_ROOT, ignore_errors=True)
 
     # -- pieces ------------------------------------------------------------
 
     def _host_network(self) -> None:
+        for controller in Path("/sys/fs/cgroup").iterdir():  # the kubelet wants its cgroupRoot to exist
+            if (controller / "cgroup.procs").exists():
+                (controller / CGROUP_ROOT).mkdir(exist_ok=True)
         # Pods route through the host, and bridged traffic must pass iptables for Service NAT.
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
         Path("/proc/sys/net/bridge/bridge-nf-call-iptables").write_text("1")
@@ -204,7 +228,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             labels = dict(kv.split("=", 1) for kv in fields[-1].split(",") if "=" in kv)
             have[fields[0]] = labels.get("rayfleet.io/docker-id")
         for ref in refs:
-            docker_id = run("docker", "image", "inspect", "--format", "{{.Id}}", ref).stdout.strip()
+            docker_id = image_id(ref)
             name = _normalized(ref)
             if have.get(name) == docker_id:
                 continue
@@ -220,7 +244,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         path.write_text(yaml.safe_dump({
             "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
             "containerRuntimeEndpoint": f"unix://{self.containerd_socket}",
-            "cgroupDriver": "cgroupfs",
+            "cgroupDriver": "cgroupfs", "cgroupRoot": f"/{CGROUP_ROOT}",
             "failCgroupV1": False,  # this host is cgroup v1; kubelet >= 1.35 refuses it otherwise
             "failSwapOn": False,
             "address": NODE_IP, "readOnlyPort": 0, "healthzBindAddress": "127.0.0.1", "healthzPort": 0,
@@ -277,9 +301,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     # -- helpers -----------------------------------------------------------
 
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None):
-        return run(self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *args, check=check, timeout=timeout, input=input)
-
     def _node_ready(self) -> bool:
         proc = self.kubectl("get", "node", NODE_NAME, "-o", "json", check=False)
         if proc.returncode != 0:
@@ -295,14 +316,8 @@ def _normalized(ref: str) -> str:
     return name if ("." in first or ":" in first or first == "localhost") else f"docker.io/{name}"
 
 
-def _pids_with_arg(arg: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            with contextlib.suppress(OSError):
-                if arg.encode() in (proc / "cmdline").read_bytes().split(b"\0"):
-                    pids.append(int(proc.name))
-    return pids
+def _pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
 
 
 def _pids_in_cgroup(name: str) -> list[int]:

@@ -53,6 +53,13 @@ def workers(cluster, name: str) -> list[dict]:
             and not p["metadata"].get("deletionTimestamp")]
 
 
+def auth_secret(cluster, name: str) -> str:
+    """The Secret the RayCluster's pods take Ray's token from."""
+    rc = cluster.get("raycluster", name, "-n", NAMESPACE)
+    env = {e["name"]: e for e in rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    return env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
+
+
 def replica_pids(sd: dict) -> dict[str, int]:
     return {r["id"]: r["pid"] for r in sd["status"]["replicaStatuses"]}
 
@@ -114,7 +121,7 @@ def test_ray_needs_the_clusters_token(cluster, echo):
     name = echo["metadata"]["name"]
     (head,) = [p for p in cluster.pods(name) if p["metadata"]["labels"].get("ray.io/node-type") == "head"]
     jobs = f"http://{head['status']['podIP']}:8265/api/jobs/"
-    token = base64.b64decode(cluster.get("secret", f"{name}-ray-auth", "-n", NAMESPACE)["data"]["token"]).decode()
+    token = base64.b64decode(cluster.get("secret", auth_secret(cluster, name), "-n", NAMESPACE)["data"]["token"]).decode()
     assert http_get(jobs)[0] == 401
     assert http_get(jobs, headers={"Authorization": "Bearer not-the-token"})[0] in (401, 403)
     assert http_get(jobs, headers={"Authorization": f"Bearer {token}"})[0] == 200
@@ -147,7 +154,7 @@ def test_scale_up_and_down_fails_no_request(cluster, echo):
         after = replica_pids(sd)
         assert len(set(after.values())) == 3 and before.items() <= after.items(), (before, after)
         # 3 replicas of 0.5 CPU need a second 1-CPU worker: KubeRay made that pod, and it joined the
-        # Service only once its HAProxy listened (the traffic saw no refused connection).
+        # Service only once its HAProxy routed (the traffic saw no refused connection and no 404).
         assert len(workers(cluster, name)) == 2
         answered = traffic.answers
         eventually(lambda: traffic.answers >= answered + 20, timeout=60, what="traffic after scaling up")
@@ -200,10 +207,10 @@ def test_operator_restart_keeps_replicas(cluster, echo):
 
 def test_delete_removes_everything(cluster, echo):
     name = echo["metadata"]["name"]
+    owned = [("raycluster", name), ("service", name), ("secret", auth_secret(cluster, name))]
     cluster.kubectl("delete", "sd", name, "-n", NAMESPACE, "--timeout=300s", timeout=330)
 
     def gone():
-        owned = [("raycluster", name), ("service", name), ("secret", f"{name}-ray-auth")]
         return not cluster.pods(name) and not any(cluster.get(kind, obj, "-n", NAMESPACE) for kind, obj in owned)
     eventually(gone, timeout=300, interval=2, what=f"RayCluster, pods, Service and Secret of sd/{name} deleted",
                diagnostics=cluster.diagnostics)

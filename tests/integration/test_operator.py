@@ -113,9 +113,11 @@ def test_invalid_spec_the_schema_cannot_catch(control_plane, namespace, operator
 def test_delete_garbage_collects_owned_objects(control_plane, namespace, operator):
     apply(control_plane, namespace, sd())
     eventually(lambda: get(control_plane, namespace, "raycluster", "echo") and get(control_plane, namespace, "service", "echo"), what="owned objects")
+    auth_secret = f"echo-ray-auth-{get(control_plane, namespace, 'sd', 'echo')['metadata']['uid'][:8]}"
+    assert get(control_plane, namespace, "secret", auth_secret)
     control_plane.kubectl("delete", "sd/echo", "-n", namespace, "--timeout=60s")
     eventually(lambda: all(get(control_plane, namespace, kind, name) is None for kind, name in
-                           [("raycluster", "echo"), ("service", "echo"), ("secret", "echo-ray-auth")]),
+                           [("raycluster", "echo"), ("service", "echo"), ("secret", auth_secret)]),
                timeout=60, what="garbage collection")
 
 

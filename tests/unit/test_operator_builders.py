@@ -54,37 +54,42 @@ def pod(name, ip=None, deleting=False):
     return {"metadata": meta, "status": {"podIP": ip} if ip else {}}
 
 
-@pytest.mark.parametrize("current, wanted, pods, serving, expected", [
-    (2, 3, [], set(), (3, [])),                                                # growing: the plan's count
-    (2, 1, [pod("w-a", "10.0.0.5"), pod("w-b", "10.0.0.6")], {"10.0.0.5"}, (1, ["w-b"])),  # only the idle pod goes
-    (2, 1, [pod("w-a", "10.0.0.5"), pod("w-b", "10.0.0.6")], {"10.0.0.5", "10.0.0.6"}, (2, [])),  # both serve: keep
-    (3, 1, [pod("w-a", "10.0.0.5"), pod("w-b"), pod("w-c", "10.0.0.7")], {"10.0.0.5"}, (1, ["w-b", "w-c"])),
-    (2, 1, [pod("w-a", "10.0.0.5"), pod("w-b", "10.0.0.6", deleting=True)], {"10.0.0.5"}, (1, [])),  # already going
-    (3, 1, [pod("w-a", "10.0.0.5")], {"10.0.0.5"}, (1, [])),                  # workers not running: drop freely
-    (3, 1, [pod("w-a", "10.0.0.5"), pod("w-b", "10.0.0.6")], {"10.0.0.5", "10.0.0.6"}, (2, [])),
+@pytest.mark.parametrize("current, wanted, pods, serving, named, expected", [
+    (2, 3, [], set(), [], (3, [])),                                                # growing: the plan's count
+    (2, 1, [pod("w-a", "10.0.0.5"), pod("w-b", "10.0.0.6")], {"10.0.0.5"}, [], (1, ["w-b"])),  # only the idle pod goes
+    (2, 1, [pod("w-a", "10.0.0.5"), pod("w-b", "10.0.0.6")], {"10.0.0.5", "10.0.0.6"}, [], (2, [])),  # both serve
+    (3, 1, [pod("w-a", "10.0.0.5"), pod("w-b"), pod("w-c", "10.0.0.7")], {"10.0.0.5"}, [], (1, ["w-b", "w-c"])),
+    (2, 1, [pod("w-a", "10.0.0.5"), pod("w-b", "10.0.0.6", deleting=True)], {"10.0.0.5"}, [], (1, [])),  # already going
+    (3, 1, [pod("w-a", "10.0.0.5")], {"10.0.0.5"}, [], (1, [])),                  # workers not running: drop freely
+    (2, 1, [pod("w-a", "10.0.0.5"), pod("w-b", "10.0.0.6")], {"10.0.0.5", None}, [], (2, [])),  # a replica unplaced
+    # Named pods stay named until they are gone, and are not counted again.
+    (1, 1, [pod("w-a", "10.0.0.5"), pod("w-b", "10.0.0.6")], {"10.0.0.5"}, ["w-b"], (1, ["w-b"])),
+    (1, 1, [pod("w-a", "10.0.0.5")], {"10.0.0.5"}, ["w-b"], (1, [])),
+    (2, 1, [pod("w-a", "10.0.0.5"), pod("w-b", "10.0.0.6"), pod("w-c", "10.0.0.7")], {"10.0.0.5"}, ["w-c"],
+     (1, ["w-c", "w-b"])),
 ])
-def test_shrink_workers_never_takes_a_serving_pod(current, wanted, pods, serving, expected):
-    assert shrink_workers(current, wanted, pods, serving) == expected
+def test_shrink_workers_never_takes_a_serving_pod(current, wanted, pods, serving, named, expected):
+    assert shrink_workers(current, wanted, pods, serving, named) == expected
 
 
 def test_scale_down_names_the_pods_that_go():
     rc = build_raycluster(body(replicas=1), CONFIG, (2, ["echo-replicas-worker-b"]))
     group = rc["spec"]["workerGroupSpecs"][0]
     assert group["replicas"] == 2 and group["scaleStrategy"] == {"workersToDelete": ["echo-replicas-worker-b"]}
-    assert worker_replicas(rc) == 2 and worker_replicas(None) is None
+    assert worker_replicas(rc) == (2, ["echo-replicas-worker-b"]) and worker_replicas(None) is None
     assert "scaleStrategy" not in build_raycluster(body(replicas=1), CONFIG)["spec"]["workerGroupSpecs"][0]
 
 
 def test_ray_token_auth_from_the_clusters_secret():
     b = body()
     rc, secret = build_raycluster(b, CONFIG), build_auth_secret(b, "s3cret")
-    assert secret["metadata"]["name"] == "echo-ray-auth" and secret["metadata"]["namespace"] == "team"
+    assert secret["metadata"]["name"] == "echo-ray-auth-uid-1" and secret["metadata"]["namespace"] == "team"
     assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1" and secret["stringData"] == {"token": "s3cret"}
     groups = [rc["spec"]["headGroupSpec"], *rc["spec"]["workerGroupSpecs"]]
     for group in groups:
         env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
-        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "echo-ray-auth", "key": "token"}}
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "echo-ray-auth-uid-1", "key": "token"}}
 
 
 @pytest.mark.parametrize("replicas, num_cpus, worker_cpu, low, high, expected, capped", [
