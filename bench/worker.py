@@ -11,7 +11,6 @@ import asyncio
 import concurrent.futures
 import json
 import os
-import signal
 import sys
 import time
 import traceback
@@ -21,8 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.wrk import run_wrk
-from rayfleet.procs import cmdline, descendants
 from rayfleet.ports import free_port
+from rayfleet.procs import Leftovers, cmdline, descendants
+from rayfleet_api.constants import RAY_NAMESPACE
+from rayfleet_api.controller_client import ControllerClient
+from rayfleet_api.desired import ActorOptions, DesiredState
+from rayfleet_api.http_probe import wait_http
+from rayfleet_api.states import DeploymentStatus
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ("rayfleet", "serve-default", "serve-tuned", "serve-haproxy")
@@ -36,35 +40,20 @@ RAYFLEET_MAX_CONCURRENCY = 1000  # same per-replica cap as the tuned Serve peers
 TUNED_MAX_ONGOING = 1000
 
 
-def http(method: str, url: str, body: Any = None, timeout: float = 10.0) -> tuple[int, bytes]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+def get_status(url: str, timeout: float = 60.0) -> int:
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - 127.0.0.1 only
-            return resp.status, resp.read()
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - 127.0.0.1 only
+            return resp.status
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        return exc.code
 
 
-def wait_serving(url: str, timeout_s: float = 120.0, streak: int = 5) -> None:
-    """Until ``url`` answers 200 ``streak`` times in a row (routes pushed to every proxy)."""
-    deadline, ok = time.monotonic() + timeout_s, 0
-    while ok < streak:
-        try:
-            ok = ok + 1 if http("GET", url, timeout=5)[0] == 200 else 0
-        except OSError:
-            ok = 0
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} not serving after {timeout_s}s")
-        if ok < streak:
-            time.sleep(0.1)
+def wait_serving(url: str) -> None:
+    """Until ``url`` answers 200 five times in a row (routes pushed to every proxy)."""
+    wait_http(url, 120, streak=5)
 
 
 # ---------------------------------------------------------------- /proc helpers
-
-
-
-
 
 def mem_kib(pid: int) -> dict[str, int] | None:
     """RSS and PSS (KiB) from /proc/PID/smaps_rollup."""
@@ -99,27 +88,24 @@ class Rayfleet:
     name = "rayfleet"
 
     def start(self) -> None:
-        from rayfleet_runtime.controller import ensure_controller, wait_http
+        from rayfleet_runtime.controller import ensure_controller
 
         self.control_port, self.ingress_port = free_port(), free_port()
         ensure_controller(control_port=self.control_port, ingress_port=self.ingress_port, ingress_nodes="head",
                           bind_host="127.0.0.1")
-        self.api = f"http://127.0.0.1:{self.control_port}"
-        wait_http(f"{self.api}/healthz", 60)
+        self.api = ControllerClient(f"http://127.0.0.1:{self.control_port}", timeout_s=10)
+        self.api.wait_healthy(60)
         self.config = {"maxConcurrency": RAYFLEET_MAX_CONCURRENCY, "syncThreads": 1, "numCpus": 1}
 
     def deploy(self, name: str, handler: str, replicas: int) -> str:
-        body = {"handler": f"bench.handlers:{handler}", "replicas": replicas, "version": "v1",
-                "routePrefix": f"/{name}", "maxConcurrency": RAYFLEET_MAX_CONCURRENCY, "syncThreads": 1,
-                "rayActorOptions": {"numCpus": 1}, "gracefulShutdownSeconds": 2}
-        status, text = http("PUT", f"{self.api}/v1/deployments/{name}", body)
-        if status != 200:
-            raise RuntimeError(f"PUT {name}: {status} {text[:300]!r}")
+        self.api.put_deployment(name, DesiredState(
+            handler=f"bench.handlers:{handler}", replicas=replicas, version="v1", route_prefix=f"/{name}",
+            max_concurrency=RAYFLEET_MAX_CONCURRENCY, ray_actor_options=ActorOptions(num_cpus=1),
+            graceful_shutdown_seconds=2))
         deadline = time.monotonic() + 120
         while True:
-            _, raw = http("GET", f"{self.api}/v1/deployments/{name}")
-            obs = json.loads(raw)
-            if obs.get("readyReplicas") == replicas and obs.get("status") == "Running":
+            obs = self.api.get_deployment(name) or {}
+            if obs.get("readyReplicas") == replicas and obs.get("status") == DeploymentStatus.RUNNING:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name}: {obs}")
@@ -129,13 +115,12 @@ class Rayfleet:
         return url
 
     def replica_pids(self, name: str) -> list[int]:
-        _, raw = http("GET", f"{self.api}/v1/deployments/{name}")
-        return [r["pid"] for r in json.loads(raw)["replicas"] if r.get("pid")]
+        return [r["pid"] for r in (self.api.get_deployment(name) or {}).get("replicas", []) if r.get("pid")]
 
     def undeploy(self, name: str) -> None:
-        http("DELETE", f"{self.api}/v1/deployments/{name}")
+        self.api.delete_deployment(name)
         deadline = time.monotonic() + 60
-        while http("GET", f"{self.api}/v1/deployments/{name}")[0] != 404 and time.monotonic() < deadline:
+        while self.api.get_deployment(name) is not None and time.monotonic() < deadline:
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -218,7 +203,7 @@ def in_process_us(n: int = 200_000) -> dict[str, float]:
 
 def burst(url: str, n: int) -> dict[str, Any]:
     def one(_: int) -> int:
-        return http("GET", url, timeout=60)[0]
+        return get_status(url)
 
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
         t = time.perf_counter()
@@ -315,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     # address="local": always a fresh cluster of our own, never a Ray someone else started on this machine
     ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
-             namespace="rayfleet" if args.system == "rayfleet" else "bench-serve", log_to_driver=False,
+             namespace=RAY_NAMESPACE if args.system == "rayfleet" else "bench-serve", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     code = 0
     try:
@@ -331,14 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         out["loadavg_after"] = os.getloadavg()
         out["wall_s"] = round(time.monotonic() - t0, 1)
-        leftovers = descendants(os.getpid())
+        leftovers = Leftovers()
+        leftovers.note()
         system.stop()
         ray.shutdown()
-        for pid in leftovers & descendants(os.getpid()):  # e.g. an HAProxy that outlived its actor
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        leftovers.kill()  # e.g. an HAProxy that outlived its actor
         Path(args.out).write_text(json.dumps(out, indent=1))
     return code
 

@@ -10,36 +10,18 @@ Ray and every process it started, HAProxy included.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import threading
-import urllib.error
-import urllib.request
 from typing import Any
 
 from rayfleet.manifest import load_manifests
 from rayfleet.ports import free_port
-from rayfleet.procs import cmdline, descendants
-from rayfleet.spec import SpecError
-
-
-def _request(method: str, url: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - our own local API
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        try:
-            return exc.code, json.loads(exc.read() or b"null")
-        except ValueError:
-            return exc.code, None
-
-
-
-
+from rayfleet.procs import Leftovers
+from rayfleet_api.constants import INGRESS_PORT
+from rayfleet_api.controller_client import ControllerClient, ControllerRejected, ControllerUnreachable
+from rayfleet_api.errors import SpecError
 
 
 def _status_line(obs: dict[str, Any]) -> str:
@@ -55,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rayfleet run", description=__doc__.splitlines()[0])
     parser.add_argument("file", help="YAML with one or more ServeDeployment manifests")
     parser.add_argument("--host", default="127.0.0.1", help="address HAProxy listens on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--port", type=int, default=INGRESS_PORT, help=f"HTTP port (default {INGRESS_PORT})")
     parser.add_argument("--control-port", type=int, default=0, help="controller API port (default: a free one)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray may use (default: all)")
     parser.add_argument("--validate", default="strict", choices=["strict", "warn", "ignore", "true", "false"],
@@ -86,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray  # noqa: PLC0415 - keep `rayfleet --help` and manifest errors fast
 
-    from rayfleet_runtime.controller import ensure_controller, wait_http  # noqa: PLC0415
+    from rayfleet_runtime.controller import ensure_controller  # noqa: PLC0415
 
-    seen_pids: set[int] = set()
+    leftovers = Leftovers()
     print(f"rayfleet: starting local Ray for {', '.join(m.name for m in manifests)} ...", flush=True)
     code = 0
     try:
@@ -100,30 +82,29 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, on_signal)
         ensure_controller(control_port=control_port, ingress_port=args.port, ingress_nodes="head", bind_host=args.host
                           if args.host not in ("0.0.0.0", "::") else "0.0.0.0")
-        api = f"http://127.0.0.1:{control_port}"
-        wait_http(f"{api}/healthz", 60)
+        api = ControllerClient(f"http://127.0.0.1:{control_port}")
+        api.wait_healthy(60)
         for m in manifests:
-            status, body = _request("PUT", f"{api}/v1/deployments/{m.name}", m.desired_state())
-            if status != 200:
-                print(f"rayfleet run: {m.name}: {body.get('error') if isinstance(body, dict) else body}", file=sys.stderr)
+            try:
+                api.put_deployment(m.name, m.desired_state())
+            except ControllerRejected as exc:
+                print(f"rayfleet run: {m.name}: {exc}", file=sys.stderr)
                 return 2
         shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         for m in manifests:
-            prefix = m.spec.get("routePrefix", "/")
-            print(f"rayfleet: {m.name} -> http://{shown_host}:{args.port}{prefix}", flush=True)
-        print(f"rayfleet: controller API at {api}; Ctrl-C to stop", flush=True)
+            print(f"rayfleet: {m.name} -> http://{shown_host}:{args.port}{m.desired_state().route_prefix}", flush=True)
+        print(f"rayfleet: controller API at {api.base_url}; Ctrl-C to stop", flush=True)
         last: dict[str, str] = {}
         while not stop.is_set():
             try:
-                _, body = _request("GET", f"{api}/v1/deployments", timeout=5)
-                for obs in (body or {}).get("deployments", []):
+                for obs in api.list_deployments():
                     line = _status_line(obs)
                     if last.get(obs["name"]) != line:
                         last[obs["name"]] = line
                         print(line, flush=True)
-            except (OSError, ValueError) as exc:
+            except ControllerUnreachable as exc:
                 print(f"rayfleet: controller not answering: {exc}", file=sys.stderr, flush=True)
-            seen_pids |= descendants(os.getpid())
+            leftovers.note()
             stop.wait(1.0)
         print("rayfleet: shutting down ...", flush=True)
     except KeyboardInterrupt:
@@ -132,18 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rayfleet run: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = 1
     finally:
-        seen_pids |= descendants(os.getpid())
-        haproxies = {pid for pid in seen_pids if "haproxy" in cmdline(pid)}
+        leftovers.note()
         try:
             ray.shutdown()
         finally:
-            # Anything Ray started that outlived it (HAProxy runs as a child of the ingress actor).
-            leftovers = {pid for pid in haproxies if "haproxy" in cmdline(pid)} | (seen_pids & descendants(os.getpid()))
-            for pid in leftovers:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+            leftovers.kill()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
     return code

@@ -23,11 +23,12 @@ import celpy
 import jsonschema
 import yaml
 
-from rayfleet.spec import SpecError, desired_state
+from rayfleet_api.constants import API_VERSION, KIND
+from rayfleet_api.desired import DesiredState
+from rayfleet_api.errors import SpecError
+from rayfleet_api.spec import desired_state
 
 CRD_FILE = Path(__file__).with_name("servedeployment-crd.yaml")
-API_VERSION = "rayfleet.io/v1alpha1"
-KIND = "ServeDeployment"
 FIELD_VALIDATION = ("strict", "warn", "ignore")  # kubectl apply --validate
 
 # ObjectMeta's fields: the API server decodes metadata into it, so any other key is an unknown field.
@@ -45,7 +46,7 @@ class Manifest:
     namespace: str
     spec: dict[str, Any]  # defaulted and validated
 
-    def desired_state(self) -> dict[str, Any]:
+    def desired_state(self) -> DesiredState:
         return desired_state(self.spec)
 
 

@@ -1,10 +1,12 @@
-"""What is running on this machine, read from Linux /proc: for stopping everything a command started."""
+"""Starting and stopping local processes (Linux /proc): everything a command started, it stops."""
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
 import subprocess
+from pathlib import Path
+from typing import Any, Callable
 
 
 def cmdline(pid: int) -> str:
@@ -50,3 +52,33 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def spawn(args: list[str], log: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None,
+          preexec_fn: Callable[[], Any] | None = None) -> subprocess.Popen:
+    """A child in a process group of its own (``stop_process_group`` stops all it started), output appended to ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(args, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=preexec_fn)
+
+
+class Leftovers:
+    """Every process seen below this one, killed at the end if it outlived the orderly shutdown.
+
+    ``ray.shutdown()`` stops Ray's own processes but not what its actors started (the ingress's HAProxy is
+    reparented when its actor dies), so callers ``note()`` their descendants while they run and ``kill()``
+    after shutting down. A PID counts as the same process only while its command line is unchanged.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, str] = {}
+
+    def note(self) -> None:
+        for pid in descendants(os.getpid()):
+            self._seen.setdefault(pid, cmdline(pid))
+
+    def kill(self) -> None:
+        for pid, command in self._seen.items():
+            if command and cmdline(pid) == command:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)

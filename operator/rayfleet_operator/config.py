@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from rayfleet_api.constants import CONTROL_PORT, INGRESS_PORT
+
 DEFAULT_REPLICA_IMAGE = "ghcr.io/rayfleet/replica:0.1.0"
 
 
@@ -20,8 +22,8 @@ def _resources(prefix: str, cpu: str, memory: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class OperatorConfig:
     replica_image: str = DEFAULT_REPLICA_IMAGE
-    control_port: int = 8090  # the rayfleet controller's HTTP API on the head pod
-    ingress_port: int = 8000  # HAProxy on every Ray pod; the Service targets it
+    control_port: int = CONTROL_PORT  # the rayfleet controller's HTTP API on the head pod
+    ingress_port: int = INGRESS_PORT  # HAProxy on every Ray pod; the Service targets it
     resync_seconds: float = 10.0  # level-based re-reconcile period
     head_resources: dict[str, Any] = field(default_factory=lambda: _resources("RAYFLEET_HEAD", "1", "2Gi"))
     worker_resources: dict[str, Any] = field(default_factory=lambda: _resources("RAYFLEET_WORKER", "1", "2Gi"))
@@ -31,7 +33,7 @@ class OperatorConfig:
         env = os.environ
         return cls(
             replica_image=env.get("RAYFLEET_REPLICA_IMAGE", DEFAULT_REPLICA_IMAGE),
-            control_port=int(env.get("RAYFLEET_CONTROL_PORT", 8090)),
-            ingress_port=int(env.get("RAYFLEET_INGRESS_PORT", 8000)),
+            control_port=int(env.get("RAYFLEET_CONTROL_PORT", CONTROL_PORT)),
+            ingress_port=int(env.get("RAYFLEET_INGRESS_PORT", INGRESS_PORT)),
             resync_seconds=float(env.get("RAYFLEET_RESYNC_SECONDS", 10)),
         )

@@ -7,10 +7,11 @@ from typing import Any
 
 import kopf
 
+from rayfleet_api.constants import GROUP, PLURAL, VERSION
+from rayfleet_api.controller_client import ControllerRejected, ControllerUnreachable
+
 from .config import OperatorConfig
-from .controlapi import ControlClient, ControllerRejected, ControllerUnreachable
 from .kube import Kube, KubeError, load_client_config
-from .naming import GROUP, PLURAL, VERSION
 from .reconcile import finalize, reconcile
 
 log = logging.getLogger("rayfleet.operator")
@@ -29,12 +30,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.networking.request_timeout = 60
     load_client_config()
     memo.kube = Kube()
-    memo.control = ControlClient()
-
-
-@kopf.on.cleanup()
-async def close(memo: kopf.Memo, **_: Any) -> None:
-    await memo.control.close()
 
 
 async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int) -> None:
@@ -42,7 +37,7 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry:
     lock = memo.setdefault("lock", asyncio.Lock())
     async with lock:
         try:
-            outcome = await reconcile(dict(body), CONFIG, memo.kube, memo.control)
+            outcome = await reconcile(dict(body), CONFIG, memo.kube)
         except KubeError as exc:
             kopf.event(body, type="Warning", reason="ApplyFailed", message=str(exc))
             if exc.retriable:
@@ -72,7 +67,7 @@ async def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int
 @kopf.on.delete(**RESOURCE, retries=30)
 async def drain(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
     try:
-        done = await finalize(dict(body), CONFIG, memo.kube, memo.control)
+        done = await finalize(dict(body), CONFIG, memo.kube)
     except (ControllerUnreachable, ControllerRejected, KubeError) as exc:
         raise kopf.TemporaryError(f"draining replicas: {exc}", delay=min(2 ** retry, 10)) from exc
     if not done:

@@ -9,7 +9,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from .naming import RAY_GROUP, RAY_PLURAL, RAY_VERSION
+from rayfleet_api.constants import RAY_GROUP, RAY_PLURAL, RAY_VERSION
 
 
 class KubeError(Exception):

@@ -1,10 +1,10 @@
-"""Names, labels and annotations shared by everything the operator builds."""
+"""Names, labels and annotations of the objects the operator builds (what the other layers share is in
+``rayfleet_api.constants``)."""
 from __future__ import annotations
 
 from typing import Any
 
-GROUP, VERSION, PLURAL = "rayfleet.io", "v1alpha1", "servedeployments"
-RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayclusters"
+from rayfleet_api.constants import API_VERSION, KIND
 
 LABEL_DEPLOYMENT = "rayfleet.io/serve-deployment"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -12,8 +12,6 @@ LABEL_RAY_CLUSTER = "ray.io/cluster"  # KubeRay puts it on every pod of a RayClu
 LABEL_RAY_NODE_TYPE = "ray.io/node-type"  # and this one: head or worker
 ANNOTATION_SPEC_HASH = "rayfleet.io/spec-hash"
 
-CONTROL_PORT_NAME = "rayfleet-ctl"
-INGRESS_PORT_NAME = "rayfleet-http"
 RAY_AUTH_TOKEN_KEY = "token"  # the key of the token in the RayCluster's auth Secret
 
 
@@ -24,8 +22,8 @@ def labels(sd_name: str) -> dict[str, str]:
 def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
     """Makes the ServeDeployment the controlling owner, so deleting it garbage-collects the object."""
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "ServeDeployment",
+        "apiVersion": API_VERSION,
+        "kind": KIND,
         "name": body["metadata"]["name"],
         "uid": body["metadata"]["uid"],
         "controller": True,

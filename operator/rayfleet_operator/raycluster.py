@@ -12,11 +12,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from rayfleet.spec import INGRESS_READY_PATH, SpecError, parse_quantity
+from rayfleet_api.constants import CONTROL_PORT_NAME, INGRESS_PORT_NAME, INGRESS_READY_PATH, RAY_GROUP, RAY_VERSION
+from rayfleet_api.errors import SpecError
+from rayfleet_api.spec import parse_quantity
 
 from .config import OperatorConfig
-from .naming import (ANNOTATION_SPEC_HASH, CONTROL_PORT_NAME, INGRESS_PORT_NAME, RAY_AUTH_TOKEN_KEY, RAY_GROUP,
-                     RAY_VERSION, auth_secret_name, labels, owner_reference)
+from .naming import ANNOTATION_SPEC_HASH, RAY_AUTH_TOKEN_KEY, auth_secret_name, labels, owner_reference
 
 GPU_RESOURCE = "nvidia.com/gpu"
 HEAD_CONTAINER, WORKER_CONTAINER = "ray-head", "ray-worker"

@@ -4,18 +4,20 @@ Returns the status patch and the notable transitions; the kopf handlers only wri
 """
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayfleet.spec import desired_state
+from rayfleet_api.controller_client import ControllerClient, ControllerRejected, ControllerUnreachable
+from rayfleet_api.spec import desired_state
+from rayfleet_api.states import DeploymentStatus
 
 from . import raycluster, service
 from .conditions import READY, find
 from .config import OperatorConfig
-from .controlapi import ControlClient, ControllerRejected, ControllerUnreachable
 from .kube import Kube
 from .naming import LABEL_RAY_CLUSTER, LABEL_RAY_NODE_TYPE, cluster_name, deployment_key
 from .status import Observation, compute_status, status_patch
@@ -79,22 +81,23 @@ async def _ensure_service(body: dict[str, Any], config: OperatorConfig, kube: Ku
 
 
 async def _observe_controller(body: dict[str, Any], cluster: dict[str, Any], config: OperatorConfig,
-                              control: ControlClient, obs: Observation) -> None:
+                              obs: Observation) -> None:
     url = raycluster.controller_url(cluster, config)
     if url is None:
         obs.controller_error = "the RayCluster reports no head pod address yet"
         return
-    key = deployment_key(body)
+    key, control = deployment_key(body), ControllerClient(url)
     try:
-        await control.put_deployment(url, key, desired_state(body["spec"]))
-        obs.controller = await control.get_deployment(url, key)
+        # The client blocks: in a thread, so kopf's event loop never waits on a slow controller.
+        await asyncio.to_thread(control.put_deployment, key, desired_state(body["spec"]))
+        obs.controller = await asyncio.to_thread(control.get_deployment, key)
     except ControllerRejected as exc:
         obs.problems.append(f"the controller rejected the spec: {exc}")
     except ControllerUnreachable as exc:
         obs.controller_error = f"rayfleet controller at {url}: {exc}"
 
 
-async def reconcile(body: dict[str, Any], config: OperatorConfig, kube: Kube, control: ControlClient) -> Outcome:
+async def reconcile(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> Outcome:
     meta, spec = body["metadata"], body["spec"]
     name = cluster_name(body)
     obs = Observation(generation=meta.get("generation", 0), spec=spec, cluster_name=name,
@@ -109,7 +112,7 @@ async def reconcile(body: dict[str, Any], config: OperatorConfig, kube: Kube, co
             # The controller hears of a change first: on scale-down it drains replicas, and only then
             # can the workers they ran on go (see _workers).
             if raycluster.readiness(existing)[0]:
-                await _observe_controller(body, existing, config, control, obs)
+                await _observe_controller(body, existing, config, obs)
             cluster = existing if shared else await _ensure_cluster(body, config, kube, obs, existing, events)
             obs.cluster_ready, obs.cluster_state = raycluster.readiness(cluster)
         await _ensure_service(body, config, kube)
@@ -129,7 +132,7 @@ def _transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[s
     return [(kind, after["reason"], after["message"] or after["reason"])]
 
 
-async def finalize(body: dict[str, Any], config: OperatorConfig, kube: Kube, control: ControlClient) -> bool:
+async def finalize(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> bool:
     """Ask the controller to drain and remove this deployment's replicas; True once they are gone.
 
     A missing or unready RayCluster has no replicas to drain, so deletion is never blocked by it.
@@ -139,10 +142,10 @@ async def finalize(body: dict[str, Any], config: OperatorConfig, kube: Kube, con
     url = raycluster.controller_url(cluster, config) if ready else None
     if url is None:
         return True
-    key = deployment_key(body)
-    observed = await control.get_deployment(url, key)
+    key, control = deployment_key(body), ControllerClient(url)
+    observed = await asyncio.to_thread(control.get_deployment, key)
     if observed is None:
         return True
-    if observed.get("status") != "Deleting":
-        await control.delete_deployment(url, key)
+    if observed.get("status") != DeploymentStatus.DELETING:
+        await asyncio.to_thread(control.delete_deployment, key)
     return False

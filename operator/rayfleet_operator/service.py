@@ -4,7 +4,9 @@ from __future__ import annotations
 from typing import Any
 
 from .config import OperatorConfig
-from .naming import INGRESS_PORT_NAME, LABEL_RAY_CLUSTER, cluster_name, labels, owner_reference
+from rayfleet_api.constants import INGRESS_PORT_NAME
+
+from .naming import LABEL_RAY_CLUSTER, cluster_name, labels, owner_reference
 
 
 def selector(body: dict[str, Any]) -> dict[str, str]:

@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from rayfleet_api.desired import DesiredState
+from rayfleet_api.states import ReplicaState
+
 from .conditions import DEGRADED, PROGRESSING, READY, Condition, merge_conditions
 
 
@@ -26,7 +29,7 @@ class Reason:
     DELETING = "Deleting"
 
 
-UNHEALTHY_STATES = {"UNHEALTHY", "FAILED", "STOPPED"}
+UNHEALTHY_STATES = {ReplicaState.UNHEALTHY, ReplicaState.FAILED, ReplicaState.STOPPED}
 
 
 @dataclass
@@ -72,7 +75,7 @@ def conditions_for(obs: Observation) -> list[Condition]:
         err = ctl["error"]
         return blocked(err.get("reason") or "ReplicaError", err.get("message", ""), degraded=True)
 
-    desired = obs.spec.get("replicas", 1)
+    desired = obs.spec.get("replicas", DesiredState.replicas)
     replicas = ctl.get("replicas") or []
     ready, updated = ctl.get("readyReplicas", 0), ctl.get("updatedReplicas", 0)
     ready_msg = f"{ready}/{desired} replicas ready"
@@ -86,8 +89,8 @@ def conditions_for(obs: Observation) -> list[Condition]:
         conds.append(Condition(PROGRESSING, False, Reason.COMPLETE, ready_msg))
 
     unhealthy = [r for r in replicas if r.get("state") in UNHEALTHY_STATES
-                 or (r.get("state") != "READY" and (r.get("restarts") or 0) > 0)]
-    capacity = ready * obs.spec.get("maxConcurrency", 100)
+                 or (r.get("state") != ReplicaState.READY and (r.get("restarts") or 0) > 0)]
+    capacity = ready * obs.spec.get("maxConcurrency", DesiredState.max_concurrency)
     if unhealthy:
         names = ", ".join(f"{r.get('id')} ({r.get('state')}, {r.get('restarts') or 0} restarts)" for r in unhealthy)
         conds.append(Condition(DEGRADED, True, Reason.REPLICAS_UNHEALTHY, f"replicas not serving: {names}"))

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from rayfleet_operator.naming import INGRESS_PORT_NAME
+from rayfleet_api.constants import INGRESS_PORT_NAME
 
 from .controlplane import cache_dir, ensure_binaries, ensure_tools, kuberay_crds
 

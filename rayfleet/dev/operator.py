@@ -5,12 +5,12 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Sequence
 
 from rayfleet.ports import free_port
-from rayfleet.procs import stop_process_group
+from rayfleet.procs import spawn, stop_process_group
+from rayfleet_api.http_probe import http_ok
 
 
 class OperatorProcess:
@@ -25,10 +25,7 @@ class OperatorProcess:
     def start(self, timeout: float = 60) -> "OperatorProcess":
         scope = [arg for ns in self.namespaces for arg in ("-n", ns)] or ["-A"]
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), **self.env}
-        with open(self.log, "ab") as out:
-            self.popen = subprocess.Popen([sys.executable, "-m", "rayfleet_operator", *scope, "--liveness", self.liveness],
-                                          env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True)
+        self.popen = spawn([sys.executable, "-m", "rayfleet_operator", *scope, "--liveness", self.liveness], self.log, env=env)
         deadline = time.monotonic() + timeout
         while not self.alive():
             if self.popen.poll() is not None or time.monotonic() > deadline:
@@ -37,11 +34,7 @@ class OperatorProcess:
         return self
 
     def alive(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.liveness, timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return http_ok(self.liveness)
 
     def log_tail(self, lines: int = 40) -> str:
         return "".join(self.log.read_text(errors="replace").splitlines(True)[-lines:]) if self.log.exists() else ""

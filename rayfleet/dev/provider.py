@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,9 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from rayfleet.ports import free_port
-from rayfleet.procs import stop_process_group
-from rayfleet_operator.naming import CONTROL_PORT_NAME, INGRESS_PORT_NAME, RAY_GROUP, RAY_PLURAL, RAY_VERSION
+from rayfleet.procs import spawn, stop_process_group
+from rayfleet_api.constants import CONTROL_PORT_NAME, INGRESS_PORT_NAME, RAY_GROUP, RAY_PLURAL, RAY_VERSION
+from rayfleet_api.controller_client import ControllerClient
 
 log = logging.getLogger("rayfleet.provider")
 LOOPBACK = "127.0.0.1"
@@ -91,10 +91,7 @@ class LocalCluster:
         return {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
 
     def _spawn(self, tag: str, args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
-        with open(self.logdir / f"{tag}.log", "ab") as out:
-            # Its own process group: stopping a node stops everything that node started.
-            return subprocess.Popen(args, env=self.env(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+        return spawn(args, self.logdir / f"{tag}.log", env=self.env(env), cwd=cwd)
 
     def start_head(self, env: dict[str, str], cwd: Path) -> None:
         self.head = self._spawn("head", [_ray_bin(), "start", "--head", "--block", f"--port={self.gcs_port}",
@@ -111,11 +108,7 @@ class LocalCluster:
         return proc.returncode == 0
 
     def controller_healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{LOOPBACK}:{self.control_port}/healthz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return ControllerClient(f"http://{LOOPBACK}:{self.control_port}").healthy()
 
     def scale_workers(self, env: dict[str, str], cwd: Path) -> None:
         for group, (replicas, cpus) in self.want.items():

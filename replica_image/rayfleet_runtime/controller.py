@@ -1,7 +1,7 @@
 """The controller: one named detached Ray actor that keeps every deployment's replicas as desired.
 
 ``rayfleet-controller`` (namespace ``rayfleet``) is pinned to the head node with ``num_cpus=0``. It
-serves the HTTP API in ``control_api`` on its own event loop and runs ``deployment_state.ControllerCore``
+serves the HTTP API in ``api_server`` on its own event loop and runs ``deployment_state.ControllerCore``
 there: the reconcile loop (probe replicas, ``planning.plan()``, start/drain/stop them) and the
 ``route_publisher.RoutePublisher`` that pushes the routing table of READY replicas to one
 ``IngressManager`` per node (``ingress_nodes="all"``) or only the head node (``"head"``, for local mode).
@@ -23,18 +23,15 @@ import asyncio
 import logging
 import os
 import sys
-import time
-import urllib.request
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from rayfleet_runtime.control_api import make_app
+from rayfleet_api.constants import CONTROL_PORT, CONTROLLER_NAME, INGRESS_PORT, RAY_NAMESPACE
+from rayfleet_api.http_probe import wait_http
+from rayfleet_runtime.api_server import make_app
 from rayfleet_runtime.deployment_state import ControllerCore, kill_actor
-from rayfleet_runtime.replica import NAMESPACE
-
-CONTROLLER_NAME = "rayfleet-controller"
 
 logger = logging.getLogger("rayfleet.controller")
 
@@ -43,7 +40,7 @@ logger = logging.getLogger("rayfleet.controller")
 class Controller:
     """Ray actor hosting ControllerCore and its HTTP API."""
 
-    async def __init__(self, control_port: int = 8090, ingress_port: int = 8000, ingress_nodes: str = "all",
+    async def __init__(self, control_port: int = CONTROL_PORT, ingress_port: int = INGRESS_PORT, ingress_nodes: str = "all",
                        bind_host: str = "0.0.0.0"):
         from aiohttp import web  # noqa: PLC0415
 
@@ -72,21 +69,21 @@ def head_node_id() -> str:
     raise RuntimeError("no alive head node in this Ray cluster")
 
 
-def ensure_controller(control_port: int = 8090, ingress_port: int = 8000, ingress_nodes: str = "all",
+def ensure_controller(control_port: int = CONTROL_PORT, ingress_port: int = INGRESS_PORT, ingress_nodes: str = "all",
                       bind_host: str = "0.0.0.0", timeout_s: float = 60.0) -> Any:
     """Get or create the controller actor and wait until it serves; returns its handle (idempotent)."""
     if ingress_nodes not in ("all", "head"):
         raise ValueError(f"ingress_nodes must be 'all' or 'head', got {ingress_nodes!r}")
     try:
-        handle = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        handle = ray.get_actor(CONTROLLER_NAME, namespace=RAY_NAMESPACE)
     except ValueError:
         try:
             handle = Controller.options(
-                name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+                name=CONTROLLER_NAME, namespace=RAY_NAMESPACE, lifetime="detached", num_cpus=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(head_node_id(), soft=False),
             ).remote(control_port, ingress_port, ingress_nodes, bind_host)
         except ValueError:  # somebody else created it just now
-            handle = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+            handle = ray.get_actor(CONTROLLER_NAME, namespace=RAY_NAMESPACE)
     try:
         info = ray.get(handle.ready.remote(), timeout=timeout_s)
     except ray.exceptions.RayActorError:
@@ -97,32 +94,18 @@ def ensure_controller(control_port: int = 8090, ingress_port: int = 8000, ingres
     return handle
 
 
-def wait_http(url: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - our own API
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer within {timeout_s}s")
-        time.sleep(0.2)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rayfleet_runtime.controller",
                                      description="Ensure the rayfleet controller runs in an existing Ray cluster.")
     parser.add_argument("--address", default="auto")
-    parser.add_argument("--control-port", type=int, default=8090)
-    parser.add_argument("--ingress-port", type=int, default=8000)
+    parser.add_argument("--control-port", type=int, default=CONTROL_PORT)
+    parser.add_argument("--ingress-port", type=int, default=INGRESS_PORT)
     parser.add_argument("--ingress-nodes", choices=("all", "head"), default="all")
     parser.add_argument("--bind-host", default="0.0.0.0")
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=False)
+    ray.init(address=args.address, namespace=RAY_NAMESPACE, log_to_driver=False)
     try:
         info = ray.get(ensure_controller(args.control_port, args.ingress_port, args.ingress_nodes, args.bind_host,
                                          timeout_s=args.timeout).ready.remote())

@@ -28,10 +28,13 @@ from typing import Any
 import ray
 from ray.experimental import internal_kv
 
+from rayfleet_api.constants import INGRESS_PORT, RAY_NAMESPACE
+from rayfleet_api.desired import DesiredState
+from rayfleet_api.errors import SpecError
+
 from rayfleet_runtime import planning
-from rayfleet_runtime.control_api import DesiredStateError
 from rayfleet_runtime.planning import DRAINING, FAILED, READY, STARTING, STOPPED, UNHEALTHY, ReplicaView
-from rayfleet_runtime.replica import NAMESPACE, Replica, parse_replica_actor_name, replica_actor_name
+from rayfleet_runtime.replica import Replica, parse_replica_actor_name, replica_actor_name
 from rayfleet_runtime.route_publisher import RoutePublisher
 
 KV_NAMESPACE = "rayfleet"
@@ -83,7 +86,7 @@ class ReplicaRecord:
 @dataclass
 class DeploymentRecord:
     name: str
-    desired: dict[str, Any]
+    desired: DesiredState
     deleting: bool = False
     restarts: int = 0
     next_index: int = 0
@@ -93,30 +96,28 @@ class DeploymentRecord:
     replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
 
     def checkpoint(self) -> bytes:
-        return json.dumps({"desired": self.desired, "deleting": self.deleting, "restarts": self.restarts,
+        return json.dumps({"desired": self.desired.to_json(), "deleting": self.deleting, "restarts": self.restarts,
                            "nextIndex": self.next_index}).encode()
 
 
-def replica_actor_options(name: str, replica_id: str, desired: dict[str, Any]) -> dict[str, Any]:
+def replica_actor_options(name: str, replica_id: str, desired: DesiredState) -> dict[str, Any]:
     """Ray actor options for one replica of a deployment."""
-    opts = desired.get("rayActorOptions") or {}
-    runtime_env = dict(desired.get("runtimeEnv") or {})
-    env_vars = {**(runtime_env.get("env_vars") or {}), **(desired.get("env") or {})}
+    opts = desired.ray_actor_options
+    runtime_env = dict(desired.runtime_env or {})
+    env_vars = {**(runtime_env.get("env_vars") or {}), **desired.env}
     if env_vars:
         runtime_env["env_vars"] = env_vars
     options: dict[str, Any] = {
         "name": replica_actor_name(name, replica_id),
-        "namespace": NAMESPACE,
+        "namespace": RAY_NAMESPACE,
         "lifetime": "detached",
-        "num_cpus": opts.get("numCpus", 1),
-        "num_gpus": opts.get("numGpus", 0),
+        "num_cpus": opts.num_cpus,
+        "num_gpus": opts.num_gpus,
         "scheduling_strategy": "SPREAD",
         "max_restarts": 0,
     }
-    if opts.get("memory"):
-        options["memory"] = int(opts["memory"])
-    if opts.get("resources"):
-        options["resources"] = dict(opts["resources"])
+    if opts.memory:
+        options["memory"] = opts.memory
     if runtime_env:
         options["runtime_env"] = runtime_env
     return options
@@ -125,7 +126,7 @@ def replica_actor_options(name: str, replica_id: str, desired: dict[str, Any]) -
 class ControllerCore:
     """Everything the controller does, on one event loop; the ``Controller`` actor (controller.py) hosts it."""
 
-    def __init__(self, ingress_port: int = 8000, ingress_nodes: str = "all", bind_host: str = "0.0.0.0",
+    def __init__(self, ingress_port: int = INGRESS_PORT, ingress_nodes: str = "all", bind_host: str = "0.0.0.0",
                  drain_settle_s: float = 1.0):
         self.ingress_port = ingress_port
         self.ingress_nodes = ingress_nodes
@@ -160,20 +161,20 @@ class ControllerCore:
                     continue
                 data = json.loads(raw)
                 self.deployments[name] = DeploymentRecord(
-                    name, data["desired"], deleting=data.get("deleting", False), restarts=data.get("restarts", 0),
+                    name, DesiredState.from_json(data["desired"]), deleting=data.get("deleting", False), restarts=data.get("restarts", 0),
                     next_index=data.get("nextIndex", 0))
             except Exception:  # noqa: BLE001 - one bad checkpoint must not keep the controller from starting
                 logger.exception("cannot read the checkpoint of deployment %s; leaving its replicas alone", name)
                 unreadable.add(name)
         adopt = []
         for entry in ray.util.list_named_actors(all_namespaces=True):
-            if entry.get("namespace") != NAMESPACE:
+            if entry.get("namespace") != RAY_NAMESPACE:
                 continue
             parsed = parse_replica_actor_name(entry["name"])
             if parsed is None or parsed[0] in unreadable:
                 continue
             try:
-                adopt.append((parsed, ray.get_actor(entry["name"], namespace=NAMESPACE)))
+                adopt.append((parsed, ray.get_actor(entry["name"], namespace=RAY_NAMESPACE)))
             except ValueError:
                 continue
 
@@ -208,21 +209,20 @@ class ControllerCore:
         self.routes.changed()
 
     # ---------- API ----------
-    def put_deployment(self, name: str, desired: dict[str, Any]) -> dict[str, Any]:
-        prefix = desired.get("routePrefix", "/")
+    def put_deployment(self, name: str, desired: DesiredState) -> None:
+        prefix = desired.route_prefix
         for other in self.deployments.values():
-            if other.name != name and not other.deleting and other.desired.get("routePrefix", "/") == prefix:
-                raise DesiredStateError("routePrefix", f"{prefix} is already used by deployment {other.name!r}")
+            if other.name != name and not other.deleting and other.desired.route_prefix == prefix:
+                raise SpecError("routePrefix", f"{prefix} is already used by deployment {other.name!r}")
         dep = self.deployments.get(name)
         if dep is None:
             dep = self.deployments[name] = DeploymentRecord(name, desired)
         else:
-            if dep.desired.get("version") != desired.get("version"):
+            if dep.desired.version != desired.version:
                 dep.error, dep.start_failures, dep.next_start_at = None, 0, 0.0  # new code: retry at once
             dep.desired, dep.deleting = desired, False
         self._save(dep)
         self.routes.changed()
-        return desired
 
     def get_deployment(self, name: str) -> dict[str, Any] | None:
         dep = self.deployments.get(name)
@@ -241,22 +241,22 @@ class ControllerCore:
         return True
 
     def observed(self, dep: DeploymentRecord) -> dict[str, Any]:
-        version = dep.desired.get("version")
+        version = dep.desired.version
         reps = sorted(dep.replicas.values(), key=lambda r: r.created_at)
         views = [r.view() for r in reps]
         return {
             "name": dep.name,
             "version": version,
-            "targetReplicas": 0 if dep.deleting else dep.desired["replicas"],
+            "targetReplicas": 0 if dep.deleting else dep.desired.replicas,
             "readyReplicas": sum(1 for r in reps if r.state == READY),
             "updatedReplicas": sum(1 for r in reps if r.version == version and r.state in (STARTING, READY, UNHEALTHY)),
             "inFlight": sum(r.info.get("inFlight", 0) for r in reps if r.state in (READY, UNHEALTHY, DRAINING)),
             "restarts": dep.restarts,
-            "status": planning.deployment_status(dep.desired["replicas"], version, views, deleting=dep.deleting,
+            "status": planning.deployment_status(dep.desired.replicas, version, views, deleting=dep.deleting,
                                                  error=dep.error is not None),
             "error": None if dep.error is None else {"reason": dep.error["reason"], "message": dep.error["message"],
                                                      "traceback": (dep.error.get("traceback") or "")[-2000:]},
-            "routePrefix": dep.desired.get("routePrefix", "/"),
+            "routePrefix": dep.desired.route_prefix,
             "replicas": [r.observed() for r in reps],
         }
 
@@ -288,19 +288,18 @@ class ControllerCore:
             self.routes.changed()
             logger.info("deployment %s deleted", dep.name)
             return
-        hc = dep.desired.get("healthCheck") or {}
+        hc = dep.desired.health_check
         # Probe serving replicas.
         for rec in dep.replicas.values():
             if rec.state in (READY, UNHEALTHY) and (rec.task is None or rec.task.done()) and now >= rec.next_probe_at:
                 health = now >= rec.next_health_at
                 if health:
-                    rec.next_health_at = now + float(hc.get("periodSeconds", 10))
-                rec.next_probe_at = now + min(PROBE_INTERVAL_S, float(hc.get("periodSeconds", 10)))
-                rec.task = asyncio.get_running_loop().create_task(self._probe(dep, rec, health, float(hc.get("timeoutSeconds", 5))))
+                    rec.next_health_at = now + hc.period_seconds
+                rec.next_probe_at = now + min(PROBE_INTERVAL_S, hc.period_seconds)
+                rec.task = asyncio.get_running_loop().create_task(self._probe(dep, rec, health, hc.timeout_seconds))
         # Decide and act.
-        target = int(dep.desired["replicas"])
-        p = planning.plan(target, dep.desired["version"], [r.view() for r in dep.replicas.values()],
-                          failure_threshold=int(hc.get("failureThreshold", 3)), deleting=dep.deleting,
+        p = planning.plan(dep.desired.replicas, dep.desired.version, [r.view() for r in dep.replicas.values()],
+                          failure_threshold=hc.failure_threshold, deleting=dep.deleting,
                           can_start=now >= dep.next_start_at)
         if not p:
             return
@@ -319,13 +318,10 @@ class ControllerCore:
         rid = f"{dep.name}-{dep.next_index}"
         dep.next_index += 1
         desired = dep.desired
-        config = {"handler": desired["handler"], "handlerArgs": desired.get("handlerArgs") or {},
-                  "maxConcurrency": desired.get("maxConcurrency", 100), "syncThreads": desired.get("syncThreads", 1),
-                  "version": desired["version"], "bindHost": self.bind_host}
-        rec = ReplicaRecord(rid, desired["version"], None, restarts=intent.restarts)
+        rec = ReplicaRecord(rid, desired.version, None, restarts=intent.restarts)
         dep.replicas[rid] = rec
         try:
-            rec.actor = Replica.options(**replica_actor_options(dep.name, rid, desired)).remote(dep.name, rid, config)
+            rec.actor = Replica.options(**replica_actor_options(dep.name, rid, desired)).remote(dep.name, rid, desired, self.bind_host)
         except Exception as exc:  # noqa: BLE001 - e.g. invalid runtime_env or name clash
             self._start_failed(dep, rec, {"reason": "ReplicaCreateError", "message": f"{type(exc).__name__}: {exc}"})
             return
@@ -348,9 +344,9 @@ class ControllerCore:
             self._start_failed(dep, rec, info["error"])
             return
         rec.state = READY
-        rec.next_health_at = time.time() + float((dep.desired.get("healthCheck") or {}).get("periodSeconds", 10))
+        rec.next_health_at = time.time() + dep.desired.health_check.period_seconds
         rec.next_probe_at = time.time() + PROBE_INTERVAL_S
-        if rec.version == dep.desired.get("version"):
+        if rec.version == dep.desired.version:
             dep.error, dep.start_failures, dep.next_start_at = None, 0, 0.0
         logger.info("replica %s ready at %s:%s (pid %s)", rec.id, info.get("host"), info.get("port"), info.get("pid"))
         self.routes.changed()
@@ -363,7 +359,7 @@ class ControllerCore:
         rec.last_error = f"{error.get('reason')}: {error.get('message')}"
         if rec.actor is not None:
             kill_actor(rec.actor)
-        if rec.version == dep.desired.get("version"):
+        if rec.version == dep.desired.version:
             dep.error = {k: error[k] for k in ("reason", "message", "traceback") if k in error}
             dep.start_failures += 1
             dep.next_start_at = time.time() + planning.backoff_seconds(dep.start_failures)
@@ -403,7 +399,7 @@ class ControllerCore:
         graceful = stop.graceful and rec.actor is not None
         rec.state = DRAINING if graceful else STOPPED
         unrouted = self.routes.changed()  # routes version without this replica
-        grace = float(dep.desired.get("gracefulShutdownSeconds", 30))
+        grace = dep.desired.graceful_shutdown_seconds
         logger.info("stopping replica %s (%s, %s)", rec.id, stop.reason, "drain" if graceful else "kill")
         rec.task = asyncio.get_running_loop().create_task(self._stop(rec, graceful, grace, unrouted))
 
@@ -438,8 +434,8 @@ class ControllerCore:
                 continue
             d = dep.desired
             ready = [r for r in sorted(dep.replicas.values(), key=lambda r: r.id) if r.state == READY and r.info.get("port")]
-            table[dep.name] = {"routePrefix": d.get("routePrefix", "/"), "maxConcurrency": d.get("maxConcurrency", 100),
-                               "requestTimeoutSeconds": d.get("requestTimeoutSeconds", 60),
+            table[dep.name] = {"routePrefix": d.route_prefix, "maxConcurrency": d.max_concurrency,
+                               "requestTimeoutSeconds": d.request_timeout_seconds,
                                "replicas": [{"id": r.id, "host": r.info["host"], "port": r.info["port"]} for r in ready]}
         return {"deployments": table}
 

@@ -63,6 +63,8 @@ import os
 import traceback
 from typing import Any, Callable, Mapping
 
+from rayfleet_api.desired import DesiredState
+
 logger = logging.getLogger("rayfleet.replica")
 
 
@@ -137,7 +139,7 @@ def load_handler(spec: str, handler_args: Mapping[str, Any] | None = None) -> Ca
         except BaseException as exc:  # noqa: BLE001
             if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)):
                 raise
-            raise HandlerInitError(module_name, exc) from exc
+            raise _init_error(module_name, exc) from exc
     if not callable(obj):
         raise HandlerLoadError("HandlerImportError", f"{module_name}: TypeError: {attr_path} is not callable", "")
     if args:
@@ -146,7 +148,7 @@ def load_handler(spec: str, handler_args: Mapping[str, Any] | None = None) -> Ca
     return obj
 
 
-def HandlerInitError(module_name: str, exc: BaseException) -> HandlerLoadError:  # noqa: N802 - reads like a class
+def _init_error(module_name: str, exc: BaseException) -> HandlerLoadError:
     return HandlerLoadError("HandlerInitError", f"{module_name}: {type(exc).__name__}: {exc}", traceback.format_exc())
 
 
@@ -239,7 +241,7 @@ OVERLOADED: HTTPResult = error_result(503, "503 Service Unavailable: replica at 
 class HandlerRunner:
     """Runs one loaded handler under the replica's concurrency rules and keeps request counters."""
 
-    def __init__(self, handler: Callable[[Request], Any], max_concurrency: int = 100, sync_threads: int = 1,
+    def __init__(self, handler: Callable[[Request], Any], max_concurrency: int = DesiredState.max_concurrency, sync_threads: int = 1,
                  max_queued: int | None = None, debug_tracebacks: bool | None = None):
         self.handler = handler
         self.is_async = is_async_callable(handler)

@@ -9,10 +9,8 @@ The routing table comes from the controller::
     {"deployments": {
         "echo": {
             "routePrefix": "/echo",            # longest-prefix match; "/" = catch-all
-            "maxConcurrency": 100,             # per replica -> per-server maxconn
-            "requestTimeoutSeconds": 60,       # optional -> timeout server (504)
-            "maxQueuedRequests": 200,          # optional; default maxConcurrency * replicas
-            "queueTimeoutSeconds": 2,          # optional; default QUEUE_TIMEOUT_S (503)
+            "maxConcurrency": 100,             # per replica -> per-server maxconn; queue bound x replicas
+            "requestTimeoutSeconds": 60,       # -> timeout server (504)
             "replicas": [{"id": "echo-0", "host": "127.0.0.1", "port": 43123}],
         }}}
 
@@ -31,12 +29,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from rayfleet.spec import INGRESS_READY_PATH
+from rayfleet_api.constants import INGRESS_READY_PATH, REPLICA_READY_PATH
+from rayfleet_api.desired import DesiredState
 
-READY_PATH = "/-/ready"
-QUEUE_TIMEOUT_S = 2.0
-DEFAULT_REQUEST_TIMEOUT_S = 60.0
-DEFAULT_MAX_CONCURRENCY = 100
+QUEUE_TIMEOUT_S = 2.0  # a request waits this long for a free replica slot, then gets 503
+DEFAULT_REQUEST_TIMEOUT_S = float(DesiredState.request_timeout_seconds)
+DEFAULT_MAX_CONCURRENCY = DesiredState.max_concurrency
 CONNECT_TIMEOUT_MS = 2000
 HEALTH_INTER_MS = 1000
 KEEPALIVE_TIMEOUT_S = 30
@@ -134,13 +132,12 @@ class Backend:
     prefix: str
     max_concurrency: int
     request_timeout_s: float
-    queue_timeout_s: float
     max_queued: int
     servers: list[Server] = field(default_factory=list)
 
 
 @dataclass
-class Plan:
+class RoutingPlan:
     """The parsed table, in routing order (longest prefix first, ``/`` last)."""
 
     backends: list[Backend]
@@ -161,7 +158,7 @@ class Plan:
         }
 
 
-def plan_table(table: Mapping[str, Any] | None) -> Plan:
+def plan_table(table: Mapping[str, Any] | None) -> RoutingPlan:
     deployments = (table or {}).get("deployments") or {}
     backends: list[Backend] = []
     skipped: list[str] = []
@@ -212,11 +209,6 @@ def plan_table(table: Mapping[str, Any] | None) -> Plan:
             servers.append(Server(sname, rid, addr))
         servers.sort(key=lambda s: s.name)
 
-        max_queued_default = max_conc * max(1, len(servers))
-        try:
-            max_queued = int(spec.get("maxQueuedRequests", max_queued_default))
-        except (TypeError, ValueError):
-            max_queued = max_queued_default
         backends.append(
             Backend(
                 deployment=dep_name,
@@ -224,15 +216,13 @@ def plan_table(table: Mapping[str, Any] | None) -> Plan:
                 prefix=prefix,
                 max_concurrency=max_conc,
                 request_timeout_s=_secs(spec.get("requestTimeoutSeconds"), DEFAULT_REQUEST_TIMEOUT_S),
-                queue_timeout_s=_secs(spec.get("queueTimeoutSeconds"), QUEUE_TIMEOUT_S),
-                # queue() ge 0 would reject everything: 1 is the smallest bound.
-                max_queued=max(1, max_queued),
+                max_queued=max_conc * max(1, len(servers)),
                 servers=servers,
             )
         )
     # Longest prefix first; ties can't happen (prefixes are unique). "/" is len 1 -> last.
     backends.sort(key=lambda b: (-len(b.prefix), b.prefix))
-    return Plan(backends, skipped)
+    return RoutingPlan(backends, skipped)
 
 
 def render_config(
@@ -327,10 +317,10 @@ def render_config(
         w("    balance random(2)")
         w("    http-reuse always")
         w("    option httpchk")
-        w(f"    http-check send meth GET uri {READY_PATH}")
+        w(f"    http-check send meth GET uri {REPLICA_READY_PATH}")
         w("    http-check expect status 200")
         w(f"    timeout server {_ms(be.request_timeout_s)}")
-        w(f"    timeout queue {_ms(be.queue_timeout_s)}")
+        w(f"    timeout queue {_ms(QUEUE_TIMEOUT_S)}")
         no_replicas = _json_body({"error": "no ready replicas", "deployment": be.deployment})
         if not be.servers:
             w(f"    http-request return status 503 content-type application/json string {no_replicas}")

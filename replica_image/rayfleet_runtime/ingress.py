@@ -41,12 +41,13 @@ import time
 import warnings
 from typing import Any
 
+from rayfleet_api.constants import INGRESS_PORT, RAY_NAMESPACE
+
 from .haproxy_bin import HAProxyBinary, check_config, find_haproxy, haproxy_version
 from .haproxy_config import plan_table, render_config
 
 logger = logging.getLogger("rayfleet.ingress")
 
-NAMESPACE = "rayfleet"
 MIN_RELOAD_INTERVAL_S = 0.2
 
 _PR_SET_PDEATHSIG = 1
@@ -118,7 +119,7 @@ class Ingress:
 
     def __init__(
         self,
-        port: int = 8000,
+        port: int = INGRESS_PORT,
         bind_host: str = "0.0.0.0",
         *,
         workdir: str | None = None,
@@ -484,19 +485,6 @@ class Ingress:
                 dep["servers"][info["servers"].get(sv, sv)] = entry
         return out
 
-    async def show_proc(self) -> str:
-        """The master's ``show proc`` (debugging: lists current and old workers)."""
-        return await asyncio.to_thread(_cli, self.master_socket, "show proc")
-
-    async def get_table(self) -> dict[str, Any]:
-        return self._table
-
-    async def get_config(self) -> str:
-        return self._config
-
-    async def logs(self, n: int = 50) -> list[str]:
-        return list(self._log_tail)[-n:]
-
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop HAProxy: soft stop (finish in-flight requests) for up to ``grace_s``, then hard."""
         await asyncio.to_thread(self._terminate, grace_s)
@@ -516,13 +504,13 @@ except ImportError:  # pragma: no cover - Ray-less environments (unit tests of t
     IngressManager = None  # type: ignore[assignment]
 
 
-def ensure_ingress(node_id: str, port: int = 8000, bind_host: str = "0.0.0.0"):
+def ensure_ingress(node_id: str, port: int = INGRESS_PORT, bind_host: str = "0.0.0.0"):
     """Get-or-create the ingress actor for ``node_id`` (idempotent, race-free)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return IngressManager.options(
         name=actor_name(node_id),
-        namespace=NAMESPACE,
+        namespace=RAY_NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),

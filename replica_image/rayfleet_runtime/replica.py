@@ -23,11 +23,10 @@ import ray
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
+from rayfleet_api.constants import RAY_NAMESPACE, REPLICA_PREFIX, REPLICA_READY_PATH
+from rayfleet_api.desired import DesiredState
 from rayfleet_runtime.handler import HandlerLoadError, HandlerRunner, Request, error_result, load_handler
 
-NAMESPACE = "rayfleet"
-REPLICA_PREFIX = "rayfleet-replica"
-READY_PATH = "/-/ready"
 CLIENT_MAX_SIZE = 64 * 1024 * 1024
 
 logger = logging.getLogger("rayfleet.replica")
@@ -50,9 +49,9 @@ def parse_replica_actor_name(name: str) -> tuple[str, str] | None:
 class ReplicaServer:
     """Handler + aiohttp server, independent of Ray (the actor below wraps it)."""
 
-    def __init__(self, config: dict[str, Any]):
-        self.config = config
-        self.version = config.get("version")
+    def __init__(self, desired: DesiredState):
+        self.desired = desired
+        self.version = desired.version
         self.runner: HandlerRunner | None = None
         self.error: dict[str, str] | None = None
         self.draining = False
@@ -63,14 +62,13 @@ class ReplicaServer:
 
     async def start(self, bind_host: str = "0.0.0.0", port: int = 0, advertise_host: str | None = None) -> None:
         try:
-            handler = load_handler(self.config["handler"], self.config.get("handlerArgs") or {})
+            handler = load_handler(self.desired.handler, self.desired.handler_args)
         except HandlerLoadError as exc:
             self.error = exc.as_dict()
             logger.error("%s: %s\n%s", exc.reason, exc.message, exc.traceback)
             return
-        self.runner = HandlerRunner(handler, max_concurrency=int(self.config.get("maxConcurrency", 100)),
-                                    sync_threads=int(self.config.get("syncThreads", 1)),
-                                    max_queued=self.config.get("maxQueued"))
+        self.runner = HandlerRunner(handler, max_concurrency=self.desired.max_concurrency,
+                                    sync_threads=self.desired.sync_threads)
         loop = asyncio.get_running_loop()
 
         def make_request(message, payload, protocol, writer, task):  # type: ignore[no-untyped-def]
@@ -88,7 +86,7 @@ class ReplicaServer:
         self.host = (advertise_host or "127.0.0.1") if wildcard else bind_host
 
     async def _on_request(self, req: BaseRequest) -> web.StreamResponse:
-        if req.path == READY_PATH:
+        if req.path == REPLICA_READY_PATH:
             if self.draining:
                 return web.Response(status=503, text="draining\n")
             return web.Response(status=200, text="ready\n")
@@ -131,7 +129,7 @@ class ReplicaServer:
 class Replica:
     """One replica of a deployment; created by the controller as a named detached actor."""
 
-    async def __init__(self, deployment: str, replica_id: str, config: dict[str, Any]):
+    async def __init__(self, deployment: str, replica_id: str, desired: DesiredState, bind_host: str):
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                                 format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -141,8 +139,8 @@ class Replica:
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
-        self.server = ReplicaServer(config)
-        await self.server.start(config.get("bindHost", "0.0.0.0"), int(config.get("port", 0)), self.node_ip)
+        self.server = ReplicaServer(desired)
+        await self.server.start(bind_host, 0, self.node_ip)
 
     def _info(self) -> dict[str, Any]:
         return {"deployment": self.deployment, "id": self.replica_id, "nodeId": self.node_id,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rayfleet.manifest import load_manifests
-from rayfleet.spec import SpecError
+from rayfleet_api.errors import SpecError
 
 pytestmark = pytest.mark.integration
 

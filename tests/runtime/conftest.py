@@ -80,7 +80,8 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def api(ray_cluster):
-    from rayfleet_runtime.controller import ensure_controller, wait_http
+    from rayfleet_api.http_probe import wait_http
+    from rayfleet_runtime.controller import ensure_controller
 
     control_port, ingress_port = free_port(), free_port()
     ensure_controller(control_port=control_port, ingress_port=ingress_port, ingress_nodes="head", bind_host="127.0.0.1")

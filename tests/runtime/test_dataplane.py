@@ -239,8 +239,7 @@ def test_api_validation_and_listing(api):
 
 
 def test_controller_restart_rediscovers_replicas(api, ray_cluster):
-    from rayfleet_runtime.controller import CONTROLLER_NAME
-    from rayfleet_runtime.replica import NAMESPACE
+    from rayfleet_api.constants import CONTROLLER_NAME, RAY_NAMESPACE as NAMESPACE
 
     api.put("survive", replicas=2)
     before = api.wait_ready("survive", 2)

@@ -5,7 +5,8 @@ import pytest
 
 from rayfleet.manifest import validate
 from rayfleet_operator.config import OperatorConfig
-from rayfleet_operator.naming import ANNOTATION_SPEC_HASH, CONTROL_PORT_NAME
+from rayfleet_api.constants import CONTROL_PORT_NAME
+from rayfleet_operator.naming import ANNOTATION_SPEC_HASH
 from rayfleet_operator.raycluster import (build_auth_secret, build_raycluster, controller_url, plan_workers,
                                           readiness, should_update_cluster, shrink_workers, spec_problems,
                                           worker_replicas)

@@ -5,6 +5,7 @@ import asyncio
 
 from rayfleet_runtime.deployment_state import ControllerCore, DeploymentRecord, ReplicaRecord
 from rayfleet_runtime.planning import DRAINING, READY, STOPPED, StopIntent
+from rayfleet_api.desired import DesiredState
 from rayfleet_runtime.route_publisher import RoutePublisher
 
 
@@ -90,7 +91,7 @@ def test_graceful_stop_drains_only_after_the_proxies_dropped_the_replica(monkeyp
         ingress = FakeIngress(delay=0.3)
         table = core.routing_table
         core.routes = publisher(lambda: (events.append("unrouted"), table())[1], ingress)
-        dep = DeploymentRecord("d", {"replicas": 0, "version": "v", "gracefulShutdownSeconds": 5})
+        dep = DeploymentRecord("d", DesiredState(handler="m:h", replicas=0, version="v", graceful_shutdown_seconds=5))
         rec = dep.replicas["d-0"] = ReplicaRecord("d-0", "v", FakeReplica(), state=READY,
                                                   info={"host": "127.0.0.1", "port": 1})
         core.deployments["d"] = dep

@@ -1,4 +1,4 @@
-"""rayfleet.spec and rayfleet.manifest: the CRD's defaults, schema and CEL rules applied without a cluster.
+"""rayfleet_api.spec and rayfleet.manifest: the CRD's defaults, schema and CEL rules applied without a cluster.
 
 Agreement with the real API server is tests/integration/test_manifest_parity.py's job; here, that its
 corpus (tests/manifests) covers every field and every rule of the CRD.
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from rayfleet.manifest import UnknownFieldsError, crd_schema, load_manifests, read_documents, validate
-from rayfleet.spec import SpecError, desired_state, parse_quantity, spec_version
+from rayfleet_api.errors import SpecError
+from rayfleet_api.spec import desired_state, parse_quantity, spec_version
 
 CORPUS = Path(__file__).resolve().parents[1] / "manifests"
 # The schema keywords that refuse a value; each needs an invalid manifest naming it in a `# rule:` line.
@@ -117,7 +118,7 @@ spec: {handler: "m:g", replicas: 3}
 """)
     a, b = load_manifests(path)
     assert (a.name, a.namespace, a.spec["routePrefix"]) == ("a", "default", "/a")
-    assert (b.name, b.namespace, b.desired_state()["replicas"]) == ("b", "team", 3)
+    assert (b.name, b.namespace, b.desired_state().replicas) == ("b", "team", 3)
     path.write_text("spec: [unclosed")
     with pytest.raises(SpecError, match="invalid YAML"):
         load_manifests(path)
@@ -141,7 +142,7 @@ def test_version_changes_only_for_fields_that_need_new_processes():
 
 def test_desired_state_shape():
     spec = validate(with_spec(env=[{"name": "MODE", "value": "fast"}], rayActorOptions={"numCpus": 0.5, "memory": "1Gi"}))["spec"]
-    state = desired_state(spec)
+    state = desired_state(spec).to_json()
     assert state["env"] == {"MODE": "fast"}
     assert state["rayActorOptions"] == {"numCpus": 0.5, "numGpus": 0, "memory": 2**30}
     assert state["version"] == spec_version(spec) and state["replicas"] == 1

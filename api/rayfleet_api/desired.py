@@ -1,0 +1,171 @@
+"""The controller's desired state for one deployment: typed, defaulted here and nowhere else.
+
+``DesiredState`` is what the operator and ``rayfleet run`` send (``PUT /v1/deployments/{name}``, as
+``to_json()``), what the controller validates (``from_json``), checkpoints and acts on. Its field
+defaults are the product's defaults; the CRD's schema defaults must match them (a unit test holds them
+together). ``version`` is the hash of the fields that need new replica processes (see ``spec.py``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from rayfleet_api.errors import SpecError
+
+# A DNS label, optionally qualified by one more (the operator uses "<namespace>.<name>").
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)?$")
+
+
+@dataclass(frozen=True)
+class ActorOptions:
+    """Ray resources of each replica actor."""
+
+    num_cpus: float = 1
+    num_gpus: float = 0
+    memory: int | None = None  # bytes
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    period_seconds: float = 10
+    timeout_seconds: float = 5
+    failure_threshold: int = 3  # consecutive failures before the replica is replaced
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    handler: str  # "module:attr"
+    version: str = ""  # "" until hashed: from_json fills it in
+    handler_args: dict[str, Any] = field(default_factory=dict)
+    replicas: int = 1
+    max_concurrency: int = 100  # requests in flight per replica; HAProxy queues the rest
+    sync_threads: int = 1  # threads for plain `def` handlers
+    route_prefix: str = "/"
+    request_timeout_seconds: float = 60
+    graceful_shutdown_seconds: float = 30
+    ray_actor_options: ActorOptions = field(default_factory=ActorOptions)
+    runtime_env: dict[str, Any] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    health_check: HealthCheck = field(default_factory=HealthCheck)
+
+    def to_json(self) -> dict[str, Any]:
+        options = self.ray_actor_options
+        actor = {"numCpus": options.num_cpus, "numGpus": options.num_gpus, "memory": options.memory}
+        hc = self.health_check
+        return {
+            "handler": self.handler, "handlerArgs": self.handler_args, "replicas": self.replicas,
+            "maxConcurrency": self.max_concurrency, "syncThreads": self.sync_threads,
+            "routePrefix": self.route_prefix, "requestTimeoutSeconds": self.request_timeout_seconds,
+            "gracefulShutdownSeconds": self.graceful_shutdown_seconds, "version": self.version,
+            "rayActorOptions": actor, "runtimeEnv": self.runtime_env, "env": self.env,
+            "healthCheck": {"periodSeconds": hc.period_seconds, "timeoutSeconds": hc.timeout_seconds,
+                            "failureThreshold": hc.failure_threshold},
+        }
+
+    @classmethod
+    def from_json(cls, body: Any) -> "DesiredState":
+        """A validated, defaulted DesiredState, or SpecError naming the first bad field."""
+        obj = _Object(body, "")
+        handler = obj.pop("handler", None)
+        if not isinstance(handler, str) or ":" not in handler or not all(handler.partition(":")[::2]):
+            raise SpecError("handler", f"must be 'module:attr', got {handler!r}")
+        route_prefix = obj.pop("routePrefix", cls.route_prefix)
+        if not isinstance(route_prefix, str) or not route_prefix.startswith("/"):
+            raise SpecError("routePrefix", f"must be a path starting with '/', got {route_prefix!r}")
+        runtime_env = obj.pop("runtimeEnv", None)
+        if runtime_env is not None and not isinstance(runtime_env, dict):
+            raise SpecError("runtimeEnv", "must be an object or null")
+        env = obj.pop("env", None) or {}
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise SpecError("env", "must map names to string values")
+        version = obj.pop("version", "") or ""
+        if not isinstance(version, str):
+            raise SpecError("version", "must be a string")
+        opts = _Object(obj.pop("rayActorOptions", None), "rayActorOptions.")
+        memory = opts.pop("memory", None)
+        actor = ActorOptions(num_cpus=opts.number("numCpus", ActorOptions.num_cpus, minimum=0),
+                             num_gpus=opts.number("numGpus", ActorOptions.num_gpus, minimum=0),
+                             memory=None if memory is None else opts.number("memory", memory, minimum=0, integer=True,
+                                                                             value=memory))
+        opts.done()
+        hc = _Object(obj.pop("healthCheck", None), "healthCheck.")
+        health = HealthCheck(
+            period_seconds=hc.number("periodSeconds", HealthCheck.period_seconds, minimum=0, exclusive=True),
+            timeout_seconds=hc.number("timeoutSeconds", HealthCheck.timeout_seconds, minimum=0, exclusive=True),
+            failure_threshold=hc.number("failureThreshold", HealthCheck.failure_threshold, minimum=1, integer=True))
+        hc.done()
+        handler_args = obj.pop("handlerArgs", None) or {}
+        if not isinstance(handler_args, dict):
+            raise SpecError("handlerArgs", "must be an object")
+        state = cls(
+            handler=handler, version=version, handler_args=handler_args,
+            replicas=obj.number("replicas", cls.replicas, minimum=0, integer=True),
+            max_concurrency=obj.number("maxConcurrency", cls.max_concurrency, minimum=1, integer=True),
+            sync_threads=obj.number("syncThreads", cls.sync_threads, minimum=1, integer=True),
+            route_prefix=route_prefix,
+            request_timeout_seconds=obj.number("requestTimeoutSeconds", cls.request_timeout_seconds, minimum=0,
+                                               exclusive=True),
+            graceful_shutdown_seconds=obj.number("gracefulShutdownSeconds", cls.graceful_shutdown_seconds, minimum=0),
+            ray_actor_options=actor, runtime_env=runtime_env, env=env, health_check=health)
+        obj.done()
+        if not version:  # a client that sends none (e.g. a test or a script) gets a hash of what it sent
+            wire = state.to_json()
+            state = replace(state, version=version_hash({key: wire.get(key) for key in VERSIONED_WIRE_FIELDS}))
+        return state
+
+
+# Wire fields baked into a replica process: the hash for clients that send no version.
+VERSIONED_WIRE_FIELDS = ("handler", "handlerArgs", "maxConcurrency", "syncThreads", "rayActorOptions", "runtimeEnv", "env")
+
+
+def version_hash(fields: dict[str, Any]) -> str:
+    """Stable short hash of the fields that require new replica processes."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def validate_name(name: Any) -> None:
+    """A deployment's name in the controller: a DNS label, or ``namespace.name``."""
+    if not isinstance(name, str) or len(name) > 127 or not _NAME.match(name):
+        raise SpecError("name", f"{name!r} must be a DNS label or 'namespace.name': lowercase letters, "
+                                "digits and '-', at most 127 characters")
+
+
+class _Object:
+    """One JSON object being decoded: typed reads with the field path in every error, unknown keys refused."""
+
+    def __init__(self, value: Any, prefix: str):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise SpecError(prefix.rstrip(".") or "<body>", "must be an object")
+        self._left = dict(value)
+        self._prefix = prefix
+
+    def pop(self, key: str, default: Any) -> Any:
+        value = self._left.pop(key, None)
+        return default if value is None else value
+
+    def number(self, key: str, default: float, *, minimum: float, integer: bool = False, exclusive: bool = False,
+               value: Any = None) -> Any:
+        field_path = self._prefix + key
+        if value is None:
+            value = self.pop(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+            raise SpecError(field_path, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+        # Python's JSON parser accepts NaN/Infinity; NaN passes every comparison below, and either would
+        # stall timers (a NaN health period never comes due) and make the observed state invalid JSON.
+        if not math.isfinite(value):
+            raise SpecError(field_path, f"must be a finite number, got {value!r}")
+        if value < minimum or (exclusive and value == minimum):
+            raise SpecError(field_path, f"must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
+        return value
+
+    def done(self) -> None:
+        """Refuse what is left: a field this controller does not know would otherwise be silently ignored."""
+        if self._left:
+            key = sorted(self._left)[0]
+            raise SpecError(self._prefix + key, "unknown field (is the replica image older than the operator?)")

@@ -1,0 +1,87 @@
+"""The desired state: defaults, validation of what the controller API receives, and the CRD's defaults."""
+import dataclasses
+
+import pytest
+
+from rayfleet.manifest import crd_schema
+from rayfleet_api.desired import ActorOptions, DesiredState, HealthCheck, validate_name
+from rayfleet_api.errors import SpecError
+from rayfleet_api.spec import desired_state
+
+
+def validate_desired(body):
+    return DesiredState.from_json(body).to_json()
+
+
+def test_defaults_and_version():
+    d = validate_desired({"handler": "examples.echo:Echo"})
+    assert d["replicas"] == 1 and d["maxConcurrency"] == 100 and d["syncThreads"] == 1
+    assert d["healthCheck"] == {"periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3}
+    assert d["rayActorOptions"] == {"numCpus": 1, "numGpus": 0, "memory": None}
+    assert isinstance(d["version"], str) and d["version"]
+    assert validate_desired({"handler": "a:b", "version": "x"})["version"] == "x"
+    assert validate_desired({"handler": "a:b", "healthCheck": {"periodSeconds": 2}})["healthCheck"]["failureThreshold"] == 3
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"handler": "nocolon"}, "handler"),
+    ({}, "handler"),
+    ({"handler": "a:b", "replicas": -1}, "replicas"),
+    ({"handler": "a:b", "replicas": 1.5}, "replicas"),
+    ({"handler": "a:b", "maxConcurrency": 0}, "maxConcurrency"),
+    ({"handler": "a:b", "routePrefix": "echo"}, "routePrefix"),
+    ({"handler": "a:b", "rayActorOptions": {"numCpus": -1}}, "rayActorOptions.numCpus"),
+    ({"handler": "a:b", "rayActorOptions": {"memory": "1Gi"}}, "rayActorOptions.memory"),
+    ({"handler": "a:b", "env": {"A": 1}}, "env"),
+    ({"handler": "a:b", "healthCheck": {"timeoutSeconds": 0}}, "healthCheck.timeoutSeconds"),
+    ({"handler": "a:b", "runtimeEnv": "pip"}, "runtimeEnv"),
+    ({"handler": "a:b", "healthCheck": {"periodSeconds": float("nan")}}, "healthCheck.periodSeconds"),
+    ({"handler": "a:b", "gracefulShutdownSeconds": float("inf")}, "gracefulShutdownSeconds"),
+    ([], "<body>"),
+    ({"handler": "a:b", "maxQueued": 5}, "maxQueued"),  # a knob this controller doesn't know is refused
+    ({"handler": "a:b", "rayActorOptions": {"resources": {"x": 1}}}, "rayActorOptions.resources"),
+])
+def test_invalid_fields_are_named(body, field):
+    with pytest.raises(SpecError) as err:
+        validate_desired(body)
+    assert err.value.field == field and str(err.value).startswith(field)
+
+
+def test_names():
+    validate_name("echo-2")
+    validate_name("team-a.echo")  # the operator's "<namespace>.<name>"
+    for bad in ("Echo", "a:b", "-x", "x" * 128, "", "a.b.c", "a..b", ".a"):
+        with pytest.raises(SpecError):
+            validate_name(bad)
+
+
+def test_wire_form_round_trips():
+    state = DesiredState.from_json({"handler": "a:b", "replicas": 3, "env": {"A": "1"}, "healthCheck": {"periodSeconds": 2},
+                                    "rayActorOptions": {"numCpus": 0.5, "memory": 1024}, "version": "v7"})
+    assert DesiredState.from_json(state.to_json()) == state
+    assert state.health_check == HealthCheck(period_seconds=2) and state.ray_actor_options == ActorOptions(0.5, 0, 1024)
+
+
+def crd_default(schema, path):
+    for key in path.split("."):
+        schema = schema["properties"][key]
+    return schema["default"]
+
+
+def test_crd_defaults_are_the_desired_state_defaults():
+    """One set of defaults: the CRD's (what `kubectl get -o yaml` shows) must be DesiredState's own."""
+    spec = crd_schema()["properties"]["spec"]
+    wire = {f.name: f.default for f in dataclasses.fields(DesiredState) if f.default is not dataclasses.MISSING}
+    for attr, field in (("replicas", "replicas"), ("max_concurrency", "maxConcurrency"), ("sync_threads", "syncThreads"),
+                        ("route_prefix", "routePrefix"), ("request_timeout_seconds", "requestTimeoutSeconds"),
+                        ("graceful_shutdown_seconds", "gracefulShutdownSeconds")):
+        assert crd_default(spec, field) == wire[attr], field
+    assert crd_default(spec, "rayActorOptions.numCpus") == ActorOptions.num_cpus
+    assert crd_default(spec, "rayActorOptions.numGpus") == ActorOptions.num_gpus
+    assert crd_default(spec, "healthCheck") == DesiredState(handler="a:b").to_json()["healthCheck"]
+    # And a spec with nothing but a handler means the same before and after the API server defaults it
+    # (but for the version: it hashes the spec as the API server stored it).
+    assert dataclasses.replace(desired_state({"handler": "a:b"}), version="") == dataclasses.replace(desired_state(
+        {"handler": "a:b", **{k: crd_default(spec, k) for k in ("replicas", "maxConcurrency", "syncThreads",
+                                                                "routePrefix", "requestTimeoutSeconds",
+                                                                "gracefulShutdownSeconds", "healthCheck")}}), version="")
