@@ -6,14 +6,22 @@ from typing import Any, Callable
 
 
 def eventually(check: Callable[[], Any], timeout: float = 30, interval: float = 0.5, what: str = "condition",
-               diagnostics: Callable[[], str] | None = None) -> Any:
+               diagnostics: Callable[[], str] | None = None,
+               ignoring: tuple[type[BaseException], ...] = ()) -> Any:
     """Poll `check()` until it returns something truthy, and return that; else fail naming `what`,
-    with `diagnostics()` (logs, object dumps) in the message."""
+    with `diagnostics()` (logs, object dumps) in the message.
+
+    An exception of a type in `ignoring` (say, a server that is restarting) counts as "not yet";
+    any other exception, an AssertionError included, ends the wait at once: a check can fail fast."""
     deadline = time.monotonic() + timeout
     while True:
-        value = check()
-        if value:
-            return value
+        try:
+            value = check()
+        except ignoring as exc:
+            value = exc
+        else:
+            if value:
+                return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {value!r}\n"
                                  f"{diagnostics() if diagnostics else ''}")

@@ -14,7 +14,7 @@ class _Name(str, Enum):
 class ReplicaState(_Name):
     STARTING = "STARTING"  # actor created; handler loading
     READY = "READY"  # serving and routed
-    UNHEALTHY = "UNHEALTHY"  # failed its latest health check(s); still routed until replaced
+    UNHEALTHY = "UNHEALTHY"  # failed its latest health check(s): unrouted, replaced after failureThreshold
     DRAINING = "DRAINING"  # unrouted; finishing in-flight requests before it stops
     STOPPED = "STOPPED"  # killed, or being killed
     FAILED = "FAILED"  # actor died, or the handler failed to load

@@ -5,12 +5,7 @@ serves the HTTP API in ``api_server`` on its own event loop and runs ``deploymen
 there: the reconcile loop (probe replicas, ``planning.plan()``, start/drain/stop them) and the
 ``route_publisher.RoutePublisher`` that pushes the routing table of READY replicas to one
 ``IngressManager`` per node (``ingress_nodes="all"``) or only the head node (``"head"``, for local mode).
-Nothing on that event loop waits synchronously on a replica or a proxy: actor calls are awaited with
-timeouts, ``ray.nodes()`` and ingress creation run in threads; only short GCS requests (the KV
-checkpoint, ``ray.kill``) are made inline, as Ray Serve's controller does.
-
-State lives where a restarted controller finds it again: desired state (plus restart counters) is
-checkpointed in Ray's GCS KV, replicas are found by their actor names (see ``deployment_state``).
+Both make their Ray calls through the ``ray_calls.RayBackend`` built here.
 
 Entry points: ``ensure_controller(...)`` (idempotent) and
 ``python -m rayfleet_runtime.controller --address auto --control-port 8090 --ingress-port 8000
@@ -31,7 +26,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rayfleet_api.constants import CONTROL_PORT, CONTROLLER_NAME, INGRESS_PORT, RAY_NAMESPACE
 from rayfleet_api.http_probe import wait_http
 from rayfleet_runtime.api_server import make_app
-from rayfleet_runtime.deployment_state import ControllerCore, kill_actor
+from rayfleet_runtime.deployment_state import ControllerCore
+from rayfleet_runtime.ray_calls import RayBackend, alive_node_ids
 
 logger = logging.getLogger("rayfleet.controller")
 
@@ -47,7 +43,8 @@ class Controller:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                                 format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.core = ControllerCore(ingress_port=ingress_port, ingress_nodes=ingress_nodes, bind_host=bind_host)
+        self.core = ControllerCore(RayBackend(), ingress_port=ingress_port, ingress_nodes=ingress_nodes,
+                                   bind_host=bind_host)
         self.control_port = control_port
         self.bind_host = bind_host
         await self.core.recover()
@@ -63,10 +60,10 @@ class Controller:
 
 
 def head_node_id() -> str:
-    for node in ray.nodes():
-        if node.get("Alive") and "node:__internal_head__" in (node.get("Resources") or {}):
-            return node["NodeID"]
-    raise RuntimeError("no alive head node in this Ray cluster")
+    heads = alive_node_ids(head_only=True)
+    if not heads:
+        raise RuntimeError("no alive head node in this Ray cluster")
+    return heads[0]
 
 
 def ensure_controller(control_port: int = CONTROL_PORT, ingress_port: int = INGRESS_PORT, ingress_nodes: str = "all",
@@ -87,7 +84,7 @@ def ensure_controller(control_port: int = CONTROL_PORT, ingress_port: int = INGR
     try:
         info = ray.get(handle.ready.remote(), timeout=timeout_s)
     except ray.exceptions.RayActorError:
-        kill_actor(handle)  # e.g. port in use: don't let Ray restart it forever
+        RayBackend().kill(handle)  # e.g. port in use: don't let Ray restart it forever
         raise
     if info["controlPort"] != control_port:
         logger.warning("controller already runs with control port %s (asked for %s)", info["controlPort"], control_port)

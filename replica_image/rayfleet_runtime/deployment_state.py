@@ -8,9 +8,10 @@ the actor (``controller.py``). A reconcile tick every ``TICK_S``
 2. asks ``planning.plan()`` what to start and stop, and executes it: starts are named detached
    ``Replica`` actors (SPREAD across nodes, resources from ``rayActorOptions``); graceful stops mark the
    replica DRAINING, publish the routing table without it, wait until every proxy applied it, call
-   ``drain(grace)`` and finally ``ray.kill``,
+   ``drain(grace)`` and finally kill it,
 3. has the ``RoutePublisher`` push the routing table of READY replicas to the ingress proxies.
 
+Every Ray call goes through the injected backend (``ray_calls.RayBackend``; a fake in unit tests).
 State lives where a restarted controller finds it again: desired state (plus restart counters) is
 checkpointed in Ray's GCS KV, replicas are found by their actor names. Every error in the loop is logged
 and the loop goes on. Handler import/init failures are reported in the observed state and retried with
@@ -25,20 +26,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
-from ray.experimental import internal_kv
-
-from rayfleet_api.constants import INGRESS_PORT, RAY_NAMESPACE
+from rayfleet_api.constants import INGRESS_PORT
 from rayfleet_api.desired import DesiredState
 from rayfleet_api.errors import SpecError
+from rayfleet_api.states import ReplicaState
 
 from rayfleet_runtime import planning
-from rayfleet_runtime.planning import DRAINING, FAILED, READY, STARTING, STOPPED, UNHEALTHY, ReplicaView
-from rayfleet_runtime.replica import Replica, parse_replica_actor_name, replica_actor_name
+from rayfleet_runtime.planning import ReplicaView
+from rayfleet_runtime.ray_calls import (RayBackend, ReplicaCallError, ReplicaDied, ReplicaTimeout, ReplicaUnavailable,
+                                        RuntimeEnvFailed)
 from rayfleet_runtime.route_publisher import RoutePublisher
 
-KV_NAMESPACE = "rayfleet"
-KV_PREFIX = "deployment/"
 TICK_S = 0.25
 PROBE_INTERVAL_S = 2.0
 RECOVER_PROBE_TIMEOUT_S = 10.0
@@ -46,13 +44,15 @@ SLOW_START_S = 60.0  # a replica still starting after this says so in its lastEr
 
 logger = logging.getLogger("rayfleet.controller")
 
+_SERVING = (ReplicaState.READY, ReplicaState.UNHEALTHY)  # started and not being stopped: these are probed
+
 
 @dataclass
 class ReplicaRecord:
     id: str
     version: str
-    actor: Any
-    state: str = STARTING
+    actor: Any  # the backend's handle; None until created
+    state: ReplicaState = ReplicaState.STARTING
     restarts: int = 0
     health_failures: int = 0
     created_at: float = field(default_factory=time.time)
@@ -77,7 +77,7 @@ class ReplicaRecord:
         """A start that takes long is not an error yet, but users should see why nothing is ready:
         Ray may have no node with the resources asked for, or the handler's constructor is slow or stuck."""
         waited = now - self.created_at
-        if self.state != STARTING or waited < SLOW_START_S:
+        if self.state != ReplicaState.STARTING or waited < SLOW_START_S:
             return None
         return (f"still starting after {waited:.0f} s: waiting for a Ray node with the resources in "
                 "rayActorOptions, or for the handler's constructor")
@@ -100,63 +100,40 @@ class DeploymentRecord:
                            "nextIndex": self.next_index}).encode()
 
 
-def replica_actor_options(name: str, replica_id: str, desired: DesiredState) -> dict[str, Any]:
-    """Ray actor options for one replica of a deployment."""
-    opts = desired.ray_actor_options
-    runtime_env = dict(desired.runtime_env or {})
-    env_vars = {**(runtime_env.get("env_vars") or {}), **desired.env}
-    if env_vars:
-        runtime_env["env_vars"] = env_vars
-    options: dict[str, Any] = {
-        "name": replica_actor_name(name, replica_id),
-        "namespace": RAY_NAMESPACE,
-        "lifetime": "detached",
-        "num_cpus": opts.num_cpus,
-        "num_gpus": opts.num_gpus,
-        "scheduling_strategy": "SPREAD",
-        "max_restarts": 0,
-    }
-    if opts.memory:
-        options["memory"] = opts.memory
-    if runtime_env:
-        options["runtime_env"] = runtime_env
-    return options
-
-
 class ControllerCore:
     """Everything the controller does, on one event loop; the ``Controller`` actor (controller.py) hosts it."""
 
-    def __init__(self, ingress_port: int = INGRESS_PORT, ingress_nodes: str = "all", bind_host: str = "0.0.0.0",
-                 drain_settle_s: float = 1.0):
+    def __init__(self, backend: RayBackend, ingress_port: int = INGRESS_PORT, ingress_nodes: str = "all",
+                 bind_host: str = "0.0.0.0", drain_settle_s: float = 1.0):
+        self.backend = backend
         self.ingress_port = ingress_port
         self.ingress_nodes = ingress_nodes
         self.bind_host = bind_host
         self.drain_settle_s = drain_settle_s
         self.deployments: dict[str, DeploymentRecord] = {}
-        self.routes = RoutePublisher(self.routing_table, ingress_port, ingress_nodes, bind_host)
+        self.routes = RoutePublisher(self.routing_table, backend.ensure_ingress, backend.node_ids, ingress_port,
+                                     ingress_nodes, bind_host)
         self._tasks: list[asyncio.Task] = []
 
     # ---------- persistence and re-discovery ----------
     def _save(self, dep: DeploymentRecord) -> None:
         try:
-            internal_kv._internal_kv_put(KV_PREFIX + dep.name, dep.checkpoint(), overwrite=True, namespace=KV_NAMESPACE)
+            self.backend.write_checkpoint(dep.name, dep.checkpoint())
         except Exception:  # noqa: BLE001
             logger.exception("checkpoint of %s failed", dep.name)
 
     def _forget(self, name: str) -> None:
         try:
-            internal_kv._internal_kv_del(KV_PREFIX + name, namespace=KV_NAMESPACE)
+            self.backend.delete_checkpoint(name)
         except Exception:  # noqa: BLE001
             logger.exception("removing checkpoint of %s failed", name)
 
     async def recover(self) -> None:
         """Load checkpointed deployments and adopt their live replica actors (after a controller restart)."""
         unreadable: set[str] = set()
-        for key in internal_kv._internal_kv_list(KV_PREFIX, namespace=KV_NAMESPACE) or []:
-            key = key.decode() if isinstance(key, bytes) else key
-            name = key[len(KV_PREFIX):]
+        for name in self.backend.checkpoint_names():
             try:
-                raw = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+                raw = self.backend.read_checkpoint(name)
                 if not raw:
                     continue
                 data = json.loads(raw)
@@ -167,21 +144,17 @@ class ControllerCore:
                 logger.exception("cannot read the checkpoint of deployment %s; leaving its replicas alone", name)
                 unreadable.add(name)
         adopt = []
-        for entry in ray.util.list_named_actors(all_namespaces=True):
-            if entry.get("namespace") != RAY_NAMESPACE:
+        for dep_name, rid in self.backend.replica_names():
+            if dep_name in unreadable:
                 continue
-            parsed = parse_replica_actor_name(entry["name"])
-            if parsed is None or parsed[0] in unreadable:
-                continue
-            try:
-                adopt.append((parsed, ray.get_actor(entry["name"], namespace=RAY_NAMESPACE)))
-            except ValueError:
-                continue
+            actor = self.backend.get_replica(dep_name, rid)
+            if actor is not None:
+                adopt.append(((dep_name, rid), actor))
 
         async def ask(actor: Any) -> Any:
             try:
-                return await asyncio.wait_for(actor.info.remote(), RECOVER_PROBE_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001
+                return await self.backend.info(actor, RECOVER_PROBE_TIMEOUT_S)
+            except ReplicaCallError as exc:
                 return exc
 
         # All at once: one after the other, N silent replicas would keep the HTTP API down N x 10 s.
@@ -192,17 +165,18 @@ class ControllerCore:
                 logger.warning("replica %s/%s did not answer (%s); killing it", dep_name, rid, info)
                 info = None
             if dep is None or info is None:
-                kill_actor(actor)
+                self.backend.kill(actor)
                 continue
             rec = ReplicaRecord(rid, info.get("version") or "", actor, info=info)
-            rec.state = FAILED if info.get("error") else (DRAINING if info.get("draining") else READY)
+            rec.state = (ReplicaState.FAILED if info.get("error")
+                         else ReplicaState.DRAINING if info.get("draining") else ReplicaState.READY)
             rec.created_at = info.get("startedAt", time.time())
             dep.replicas[rid] = rec
             try:
                 dep.next_index = max(dep.next_index, int(rid.rsplit("-", 1)[1]) + 1)
             except (IndexError, ValueError):
                 pass
-            if rec.state == DRAINING:
+            if rec.state == ReplicaState.DRAINING:
                 self._begin_stop(dep, rec, planning.StopIntent(rid, True, "scale-down"))
         logger.info("recovered %d deployments, adopted %d replicas", len(self.deployments),
                     sum(len(d.replicas) for d in self.deployments.values()))
@@ -248,9 +222,10 @@ class ControllerCore:
             "name": dep.name,
             "version": version,
             "targetReplicas": 0 if dep.deleting else dep.desired.replicas,
-            "readyReplicas": sum(1 for r in reps if r.state == READY),
-            "updatedReplicas": sum(1 for r in reps if r.version == version and r.state in (STARTING, READY, UNHEALTHY)),
-            "inFlight": sum(r.info.get("inFlight", 0) for r in reps if r.state in (READY, UNHEALTHY, DRAINING)),
+            "readyReplicas": sum(1 for r in reps if r.state == ReplicaState.READY),
+            "updatedReplicas": sum(1 for r in reps if r.version == version
+                                   and r.state in (ReplicaState.STARTING, *_SERVING)),
+            "inFlight": sum(r.info.get("inFlight", 0) for r in reps if r.state in (*_SERVING, ReplicaState.DRAINING)),
             "restarts": dep.restarts,
             "status": planning.deployment_status(dep.desired.replicas, version, views, deleting=dep.deleting,
                                                  error=dep.error is not None),
@@ -280,7 +255,8 @@ class ControllerCore:
 
     def _reconcile(self, dep: DeploymentRecord, now: float) -> None:
         # Drop replicas whose stop finished.
-        for rid in [rid for rid, r in dep.replicas.items() if r.state == STOPPED and (r.task is None or r.task.done())]:
+        for rid in [rid for rid, r in dep.replicas.items()
+                    if r.state == ReplicaState.STOPPED and (r.task is None or r.task.done())]:
             del dep.replicas[rid]
         if dep.deleting and not dep.replicas:
             del self.deployments[dep.name]
@@ -291,7 +267,7 @@ class ControllerCore:
         hc = dep.desired.health_check
         # Probe serving replicas.
         for rec in dep.replicas.values():
-            if rec.state in (READY, UNHEALTHY) and (rec.task is None or rec.task.done()) and now >= rec.next_probe_at:
+            if rec.state in _SERVING and (rec.task is None or rec.task.done()) and now >= rec.next_probe_at:
                 health = now >= rec.next_health_at
                 if health:
                     rec.next_health_at = now + hc.period_seconds
@@ -321,29 +297,29 @@ class ControllerCore:
         rec = ReplicaRecord(rid, desired.version, None, restarts=intent.restarts)
         dep.replicas[rid] = rec
         try:
-            rec.actor = Replica.options(**replica_actor_options(dep.name, rid, desired)).remote(dep.name, rid, desired, self.bind_host)
-        except Exception as exc:  # noqa: BLE001 - e.g. invalid runtime_env or name clash
-            self._start_failed(dep, rec, {"reason": "ReplicaCreateError", "message": f"{type(exc).__name__}: {exc}"})
+            rec.actor = self.backend.create_replica(dep.name, rid, desired, self.bind_host)
+        except ReplicaCallError as exc:  # e.g. invalid runtime_env or name clash
+            self._start_failed(dep, rec, {"reason": "ReplicaCreateError", "message": f"{exc.ray_error}: {exc}"})
             return
         logger.info("starting replica %s (version %s, restarts %d)", rid, rec.version, rec.restarts)
         rec.task = asyncio.get_running_loop().create_task(self._await_start(dep, rec))
 
     async def _await_start(self, dep: DeploymentRecord, rec: ReplicaRecord) -> None:
         try:
-            info = await rec.actor.info.remote()
-        except Exception as exc:  # noqa: BLE001 - actor died during __init__, runtime_env failed, ...
-            if rec.state != STARTING:  # we stopped it ourselves (scale-down or delete while starting)
+            info = await self.backend.info(rec.actor)
+        except ReplicaCallError as exc:  # actor died during __init__, runtime_env failed, ...
+            if rec.state != ReplicaState.STARTING:  # we stopped it ourselves (scale-down or delete while starting)
                 return
-            reason = "RuntimeEnvSetupError" if "RuntimeEnv" in type(exc).__name__ else "ReplicaStartError"
-            self._start_failed(dep, rec, {"reason": reason, "message": f"{type(exc).__name__}: {str(exc)[:2000]}"})
+            reason = "RuntimeEnvSetupError" if isinstance(exc, RuntimeEnvFailed) else "ReplicaStartError"
+            self._start_failed(dep, rec, {"reason": reason, "message": f"{exc.ray_error}: {str(exc)[:2000]}"})
             return
         rec.info = info
-        if rec.state != STARTING:  # stopped meanwhile
+        if rec.state != ReplicaState.STARTING:  # stopped meanwhile
             return
         if info.get("error"):
             self._start_failed(dep, rec, info["error"])
             return
-        rec.state = READY
+        rec.state = ReplicaState.READY
         rec.next_health_at = time.time() + dep.desired.health_check.period_seconds
         rec.next_probe_at = time.time() + PROBE_INTERVAL_S
         if rec.version == dep.desired.version:
@@ -352,13 +328,13 @@ class ControllerCore:
         self.routes.changed()
 
     def _start_failed(self, dep: DeploymentRecord, rec: ReplicaRecord, error: dict[str, str]) -> None:
-        if rec.state != STARTING:
+        if rec.state != ReplicaState.STARTING:
             return
         logger.error("replica %s failed to start: %s: %s", rec.id, error.get("reason"), error.get("message"))
-        rec.state = FAILED
+        rec.state = ReplicaState.FAILED
         rec.last_error = f"{error.get('reason')}: {error.get('message')}"
         if rec.actor is not None:
-            kill_actor(rec.actor)
+            self.backend.kill(rec.actor)
         if rec.version == dep.desired.version:
             dep.error = {k: error[k] for k in ("reason", "message", "traceback") if k in error}
             dep.start_failures += 1
@@ -367,24 +343,24 @@ class ControllerCore:
     async def _probe(self, dep: DeploymentRecord, rec: ReplicaRecord, health: bool, timeout_s: float) -> None:
         try:
             if health:
-                result = await asyncio.wait_for(rec.actor.health.remote(timeout_s), timeout_s + 1.0)
+                result = await self.backend.health(rec.actor, timeout_s, timeout_s + 1.0)
             else:
-                result = await asyncio.wait_for(rec.actor.info.remote(), timeout_s + 1.0)
-        except ray.exceptions.ActorUnavailableError as exc:
+                result = await self.backend.info(rec.actor, timeout_s + 1.0)
+        except ReplicaUnavailable as exc:
             result = {"healthy": False, "message": f"actor unavailable: {exc}"[:300]}
-        except ray.exceptions.RayActorError as exc:
-            if rec.state in (READY, UNHEALTHY):
+        except ReplicaDied as exc:
+            if rec.state in _SERVING:
                 logger.warning("replica %s died: %s", rec.id, str(exc)[:300])
-                rec.state, rec.last_error = FAILED, "replica process died"
+                rec.state, rec.last_error = ReplicaState.FAILED, "replica process died"
                 self.routes.changed()
             return
-        except (asyncio.TimeoutError, ray.exceptions.GetTimeoutError):
+        except ReplicaTimeout:
             result = {"healthy": False, "message": f"no answer within {timeout_s}s"}
-        except Exception as exc:  # noqa: BLE001
-            result = {"healthy": False, "message": f"{type(exc).__name__}: {exc}"[:300]}
+        except ReplicaCallError as exc:
+            result = {"healthy": False, "message": f"{exc.ray_error}: {exc}"[:300]}
         if "pid" in result:
             rec.info = {k: v for k, v in result.items() if k not in ("healthy", "message")}
-        if rec.state not in (READY, UNHEALTHY) or (not health and "healthy" not in result):
+        if rec.state not in _SERVING or (not health and "healthy" not in result):
             return
         before = rec.state
         rec.state, rec.health_failures = planning.next_health_state(rec.state, rec.health_failures, result["healthy"])
@@ -397,7 +373,7 @@ class ControllerCore:
     def _begin_stop(self, dep: DeploymentRecord, rec: ReplicaRecord, stop: planning.StopIntent) -> None:
         """Take the replica out of routing now; drain and kill it in the background."""
         graceful = stop.graceful and rec.actor is not None
-        rec.state = DRAINING if graceful else STOPPED
+        rec.state = ReplicaState.DRAINING if graceful else ReplicaState.STOPPED
         unrouted = self.routes.changed()  # routes version without this replica
         grace = dep.desired.graceful_shutdown_seconds
         logger.info("stopping replica %s (%s, %s)", rec.id, stop.reason, "drain" if graceful else "kill")
@@ -418,13 +394,13 @@ class ControllerCore:
                 await asyncio.sleep(min(self.drain_settle_s, grace))
                 left = max(0.0, grace - (time.monotonic() - started))
                 try:
-                    rec.info = await asyncio.wait_for(rec.actor.drain.remote(left), left + 5)
-                except Exception as exc:  # noqa: BLE001 - already dead, or too slow: kill anyway
-                    logger.info("drain of %s ended: %s", rec.id, type(exc).__name__)
+                    rec.info = await self.backend.drain(rec.actor, left, left + 5)
+                except ReplicaCallError as exc:  # already dead, or too slow: kill anyway
+                    logger.info("drain of %s ended: %s", rec.id, exc.ray_error)
         finally:
             if rec.actor is not None:
-                kill_actor(rec.actor)
-            rec.state = STOPPED
+                self.backend.kill(rec.actor)
+            rec.state = ReplicaState.STOPPED
 
     # ---------- routing ----------
     def routing_table(self) -> dict[str, Any]:
@@ -433,15 +409,10 @@ class ControllerCore:
             if dep.deleting:
                 continue
             d = dep.desired
-            ready = [r for r in sorted(dep.replicas.values(), key=lambda r: r.id) if r.state == READY and r.info.get("port")]
+            ready = [r for r in sorted(dep.replicas.values(), key=lambda r: r.id)
+                     if r.state == ReplicaState.READY and r.info.get("port")]
             table[dep.name] = {"routePrefix": d.route_prefix, "maxConcurrency": d.max_concurrency,
                                "requestTimeoutSeconds": d.request_timeout_seconds,
                                "replicas": [{"id": r.id, "host": r.info["host"], "port": r.info["port"]} for r in ready]}
         return {"deployments": table}
 
-
-def kill_actor(actor: Any) -> None:
-    try:
-        ray.kill(actor, no_restart=True)
-    except Exception:  # noqa: BLE001 - already gone
-        pass

@@ -11,6 +11,7 @@ The routing table comes from the controller::
             "routePrefix": "/echo",            # longest-prefix match; "/" = catch-all
             "maxConcurrency": 100,             # per replica -> per-server maxconn; queue bound x replicas
             "requestTimeoutSeconds": 60,       # -> timeout server (504)
+            "queueTimeoutSeconds": 2,          # optional; default QUEUE_TIMEOUT_S (503); the controller sends none yet
             "replicas": [{"id": "echo-0", "host": "127.0.0.1", "port": 43123}],
         }}}
 
@@ -132,6 +133,7 @@ class Backend:
     prefix: str
     max_concurrency: int
     request_timeout_s: float
+    queue_timeout_s: float
     max_queued: int
     servers: list[Server] = field(default_factory=list)
 
@@ -216,6 +218,7 @@ def plan_table(table: Mapping[str, Any] | None) -> RoutingPlan:
                 prefix=prefix,
                 max_concurrency=max_conc,
                 request_timeout_s=_secs(spec.get("requestTimeoutSeconds"), DEFAULT_REQUEST_TIMEOUT_S),
+                queue_timeout_s=_secs(spec.get("queueTimeoutSeconds"), QUEUE_TIMEOUT_S),
                 max_queued=max_conc * max(1, len(servers)),
                 servers=servers,
             )
@@ -320,7 +323,7 @@ def render_config(
         w(f"    http-check send meth GET uri {REPLICA_READY_PATH}")
         w("    http-check expect status 200")
         w(f"    timeout server {_ms(be.request_timeout_s)}")
-        w(f"    timeout queue {_ms(QUEUE_TIMEOUT_S)}")
+        w(f"    timeout queue {_ms(be.queue_timeout_s)}")
         no_replicas = _json_body({"error": "no ready replicas", "deployment": be.deployment})
         if not be.servers:
             w(f"    http-request return status 503 content-type application/json string {no_replicas}")

@@ -1,7 +1,7 @@
 """Reconciliation decisions as pure functions: replica views in, intents out (no Ray, no I/O).
 
 The controller observes its replicas, turns them into ``ReplicaView``s, asks ``plan()`` what to do and
-executes the returned ``Plan`` (like Ray Serve's deployment_state.py, but small). Rules:
+executes the returned ``ReplicaPlan`` (like Ray Serve's deployment_state.py, but small). Rules:
 
 * keep ``target`` replicas of the desired ``version``: start missing ones, stop extras on scale-down
   (not-ready ones first, then the newest ready ones);
@@ -13,31 +13,25 @@ executes the returned ``Plan`` (like Ray Serve's deployment_state.py, but small)
 * on a version change, new replicas are started (at most ``max_surge`` above ``target``) and an old READY
   replica is drained only once enough new ones are READY: the READY count never drops below
   ``min(target, READY count)``;
-* stopping a READY replica is graceful: the controller marks it DRAINING (``mark_draining``), which takes
-  it out of the routing table (``routable``) *before* it asks the replica to drain and finally kills it.
+* stopping a READY replica is graceful (``StopIntent.graceful``): the controller marks it DRAINING, which
+  takes it out of the routing table *before* it asks the replica to drain and finally kills it.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-STARTING = "STARTING"
-READY = "READY"
-UNHEALTHY = "UNHEALTHY"
-DRAINING = "DRAINING"
-STOPPED = "STOPPED"
-FAILED = "FAILED"
-STATES = (STARTING, READY, UNHEALTHY, DRAINING, STOPPED, FAILED)
+from rayfleet_api.states import DeploymentStatus, ReplicaState
 
 # Scale-down preference: cheapest to lose first.
-_STOP_ORDER = {FAILED: 0, STARTING: 1, UNHEALTHY: 2, READY: 3}
+_STOP_ORDER = {ReplicaState.FAILED: 0, ReplicaState.STARTING: 1, ReplicaState.UNHEALTHY: 2, ReplicaState.READY: 3}
 
 
 @dataclass(frozen=True)
 class ReplicaView:
     id: str
     version: str
-    state: str
+    state: ReplicaState
     health_failures: int = 0  # consecutive failed health checks
     restarts: int = 0  # how often this slot was restarted
     created_at: float = 0.0
@@ -57,7 +51,9 @@ class StopIntent:
 
 
 @dataclass
-class Plan:
+class ReplicaPlan:
+    """What to start and stop in one reconcile step of one deployment."""
+
     start: list[StartIntent] = field(default_factory=list)
     stop: list[StopIntent] = field(default_factory=list)
 
@@ -81,14 +77,14 @@ def backoff_seconds(consecutive_failures: int, base: float = 1.0, cap: float = 6
 
 
 def _stop(r: ReplicaView, reason: str) -> StopIntent:
-    return StopIntent(r.id, graceful=r.state == READY, reason=reason)
+    return StopIntent(r.id, graceful=r.state == ReplicaState.READY, reason=reason)
 
 
 def plan(target: int, version: str, replicas: list[ReplicaView], *, failure_threshold: int = 3,
-         deleting: bool = False, can_start: bool = True, max_surge: int | None = None) -> Plan:
+         deleting: bool = False, can_start: bool = True, max_surge: int | None = None) -> ReplicaPlan:
     """What to start and stop so that ``replicas`` converge to ``target`` replicas of ``version``."""
-    out = Plan()
-    active = [r for r in replicas if r.state not in (DRAINING, STOPPED)]
+    out = ReplicaPlan()
+    active = [r for r in replicas if r.state not in (ReplicaState.DRAINING, ReplicaState.STOPPED)]
     if deleting:
         out.stop = [_stop(r, "delete") for r in active]
         return out
@@ -99,17 +95,17 @@ def plan(target: int, version: str, replicas: list[ReplicaView], *, failure_thre
     replacements: list[StartIntent] = []
     for r in active:
         if r.version != version:
-            if r.state == READY:
+            if r.state == ReplicaState.READY:
                 old_ready.append(r)
             else:  # old and not serving: nothing to protect
                 out.stop.append(StopIntent(r.id, graceful=False, reason="rollout"))
-        elif r.state == FAILED:
+        elif r.state == ReplicaState.FAILED:
             if can_start:
                 out.stop.append(StopIntent(r.id, graceful=False, reason="failed"))
                 replacements.append(StartIntent(restarts=r.restarts + 1, replaces=r.id))
             else:
                 current.append(r)  # placeholder until the back-off expires
-        elif r.state == UNHEALTHY and r.health_failures >= threshold:
+        elif r.state == ReplicaState.UNHEALTHY and r.health_failures >= threshold:
             out.stop.append(StopIntent(r.id, graceful=False, reason="unhealthy"))
             replacements.append(StartIntent(restarts=r.restarts + 1, replaces=r.id))
         else:
@@ -138,40 +134,28 @@ def plan(target: int, version: str, replicas: list[ReplicaView], *, failure_thre
     out.start = starts if can_start else []
 
     # Drain old READY replicas only as far as new READY ones cover the target.
-    ready_current = sum(1 for r in current if r.state == READY)
+    ready_current = sum(1 for r in current if r.state == ReplicaState.READY)
     excess_old = max(0, ready_current + len(old_ready) - target)
     for r in sorted(old_ready, key=lambda r: r.created_at)[:excess_old]:
         out.stop.append(StopIntent(r.id, graceful=True, reason="rollout"))
     return out
 
 
-def mark_draining(replicas: list[ReplicaView], p: Plan) -> list[ReplicaView]:
-    """Replica views after the plan's stops began: graceful stops DRAINING, the others STOPPED."""
-    stops = {s.replica_id: s for s in p.stop}
-    return [replace(r, state=DRAINING if stops[r.id].graceful else STOPPED) if r.id in stops else r
-            for r in replicas]
-
-
-def routable(replicas: list[ReplicaView]) -> list[ReplicaView]:
-    """Replicas that belong in the routing table: READY ones only (never STARTING/DRAINING/...)."""
-    return [r for r in replicas if r.state == READY]
-
-
-def next_health_state(state: str, failures: int, healthy: bool) -> tuple[str, int]:
+def next_health_state(state: ReplicaState, failures: int, healthy: bool) -> tuple[ReplicaState, int]:
     """(state, consecutive failures) after one health check of a STARTING/READY/UNHEALTHY replica."""
     if healthy:
-        return READY, 0
-    return UNHEALTHY, failures + 1
+        return ReplicaState.READY, 0
+    return ReplicaState.UNHEALTHY, failures + 1
 
 
 def deployment_status(target: int, version: str, replicas: list[ReplicaView], *, deleting: bool = False,
-                      error: bool = False) -> str:
+                      error: bool = False) -> DeploymentStatus:
     """Running | Updating | Deleting | Failed, for the observed state."""
     if deleting:
-        return "Deleting"
-    live = [r for r in replicas if r.state not in (STOPPED,)]
-    ready_new = sum(1 for r in live if r.state == READY and r.version == version)
+        return DeploymentStatus.DELETING
+    live = [r for r in replicas if r.state != ReplicaState.STOPPED]
+    ready_new = sum(1 for r in live if r.state == ReplicaState.READY and r.version == version)
     if error and ready_new < target:
-        return "Failed"
-    settled = ready_new == target and all(r.version == version and r.state == READY for r in live)
-    return "Running" if settled else "Updating"
+        return DeploymentStatus.FAILED
+    settled = ready_new == target and all(r.version == version and r.state == ReplicaState.READY for r in live)
+    return DeploymentStatus.RUNNING if settled else DeploymentStatus.UPDATING

@@ -4,7 +4,8 @@
 loop (``run()``) renders the table with the ``table`` callback and pushes it to every ingress node that
 has not yet applied that exact table (one ``IngressManager`` per alive node for ``ingress_nodes="all"``,
 only the head node for ``"head"``; the node list is refreshed every ``NODES_REFRESH_S``, which is also
-how often a failed push is retried at the latest).
+how often a failed push is retried at the latest). The ingress actors and the node list come from the
+injected ``ensure_ingress`` and ``node_ids`` (``ray_calls.RayBackend``'s, or a unit test's fakes).
 
 ``wait_applied(version)`` returns once every ingress has *applied* (validated the config and reloaded
 HAProxy) a table at least that new. A graceful stop waits for it before it drains the replica, so no
@@ -16,9 +17,9 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
-import ray
+from rayfleet_api.constants import INGRESS_PORT
 
 NODES_REFRESH_S = 5.0
 PUSH_TIMEOUT_S = 30.0
@@ -26,24 +27,35 @@ PUSH_TIMEOUT_S = 30.0
 logger = logging.getLogger("rayfleet.controller")
 
 
+class NodeIngress(Protocol):
+    """One node's ingress, as ``ensure_ingress`` returns it."""
+
+    def update(self, table: dict[str, Any]) -> Awaitable[dict[str, Any]]:
+        """Send ``table`` at once; the awaitable answers ``{"applied": bool, ...}``."""
+
+
+EnsureIngress = Callable[[str, int, str], Awaitable[NodeIngress]]  # (node id, port, bind host) -> that node's ingress
+NodeIds = Callable[[bool], Awaitable[list[str]]]  # (head only?) -> alive node ids
+
+
 class RoutePublisher:
     """Pushes ``table()`` to the ingress of every node, only when it changed; tracks what was applied."""
 
-    def __init__(self, table: Callable[[], dict[str, Any]], ingress_port: int = 8000, ingress_nodes: str = "all",
-                 bind_host: str = "0.0.0.0"):
+    def __init__(self, table: Callable[[], dict[str, Any]], ensure_ingress: EnsureIngress, node_ids: NodeIds,
+                 ingress_port: int = INGRESS_PORT, ingress_nodes: str = "all", bind_host: str = "0.0.0.0"):
         self._table = table
+        self._ensure_ingress = ensure_ingress
+        self._node_ids = node_ids
         self.ingress_port = ingress_port
         self.ingress_nodes = ingress_nodes
         self.bind_host = bind_host
         self._changed = asyncio.Event()
         self._version = 0  # bumped by every changed()
         self._applied = 0  # newest version that every ingress node has applied
-        self._ingress: dict[str, Any] = {}  # node id -> IngressManager handle
+        self._ingress: dict[str, NodeIngress] = {}  # node id -> its IngressManager
         self._pushed: dict[str, str] = {}  # node id -> routing table JSON it last applied
         self._nodes: list[str] = []
         self._nodes_at = 0.0
-        self._ensure_ingress: Any = None
-        self._ingress_import_at = 0.0
 
     def changed(self) -> int:
         """The table may have changed: push it soon. Returns the version that covers this change."""
@@ -75,23 +87,9 @@ class RoutePublisher:
                 await asyncio.sleep(1.0)
                 self._changed.set()
 
-    def _ingress_fn(self) -> Any:
-        if self._ensure_ingress is None and time.time() >= self._ingress_import_at:
-            try:
-                from rayfleet_runtime.ingress import ensure_ingress  # noqa: PLC0415 - optional until it lands
-                self._ensure_ingress = ensure_ingress
-            except ImportError as exc:
-                logger.warning("ingress unavailable (%s); serving replicas without HAProxy", exc)
-                self._ingress_import_at = time.time() + 60
-        return self._ensure_ingress
-
     async def _ingress_node_ids(self) -> list[str]:
         if time.time() - self._nodes_at > NODES_REFRESH_S or not self._nodes:
-            nodes = await asyncio.to_thread(ray.nodes)
-            alive = [n for n in nodes if n.get("Alive")]
-            if self.ingress_nodes == "head":
-                alive = [n for n in alive if "node:__internal_head__" in (n.get("Resources") or {})]
-            self._nodes = [n["NodeID"] for n in alive]
+            self._nodes = await self._node_ids(self.ingress_nodes == "head")
             self._nodes_at = time.time()
         return self._nodes
 
@@ -99,10 +97,6 @@ class RoutePublisher:
         # No await between reading the version and rendering the table: the table reflects every
         # change up to ``version``.
         version = self._version
-        ensure = self._ingress_fn()
-        if ensure is None:  # no proxies: nothing routes anywhere, nothing to wait for
-            self._applied = max(self._applied, version)
-            return
         table = self._table()
         blob = json.dumps(table, sort_keys=True)
         nodes = await self._ingress_node_ids()
@@ -113,11 +107,10 @@ class RoutePublisher:
         for node_id in nodes:
             if self._pushed.get(node_id) == blob:
                 continue
-            handle = self._ingress.get(node_id)
-            if handle is None:
-                handle = await asyncio.to_thread(ensure, node_id, self.ingress_port, self.bind_host)
-                self._ingress[node_id] = handle
-            pending.append((node_id, handle.update.remote(table)))
+            ingress = self._ingress.get(node_id)
+            if ingress is None:
+                ingress = self._ingress[node_id] = await self._ensure_ingress(node_id, self.ingress_port, self.bind_host)
+            pending.append((node_id, ingress.update(table)))
         everywhere = True
         for node_id, ref in pending:
             try:

@@ -1,7 +1,6 @@
 """Integration fixtures: a real etcd + kube-apiserver + kube-controller-manager."""
 
 import contextlib
-import time
 import uuid
 
 import pytest
@@ -9,6 +8,7 @@ from kubernetes import client, config
 
 from rayfleet.dev.controlplane import ControlPlane, ensure_binaries, ensure_tools, kuberay_crds
 from rayfleet.manifest import CRD_FILE
+from tests.waiting import eventually
 
 
 def pytest_collection_finish(session):
@@ -42,9 +42,7 @@ def namespace(k8s_client):
     core = client.CoreV1Api(k8s_client)
     name = f"t-{uuid.uuid4().hex[:8]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    deadline = time.monotonic() + 30
-    while not core.list_namespaced_service_account(name, field_selector="metadata.name=default").items:
-        assert time.monotonic() < deadline, f"kube-controller-manager made no default ServiceAccount in {name}"
-        time.sleep(0.1)
+    eventually(lambda: core.list_namespaced_service_account(name, field_selector="metadata.name=default").items,
+               timeout=30, interval=0.1, what=f"kube-controller-manager to make the default ServiceAccount in {name}")
     yield name
     core.delete_namespace(name)

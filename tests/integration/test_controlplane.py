@@ -1,9 +1,9 @@
 """The local control plane is a real cluster minus nodes: API, CRDs, controllers."""
 
-import time
-
 import pytest
 from kubernetes import client
+
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,5 @@ def test_garbage_collection(k8s_client, namespace):
         metadata=client.V1ObjectMeta(name="dependent", owner_references=[ref])))
 
     core.delete_namespaced_config_map("owner", namespace)  # background propagation: the GC deletes dependents
-    deadline = time.monotonic() + 60
-    while core.list_namespaced_config_map(namespace, field_selector="metadata.name=dependent").items:
-        assert time.monotonic() < deadline, "kube-controller-manager's garbage collector did not run"
-        time.sleep(0.2)
+    eventually(lambda: not core.list_namespaced_config_map(namespace, field_selector="metadata.name=dependent").items,
+               timeout=60, interval=0.2, what="kube-controller-manager's garbage collector to delete the dependent")

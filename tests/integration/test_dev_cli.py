@@ -4,13 +4,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from rayfleet.dev.controlplane import ensure_tools
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[2]
@@ -61,10 +61,15 @@ def test_dev_up_apply_url_curl_down(tmp_path):
     finally:
         down = rayfleet(env, "dev", "down", timeout=240)
     assert down.returncode == 0, down.stderr
-    deadline = time.monotonic() + 30
-    while descendants_of_session(mark) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120] for pid in descendants_of_session(mark)
-            if Path(f"/proc/{pid}/cmdline").exists()}
-    assert not left, f"processes left behind by rayfleet dev: {left}"
+
+    def left_behind():
+        left = {}
+        for pid in descendants_of_session(mark):
+            try:
+                left[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120]
+            except OSError:  # exited meanwhile
+                pass
+        return left
+    eventually(lambda: not left_behind(), timeout=30, interval=0.5, what="every process rayfleet dev started to exit",
+               diagnostics=lambda: f"processes left behind by rayfleet dev: {left_behind()}")
     assert "not running" in rayfleet(env, "dev", "down").stderr

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -56,6 +55,19 @@ class Cluster:
     def url(self, path=""):
         rc = self.get("raycluster", NAME)
         return f"http://127.0.0.1:{rc['status']['endpoints']['rayfleet-http']}/echo{path}"
+
+    def forget_observation(self, name=NAME):
+        """Set status.observedGeneration to 0, so that only a reconcile run after this can set it back."""
+        self.cp.kubectl("patch", "sd", name, "-n", self.ns, "--subresource=status", "--type=merge",
+                        "-p", json.dumps({"status": {"observedGeneration": 0}}))
+
+    def reconciled_again(self, what, name=NAME):
+        """Wait for the operator to write status.observedGeneration back after `forget_observation`."""
+        def observed():
+            obj = self.get("sd", name)
+            return (obj.get("status") or {}).get("observedGeneration") == obj["metadata"]["generation"]
+        eventually(observed, timeout=WAIT_S, interval=0.2, what=what,
+                   diagnostics=lambda: f"{self.get('sd', name)}\n{self.operator.log_tail(60)}")
 
     def ready_with(self, n, name=NAME):
         s = self.status(name)
@@ -126,7 +138,8 @@ def test_killed_replica_degrades_then_recovers_with_a_restart(env):
 
     thread = threading.Thread(target=record, daemon=True)
     thread.start()
-    time.sleep(1)  # the watch is established
+    # The watch is established once it delivers the synthetic ADDED event for the object as it is now.
+    eventually(lambda: seen, timeout=30, interval=0.1, what="the watch's initial event")
     victim = env.status()["replicaStatuses"][0]
     os.kill(victim["pid"], signal.SIGKILL)
     eventually(lambda: any(c.get("Degraded") == "True" or c.get("Ready") == "False" for c in seen),
@@ -141,8 +154,12 @@ def test_killed_replica_degrades_then_recovers_with_a_restart(env):
 def test_operator_restart_restarts_no_replica(env):
     before = {r["id"]: r["pid"] for r in env.status()["replicaStatuses"]}
     env.operator.stop()
+    env.forget_observation()  # while no operator runs
     env.operator.start()
-    time.sleep(6)  # resume + a couple of resyncs
+    env.reconciled_again("the restarted operator's first reconcile")  # resume (or a resync)
+    for n in (1, 2):  # then a couple of resyncs: the resume handler runs once, and a status change calls no handler
+        env.forget_observation()
+        env.reconciled_again(f"resync {n} after the restart")
     assert {r["id"]: r["pid"] for r in eventually(lambda: env.ready_with(2), timeout=WAIT_S, what="Ready")["replicaStatuses"]} == before
 
 

@@ -4,7 +4,6 @@ No KubeRay runs here, so RayClusters stay unready: these tests cover what the op
 how the API server treats ServeDeployments. The data path is covered by tests/integration/test_dev_*.
 """
 import json
-import time
 
 import pytest
 import yaml
@@ -121,13 +120,34 @@ def test_delete_garbage_collects_owned_objects(control_plane, namespace, operato
                timeout=60, what="garbage collection")
 
 
+def forget_observation(cp, ns, name):
+    """Set status.observedGeneration to 0, so that only a reconcile run after this can set it back.
+    (Nothing else reacts to it: the operator's change handlers watch the spec only.)"""
+    cp.kubectl("patch", "sd", name, "-n", ns, "--subresource=status", "--type=merge",
+               "-p", json.dumps({"status": {"observedGeneration": 0}}))
+
+
+def reconciled_again(cp, ns, name, what, log=None):
+    """Wait for the operator to write status.observedGeneration back after `forget_observation`."""
+    def observed():
+        obj = get(cp, ns, "sd", name)
+        return (obj.get("status") or {}).get("observedGeneration") == obj["metadata"]["generation"]
+    eventually(observed, timeout=60, what=what,
+               diagnostics=lambda: f"{get(cp, ns, 'sd', name)}\n{log.read_text()[-4000:] if log and log.exists() else ''}")
+
+
 def test_operator_restart_readopts_without_duplicating(control_plane, namespace, tmp_path):
     log = tmp_path / "operator.log"
     with OperatorProcess(control_plane.kubeconfig, log, namespaces=[namespace]):
         apply(control_plane, namespace, sd())
         first = eventually(lambda: get(control_plane, namespace, "raycluster", "echo"), what="RayCluster")
-    with OperatorProcess(control_plane.kubeconfig, log, namespaces=[namespace]):
-        time.sleep(3)  # resume handlers and one resync run
+    forget_observation(control_plane, namespace, "echo")  # while no operator runs
+    with OperatorProcess(control_plane.kubeconfig, log, namespaces=[namespace], env={"RAYFLEET_RESYNC_SECONDS": "1"}):
+        # The restarted operator has reconciled the object (its resume handler, or a resync) ...
+        reconciled_again(control_plane, namespace, "echo", "the restarted operator's first reconcile", log)
+        # ... and then a resync has run too (the resume handler runs once; a status change calls no change handler).
+        forget_observation(control_plane, namespace, "echo")
+        reconciled_again(control_plane, namespace, "echo", "a resync after the restart", log)
         clusters = json.loads(control_plane.kubectl("get", "rayclusters", "-n", namespace, "-o", "json").stdout)["items"]
         assert [(c["metadata"]["uid"], c["metadata"]["resourceVersion"]) for c in clusters] == \
                [(first["metadata"]["uid"], first["metadata"]["resourceVersion"])]

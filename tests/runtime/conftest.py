@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from rayfleet.ports import free_port
+from tests.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -36,18 +36,19 @@ class Api:
         return None if r.status_code == 404 else r.json()
 
     def wait(self, name: str, pred, timeout: float = 60.0, what: str = ""):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                last = self.get(name)
-            except httpx.TransportError as exc:  # controller restarting
-                last = exc
-            else:
-                if pred(last):
-                    return last
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what or name}: {last}")
+        """The observed state of `name` once `pred` holds for it (a transport error, as while the controller
+        restarts, is "not yet")."""
+        def check():
+            obs = self.get(name)
+            return pred(obs) and (obs,)  # a tuple: "deleted" is observed as None
+        return eventually(check, timeout=timeout, interval=0.2, what=what or name,
+                          diagnostics=lambda: f"last observed: {self._last(name)}", ignoring=(httpx.TransportError,))[0]
+
+    def _last(self, name: str):
+        try:
+            return self.get(name)
+        except httpx.HTTPError as exc:
+            return exc
 
     def wait_ready(self, name: str, n: int, timeout: float = 60.0):
         return self.wait(name, lambda o: o is not None and o["readyReplicas"] == n and o["status"] == "Running"

@@ -1,12 +1,11 @@
 """The data plane on a real local Ray cluster, driven through the controller's HTTP API.
 
-Traffic goes through the HAProxy ingress when ``rayfleet_runtime.ingress`` is available, otherwise
-straight to the replicas' advertised host:port (no Python process sits in between either way).
+Traffic goes through the HAProxy ingress, and some checks straight to the replicas' advertised
+host:port (no Python process sits in between either way).
 """
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import signal
 import threading
@@ -15,26 +14,33 @@ import time
 import httpx
 import pytest
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+from tests.waiting import eventually
 
-VIA_INGRESS = importlib.util.find_spec("rayfleet_runtime.ingress") is not None
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
 
 def wait_ingress(api, obs, pids: int = 1, timeout: float = 30.0) -> str:
     """The ingress URL of a deployment once it routes to ``pids`` distinct replica processes."""
     url = api.ingress + obs["routePrefix"]
-    deadline, seen, last = time.monotonic() + timeout, set(), None
-    while time.monotonic() < deadline:
-        try:
-            last = httpx.get(url + "/probe", timeout=5)
-            if last.status_code == 200:
-                seen.add(last.json()["pid"])
-                if len(seen) >= pids:
-                    return url
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.1)
-    raise AssertionError(f"ingress never routed {url} to {pids} replicas (saw {seen}, last {last})")
+    seen, last = set(), []
+
+    def routed():
+        last[:] = [httpx.get(url + "/probe", timeout=5)]
+        if last[0].status_code == 200:
+            seen.add(last[0].json()["pid"])
+        return len(seen) >= pids
+
+    eventually(routed, timeout, 0.1, what=f"the ingress to route {url} to {pids} replicas",
+               diagnostics=lambda: f"saw {seen}, last {last}", ignoring=(httpx.HTTPError,))
+    return url
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def replica_urls(obs) -> list[str]:
@@ -57,10 +63,9 @@ def test_two_replicas_answer_from_distinct_pids(api):
     assert all(r["port"] and r["host"] == "127.0.0.1" for r in obs["replicas"])
     ready = httpx.get(replica_urls(obs)[0] + "/-/ready")
     assert ready.status_code == 200
-    if VIA_INGRESS:
-        url = wait_ingress(api, obs, pids=2)
-        seen = {httpx.get(url + f"/{i}").json()["pid"] for i in range(10)}
-        assert seen == pids
+    url = wait_ingress(api, obs, pids=2)
+    seen = {httpx.get(url + f"/{i}").json()["pid"] for i in range(10)}
+    assert seen == pids
     api.delete("pids", wait=False)
 
 
@@ -94,10 +99,23 @@ def test_raising_handler_gives_500_and_replica_keeps_serving(api):
 def test_import_error_is_reported_not_hot_looped(api):
     api.put("broken", handler="rf_test_broken:handler")
     obs = api.wait("broken", lambda o: o["error"] is not None, 60, "error")
+    failed_at = time.monotonic()
     assert obs["error"]["reason"] == "HandlerImportError"
     assert "rf_test_broken" in obs["error"]["message"] and "rayfleet_no_such_dependency" in obs["error"]["message"]
     assert obs["status"] == "Failed" and obs["readyReplicas"] == 0
-    time.sleep(3)
+    # The controller keeps retrying, with exponential back-off (1 s, 2 s, 4 s... before each new start):
+    # wait for its second retry, then check that it took the back-off's time and came alone, not in a burst.
+    first_seen: dict[int, float] = {}
+
+    def retried_twice():
+        restarts = api.get("broken")["restarts"]
+        first_seen.setdefault(restarts, time.monotonic())
+        return restarts >= 2
+
+    eventually(retried_twice, 60, 0.1, what="the controller's second retry of the broken handler",
+               diagnostics=lambda: f"restart counts first seen: {first_seen}; {api.get('broken')}")
+    second_retry_after = min(t for n, t in first_seen.items() if n >= 2) - failed_at
+    assert second_retry_after > 2.0, f"2 retries {second_retry_after:.1f}s after the failure: no back-off"
     assert api.get("broken")["restarts"] <= 3  # exponential back-off: 1 s, 2 s, 4 s...
     # Fixing the handler (new version) recovers at once.
     api.put("broken", handler="examples.echo:Echo", version="v2")
@@ -106,14 +124,24 @@ def test_import_error_is_reported_not_hot_looped(api):
     api.delete("broken", wait=False)
 
 
-def test_overload_answers_503_quickly(api):
+def test_overload_answers_503_quickly(api, ray_cluster):
+    from rayfleet_api.constants import RAY_NAMESPACE
+    from rayfleet_runtime.replica import replica_actor_name
+
     api.put("tight", handler="rf_test_handlers:async_sleep", maxConcurrency=1)
-    url = replica_urls(api.wait_ready("tight", 1))[0]
+    obs = api.wait_ready("tight", 1)
+    url = replica_urls(obs)[0]
+    replica = ray_cluster.get_actor(replica_actor_name("tight", obs["replicas"][0]["id"]), namespace=RAY_NAMESPACE)
+
+    def one_runs_one_waits():
+        info = ray_cluster.get(replica.info.remote(), timeout=10)
+        return info["inFlight"] == 1 and info["queued"] == 1
 
     async def main():
         async with httpx.AsyncClient(timeout=30) as client:
             slow = [asyncio.ensure_future(client.get(url + "/?s=2")) for _ in range(2)]  # 1 runs, 1 waits
-            await asyncio.sleep(0.5)
+            # The replica's own counters say so (within the 2 s the first one runs).
+            await asyncio.to_thread(eventually, one_runs_one_waits, 1.5, 0.02, "1 request running and 1 queued on the replica")
             t = time.monotonic()
             rejected = await client.get(url + "/?s=2")
             took = time.monotonic() - t
@@ -127,12 +155,13 @@ def test_overload_answers_503_quickly(api):
 
 
 class Traffic(threading.Thread):
-    """Steady sequential requests, each to a READY replica from the current observed state."""
+    """Steady sequential requests through the ingress."""
 
-    def __init__(self, api, name: str, ingress: str | None = None):
+    def __init__(self, api, name: str, ingress: str):
         super().__init__(daemon=True)
         self.api, self.name, self.ingress = api, name, ingress
         self.ok = 0
+        self.pids: set[int] = set()  # the replica processes that answered
         self.failures: list[str] = []
         self.stop = threading.Event()
 
@@ -140,14 +169,10 @@ class Traffic(threading.Thread):
         with httpx.Client(timeout=10) as client:
             i = 0
             while not self.stop.is_set():
-                urls = [self.ingress] if self.ingress else replica_urls(self.api.get(self.name))
-                if not urls:
-                    self.failures.append("no READY replica")
-                    time.sleep(0.05)
-                    continue
                 try:
-                    r = client.get(urls[i % len(urls)] + f"/n/{i}")
+                    r = client.get(self.ingress + f"/n/{i}")
                     if r.status_code == 200:
+                        self.pids.add(r.json()["pid"])
                         self.ok += 1
                     else:
                         self.failures.append(f"{r.status_code}")
@@ -159,16 +184,25 @@ class Traffic(threading.Thread):
 def test_scale_up_and_down_loses_no_request(api):
     api.put("scale", replicas=1, gracefulShutdownSeconds=10)
     obs = api.wait_ready("scale", 1)
-    traffic = Traffic(api, "scale", wait_ingress(api, obs) if VIA_INGRESS else None)
+    traffic = Traffic(api, "scale", wait_ingress(api, obs))
     traffic.start()
     try:
         api.put("scale", replicas=3, gracefulShutdownSeconds=10)
         obs = api.wait_ready("scale", 3)
-        assert len({r["pid"] for r in obs["replicas"]}) == 3
-        time.sleep(1)
+        three = {r["pid"] for r in obs["replicas"]}
+        assert len(three) == 3
+        # The scale-down happens under traffic that every replica is serving.
+        eventually(lambda: three <= traffic.pids, 30, 0.05, what="traffic served by all 3 replicas",
+                   diagnostics=lambda: f"served by {traffic.pids}; failures {traffic.failures[:5]}")
         api.put("scale", replicas=1, gracefulShutdownSeconds=10)
-        api.wait("scale", lambda o: len(o["replicas"]) == 1 and o["readyReplicas"] == 1, 60, "scaled down to 1")
-        time.sleep(1)
+        down = api.wait("scale", lambda o: len(o["replicas"]) == 1 and o["readyReplicas"] == 1, 60, "scaled down to 1")
+        # Traffic goes on until the removed replicas' processes are gone, and for some requests after that.
+        removed = three - {r["pid"] for r in down["replicas"]}
+        eventually(lambda: not any(pid_alive(p) for p in removed), 30, 0.1, what="the removed replicas' processes to exit",
+                   diagnostics=lambda: f"alive: {[p for p in removed if pid_alive(p)]}")
+        served = traffic.ok
+        eventually(lambda: traffic.ok >= served + 20, 30, 0.05, what="20 requests served after the scale-down",
+                   diagnostics=lambda: f"failures {traffic.failures[:5]}")
     finally:
         traffic.stop.set()
         traffic.join(10)
@@ -182,10 +216,11 @@ def test_sigkill_replica_is_replaced_and_restart_counted(api):
     obs = api.wait_ready("victim", 2)
     victim = obs["replicas"][0]
     survivor = next(r for r in obs["replicas"] if r["id"] != victim["id"])
-    traffic = Traffic(api, "victim", wait_ingress(api, obs, pids=2)) if VIA_INGRESS else None
-    if traffic:
-        traffic.start()
-        time.sleep(0.5)
+    traffic = Traffic(api, "victim", wait_ingress(api, obs, pids=2))
+    traffic.start()
+    # The kill comes under traffic that both replicas are serving.
+    eventually(lambda: {victim["pid"], survivor["pid"]} <= traffic.pids, 30, 0.05, what="traffic served by both replicas",
+               diagnostics=lambda: f"served by {traffic.pids}; failures {traffic.failures[:5]}")
     os.kill(victim["pid"], signal.SIGKILL)
     # The survivor keeps serving while the victim is replaced.
     assert httpx.get(f"http://{survivor['host']}:{survivor['port']}/x").status_code == 200
@@ -194,15 +229,16 @@ def test_sigkill_replica_is_replaced_and_restart_counted(api):
     new = next(r for r in obs["replicas"] if r["id"] != survivor["id"])
     assert new["pid"] != victim["pid"] and new["restarts"] == 1
     assert {httpx.get(u + "/x").status_code for u in replica_urls(obs)} == {200}
-    if traffic:
-        time.sleep(1)
-        traffic.stop.set()
-        traffic.join(10)
-        # Requests in flight on (or sent over a pooled connection to) the killed process may fail;
-        # HAProxy's health checks take the dead server out within about a second, then all is 200.
-        assert traffic.ok > 10 and len(traffic.failures) <= 3, traffic.failures[:5]
-        url = api.ingress + obs["routePrefix"]
-        assert {httpx.get(url + f"/{i}").status_code for i in range(20)} == {200}
+    # Traffic goes on until the ingress routes to the replacement: its table has moved past the kill.
+    eventually(lambda: new["pid"] in traffic.pids, 30, 0.05, what="traffic served by the replacement",
+               diagnostics=lambda: f"served by {traffic.pids}; failures {traffic.failures[:5]}")
+    traffic.stop.set()
+    traffic.join(10)
+    # Requests in flight on (or sent over a pooled connection to) the killed process may fail;
+    # HAProxy's health checks take the dead server out within about a second, then all is 200.
+    assert traffic.ok > 10 and len(traffic.failures) <= 3, traffic.failures[:5]
+    url = api.ingress + obs["routePrefix"]
+    assert {httpx.get(url + f"/{i}").status_code for i in range(20)} == {200}
     api.delete("victim", wait=False)
 
 
@@ -244,8 +280,11 @@ def test_controller_restart_rediscovers_replicas(api, ray_cluster):
     api.put("survive", replicas=2)
     before = api.wait_ready("survive", 2)
     controller = ray_cluster.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    old_pid = ray_cluster.get(controller.ready.remote(), timeout=30)["pid"]
     ray_cluster.kill(controller, no_restart=False)  # Ray restarts it; it must find its state again
-    time.sleep(1)
+    # What follows must be the new incarnation's view, not the old one's: wait until another process answers.
+    eventually(lambda: ray_cluster.get(controller.ready.remote(), timeout=10)["pid"] != old_pid, 60, 0.2,
+               what="Ray to restart the controller actor", ignoring=(ray_cluster.exceptions.RayError,))
     after = api.wait("survive", lambda o: o is not None and o["readyReplicas"] == 2, 60, "re-discovery")
     assert {r["pid"] for r in after["replicas"]} == {r["pid"] for r in before["replicas"]}
     assert after["restarts"] == 0 and after["version"] == before["version"]

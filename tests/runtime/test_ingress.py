@@ -23,6 +23,7 @@ from rayfleet_runtime.haproxy_bin import HAProxyNotFound, find_haproxy  # noqa: 
 from rayfleet.procs import cmdline  # noqa: E402
 from rayfleet.ports import free_port  # noqa: E402
 from rayfleet_api.constants import INGRESS_READY_PATH  # noqa: E402
+from tests.waiting import eventually  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -110,15 +111,14 @@ def ingress(ray_cluster):
     yield handle, port, info
     # HAProxy must die with its actor (PR_SET_PDEATHSIG), not only on stop().
     ray.kill(handle, no_restart=True)
-    deadline = time.monotonic() + 15
-    while pid_alive(info["pid"]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not pid_alive(info["pid"]), "HAProxy master outlived the ingress actor"
-    time.sleep(0.5)
-    leftovers = [
-        p for p in os.listdir("/proc") if p.isdigit() and cmdline(int(p)).find(info["config_path"]) >= 0 and pid_alive(int(p))
-    ]
-    assert not leftovers, f"HAProxy workers left behind: {leftovers}"
+    eventually(lambda: not pid_alive(info["pid"]), 15, 0.1, what="the HAProxy master to die with the ingress actor")
+
+    def leftovers():
+        return [p for p in os.listdir("/proc")
+                if p.isdigit() and cmdline(int(p)).find(info["config_path"]) >= 0 and pid_alive(int(p))]
+    # Its workers follow the master (they notice it is gone): promptly.
+    eventually(lambda: not leftovers(), 5, 0.1, what="HAProxy workers to exit after their master",
+               diagnostics=lambda: f"HAProxy workers left behind: {leftovers()}")
 
 
 
@@ -168,6 +168,7 @@ def test_update_under_keepalive_load_drops_nothing(ingress, replicas):
     statuses: collections.Counter = collections.Counter()
     failures: list[str] = []
     by_replica: collections.Counter = collections.Counter()
+    by_worker: collections.Counter = collections.Counter()  # answers each of the 8 connections got
     stop = threading.Event()
 
     async def worker(i: int):
@@ -181,6 +182,7 @@ def test_update_under_keepalive_load_drops_nothing(ingress, replicas):
                 try:
                     r = await client.get(path)
                     statuses[r.status_code] += 1
+                    by_worker[i] += 1
                     if r.status_code != 200:
                         failures.append(f"{r.status_code} {r.text[:100]}")
                     else:
@@ -191,10 +193,26 @@ def test_update_under_keepalive_load_drops_nothing(ingress, replicas):
     async def load():
         await asyncio.gather(*(worker(i) for i in range(8)))
 
+    def served(since, reps, n):
+        """Since the snapshot `since` (of hits, answers): each replica in `reps` answered `n` more requests,
+        and each connection 2 more: the first may still be the old HAProxy worker's, the second is the new one's."""
+        hits, answers = since
+        return (all(replicas.hits[r["id"]] - hits.get(r["id"], 0) >= n for r in reps)
+                and all(by_worker[i] - answers.get(i, 0) >= 2 for i in range(8)))
+
+    def snapshot():
+        return dict(replicas.hits), dict(by_worker)
+
+    def load_state():
+        return f"hits {dict(replicas.hits)}; answers per connection {dict(by_worker)}; failures {failures[:5]}"
+
     t = threading.Thread(target=lambda: asyncio.run(load()))
+    start = snapshot()
     t.start()
     try:
-        time.sleep(0.7)
+        # Every connection is open and in keep-alive use, and the first table serves, before any update.
+        eventually(lambda: served(start, [a, b], 30), 30, 0.05,
+                   what="load on all 8 connections through the first table", diagnostics=load_state)
         tables = [
             [a],  # remove b
             [a, c],  # add c
@@ -204,11 +222,17 @@ def test_update_under_keepalive_load_drops_nothing(ingress, replicas):
         ]
         reloads = 0
         for reps in tables:
+            since = snapshot()
             reloads += bool(push(handle, {"deployments": {"echo": dep("/echo", reps)}})["changed"])
-            time.sleep(0.6)
+            # Traffic flows through the new table (for a while) before the next one.
+            eventually(lambda: served(since, reps, 30), 30, 0.05,
+                       what=f"traffic through the table {[r['id'] for r in reps]}", diagnostics=load_state)
         assert reloads == len(tables)
-        before = dict(replicas.hits)
-        time.sleep(0.7)
+        last = snapshot()
+        before = last[0]
+        # Only then: b takes plenty of new requests, and a and c (asserted below) none but stragglers.
+        eventually(lambda: served(last, [b], 100), 30, 0.05,
+                   what="100 more requests through the last table", diagnostics=load_state)
     finally:
         stop.set()
         t.join(60)
@@ -343,20 +367,11 @@ def test_actor_crash_kills_haproxy_and_restart_restores_table(ray_cluster, repli
         info = ray.get(h.ready.remote(), timeout=60)
         push(h, {"deployments": {"c": dep("/c", [a])}})
         os.kill(info["actor_pid"], signal.SIGKILL)  # the actor's process dies abruptly
-        deadline = time.monotonic() + 15
-        while pid_alive(info["pid"]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not pid_alive(info["pid"]), "HAProxy outlived its actor process"
+        eventually(lambda: not pid_alive(info["pid"]), 15, 0.1, what="HAProxy to die with its actor process")
         # Ray restarts the actor (max_restarts=-1); it serves the last table until the next push.
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                info2 = ray.get(h.ready.remote(), timeout=60)
-                break
-            except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError):
-                # Calls made while Ray restarts the actor fail; callers retry.
-                assert time.monotonic() < deadline
-                time.sleep(0.5)
+        # Calls made while Ray restarts the actor fail; callers retry.
+        info2 = eventually(lambda: ray.get(h.ready.remote(), timeout=60), 120, 0.5, what="Ray to restart the ingress actor",
+                           ignoring=(ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError))
         assert info2["actor_pid"] != info["actor_pid"] and info2["pid"] != info["pid"]
         r = httpx.get(f"http://127.0.0.1:{port}/c/1", timeout=10)
         assert r.status_code == 200 and r.json()["replica"] == "crash-a"

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from rayfleet.procs import cmdline, descendants
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.ray
 
@@ -143,23 +144,24 @@ def test_run_echo_serves_then_stops_everything(tmp_path, ray_tmpdir, stop):
                                 env=run_env(ray_tmpdir), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     try:
-        deadline = time.monotonic() + 75
-        while "echo: 2/2 ready" not in out_path.read_text():
-            assert proc.poll() is None, f"rayfleet run exited with {proc.returncode}\n{output()}"
-            assert time.monotonic() < deadline, f"never printed 'echo: 2/2 ready'\n{output()}"
+        def printed_ready():
+            assert proc.poll() is None, f"rayfleet run exited with {proc.returncode}\n{output()}"  # fail fast
             record()
-            time.sleep(0.3)
+            return "echo: 2/2 ready" in out_path.read_text()
+        eventually(printed_ready, 75, 0.3, what="'echo: 2/2 ready'", diagnostics=output)
         assert f"echo -> http://127.0.0.1:{port}/echo" in out_path.read_text(), output()
 
         pids: set[int] = set()
-        deadline = time.monotonic() + 20
-        while len(pids) < 2:
-            assert time.monotonic() < deadline, f"answers came from {pids} only\n{output()}"
+
+        def answered_from_both():
             r = httpx.get(f"http://127.0.0.1:{port}/echo/hi", timeout=10)  # a new connection each time
             assert r.status_code == 200, r.text
             body = r.json()
             assert body["path"] == "/echo/hi" and body["greeting"] == "hi", body
             pids.add(body["pid"])
+            return len(pids) >= 2
+        eventually(answered_from_both, 20, 0, what="answers from both replicas",
+                   diagnostics=lambda: f"answers came from {pids} only\n{output()}")
         record()
         assert pids <= seen.keys(), f"replica pids {pids} are not processes of the run {sorted(seen)}"
         assert any("haproxy" in cmdline(pid) for pid in seen), {p: cmdline(p)[:80] for p in seen}
@@ -178,14 +180,13 @@ def test_run_echo_serves_then_stops_everything(tmp_path, ray_tmpdir, stop):
         stop_s = time.monotonic() - t
 
         # Nothing left: neither what ran under it (HAProxy included) nor anything else of this Ray.
-        deadline = time.monotonic() + 5  # SIGKILLed processes take a moment to be gone
-        while True:
-            alive = {pid: cmdline(pid)[:120] for pid, st in seen.items() if start_time(pid) == st}
-            alive.update(processes_mentioning(ray_tmpdir))
-            if not alive or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert not alive, f"left behind after exit (stopped in {stop_s:.1f}s): {alive}\n{output()}"
+        def alive():
+            left = {pid: cmdline(pid)[:120] for pid, st in seen.items() if start_time(pid) == st}
+            left.update(processes_mentioning(ray_tmpdir))
+            return left
+        # SIGKILLed processes take a moment to be gone.
+        eventually(lambda: not alive(), 5, 0.2, what="every process of the run to be gone",
+                   diagnostics=lambda: f"left behind after exit (stopped in {stop_s:.1f}s): {alive()}\n{output()}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

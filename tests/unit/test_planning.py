@@ -1,9 +1,14 @@
 """Reconciliation decisions (pure, no Ray)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
+from rayfleet_api.states import DeploymentStatus, ReplicaState
 from rayfleet_runtime import planning as P
-from rayfleet_runtime.planning import (DRAINING, FAILED, READY, STARTING, STOPPED, UNHEALTHY, ReplicaView,
-                                       StartIntent, mark_draining, plan, routable)
+from rayfleet_runtime.planning import ReplicaView, StartIntent, plan
+
+STARTING, READY, UNHEALTHY = ReplicaState.STARTING, ReplicaState.READY, ReplicaState.UNHEALTHY
+DRAINING, FAILED = ReplicaState.DRAINING, ReplicaState.FAILED
 
 
 def rv(i, state=READY, version="v1", failures=0, restarts=0, t=None):
@@ -78,10 +83,10 @@ def _simulate_rollout(target, old_count, surge=None):
     min_ready = old_count
     for _ in range(50):
         p = plan(target, "v2", replicas, max_surge=surge)
-        replicas = [r for r in mark_draining(replicas, p) if r.state not in (DRAINING, STOPPED)]
+        stopped = {s.replica_id for s in p.stop}  # unrouted at once (draining or killed)
         # Replicas that were STARTING become READY; then the new ones appear as STARTING.
-        replicas = [ReplicaView(r.id, r.version, READY, 0, r.restarts, r.created_at) for r in replicas]
-        min_ready = min(min_ready, len(routable(replicas)))
+        replicas = [replace(r, state=READY, health_failures=0) for r in replicas if r.id not in stopped]
+        min_ready = min(min_ready, len(replicas))
         for _s in p.start:
             replicas.append(rv(n, STARTING, "v2"))
             n += 1
@@ -120,19 +125,13 @@ def test_delete_stops_everything_ready_ones_gracefully():
     assert p.start == []
 
 
-def test_drain_ordering_unroutes_before_drain():
-    replicas = [rv(0), rv(1), rv(2)]
-    p = plan(1, "v1", replicas)
-    after = mark_draining(replicas, p)
-    drained = {s.replica_id for s in p.stop}
-    assert {r.id for r in after if r.state == DRAINING} == drained
-    assert {r.id for r in routable(after)} == {"r0"}  # out of the routing table before drain() is called
-    assert not plan(1, "v1", after)  # draining replicas are not stopped twice nor replaced
+def test_draining_replicas_are_neither_stopped_twice_nor_replaced():
+    assert not plan(1, "v1", [rv(0), rv(1, DRAINING), rv(2, DRAINING)])
 
 
 def test_status():
-    assert P.deployment_status(2, "v1", [rv(0), rv(1)]) == "Running"
-    assert P.deployment_status(2, "v1", [rv(0), rv(1, STARTING)]) == "Updating"
-    assert P.deployment_status(2, "v2", [rv(0), rv(1)]) == "Updating"
-    assert P.deployment_status(1, "v1", [rv(0, FAILED)], error=True) == "Failed"
-    assert P.deployment_status(1, "v1", [rv(0)], deleting=True) == "Deleting"
+    assert P.deployment_status(2, "v1", [rv(0), rv(1)]) == DeploymentStatus.RUNNING == "Running"
+    assert P.deployment_status(2, "v1", [rv(0), rv(1, STARTING)]) == DeploymentStatus.UPDATING
+    assert P.deployment_status(2, "v2", [rv(0), rv(1)]) == DeploymentStatus.UPDATING
+    assert P.deployment_status(1, "v1", [rv(0, FAILED)], error=True) == DeploymentStatus.FAILED
+    assert P.deployment_status(1, "v1", [rv(0)], deleting=True) == DeploymentStatus.DELETING

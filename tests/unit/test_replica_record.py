@@ -1,6 +1,6 @@
 """What a replica reports about itself in the controller's observed state (no Ray cluster)."""
+from rayfleet_api.states import ReplicaState
 from rayfleet_runtime.deployment_state import SLOW_START_S, ReplicaRecord
-from rayfleet_runtime.planning import READY, STARTING
 
 
 def test_a_slow_start_explains_itself_and_a_real_error_wins():
@@ -13,5 +13,5 @@ def test_a_slow_start_explains_itself_and_a_real_error_wins():
 
 
 def test_a_ready_replica_is_not_slow():
-    rec = ReplicaRecord(id="echo-0", version="v1", actor=None, state=READY, created_at=0.0)
-    assert rec.state != STARTING and rec.observed(now=10_000.0)["lastError"] is None
+    rec = ReplicaRecord(id="echo-0", version="v1", actor=None, state=ReplicaState.READY, created_at=0.0)
+    assert rec.state != ReplicaState.STARTING and rec.observed(now=10_000.0)["lastError"] is None

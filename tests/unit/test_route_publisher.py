@@ -3,20 +3,20 @@ from __future__ import annotations
 
 import asyncio
 
-from rayfleet_runtime.deployment_state import ControllerCore, DeploymentRecord, ReplicaRecord
-from rayfleet_runtime.planning import DRAINING, READY, STOPPED, StopIntent
 from rayfleet_api.desired import DesiredState
+from rayfleet_api.states import ReplicaState
+from rayfleet_runtime.deployment_state import ControllerCore, DeploymentRecord, ReplicaRecord
+from rayfleet_runtime.planning import StopIntent
 from rayfleet_runtime.route_publisher import RoutePublisher
 
 
 class FakeIngress:
-    """An IngressManager handle: ``update.remote(table)`` answers after ``delay`` with ``result``."""
+    """A node's ingress: ``update(table)`` is sent at once and answers after ``delay`` with ``result``."""
 
     def __init__(self, delay: float = 0.0, result: dict | None = None):
         self.delay, self.result, self.tables = delay, result or {"applied": True}, []
-        self.update = self
 
-    def remote(self, table):
+    def update(self, table):
         async def apply():
             await asyncio.sleep(self.delay)
             self.tables.append(table)
@@ -26,14 +26,13 @@ class FakeIngress:
 
 
 def publisher(table, ingress: FakeIngress) -> RoutePublisher:
-    pub = RoutePublisher(table)
-    pub._ingress_fn = lambda: (lambda node_id, port, host: ingress)  # type: ignore[method-assign]
+    async def ensure_ingress(node_id, port, bind_host):
+        return ingress
 
-    async def nodes():
+    async def node_ids(head_only):
         return ["node-a"]
 
-    pub._ingress_node_ids = nodes  # type: ignore[method-assign]
-    return pub
+    return RoutePublisher(table, ensure_ingress, node_ids)
 
 
 def test_wait_applied_only_after_the_ingress_applied_the_table():
@@ -68,39 +67,43 @@ def test_a_table_the_ingress_kept_out_is_not_acknowledged_and_is_retried():
     asyncio.run(main())
 
 
-def test_graceful_stop_drains_only_after_the_proxies_dropped_the_replica(monkeypatch):
-    from rayfleet_runtime import deployment_state
-
+def test_graceful_stop_drains_only_after_the_proxies_dropped_the_replica():
     events: list[str] = []
-    monkeypatch.setattr(deployment_state, "kill_actor", lambda actor: events.append("kill"))
 
-    class FakeReplica:
-        def __init__(self):
-            self.drain = self
+    class FakeBackend:
+        """The calls a graceful stop makes, and the fake ingress to publish to."""
 
-        def remote(self, grace):
+        def __init__(self, ingress):
+            self.ingress = ingress
+
+        async def ensure_ingress(self, node_id, port, bind_host):
+            return self.ingress
+
+        async def node_ids(self, head_only):
+            return ["node-a"]
+
+        async def drain(self, actor, grace_s, timeout_s):
             events.append("drain")
+            return {"pid": 1}
 
-            async def done():
-                return {"pid": 1}
-
-            return asyncio.ensure_future(done())
+        def kill(self, actor):
+            events.append("kill")
 
     async def main():
-        core = ControllerCore(drain_settle_s=0.0)
         ingress = FakeIngress(delay=0.3)
+        core = ControllerCore(FakeBackend(ingress), drain_settle_s=0.0)
         table = core.routing_table
         core.routes = publisher(lambda: (events.append("unrouted"), table())[1], ingress)
         dep = DeploymentRecord("d", DesiredState(handler="m:h", replicas=0, version="v", graceful_shutdown_seconds=5))
-        rec = dep.replicas["d-0"] = ReplicaRecord("d-0", "v", FakeReplica(), state=READY,
+        rec = dep.replicas["d-0"] = ReplicaRecord("d-0", "v", "actor-d-0", state=ReplicaState.READY,
                                                   info={"host": "127.0.0.1", "port": 1})
         core.deployments["d"] = dep
         core._begin_stop(dep, rec, StopIntent("d-0", True, "scale-down"))
-        assert rec.state == DRAINING
+        assert rec.state == ReplicaState.DRAINING
         publish = asyncio.ensure_future(core.routes.run())
         await asyncio.wait_for(rec.task, 5)
         publish.cancel()
-        assert rec.state == STOPPED
+        assert rec.state == ReplicaState.STOPPED
         assert ingress.tables[-1] == {"deployments": {"d": {"routePrefix": "/", "maxConcurrency": 100,
                                                             "requestTimeoutSeconds": 60, "replicas": []}}}
         assert events == ["unrouted", "drain", "kill"]
