@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import secrets
 import sys
 import time
 import traceback
@@ -91,9 +92,10 @@ class Rayfleet:
         from rayfleet_runtime.controller import ensure_controller
 
         self.control_port, self.ingress_port = free_port(), free_port()
-        ensure_controller(control_port=self.control_port, ingress_port=self.ingress_port, ingress_nodes="head",
+        token = secrets.token_urlsafe(32)
+        ensure_controller(token, control_port=self.control_port, ingress_port=self.ingress_port, ingress_nodes="head",
                           bind_host="127.0.0.1")
-        self.api = ControllerClient(f"http://127.0.0.1:{self.control_port}", timeout_s=10)
+        self.api = ControllerClient(f"http://127.0.0.1:{self.control_port}", token, timeout_s=10)
         self.api.wait_healthy(60)
         self.config = {"maxConcurrency": RAYFLEET_MAX_CONCURRENCY, "syncThreads": 1, "numCpus": 1}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -19,7 +20,7 @@ from typing import Any
 from rayfleet.manifest import load_manifests
 from rayfleet.ports import free_port
 from rayfleet.procs import Leftovers
-from rayfleet_api.constants import INGRESS_PORT
+from rayfleet_api.constants import CONTROL_TOKEN_ENV, INGRESS_PORT
 from rayfleet_api.controller_client import ControllerClient, ControllerRejected, ControllerUnreachable
 from rayfleet_api.errors import SpecError
 
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from rayfleet_runtime.controller import ensure_controller  # noqa: PLC0415
 
+    # The controller answers only to this token: yours from the environment (to script against the
+    # API), else a random one that only this process knows.
+    token = os.environ.get(CONTROL_TOKEN_ENV) or secrets.token_urlsafe(32)
+
     leftovers = Leftovers()
     print(f"rayfleet: starting local Ray for {', '.join(m.name for m in manifests)} ...", flush=True)
     code = 0
@@ -80,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         # "SIGTERM received" trace): take it back so SIGTERM is an orderly stop, exit 0, like Ctrl-C.
         for sig in old_handlers:
             signal.signal(sig, on_signal)
-        ensure_controller(control_port=control_port, ingress_port=args.port, ingress_nodes="head", bind_host=args.host
+        ensure_controller(token, control_port=control_port, ingress_port=args.port, ingress_nodes="head", bind_host=args.host
                           if args.host not in ("0.0.0.0", "::") else "0.0.0.0")
-        api = ControllerClient(f"http://127.0.0.1:{control_port}")
+        api = ControllerClient(f"http://127.0.0.1:{control_port}", token)
         api.wait_healthy(60)
         for m in manifests:
             try:
@@ -93,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         for m in manifests:
             print(f"rayfleet: {m.name} -> http://{shown_host}:{args.port}{m.desired_state().route_prefix}", flush=True)
-        print(f"rayfleet: controller API at {api.base_url}; Ctrl-C to stop", flush=True)
+        who = f"token from ${CONTROL_TOKEN_ENV}" if os.environ.get(CONTROL_TOKEN_ENV) else "random token"
+        print(f"rayfleet: controller API at {api.base_url} ({who}); Ctrl-C to stop", flush=True)
         last: dict[str, str] = {}
         while not stop.is_set():
             try:

@@ -264,9 +264,18 @@ def _path(parts: Iterator[Any]) -> str:
 def _cel_errors(value: Any, schema: dict[str, Any], path: list[Any]) -> Iterator[str]:
     """Evaluate x-kubernetes-validations rules where their object is present."""
     env = celpy.Environment()
-    for rule in schema.get("x-kubernetes-validations", []):
+    rules = schema.get("x-kubernetes-validations", [])
+    seen = value
+    if rules and not path:
+        # At the root the API server shows a rule only metadata.name and generateName of the metadata;
+        # this CRD's root rules read nothing else (the spec has rules of its own, and free-form fields
+        # such as handlerArgs may hold numbers CEL can't).
+        meta = value.get("metadata") or {}
+        seen = {**{k: value[k] for k in ("apiVersion", "kind") if k in value},
+                "metadata": {k: meta[k] for k in ("name", "generateName") if k in meta}}
+    for rule in rules:
         program = env.program(env.compile(rule["rule"]))
-        if not program.evaluate({"self": celpy.json_to_cel(value)}):
+        if not program.evaluate({"self": celpy.json_to_cel(seen)}):
             yield f"{_path(path) or '<root>'}: {rule.get('message', rule['rule'])}"
     if isinstance(value, dict):
         for key, prop in schema.get("properties", {}).items():

@@ -20,3 +20,8 @@ REPLICA_PREFIX = "rayfleet-replica"
 INGRESS_READY_PATH = "/-/ingress/ready"
 # Answered by each replica's own server: HAProxy's health check of that replica.
 REPLICA_READY_PATH = "/-/ready"
+
+# The controller's credential reaches it (and `rayfleet-head-start`) in this environment variable,
+# never on a command line; the operator's key, from which it derives each cluster's, in the other.
+CONTROL_TOKEN_ENV = "RAYFLEET_CONTROL_TOKEN"
+CONTROL_KEY_ENV = "RAYFLEET_CONTROL_KEY"

@@ -19,14 +19,21 @@ class ControllerUnreachable(Exception):
     """The controller could not be reached or answered with a server error: worth retrying."""
 
 
+class ControllerUnauthorized(ControllerUnreachable):
+    """The controller refused our credential (401): the token is wrong or missing on one side."""
+
+
 class ControllerRejected(Exception):
     """The controller refused the request (4xx): a spec problem, not a transient one."""
 
 
 class ControllerClient:
-    def __init__(self, base_url: str, timeout_s: float = 5.0):
+    """``token`` is the controller's credential (``Authorization: Bearer``); only ``/healthz`` is open."""
+
+    def __init__(self, base_url: str, token: str, timeout_s: float = 5.0):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
 
     def put_deployment(self, name: str, desired: DesiredState) -> dict[str, Any]:
         """Store the desired state; returns it as the controller defaulted it."""
@@ -52,7 +59,7 @@ class ControllerClient:
     def _request(self, method: str, path: str, body: Any = None) -> Any:
         url = self.base_url + path
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(url, data=data, method=method, headers=self._headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310 - our own API
                 return json.loads(response.read() or b"null")
@@ -60,6 +67,8 @@ class ControllerClient:
             text = exc.read().decode(errors="replace")
             if exc.code == 404:
                 return None
+            if exc.code == 401:
+                raise ControllerUnauthorized(f"{method} {url}: the controller refused our token (401)") from None
             if 400 <= exc.code < 500:
                 raise ControllerRejected(_error_text(text) or f"HTTP {exc.code}") from None
             raise ControllerUnreachable(f"{method} {url}: HTTP {exc.code}: {text[:500]}") from None

@@ -17,7 +17,14 @@ from typing import Any
 from rayfleet_api.errors import SpecError
 
 # A DNS label, optionally qualified by one more (the operator uses "<namespace>.<name>").
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)?$")
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)?")
+# A route prefix: "/" or "/seg[/seg...]", no empty segment and no trailing "/", each segment of RFC 3986
+# path characters minus "'" (haproxy.cfg can't hold it even quoted). The CRD's `pattern` is this text
+# (a unit test holds them together), so the API server, the controller and the HAProxy renderer accept
+# exactly the same prefixes. Always used with fullmatch: Python's `$` would let a trailing newline by.
+ROUTE_PREFIX_PATTERN = r"^/([A-Za-z0-9._~!$&()*+,;=:@%-]+(/[A-Za-z0-9._~!$&()*+,;=:@%-]+)*)?$"
+ROUTE_PREFIX = re.compile(ROUTE_PREFIX_PATTERN)
+ROUTE_PREFIX_MAX_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -74,8 +81,9 @@ class DesiredState:
         if not isinstance(handler, str) or ":" not in handler or not all(handler.partition(":")[::2]):
             raise SpecError("handler", f"must be 'module:attr', got {handler!r}")
         route_prefix = obj.pop("routePrefix", cls.route_prefix)
-        if not isinstance(route_prefix, str) or not route_prefix.startswith("/"):
-            raise SpecError("routePrefix", f"must be a path starting with '/', got {route_prefix!r}")
+        if not isinstance(route_prefix, str) or len(route_prefix) > ROUTE_PREFIX_MAX_LENGTH or not ROUTE_PREFIX.fullmatch(route_prefix):
+            raise SpecError("routePrefix", f"must be '/' or a path such as /echo or /v1/echo (no trailing '/', "
+                                           f"at most {ROUTE_PREFIX_MAX_LENGTH} characters), got {route_prefix!r}")
         runtime_env = obj.pop("runtimeEnv", None)
         if runtime_env is not None and not isinstance(runtime_env, dict):
             raise SpecError("runtimeEnv", "must be an object or null")
@@ -129,7 +137,7 @@ def version_hash(fields: dict[str, Any]) -> str:
 
 def validate_name(name: Any) -> None:
     """A deployment's name in the controller: a DNS label, or ``namespace.name``."""
-    if not isinstance(name, str) or len(name) > 127 or not _NAME.match(name):
+    if not isinstance(name, str) or len(name) > 127 or not _NAME.fullmatch(name):
         raise SpecError("name", f"{name!r} must be a DNS label or 'namespace.name': lowercase letters, "
                                 "digits and '-', at most 127 characters")
 

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayfleet_api.constants import CONTROL_PORT, INGRESS_PORT
+from rayfleet_api.constants import CONTROL_KEY_ENV, CONTROL_PORT, INGRESS_PORT
 
 DEFAULT_REPLICA_IMAGE = "ghcr.io/rayfleet/replica:0.1.0"
 
@@ -25,13 +25,18 @@ class OperatorConfig:
     control_port: int = CONTROL_PORT  # the rayfleet controller's HTTP API on the head pod
     ingress_port: int = INGRESS_PORT  # HAProxy on every Ray pod; the Service targets it
     resync_seconds: float = 10.0  # level-based re-reconcile period
+    control_key: str = ""  # derives each RayCluster's controller token (credentials.py); required in from_env
     head_resources: dict[str, Any] = field(default_factory=lambda: _resources("RAYFLEET_HEAD", "1", "2Gi"))
     worker_resources: dict[str, Any] = field(default_factory=lambda: _resources("RAYFLEET_WORKER", "1", "2Gi"))
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
         env = os.environ
+        if len(env.get(CONTROL_KEY_ENV, "")) < 32:
+            raise SystemExit(f"rayfleet operator: ${CONTROL_KEY_ENV} must hold a random key of at least 32 characters "
+                             "(the Helm chart makes one): it derives the credential of every RayCluster's controller")
         return cls(
+            control_key=env[CONTROL_KEY_ENV],
             replica_image=env.get("RAYFLEET_REPLICA_IMAGE", DEFAULT_REPLICA_IMAGE),
             control_port=int(env.get("RAYFLEET_CONTROL_PORT", CONTROL_PORT)),
             ingress_port=int(env.get("RAYFLEET_INGRESS_PORT", INGRESS_PORT)),

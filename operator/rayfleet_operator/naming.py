@@ -12,7 +12,8 @@ LABEL_RAY_CLUSTER = "ray.io/cluster"  # KubeRay puts it on every pod of a RayClu
 LABEL_RAY_NODE_TYPE = "ray.io/node-type"  # and this one: head or worker
 ANNOTATION_SPEC_HASH = "rayfleet.io/spec-hash"
 
-RAY_AUTH_TOKEN_KEY = "token"  # the key of the token in the RayCluster's auth Secret
+RAY_AUTH_TOKEN_KEY = "ray-token"  # Ray's own token auth, in the RayCluster's auth Secret
+CONTROL_TOKEN_KEY = "control-token"  # the rayfleet controller's API token, in the same Secret
 
 
 def labels(sd_name: str) -> dict[str, str]:
@@ -38,9 +39,9 @@ def cluster_name(body: dict[str, Any]) -> str:
 
 
 def auth_secret_name(body: dict[str, Any]) -> str:
-    """The Secret holding the Ray auth token of the RayCluster this ServeDeployment owns. The uid keeps a
+    """The Secret holding the tokens of the RayCluster this ServeDeployment owns. The uid keeps a
     re-created ServeDeployment off its predecessor's Secret while the garbage collector removes it."""
-    return f"{body['metadata']['name']}-ray-auth-{body['metadata']['uid'][:8]}"
+    return f"{body['metadata']['name']}-auth-{body['metadata']['uid'][:8]}"
 
 
 def deployment_key(body: dict[str, Any]) -> str:

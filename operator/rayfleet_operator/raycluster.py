@@ -12,12 +12,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from rayfleet_api.constants import CONTROL_PORT_NAME, INGRESS_PORT_NAME, INGRESS_READY_PATH, RAY_GROUP, RAY_VERSION
+from rayfleet_api.constants import (CONTROL_PORT_NAME, CONTROL_TOKEN_ENV, INGRESS_PORT_NAME, INGRESS_READY_PATH, RAY_GROUP,
+                                    RAY_VERSION)
 from rayfleet_api.errors import SpecError
 from rayfleet_api.spec import parse_quantity
 
 from .config import OperatorConfig
-from .naming import ANNOTATION_SPEC_HASH, RAY_AUTH_TOKEN_KEY, auth_secret_name, labels, owner_reference
+from .naming import (ANNOTATION_SPEC_HASH, CONTROL_TOKEN_KEY, RAY_AUTH_TOKEN_KEY, auth_secret_name, labels,
+                     owner_reference)
 
 GPU_RESOURCE = "nvidia.com/gpu"
 HEAD_CONTAINER, WORKER_CONTAINER = "ray-head", "ray-worker"
@@ -161,7 +163,8 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
         {"containerPort": 10001, "name": "client", "protocol": "TCP"},
         {"containerPort": config.control_port, "name": CONTROL_PORT_NAME, "protocol": "TCP"},
         http_port,
-    ], env, config.ingress_port)
+    ], env + [{"name": CONTROL_TOKEN_ENV, "valueFrom": {"secretKeyRef": {  # the controller's API credential
+        "name": auth_secret_name(body), "key": CONTROL_TOKEN_KEY}}}], config.ingress_port)
     # The replica image starts the rayfleet controller once Ray is up on the head (see replica_image/).
     head["lifecycle"]["postStart"] = {"exec": {"command": ["/bin/sh", "-c", "rayfleet-head-start"]}}
     worker = _container(WORKER_CONTAINER, image, worker_resources(spec, config), [http_port], env, config.ingress_port)
@@ -199,8 +202,9 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
     }
 
 
-def build_auth_secret(body: dict[str, Any], token: str) -> dict[str, Any]:
-    """The Secret with the Ray auth token of the RayCluster rayfleet owns (the caller makes the token)."""
+def build_auth_secret(body: dict[str, Any], ray_token: str, control_token: str) -> dict[str, Any]:
+    """The Secret with the tokens of the RayCluster rayfleet owns: Ray's own (random, made by the caller)
+    and the controller's (credentials.control_token)."""
     meta = body["metadata"]
     return {
         "apiVersion": "v1",
@@ -208,7 +212,7 @@ def build_auth_secret(body: dict[str, Any], token: str) -> dict[str, Any]:
         "type": "Opaque",
         "metadata": {"name": auth_secret_name(body), "namespace": meta["namespace"],
                      "labels": labels(meta["name"]), "ownerReferences": [owner_reference(body)]},
-        "stringData": {RAY_AUTH_TOKEN_KEY: token},
+        "stringData": {RAY_AUTH_TOKEN_KEY: ray_token, CONTROL_TOKEN_KEY: control_token},
     }
 
 

@@ -16,6 +16,7 @@ from rayfleet_api.spec import desired_state
 from rayfleet_api.states import DeploymentStatus
 
 from . import raycluster, service
+from .credentials import control_token
 from .conditions import READY, find
 from .config import OperatorConfig
 from .kube import Kube
@@ -44,7 +45,8 @@ async def _ensure_cluster(body: dict[str, Any], config: OperatorConfig, kube: Ku
     if update:
         # The pods read Ray's auth token from this Secret: made once (before the first RayCluster that
         # needs it, including one written by an older operator) and never rotated.
-        await kube.create_secret_unless_present(raycluster.build_auth_secret(body, secrets.token_urlsafe(32)))
+        await kube.create_secret_unless_present(raycluster.build_auth_secret(
+            body, secrets.token_urlsafe(32), control_token(config.control_key, body["metadata"]["namespace"], obs.cluster_name)))
     if update and existing is None:
         existing = await kube.create_raycluster(desired)
         events.append(("Normal", "RayClusterCreated", f"created RayCluster {obs.cluster_name}"))
@@ -80,13 +82,17 @@ async def _ensure_service(body: dict[str, Any], config: OperatorConfig, kube: Ku
         await kube.patch_service(desired)
 
 
+def _client(body: dict[str, Any], url: str, config: OperatorConfig) -> ControllerClient:
+    return ControllerClient(url, control_token(config.control_key, body["metadata"]["namespace"], cluster_name(body)))
+
+
 async def _observe_controller(body: dict[str, Any], cluster: dict[str, Any], config: OperatorConfig,
                               obs: Observation) -> None:
     url = raycluster.controller_url(cluster, config)
     if url is None:
         obs.controller_error = "the RayCluster reports no head pod address yet"
         return
-    key, control = deployment_key(body), ControllerClient(url)
+    key, control = deployment_key(body), _client(body, url, config)
     try:
         # The client blocks: in a thread, so kopf's event loop never waits on a slow controller.
         await asyncio.to_thread(control.put_deployment, key, desired_state(body["spec"]))
@@ -142,7 +148,7 @@ async def finalize(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> 
     url = raycluster.controller_url(cluster, config) if ready else None
     if url is None:
         return True
-    key, control = deployment_key(body), ControllerClient(url)
+    key, control = deployment_key(body), _client(body, url, config)
     observed = await asyncio.to_thread(control.get_deployment, key)
     if observed is None:
         return True

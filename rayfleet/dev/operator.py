@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -10,15 +11,17 @@ from typing import Sequence
 
 from rayfleet.ports import free_port
 from rayfleet.procs import spawn, stop_process_group
+from rayfleet_api.constants import CONTROL_KEY_ENV
 from rayfleet_api.http_probe import http_ok
 
 
 class OperatorProcess:
-    """`python -m rayfleet_operator` against a kubeconfig, with its liveness endpoint on loopback."""
+    """`python -m rayfleet_operator` against a kubeconfig, with its liveness endpoint on loopback. Its key
+    (what the chart's Secret holds on a cluster) is made here and kept across `stop()`/`start()`."""
 
     def __init__(self, kubeconfig: Path, log: Path, namespaces: Sequence[str] = (), env: dict[str, str] | None = None):
         self.kubeconfig, self.log, self.namespaces = Path(kubeconfig), Path(log), list(namespaces)
-        self.env = env or {}
+        self.env = {CONTROL_KEY_ENV: secrets.token_hex(32), **(env or {})}
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
         self.popen: subprocess.Popen | None = None
 

@@ -9,6 +9,7 @@ Handler modules import from the directory and PYTHONPATH the provider was starte
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import logging
@@ -27,8 +28,9 @@ from kubernetes.client.exceptions import ApiException
 
 from rayfleet.ports import free_port
 from rayfleet.procs import spawn, stop_process_group
-from rayfleet_api.constants import CONTROL_PORT_NAME, INGRESS_PORT_NAME, RAY_GROUP, RAY_PLURAL, RAY_VERSION
-from rayfleet_api.controller_client import ControllerClient
+from rayfleet_api.constants import (CONTROL_PORT_NAME, CONTROL_TOKEN_ENV, INGRESS_PORT_NAME, RAY_GROUP, RAY_PLURAL,
+                                    RAY_VERSION)
+from rayfleet_api.http_probe import http_ok
 
 log = logging.getLogger("rayfleet.provider")
 LOOPBACK = "127.0.0.1"
@@ -46,6 +48,13 @@ def desired_workers(cluster: dict[str, Any]) -> dict[str, tuple[int, str]]:
     """Worker group name → (replicas, num-cpus) from a RayCluster spec."""
     return {g["groupName"]: (int(g.get("replicas", 0)), str((g.get("rayStartParams") or {}).get("num-cpus", "1")))
             for g in (cluster.get("spec") or {}).get("workerGroupSpecs") or []}
+
+
+def head_env_ref(cluster: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The head container's env entry ``name`` (``value`` or ``valueFrom``), as a kubelet would read it."""
+    containers = ((((cluster.get("spec") or {}).get("headGroupSpec") or {}).get("template") or {}).get("spec") or {}).get(
+        "containers") or [{}]
+    return next((e for e in containers[0].get("env") or [] if e.get("name") == name), None)
 
 
 def kuberay_status(cluster: "LocalCluster", ready: bool, generation: int) -> dict[str, Any]:
@@ -98,17 +107,17 @@ class LocalCluster:
                                          f"--node-ip-address={LOOPBACK}", "--num-cpus=0", "--include-dashboard=false",
                                          "--disable-usage-stats"], env, cwd)
 
-    def start_controller(self, env: dict[str, str], cwd: Path) -> bool:
-        """What the replica image's head start runs: ensure the controller (idempotent)."""
+    def start_controller(self, env: dict[str, str], cwd: Path, token: str) -> bool:
+        """What the replica image's head start runs: ensure the controller (idempotent), its token in the env."""
         proc = subprocess.run([sys.executable, "-m", "rayfleet_runtime.controller", f"--address={self.address}",
                                f"--control-port={self.control_port}", f"--ingress-port={self.ingress_port}",
                                "--ingress-nodes=head", f"--bind-host={LOOPBACK}", "--timeout=90"],
-                              env=self.env(env), cwd=cwd, capture_output=True, text=True, timeout=150)
+                              env={**self.env(env), CONTROL_TOKEN_ENV: token}, cwd=cwd, capture_output=True, text=True, timeout=150)
         (self.logdir / "controller-start.log").write_text(proc.stdout + proc.stderr)
         return proc.returncode == 0
 
     def controller_healthy(self) -> bool:
-        return ControllerClient(f"http://{LOOPBACK}:{self.control_port}").healthy()
+        return http_ok(f"http://{LOOPBACK}:{self.control_port}/healthz")
 
     def scale_workers(self, env: dict[str, str], cwd: Path) -> None:
         for group, (replicas, cpus) in self.want.items():
@@ -140,7 +149,8 @@ class LocalProvider:
         self.workdir = Path(workdir)
         self.code_dir = Path(code_dir or os.getcwd()).resolve()
         self.resync_seconds = resync_seconds
-        self.api = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(config_file=str(kubeconfig)))
+        client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+        self.api, self.core = kubernetes.client.CustomObjectsApi(client), kubernetes.client.CoreV1Api(client)
         self.clusters: dict[tuple[str, str], LocalCluster] = {}
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -183,6 +193,26 @@ class LocalProvider:
             log.info("RayCluster %s/%s is gone: stopping its processes", *key)
             self.clusters.pop(key).stop()
 
+    def _control_token(self, obj: dict[str, Any]) -> str | None:
+        """The controller's token from the head's env, its Secret read as a kubelet would; None while the
+        Secret is missing (a kubelet would hold the head container back, CreateContainerConfigError)."""
+        entry = head_env_ref(obj, CONTROL_TOKEN_ENV) or {}
+        if "value" in entry:
+            return entry["value"]
+        ref = (entry.get("valueFrom") or {}).get("secretKeyRef")
+        if not ref:
+            log.warning("RayCluster %s/%s: the head has no $%s: its controller can't start",
+                        obj["metadata"]["namespace"], obj["metadata"]["name"], CONTROL_TOKEN_ENV)
+            return None
+        try:
+            secret = self.core.read_namespaced_secret(ref["name"], obj["metadata"]["namespace"])
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        value = (secret.data or {}).get(ref["key"])
+        return base64.b64decode(value).decode() if value else None
+
     def _reconcile(self, obj: dict[str, Any]) -> None:
         meta = obj["metadata"]
         key = (meta["namespace"], meta["name"])
@@ -203,7 +233,8 @@ class LocalProvider:
             cluster.start_head(self.env, self.code_dir)
         cluster.want = desired_workers(obj)
         if not cluster.controller_up or not cluster.controller_healthy():
-            cluster.controller_up = cluster.start_controller(self.env, self.code_dir)
+            token = self._control_token(obj)
+            cluster.controller_up = token is not None and cluster.start_controller(self.env, self.code_dir, token)
         if cluster.controller_up:
             cluster.scale_workers(self.env, self.code_dir)
         status = kuberay_status(cluster, cluster.controller_up, meta.get("generation", 0))

@@ -1,4 +1,4 @@
 """rayfleet runtime: replica, controller and HAProxy ingress running inside Ray."""
-from rayfleet_runtime.handler import Request, Response
+from rayfleet_runtime.handler import BadRequest, Request, Response
 
-__all__ = ["Request", "Response"]
+__all__ = ["BadRequest", "Request", "Response"]

@@ -10,11 +10,16 @@ the controller only through it:
 * ``DELETE /v1/deployments/{name}`` -> 202; the replicas drain and stop, GET shows ``"status": "Deleting"``
   until they are gone, then 404.
 * ``GET /healthz`` -> 200.
+
+Every path but ``/healthz`` needs ``Authorization: Bearer <token>``, else 401: whoever can drive the
+controller runs code in the cluster (a handler is any importable callable), so only the holder of the
+cluster's token may (on Kubernetes, the operator; locally, `rayfleet run`).
 """
 from __future__ import annotations
 
+import hmac
 import json
-from typing import Any, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from aiohttp import web
 
@@ -36,7 +41,24 @@ def _error(status: int, message: str, field: str | None = None) -> web.Response:
     return web.json_response(body, status=status)
 
 
-def make_app(core: ControllerAPI) -> web.Application:
+def _require_token(token: str) -> Callable:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        if request.path != "/healthz" and not hmac.compare_digest(
+                request.headers.get("Authorization", "").encode(), expected):
+            response = _error(401, "a valid 'Authorization: Bearer <token>' header is required")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="rayfleet-controller"'
+            return response
+        return await handler(request)
+
+    return check
+
+
+def make_app(core: ControllerAPI, token: str) -> web.Application:
+    if not token:
+        raise ValueError("the controller needs a token: its API deploys code")
     routes = web.RouteTableDef()
 
     @routes.get("/healthz")
@@ -76,6 +98,6 @@ def make_app(core: ControllerAPI) -> web.Application:
             return _error(404, f"deployment {name!r} not found")
         return web.json_response({"name": name, "status": "Deleting"}, status=202)
 
-    app = web.Application()
+    app = web.Application(middlewares=[_require_token(token)])
     app.add_routes(routes)
     return app

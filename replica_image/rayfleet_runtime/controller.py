@@ -9,7 +9,8 @@ Both make their Ray calls through the ``ray_calls.RayBackend`` built here.
 
 Entry points: ``ensure_controller(...)`` (idempotent) and
 ``python -m rayfleet_runtime.controller --address auto --control-port 8090 --ingress-port 8000
---ingress-nodes all|head --bind-host 0.0.0.0``, which exits 0 once the HTTP API answers.
+--ingress-nodes all|head --bind-host 0.0.0.0`` with the API's token in ``$RAYFLEET_CONTROL_TOKEN``, which
+exits 0 once the HTTP API answers.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from rayfleet_api.constants import CONTROL_PORT, CONTROLLER_NAME, INGRESS_PORT, RAY_NAMESPACE
+from rayfleet_api.constants import CONTROL_PORT, CONTROL_TOKEN_ENV, CONTROLLER_NAME, INGRESS_PORT, RAY_NAMESPACE
 from rayfleet_api.http_probe import wait_http
 from rayfleet_runtime.api_server import make_app
 from rayfleet_runtime.deployment_state import ControllerCore
@@ -36,8 +37,8 @@ logger = logging.getLogger("rayfleet.controller")
 class Controller:
     """Ray actor hosting ControllerCore and its HTTP API."""
 
-    async def __init__(self, control_port: int = CONTROL_PORT, ingress_port: int = INGRESS_PORT, ingress_nodes: str = "all",
-                       bind_host: str = "0.0.0.0"):
+    async def __init__(self, token: str, control_port: int = CONTROL_PORT, ingress_port: int = INGRESS_PORT,
+                       ingress_nodes: str = "all", bind_host: str = "0.0.0.0"):
         from aiohttp import web  # noqa: PLC0415
 
         if not logging.getLogger().handlers:
@@ -48,7 +49,7 @@ class Controller:
         self.control_port = control_port
         self.bind_host = bind_host
         await self.core.recover()
-        self._runner = web.AppRunner(make_app(self.core), access_log=None)
+        self._runner = web.AppRunner(make_app(self.core, token), access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, bind_host, control_port, reuse_address=True).start()
         self._loop_task = asyncio.get_running_loop().create_task(self.core.run())
@@ -66,9 +67,10 @@ def head_node_id() -> str:
     return heads[0]
 
 
-def ensure_controller(control_port: int = CONTROL_PORT, ingress_port: int = INGRESS_PORT, ingress_nodes: str = "all",
-                      bind_host: str = "0.0.0.0", timeout_s: float = 60.0) -> Any:
-    """Get or create the controller actor and wait until it serves; returns its handle (idempotent)."""
+def ensure_controller(token: str, control_port: int = CONTROL_PORT, ingress_port: int = INGRESS_PORT,
+                      ingress_nodes: str = "all", bind_host: str = "0.0.0.0", timeout_s: float = 60.0) -> Any:
+    """Get or create the controller actor and wait until it serves; returns its handle (idempotent).
+    ``token`` is the credential its API will require (an existing controller keeps the one it has)."""
     if ingress_nodes not in ("all", "head"):
         raise ValueError(f"ingress_nodes must be 'all' or 'head', got {ingress_nodes!r}")
     try:
@@ -78,7 +80,7 @@ def ensure_controller(control_port: int = CONTROL_PORT, ingress_port: int = INGR
             handle = Controller.options(
                 name=CONTROLLER_NAME, namespace=RAY_NAMESPACE, lifetime="detached", num_cpus=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(head_node_id(), soft=False),
-            ).remote(control_port, ingress_port, ingress_nodes, bind_host)
+            ).remote(token, control_port, ingress_port, ingress_nodes, bind_host)
         except ValueError:  # somebody else created it just now
             handle = ray.get_actor(CONTROLLER_NAME, namespace=RAY_NAMESPACE)
     try:
@@ -101,10 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind-host", default="0.0.0.0")
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
+    token = os.environ.get(CONTROL_TOKEN_ENV, "")
+    if not token:
+        parser.error(f"${CONTROL_TOKEN_ENV} must hold the token the controller's API will require")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ray.init(address=args.address, namespace=RAY_NAMESPACE, log_to_driver=False)
     try:
-        info = ray.get(ensure_controller(args.control_port, args.ingress_port, args.ingress_nodes, args.bind_host,
+        info = ray.get(ensure_controller(token, args.control_port, args.ingress_port, args.ingress_nodes, args.bind_host,
                                          timeout_s=args.timeout).ready.remote())
         host = "127.0.0.1" if info["bindHost"] in ("0.0.0.0", "::", "") else info["bindHost"]
         wait_http(f"http://{host}:{info['controlPort']}/healthz", args.timeout)

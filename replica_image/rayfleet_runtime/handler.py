@@ -41,7 +41,11 @@ A class handler may define ``check_health()`` (sync or async). The controller ca
 ``healthCheck.timeoutSeconds`` counts as a failure, and ``failureThreshold`` consecutive failures get the
 replica replaced.
 
-If the handler raises, the client gets ``500`` with a one-line body naming the exception type (no
+``request.json()`` on a body that is not JSON raises ``BadRequest`` (a ``ValueError``): unless the
+handler catches it, the client gets ``400`` naming the problem, and it counts as the client's error, not
+the handler's (no ``lastError`` in the status).
+
+If the handler raises anything else, the client gets ``500`` with a one-line body naming the exception type (no
 traceback unless the replica's environment sets ``RAYFLEET_DEBUG_TRACEBACKS=1``); the traceback goes to
 the replica's log, and the replica keeps serving. Import failures are reported as
 ``HandlerImportError`` and constructor failures as ``HandlerInitError`` in the deployment's observed
@@ -86,10 +90,18 @@ class Request:
         return self.body.decode(encoding)
 
     def json(self) -> Any:
-        return json.loads(self.body) if self.body else None
+        """The body as JSON (None if empty); ``BadRequest`` if it is not JSON."""
+        try:
+            return json.loads(self.body) if self.body else None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise BadRequest(f"request body is not valid JSON: {exc}") from None
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.path} ({len(self.body)} bytes)>"
+
+
+class BadRequest(ValueError):
+    """The request can't be read as the handler asked: the client gets 400 with this message."""
 
 
 class Response:
@@ -282,6 +294,8 @@ class HandlerRunner:
             out = to_http(result)
         except asyncio.CancelledError:
             raise
+        except BadRequest as exc:
+            out = error_result(400, f"400 Bad Request: {exc}")
         except Exception as exc:  # noqa: BLE001 - user code may raise anything
             self.last_error = f"{type(exc).__name__}: {exc}"[:500]
             tb = traceback.format_exc()

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from rayfleet_api.constants import INGRESS_READY_PATH, REPLICA_READY_PATH
-from rayfleet_api.desired import DesiredState
+from rayfleet_api.desired import ROUTE_PREFIX, DesiredState
 
 QUEUE_TIMEOUT_S = 2.0  # a request waits this long for a free replica slot, then gets 503
 DEFAULT_REQUEST_TIMEOUT_S = float(DesiredState.request_timeout_seconds)
@@ -42,10 +42,7 @@ KEEPALIVE_TIMEOUT_S = 30
 FRONTEND_NAME = "rayfleet"
 NOT_FOUND_BACKEND = "rayfleet_no_route"
 
-_NAME_OK = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-# Characters allowed in a route prefix: RFC 3986 path characters minus the ones
-# that are special in haproxy.cfg even inside quotes (' " # \ and spaces).
-_PREFIX_OK = re.compile(r"^/[A-Za-z0-9._~!$&()*+,;=:@%/-]*$")
+_NAME_OK = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # fullmatch only: "$" would admit a trailing newline
 
 
 def _short_hash(text: str) -> str:
@@ -60,7 +57,7 @@ def sanitize_name(raw: str) -> str:
     appended, so two different raw names can't collapse onto one identifier.
     """
     raw = str(raw)
-    if _NAME_OK.match(raw):
+    if _NAME_OK.fullmatch(raw):
         return raw
     cleaned = re.sub(r"[^A-Za-z0-9_.:-]", "_", raw)[:48] or "x"
     return f"{cleaned}-{_short_hash(raw)}"
@@ -78,10 +75,10 @@ def normalize_prefix(prefix: Any) -> str:
     """``"/echo/"`` -> ``"/echo"``, ``""``/None -> ``"/"``; raises ValueError if unusable."""
     if prefix is None or prefix == "":
         return "/"
-    if not isinstance(prefix, str) or not _PREFIX_OK.match(prefix):
+    stripped = (prefix.rstrip("/") or "/") if isinstance(prefix, str) else ""
+    if not ROUTE_PREFIX.fullmatch(stripped):  # the controller's own rule (rayfleet_api)
         raise ValueError(f"invalid routePrefix {prefix!r}")
-    stripped = prefix.rstrip("/")
-    return stripped or "/"
+    return stripped
 
 
 def _secs(value: Any, default: float) -> float:
@@ -280,9 +277,10 @@ def render_config(
     w("    option forwardfor")
     w("    option redispatch 1")
     w("    retries 2")
-    # Only retry what can't have run the handler: failed connects, and 503s
-    # (rayfleet replicas answer 503 only when draining/overloaded, before the
-    # handler runs). No empty-response/response-timeout: the handler may have run.
+    # Retry what can't have run the handler: failed connects, and the replica's own 503 when it is
+    # overloaded (before the handler runs). A handler may answer 503 itself, so 503s are retried only
+    # for GET/HEAD/OPTIONS (frontend: disable-l7-retry); a POST never runs twice. No
+    # empty-response/response-timeout: the handler may have run.
     w("    retry-on conn-failure 503")
     w(f"    timeout connect {int(connect_timeout_ms)}ms")
     w(f"    timeout client {_ms(max_req_timeout)}")
@@ -303,6 +301,9 @@ def render_config(
     w(f"frontend {FRONTEND_NAME}")
     w(f"    bind {bind_addr}")
     w(f"    maxconn {int(maxconn)}")
+    # The client's address is ours to tell (option forwardfor): a client-sent one is dropped, not extended.
+    w("    http-request del-header X-Forwarded-For")
+    w("    http-request disable-l7-retry unless METH_GET || METH_OPTIONS")  # METH_GET is GET and HEAD
     if plan.backends:  # the pod's readiness: this ingress routes (else the path falls through to 404)
         w(f"    http-request return status 200 content-type text/plain string ready if {{ path {INGRESS_READY_PATH} }}")
     for be in plan.backends:

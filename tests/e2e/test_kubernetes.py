@@ -116,15 +116,22 @@ def test_echo_serves_from_distinct_replica_processes(cluster, echo):
     assert {body["pid"] for _, body in answers} == pids
 
 
-def test_ray_needs_the_clusters_token(cluster, echo):
+def test_ray_and_the_controller_need_the_clusters_tokens(cluster, echo):
     """Ray's token auth is on: the Jobs API (which runs code) refuses a client without the token."""
     name = echo["metadata"]["name"]
     (head,) = [p for p in cluster.pods(name) if p["metadata"]["labels"].get("ray.io/node-type") == "head"]
     jobs = f"http://{head['status']['podIP']}:8265/api/jobs/"
-    token = base64.b64decode(cluster.get("secret", auth_secret(cluster, name), "-n", NAMESPACE)["data"]["token"]).decode()
+    data = cluster.get("secret", auth_secret(cluster, name), "-n", NAMESPACE)["data"]
+    token = base64.b64decode(data["ray-token"]).decode()
     assert http_get(jobs)[0] == 401
     assert http_get(jobs, headers={"Authorization": "Bearer not-the-token"})[0] in (401, 403)
     assert http_get(jobs, headers={"Authorization": f"Bearer {token}"})[0] == 200
+    # So does the rayfleet controller's API (it deploys code too), with a token of its own.
+    control = f"http://{head['status']['podIP']}:8090/v1/deployments"
+    assert http_get(control)[0] == 401
+    assert http_get(control, headers={"Authorization": f"Bearer {token}"})[0] == 401  # Ray's token is not it
+    control_token = base64.b64decode(data["control-token"]).decode()
+    assert http_get(control, headers={"Authorization": f"Bearer {control_token}"})[0] == 200
 
 
 def test_kubectl_get_and_events_read_well(cluster, echo):

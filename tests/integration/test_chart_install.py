@@ -146,6 +146,11 @@ def test_operator_runs_with_the_charts_service_account(control_plane, namespace,
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
         env.update(KUBECONFIG=str(sa_kubeconfig), RAYFLEET_RESYNC_SECONDS="2", PYTHONUNBUFFERED="1")
+        # The operator's key, as the pod gets it: from the chart's Secret (secretKeyRef in the Deployment).
+        (ref,) = [e["valueFrom"]["secretKeyRef"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+                  if e["name"] == "RAYFLEET_CONTROL_KEY"]
+        key = get_json(cp, "secret", ref["name"], "-n", namespace)["data"][ref["key"]]
+        env["RAYFLEET_CONTROL_KEY"] = base64.b64decode(key).decode()
         log_path = tmp_path / "operator.log"
         with open(log_path, "wb") as log_file:
             operator = subprocess.Popen(

@@ -3,6 +3,7 @@
 No KubeRay runs here, so RayClusters stay unready: these tests cover what the operator writes and
 how the API server treats ServeDeployments. The data path is covered by tests/integration/test_dev_*.
 """
+import base64
 import json
 
 import pytest
@@ -71,7 +72,12 @@ def test_raycluster_service_status_and_printer_columns(control_plane, namespace,
     # Ray's token auth: the pods take the token from a Secret owned by the ServeDeployment.
     token_ref = {e["name"]: e for e in rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}["RAY_AUTH_TOKEN"]
     secret = get(control_plane, namespace, "secret", token_ref["valueFrom"]["secretKeyRef"]["name"])
-    assert secret["metadata"]["ownerReferences"][0]["uid"] == owner_uid and len(secret["data"]["token"]) >= 40
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == owner_uid and len(secret["data"]["ray-token"]) >= 40
+    # The controller's token, in the same Secret and only on the head: its API refuses everyone else.
+    control_ref = {e["name"]: e for e in rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}[
+        "RAYFLEET_CONTROL_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert control_ref == {"name": secret["metadata"]["name"], "key": "control-token"}
+    assert len(base64.b64decode(secret["data"]["control-token"])) == 64
     status = eventually(lambda: (get(control_plane, namespace, "sd", "echo").get("status") or {}).get("conditions") and
                         get(control_plane, namespace, "sd", "echo")["status"], what="status")
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
@@ -112,7 +118,7 @@ def test_invalid_spec_the_schema_cannot_catch(control_plane, namespace, operator
 def test_delete_garbage_collects_owned_objects(control_plane, namespace, operator):
     apply(control_plane, namespace, sd())
     eventually(lambda: get(control_plane, namespace, "raycluster", "echo") and get(control_plane, namespace, "service", "echo"), what="owned objects")
-    auth_secret = f"echo-ray-auth-{get(control_plane, namespace, 'sd', 'echo')['metadata']['uid'][:8]}"
+    auth_secret = f"echo-auth-{get(control_plane, namespace, 'sd', 'echo')['metadata']['uid'][:8]}"
     assert get(control_plane, namespace, "secret", auth_secret)
     control_plane.kubectl("delete", "sd/echo", "-n", namespace, "--timeout=60s")
     eventually(lambda: all(get(control_plane, namespace, kind, name) is None for kind, name in

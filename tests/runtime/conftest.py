@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -18,10 +19,11 @@ HERE = Path(__file__).resolve().parent
 class Api:
     """Tiny client for the controller's /v1 API plus helpers to wait for observed state."""
 
-    def __init__(self, base: str, ingress: str):
+    def __init__(self, base: str, ingress: str, token: str):
         self.base = base
         self.ingress = ingress
-        self.http = httpx.Client(base_url=base, timeout=10)
+        self.token = token
+        self.http = httpx.Client(base_url=base, timeout=10, headers={"Authorization": f"Bearer {token}"})
 
     def put(self, name: str, **desired):
         body = {"handler": "examples.echo:Echo", "replicas": 1, "version": "v1", "routePrefix": f"/{name}",
@@ -84,9 +86,10 @@ def api(ray_cluster):
     from rayfleet_api.http_probe import wait_http
     from rayfleet_runtime.controller import ensure_controller
 
-    control_port, ingress_port = free_port(), free_port()
-    ensure_controller(control_port=control_port, ingress_port=ingress_port, ingress_nodes="head", bind_host="127.0.0.1")
+    control_port, ingress_port, token = free_port(), free_port(), secrets.token_urlsafe(32)
+    ensure_controller(token, control_port=control_port, ingress_port=ingress_port, ingress_nodes="head",
+                      bind_host="127.0.0.1")
     wait_http(f"http://127.0.0.1:{control_port}/healthz", 30)
-    client = Api(f"http://127.0.0.1:{control_port}", f"http://127.0.0.1:{ingress_port}")
+    client = Api(f"http://127.0.0.1:{control_port}", f"http://127.0.0.1:{ingress_port}", token)
     yield client
     client.http.close()

@@ -274,6 +274,20 @@ def test_api_validation_and_listing(api):
     assert "deployments" in api.http.get("/v1/deployments").json()
 
 
+def test_api_refuses_requests_without_the_token(api):
+    api.put("guarded", replicas=0)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": api.token}, {"Authorization": "Basic x"}):
+        with httpx.Client(base_url=api.base, timeout=10, headers=headers) as anonymous:
+            for method, path, body in (("GET", "/v1/deployments", None), ("GET", "/v1/deployments/guarded", None),
+                                       ("PUT", "/v1/deployments/evil", {"handler": "subprocess:Popen"}),
+                                       ("DELETE", "/v1/deployments/guarded", None)):
+                r = anonymous.request(method, path, json=body)
+                assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer"), (headers, path)
+            assert anonymous.get("/healthz").status_code == 200  # probes need no credential
+    assert api.get("evil") is None and api.get("guarded")["status"] != "Deleting"
+    api.delete("guarded")
+
+
 def test_controller_restart_rediscovers_replicas(api, ray_cluster):
     from rayfleet_api.constants import CONTROLLER_NAME, RAY_NAMESPACE as NAMESPACE
 

@@ -63,7 +63,9 @@ class Replicas:
             sleep = float(request.query.get("sleep", 0))
             if sleep:
                 await asyncio.sleep(sleep)
-            return web.json_response({"replica": rid, "path": request.path})
+            return web.json_response({"replica": rid, "path": request.path,
+                                      "xff": request.headers.getall("X-Forwarded-For", [])},
+                                     status=int(request.query.get("status", 200)))
 
         async def ready(request: web.Request) -> web.Response:
             return web.Response(text="ok")
@@ -286,6 +288,23 @@ def test_empty_backend_503_quickly(ingress, replicas):
         assert time.monotonic() - t0 < 1.0
     assert r.status_code == 503
     assert r.json() == {"deployment": "empty", "error": "no ready replicas"}
+
+
+def test_handler_503_is_retried_only_when_idempotent_and_client_xff_is_replaced(ingress, replicas):
+    handle, port, _ = ingress
+    a, b = replicas.start("retry-a"), replicas.start("retry-b")
+    push(handle, {"deployments": {"retry": dep("/retry", [a, b])}})
+    hits = lambda: replicas.hits["retry-a"] + replicas.hits["retry-b"]  # noqa: E731
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        eventually(lambda: client.get("/retry/up").status_code == 200, 30, 0.1, what="the ingress to route /retry")
+        before = hits()
+        assert client.post("/retry/order?status=503", content=b"{}").status_code == 503
+        assert hits() - before == 1  # a handler's own 503: a POST is never run a second time
+        before = hits()
+        assert client.get("/retry/page?status=503").status_code == 503
+        assert hits() - before == 3  # a GET is retried (retries 2) on the other replica
+        seen = client.get("/retry/who", headers={"X-Forwarded-For": "6.6.6.6"}).json()["xff"]
+        assert seen == ["127.0.0.1"], seen  # the ingress says who the client is
 
 
 def test_saturated_replica_sheds_load_quickly(ingress, replicas):

@@ -4,6 +4,7 @@ Uses the pinned helm from rayfleet.dev.controlplane.ensure_tools() (a PyPI wheel
 """
 from __future__ import annotations
 
+import base64
 import shutil
 import subprocess
 from pathlib import Path
@@ -128,7 +129,7 @@ def test_helm_lint(helm, values):
 
 def test_render_defaults(helm):
     docs = render(helm)
-    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Secret", "ServiceAccount"]
     assert all(d["metadata"].get("namespace") == "rayfleet-system"
                for d in docs if d["kind"] in ("ServiceAccount", "Deployment"))
 
@@ -153,6 +154,12 @@ def test_render_defaults(helm):
     assert env["RAYFLEET_REPLICA_IMAGE"] == "ghcr.io/rayfleet/replica:0.1.0"
     assert {"RAYFLEET_RESYNC_SECONDS", "RAYFLEET_HEAD_CPU", "RAYFLEET_HEAD_MEMORY",
             "RAYFLEET_WORKER_CPU", "RAYFLEET_WORKER_MEMORY"} <= env.keys()
+    # The operator's key: from a Secret of the chart's own (random, at least 32 characters), not a value.
+    (key,) = of_kind(docs, "Secret")
+    ref = next(e for e in container["env"] if e["name"] == "RAYFLEET_CONTROL_KEY")["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], key["metadata"]["namespace"]) == (key["metadata"]["name"], "rayfleet-system")
+    assert len(base64.b64decode(key["data"][ref["key"]])) >= 32
+    assert key["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     check_security(docs)
 
 
@@ -185,7 +192,7 @@ def test_render_namespaced_and_custom_images(helm):
 
 def test_rbac_disabled_renders_no_rbac(helm):
     docs = render(helm, {"rbac.create": "false", "serviceAccount.create": "false", "serviceAccount.name": "mine"})
-    assert sorted(d["kind"] for d in docs) == ["Deployment"]
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "Secret"]
     deployment, _ = operator_container(docs)
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "mine"
 

@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 
 from rayfleet.manifest import crd_schema
-from rayfleet_api.desired import ActorOptions, DesiredState, HealthCheck, validate_name
+from rayfleet_api.desired import (ROUTE_PREFIX_MAX_LENGTH, ROUTE_PREFIX_PATTERN, ActorOptions, DesiredState, HealthCheck,
+                                  validate_name)
 from rayfleet_api.errors import SpecError
 from rayfleet_api.spec import desired_state
 
@@ -30,6 +31,9 @@ def test_defaults_and_version():
     ({"handler": "a:b", "replicas": 1.5}, "replicas"),
     ({"handler": "a:b", "maxConcurrency": 0}, "maxConcurrency"),
     ({"handler": "a:b", "routePrefix": "echo"}, "routePrefix"),
+    ({"handler": "a:b", "routePrefix": "/echo/"}, "routePrefix"),  # would take /echo from another deployment
+    ({"handler": "a:b", "routePrefix": "/it's"}, "routePrefix"),  # haproxy.cfg can't hold it
+    ({"handler": "a:b", "routePrefix": "/echo\n"}, "routePrefix"),
     ({"handler": "a:b", "rayActorOptions": {"numCpus": -1}}, "rayActorOptions.numCpus"),
     ({"handler": "a:b", "rayActorOptions": {"memory": "1Gi"}}, "rayActorOptions.memory"),
     ({"handler": "a:b", "env": {"A": 1}}, "env"),
@@ -50,7 +54,7 @@ def test_invalid_fields_are_named(body, field):
 def test_names():
     validate_name("echo-2")
     validate_name("team-a.echo")  # the operator's "<namespace>.<name>"
-    for bad in ("Echo", "a:b", "-x", "x" * 128, "", "a.b.c", "a..b", ".a"):
+    for bad in ("Echo", "a:b", "-x", "x" * 128, "", "a.b.c", "a..b", ".a", "x\n"):
         with pytest.raises(SpecError):
             validate_name(bad)
 
@@ -85,3 +89,8 @@ def test_crd_defaults_are_the_desired_state_defaults():
         {"handler": "a:b", **{k: crd_default(spec, k) for k in ("replicas", "maxConcurrency", "syncThreads",
                                                                 "routePrefix", "requestTimeoutSeconds",
                                                                 "gracefulShutdownSeconds", "healthCheck")}}), version="")
+
+
+def test_one_route_prefix_rule_for_the_crd_the_controller_and_the_proxy():
+    spec = crd_schema()["properties"]["spec"]["properties"]["routePrefix"]
+    assert (spec["pattern"], spec["maxLength"]) == (ROUTE_PREFIX_PATTERN, ROUTE_PREFIX_MAX_LENGTH)

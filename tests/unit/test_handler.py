@@ -138,6 +138,19 @@ def test_exception_gives_500_with_type_and_runner_keeps_serving():
     assert runner.errors == 1 and runner.last_error == "ValueError: secret detail" and runner.total_requests == 2
 
 
+def test_malformed_json_body_is_the_clients_400_not_a_handler_error():
+    async def handler(request):
+        return {"got": request.json()}
+
+    runner = HandlerRunner(handler)
+    status, _, body = run(runner.handle(req("/", body=b'{"a": ')))
+    assert status == 400 and body.startswith(b"400 Bad Request: request body is not valid JSON")
+    status, _, body = run(runner.handle(req("/", body=b"\xff")))  # not even UTF-8
+    assert status == 400
+    assert run(runner.handle(req("/", body=b'{"a": 1}')))[2] == b'{"got": {"a": 1}}'
+    assert runner.errors == 0 and runner.last_error is None
+
+
 def test_unserialisable_return_is_500():
     runner = HandlerRunner(lambda request: object())
     assert run(runner.handle(req()))[0] == 500

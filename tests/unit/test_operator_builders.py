@@ -5,6 +5,7 @@ import pytest
 
 from rayfleet.manifest import validate
 from rayfleet_operator.config import OperatorConfig
+from rayfleet_operator.credentials import control_token
 from rayfleet_api.constants import CONTROL_PORT_NAME
 from rayfleet_operator.naming import ANNOTATION_SPEC_HASH
 from rayfleet_operator.raycluster import (build_auth_secret, build_raycluster, controller_url, plan_workers,
@@ -81,16 +82,30 @@ def test_scale_down_names_the_pods_that_go():
     assert "scaleStrategy" not in build_raycluster(body(replicas=1), CONFIG)["spec"]["workerGroupSpecs"][0]
 
 
-def test_ray_token_auth_from_the_clusters_secret():
+def test_ray_and_controller_tokens_from_the_clusters_secret():
     b = body()
-    rc, secret = build_raycluster(b, CONFIG), build_auth_secret(b, "s3cret")
-    assert secret["metadata"]["name"] == "echo-ray-auth-uid-1" and secret["metadata"]["namespace"] == "team"
-    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1" and secret["stringData"] == {"token": "s3cret"}
+    token = control_token("k" * 32, "team", "echo")
+    rc, secret = build_raycluster(b, CONFIG), build_auth_secret(b, "s3cret", token)
+    assert secret["metadata"]["name"] == "echo-auth-uid-1" and secret["metadata"]["namespace"] == "team"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert secret["stringData"] == {"ray-token": "s3cret", "control-token": token}
     groups = [rc["spec"]["headGroupSpec"], *rc["spec"]["workerGroupSpecs"]]
     for group in groups:
         env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
-        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "echo-ray-auth-uid-1", "key": "token"}}
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "echo-auth-uid-1", "key": "ray-token"}}
+        # Only the head runs the controller: only it gets the controller's token.
+        assert ("RAYFLEET_CONTROL_TOKEN" in env) == (group is groups[0])
+    head_env = {e["name"]: e for e in groups[0]["template"]["spec"]["containers"][0]["env"]}
+    assert head_env["RAYFLEET_CONTROL_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "echo-auth-uid-1", "key": "control-token"}}
+
+
+def test_controller_token_is_per_cluster_and_needs_the_operator_key():
+    token = control_token("k" * 32, "team", "echo")
+    assert len(token) == 64 and token == control_token("k" * 32, "team", "echo")  # every sharer computes it
+    assert len({token, control_token("k" * 32, "team", "echo2"), control_token("k" * 32, "team2", "echo"),
+                control_token("j" * 32, "team", "echo")}) == 4
 
 
 @pytest.mark.parametrize("replicas, num_cpus, worker_cpu, low, high, expected, capped", [
@@ -159,3 +174,14 @@ def test_service_selects_the_cluster_pods():
     assert shared["spec"]["selector"] == {"ray.io/cluster": "shared"}
     assert service_needs_update(svc, shared) and not service_needs_update(svc, svc)
     assert endpoint(body(routePrefix="/echo"), CONFIG) == "http://echo.team.svc:8000/echo"
+
+
+def test_config_refuses_to_start_without_a_control_key(monkeypatch):
+    monkeypatch.delenv("RAYFLEET_CONTROL_KEY", raising=False)
+    with pytest.raises(SystemExit, match="RAYFLEET_CONTROL_KEY must hold a random key"):
+        OperatorConfig.from_env()
+    monkeypatch.setenv("RAYFLEET_CONTROL_KEY", "short")
+    with pytest.raises(SystemExit):
+        OperatorConfig.from_env()
+    monkeypatch.setenv("RAYFLEET_CONTROL_KEY", "k" * 32)
+    assert OperatorConfig.from_env().control_key == "k" * 32
