@@ -24,6 +24,7 @@ from .naming import (ANNOTATION_SPEC_HASH, CONTROL_TOKEN_KEY, RAY_AUTH_TOKEN_KEY
 GPU_RESOURCE = "nvidia.com/gpu"
 HEAD_CONTAINER, WORKER_CONTAINER = "ray-head", "ray-worker"
 PRESTOP_SLEEP_S = 5
+RAY_UID, RAY_GID = 1000, 100  # user `ray`, group `users` in rayproject/ray (and the e2e stand-in)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,18 @@ def _container(name: str, image: str, resources: dict[str, Any], ports: list[dic
         # The pod leaves the Service's endpoints as it starts terminating; its HAProxy keeps serving
         # what is already in flight (and what proxies have not yet stopped sending) meanwhile.
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
+        # The `restricted` Pod Security Standard; KubeRay copies this to the init containers it adds.
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+
+
+def _pod_spec(container: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "containers": [container],
+        # Ray's user in the replica image (rayproject/ray's): numeric, so the kubelet can check runAsNonRoot.
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID, "fsGroup": RAY_GID,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "automountServiceAccountToken": False,  # nothing in a Ray pod talks to the Kubernetes API
     }
 
 
@@ -175,7 +188,7 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
             "serviceType": "ClusterIP",
             # num-cpus 0 keeps replicas off the head: it hosts the controller and an ingress only.
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-            "template": {"metadata": {"labels": dict(pod_labels)}, "spec": {"containers": [head]}},
+            "template": {"metadata": {"labels": dict(pod_labels)}, "spec": _pod_spec(head)},
         },
         "workerGroupSpecs": [{
             "groupName": "replicas",
@@ -185,7 +198,7 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
             "maxReplicas": max(plan.max_replicas, worker_count),
             **({"scaleStrategy": {"workersToDelete": workers_to_delete}} if workers_to_delete else {}),
             "rayStartParams": {"num-cpus": str(plan.cpus_per_worker)},
-            "template": {"metadata": {"labels": dict(pod_labels)}, "spec": {"containers": [worker]}},
+            "template": {"metadata": {"labels": dict(pod_labels)}, "spec": _pod_spec(worker)},
         }],
     }
     return {

@@ -143,6 +143,8 @@ def cluster(tmp_path_factory):
         install_kuberay(c, images.kuberay, workdir)
         install_rayfleet(c, images)
         c.kubectl("create", "namespace", NAMESPACE)
+        # The users' namespace enforces the `restricted` Pod Security Standard: every Ray pod must pass it.
+        c.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
         eventually(lambda: c.get("serviceaccount", "default", "-n", NAMESPACE), timeout=30,
                    what="the namespace's default ServiceAccount")
         yield c

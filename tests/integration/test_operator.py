@@ -90,6 +90,30 @@ def test_raycluster_service_status_and_printer_columns(control_plane, namespace,
     assert "RayClusterCreated" in events
 
 
+def test_ray_pods_are_admitted_where_the_restricted_standard_is_enforced(control_plane, namespace, operator):
+    """The pods KubeRay makes from the RayCluster's templates pass Pod Security admission at `restricted`."""
+    control_plane.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted",
+                          "pod-security.kubernetes.io/enforce-version=latest")
+    apply(control_plane, namespace, sd(replicas=1))
+    rc = eventually(lambda: get(control_plane, namespace, "raycluster", "echo"), what="RayCluster")
+    for group in [rc["spec"]["headGroupSpec"], *rc["spec"]["workerGroupSpecs"]]:
+        template = group["template"]
+        main = template["spec"]["containers"][0]
+        # KubeRay adds an init container to workers with the main container's image and securityContext.
+        init = [{"name": "wait-gcs-ready", "image": main["image"], "command": ["true"],
+                 "securityContext": main["securityContext"]}]
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "echo-", **template["metadata"]},
+               "spec": {**template["spec"], "initContainers": init}}
+        proc = control_plane.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", check=False,
+                                     input=yaml.safe_dump(pod))
+        assert proc.returncode == 0, proc.stderr
+    # And the check can fail: the same pod without its securityContext is refused.
+    bare = {**pod, "spec": {"containers": [{k: v for k, v in main.items() if k != "securityContext"}]}}
+    proc = control_plane.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", check=False,
+                                 input=yaml.safe_dump(bare))
+    assert proc.returncode != 0 and "violates PodSecurity" in proc.stderr, proc.stderr
+
+
 def test_kubectl_scale_moves_the_worker_group(control_plane, namespace, operator):
     apply(control_plane, namespace, sd(replicas=1))
     eventually(lambda: get(control_plane, namespace, "raycluster", "echo"), what="RayCluster")

@@ -185,3 +185,15 @@ def test_config_refuses_to_start_without_a_control_key(monkeypatch):
         OperatorConfig.from_env()
     monkeypatch.setenv("RAYFLEET_CONTROL_KEY", "k" * 32)
     assert OperatorConfig.from_env().control_key == "k" * 32
+
+
+def test_ray_pods_meet_the_restricted_pod_security_standard():
+    rc = build_raycluster(body(), CONFIG)
+    for group in [rc["spec"]["headGroupSpec"], *rc["spec"]["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100,
+                                          "seccompProfile": {"type": "RuntimeDefault"}}
+        (container,) = pod["containers"]
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        assert not pod.get("volumes") and "hostNetwork" not in pod
