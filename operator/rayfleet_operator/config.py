@@ -19,6 +19,11 @@ def _resources(prefix: str, cpu: str, memory: str) -> dict[str, Any]:
     return {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}}
 
 
+def _items(value: str | None) -> list[str]:
+    """"a, b,c" -> ["a", "b", "c"]."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
 @dataclass(frozen=True)
 class OperatorConfig:
     replica_image: str = DEFAULT_REPLICA_IMAGE
@@ -26,6 +31,10 @@ class OperatorConfig:
     ingress_port: int = INGRESS_PORT  # HAProxy on every Ray pod; the Service targets it
     resync_seconds: float = 10.0  # level-based re-reconcile period
     control_key: str = ""  # derives each RayCluster's controller token (credentials.py); required in from_env
+    network_policy: bool = True  # a NetworkPolicy per RayCluster (networkpolicy.py)
+    operator_namespace: str = ""  # where the operator's pods run: the only ones its policies let drive a controller
+    operator_pod_labels: dict[str, str] = field(default_factory=dict)
+    http_namespaces: tuple[str, ...] = ()  # may reach every ServeDeployment's HTTP port (an ingress controller's)
     head_resources: dict[str, Any] = field(default_factory=lambda: _resources("RAYFLEET_HEAD", "1", "2Gi"))
     worker_resources: dict[str, Any] = field(default_factory=lambda: _resources("RAYFLEET_WORKER", "1", "2Gi"))
 
@@ -37,6 +46,10 @@ class OperatorConfig:
                              "(the Helm chart makes one): it derives the credential of every RayCluster's controller")
         return cls(
             control_key=env[CONTROL_KEY_ENV],
+            network_policy=env.get("RAYFLEET_NETWORK_POLICY", "true").lower() == "true",
+            operator_namespace=env.get("RAYFLEET_OPERATOR_NAMESPACE", ""),
+            operator_pod_labels=dict(item.split("=", 1) for item in _items(env.get("RAYFLEET_OPERATOR_POD_LABELS"))),
+            http_namespaces=tuple(_items(env.get("RAYFLEET_HTTP_NAMESPACES"))),
             replica_image=env.get("RAYFLEET_REPLICA_IMAGE", DEFAULT_REPLICA_IMAGE),
             control_port=int(env.get("RAYFLEET_CONTROL_PORT", CONTROL_PORT)),
             ingress_port=int(env.get("RAYFLEET_INGRESS_PORT", INGRESS_PORT)),

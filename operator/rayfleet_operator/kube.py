@@ -52,6 +52,7 @@ class Kube:
     def __init__(self) -> None:
         self.custom = kubernetes.client.CustomObjectsApi()
         self.core = kubernetes.client.CoreV1Api()
+        self.networking = kubernetes.client.NetworkingV1Api()
 
     async def get_raycluster(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await _call(self.custom.get_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
@@ -76,6 +77,17 @@ class Kube:
                 return False
             raise
         return True
+
+    async def get_network_policy(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await _call(self.networking.read_namespaced_network_policy, name, namespace)
+
+    async def create_network_policy(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return await _call(self.networking.create_namespaced_network_policy, obj["metadata"]["namespace"], obj)
+
+    async def replace_network_policy(self, obj: dict[str, Any], resource_version: str) -> dict[str, Any]:
+        obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": resource_version}}
+        return await _call(self.networking.replace_namespaced_network_policy, obj["metadata"]["name"],
+                           obj["metadata"]["namespace"], obj)
 
     async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         return (await _call(self.core.list_namespaced_pod, namespace, label_selector=selector) or {}).get("items", [])

@@ -15,7 +15,7 @@ from rayfleet_api.controller_client import ControllerClient, ControllerRejected,
 from rayfleet_api.spec import desired_state
 from rayfleet_api.states import DeploymentStatus
 
-from . import raycluster, service
+from . import networkpolicy, raycluster, service
 from .credentials import control_token
 from .conditions import READY, find
 from .config import OperatorConfig
@@ -73,6 +73,15 @@ async def _workers(body: dict[str, Any], config: OperatorConfig, kube: Kube, obs
     return raycluster.shrink_workers(current, wanted, pods, serving, named)
 
 
+async def _ensure_network_policy(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> None:
+    desired = networkpolicy.build_network_policy(body, config)
+    existing = await kube.get_network_policy(desired["metadata"]["namespace"], desired["metadata"]["name"])
+    if existing is None:
+        await kube.create_network_policy(desired)
+    elif networkpolicy.policy_needs_update(existing, desired):
+        await kube.replace_network_policy(desired, existing["metadata"]["resourceVersion"])
+
+
 async def _ensure_service(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> None:
     desired = service.build_service(body, config)
     existing = await kube.get_service(body["metadata"]["namespace"], body["metadata"]["name"])
@@ -120,6 +129,8 @@ async def reconcile(body: dict[str, Any], config: OperatorConfig, kube: Kube) ->
             if raycluster.readiness(existing)[0]:
                 await _observe_controller(body, existing, config, obs)
             cluster = existing if shared else await _ensure_cluster(body, config, kube, obs, existing, events)
+            if not shared and config.network_policy:
+                await _ensure_network_policy(body, config, kube)
             obs.cluster_ready, obs.cluster_state = raycluster.readiness(cluster)
         await _ensure_service(body, config, kube)
 

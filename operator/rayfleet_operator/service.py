@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import OperatorConfig
 from rayfleet_api.constants import INGRESS_PORT_NAME
 
+from .config import OperatorConfig
 from .naming import LABEL_RAY_CLUSTER, cluster_name, labels, owner_reference
 
 

@@ -214,12 +214,13 @@ def test_operator_restart_keeps_replicas(cluster, echo):
 
 def test_delete_removes_everything(cluster, echo):
     name = echo["metadata"]["name"]
-    owned = [("raycluster", name), ("service", name), ("secret", auth_secret(cluster, name))]
+    owned = [("raycluster", name), ("service", name), ("networkpolicy", name), ("secret", auth_secret(cluster, name))]
+    assert all(cluster.get(kind, obj, "-n", NAMESPACE) for kind, obj in owned)
     cluster.kubectl("delete", "sd", name, "-n", NAMESPACE, "--timeout=300s", timeout=330)
 
     def gone():
         return not cluster.pods(name) and not any(cluster.get(kind, obj, "-n", NAMESPACE) for kind, obj in owned)
-    eventually(gone, timeout=300, interval=2, what=f"RayCluster, pods, Service and Secret of sd/{name} deleted",
+    eventually(gone, timeout=300, interval=2, what=f"RayCluster, pods, Service, NetworkPolicy and Secret of sd/{name} deleted",
                diagnostics=cluster.diagnostics)
 
 

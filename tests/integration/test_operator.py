@@ -78,6 +78,11 @@ def test_raycluster_service_status_and_printer_columns(control_plane, namespace,
         "RAYFLEET_CONTROL_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert control_ref == {"name": secret["metadata"]["name"], "key": "control-token"}
     assert len(base64.b64decode(secret["data"]["control-token"])) == 64
+    # The NetworkPolicy: owned, applied by the real API server as built, and left alone by later reconciles.
+    policy = eventually(lambda: get(control_plane, namespace, "networkpolicy", "echo"), what="NetworkPolicy")
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == owner_uid
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"ray.io/cluster": "echo"}}
+    assert [sorted(rule) for rule in policy["spec"]["ingress"]] == [["from", "ports"], ["from"]]  # no operator pod here
     status = eventually(lambda: (get(control_plane, namespace, "sd", "echo").get("status") or {}).get("conditions") and
                         get(control_plane, namespace, "sd", "echo")["status"], what="status")
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
@@ -141,12 +146,14 @@ def test_invalid_spec_the_schema_cannot_catch(control_plane, namespace, operator
 
 def test_delete_garbage_collects_owned_objects(control_plane, namespace, operator):
     apply(control_plane, namespace, sd())
-    eventually(lambda: get(control_plane, namespace, "raycluster", "echo") and get(control_plane, namespace, "service", "echo"), what="owned objects")
+    eventually(lambda: all(get(control_plane, namespace, kind, "echo") for kind in ("raycluster", "service", "networkpolicy")),
+               what="owned objects")
     auth_secret = f"echo-auth-{get(control_plane, namespace, 'sd', 'echo')['metadata']['uid'][:8]}"
     assert get(control_plane, namespace, "secret", auth_secret)
     control_plane.kubectl("delete", "sd/echo", "-n", namespace, "--timeout=60s")
     eventually(lambda: all(get(control_plane, namespace, kind, name) is None for kind, name in
-                           [("raycluster", "echo"), ("service", "echo"), ("secret", auth_secret)]),
+                           [("raycluster", "echo"), ("service", "echo"), ("networkpolicy", "echo"),
+                            ("secret", auth_secret)]),
                timeout=60, what="garbage collection")
 
 
@@ -171,6 +178,7 @@ def test_operator_restart_readopts_without_duplicating(control_plane, namespace,
     with OperatorProcess(control_plane.kubeconfig, log, namespaces=[namespace]):
         apply(control_plane, namespace, sd())
         first = eventually(lambda: get(control_plane, namespace, "raycluster", "echo"), what="RayCluster")
+        policy = eventually(lambda: get(control_plane, namespace, "networkpolicy", "echo"), what="NetworkPolicy")
     forget_observation(control_plane, namespace, "echo")  # while no operator runs
     with OperatorProcess(control_plane.kubeconfig, log, namespaces=[namespace], env={"RAYFLEET_RESYNC_SECONDS": "1"}):
         # The restarted operator has reconciled the object (its resume handler, or a resync) ...
@@ -181,6 +189,8 @@ def test_operator_restart_readopts_without_duplicating(control_plane, namespace,
         clusters = json.loads(control_plane.kubectl("get", "rayclusters", "-n", namespace, "-o", "json").stdout)["items"]
         assert [(c["metadata"]["uid"], c["metadata"]["resourceVersion"]) for c in clusters] == \
                [(first["metadata"]["uid"], first["metadata"]["resourceVersion"])]
+        assert get(control_plane, namespace, "networkpolicy", "echo")["metadata"]["resourceVersion"] == \
+               policy["metadata"]["resourceVersion"]  # as the API server stored it, it needs no update
 
 
 def test_namespace_scoped_operator_ignores_other_namespaces(control_plane, namespace, operator, k8s_client):

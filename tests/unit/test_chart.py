@@ -26,6 +26,7 @@ NAMESPACED_RULES = {
     ("", "services"): {"get", "create", "patch"},
     ("", "pods"): {"list"},
     ("", "secrets"): {"create"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "create", "update"},
     ("", "events"): {"create"},
 }
 SCANNING_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
@@ -129,7 +130,8 @@ def test_helm_lint(helm, values):
 
 def test_render_defaults(helm):
     docs = render(helm)
-    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Secret", "ServiceAccount"]
+    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "NetworkPolicy", "Secret",
+                                               "ServiceAccount"]
     assert all(d["metadata"].get("namespace") == "rayfleet-system"
                for d in docs if d["kind"] in ("ServiceAccount", "Deployment"))
 
@@ -160,6 +162,15 @@ def test_render_defaults(helm):
     assert (ref["name"], key["metadata"]["namespace"]) == (key["metadata"]["name"], "rayfleet-system")
     assert len(base64.b64decode(key["data"][ref["key"]])) >= 32
     assert key["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # What the RayClusters' NetworkPolicies need to know of this operator, and its own policy.
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    operator_labels = dict(item.split("=") for item in env["RAYFLEET_OPERATOR_POD_LABELS"].split(","))
+    assert operator_labels.items() <= pod_labels.items() and "app.kubernetes.io/component" in operator_labels
+    assert (env["RAYFLEET_NETWORK_POLICY"], env["RAYFLEET_HTTP_NAMESPACES"]) == ("true", "")
+    (policy,) = of_kind(docs, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}]}]  # the liveness probe only
     check_security(docs)
 
 
@@ -168,7 +179,7 @@ def test_render_namespaced_and_custom_images(helm):
         "watchNamespaces": "{team-a,team-b}",
         "image.repository": "registry.example.com/rayfleet-operator", "image.tag": "dev",
         "replicaImage.repository": "registry.example.com/my-replica", "replicaImage.tag": "v7",
-        "logLevel": "DEBUG",
+        "logLevel": "DEBUG", "networkPolicy.httpNamespaces": "{ingress-nginx,gateways}",
     }, namespace="ops")
     roles, bindings = of_kind(docs, "Role"), of_kind(docs, "RoleBinding")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
@@ -187,12 +198,19 @@ def test_render_namespaced_and_custom_images(helm):
     assert container["args"] == ["--namespace=team-a", "--namespace=team-b",
                                  "--liveness=http://0.0.0.0:8080/healthz", "--log-level=DEBUG"]
     assert env_of(container)["RAYFLEET_REPLICA_IMAGE"] == "registry.example.com/my-replica:v7"
+    assert env_of(container)["RAYFLEET_HTTP_NAMESPACES"] == "ingress-nginx,gateways"
     check_security(docs)
+
+
+def test_network_policies_can_be_turned_off(helm):
+    docs = render(helm, {"networkPolicy.enabled": "false"})
+    assert not of_kind(docs, "NetworkPolicy")
+    assert env_of(operator_container(docs)[1])["RAYFLEET_NETWORK_POLICY"] == "false"
 
 
 def test_rbac_disabled_renders_no_rbac(helm):
     docs = render(helm, {"rbac.create": "false", "serviceAccount.create": "false", "serviceAccount.name": "mine"})
-    assert sorted(d["kind"] for d in docs) == ["Deployment", "Secret"]
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "NetworkPolicy", "Secret"]
     deployment, _ = operator_container(docs)
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "mine"
 

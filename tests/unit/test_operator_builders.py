@@ -6,6 +6,7 @@ import pytest
 from rayfleet.manifest import validate
 from rayfleet_operator.config import OperatorConfig
 from rayfleet_operator.credentials import control_token
+from rayfleet_operator.networkpolicy import build_network_policy
 from rayfleet_api.constants import CONTROL_PORT_NAME
 from rayfleet_operator.naming import ANNOTATION_SPEC_HASH
 from rayfleet_operator.raycluster import (build_auth_secret, build_raycluster, controller_url, plan_workers,
@@ -185,6 +186,10 @@ def test_config_refuses_to_start_without_a_control_key(monkeypatch):
         OperatorConfig.from_env()
     monkeypatch.setenv("RAYFLEET_CONTROL_KEY", "k" * 32)
     assert OperatorConfig.from_env().control_key == "k" * 32
+    monkeypatch.setenv("RAYFLEET_OPERATOR_POD_LABELS", "a=1, b.io/c=x=y")
+    monkeypatch.setenv("RAYFLEET_HTTP_NAMESPACES", "ingress-nginx,,gw ")
+    config = OperatorConfig.from_env()
+    assert config.operator_pod_labels == {"a": "1", "b.io/c": "x=y"} and config.http_namespaces == ("ingress-nginx", "gw")
 
 
 def test_ray_pods_meet_the_restricted_pod_security_standard():
@@ -197,3 +202,27 @@ def test_ray_pods_meet_the_restricted_pod_security_standard():
         (container,) = pod["containers"]
         assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
         assert not pod.get("volumes") and "hostNetwork" not in pod
+
+
+def test_network_policy_admits_http_from_peers_the_controller_from_the_operator_and_ray_from_its_own_pods():
+    config = OperatorConfig(operator_namespace="rayfleet-system", http_namespaces=("ingress-nginx",),
+                            operator_pod_labels={"app.kubernetes.io/component": "operator"})
+    policy = build_network_policy(body(), config)
+    assert policy["metadata"]["name"] == "echo" and policy["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"ray.io/cluster": "echo"}} and spec["policyTypes"] == ["Ingress"]
+    http, control, ray = spec["ingress"]
+    assert http == {"from": [{"podSelector": {}}, {"namespaceSelector": {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["ingress-nginx"]}]}}],
+        "ports": [{"protocol": "TCP", "port": "rayfleet-http"}]}
+    assert control == {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "rayfleet-system"}},
+                                 "podSelector": {"matchLabels": {"app.kubernetes.io/component": "operator"}}}],
+                       "ports": [{"protocol": "TCP", "port": "rayfleet-ctl"}]}
+    assert ray == {"from": [{"podSelector": {"matchLabels": {"ray.io/cluster": "echo"}}}]}  # every port, own pods only
+    # The spec's httpFrom replaces the default peers; every rule names its peers (an empty `from` admits all).
+    peers = [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
+    assert build_network_policy(body(httpFrom=peers), config)["spec"]["ingress"][0]["from"] == peers
+    # An operator of unknown whereabouts (run outside the cluster): no rule for the controller's port at all.
+    assert [rule["from"] for rule in build_network_policy(body(), CONFIG)["spec"]["ingress"]] == [
+        [{"podSelector": {}}], [{"podSelector": {"matchLabels": {"ray.io/cluster": "echo"}}}]]
+    assert all(rule["from"] for rule in spec["ingress"])
