@@ -216,8 +216,8 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
 
 
 def build_auth_secret(body: dict[str, Any], ray_token: str, control_token: str) -> dict[str, Any]:
-    """The Secret with the tokens of the RayCluster rayfleet owns: Ray's own (random, made by the caller)
-    and the controller's (credentials.control_token)."""
+    """The Secret with the tokens of the RayCluster rayfleet owns: Ray's own and the controller's
+    (credentials.py derives both)."""
     meta = body["metadata"]
     return {
         "apiVersion": "v1",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +15,7 @@ from rayfleet_api.spec import desired_state
 from rayfleet_api.states import DeploymentStatus
 
 from . import networkpolicy, raycluster, service
-from .credentials import control_token
+from .credentials import control_token, ray_token
 from .conditions import READY, find
 from .config import OperatorConfig
 from .kube import Kube
@@ -42,11 +41,12 @@ async def _ensure_cluster(body: dict[str, Any], config: OperatorConfig, kube: Ku
     """Create or replace the RayCluster this ServeDeployment owns."""
     desired = raycluster.build_raycluster(body, config, await _workers(body, config, kube, obs, existing))
     update, reason = raycluster.should_update_cluster(existing, desired)
-    if update:
-        # The pods read Ray's auth token from this Secret: made once (before the first RayCluster that
-        # needs it, including one written by an older operator) and never rotated.
-        await kube.create_secret_unless_present(raycluster.build_auth_secret(
-            body, secrets.token_urlsafe(32), control_token(config.control_key, body["metadata"]["namespace"], obs.cluster_name)))
+    # The pods read their tokens from this Secret: made before the first RayCluster that needs it, and
+    # made again (with the same, derived tokens) if someone deleted it. Create-only: no right to read it.
+    namespace = body["metadata"]["namespace"]
+    await kube.create_secret_unless_present(raycluster.build_auth_secret(
+        body, ray_token(config.control_key, namespace, obs.cluster_name),
+        control_token(config.control_key, namespace, obs.cluster_name)))
     if update and existing is None:
         existing = await kube.create_raycluster(desired)
         events.append(("Normal", "RayClusterCreated", f"created RayCluster {obs.cluster_name}"))

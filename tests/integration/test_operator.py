@@ -149,7 +149,12 @@ def test_delete_garbage_collects_owned_objects(control_plane, namespace, operato
     eventually(lambda: all(get(control_plane, namespace, kind, "echo") for kind in ("raycluster", "service", "networkpolicy")),
                what="owned objects")
     auth_secret = f"echo-auth-{get(control_plane, namespace, 'sd', 'echo')['metadata']['uid'][:8]}"
-    assert get(control_plane, namespace, "secret", auth_secret)
+    first = get(control_plane, namespace, "secret", auth_secret)
+    # Deleted by hand, the Secret comes back with the same tokens (derived, not random: the pods hold them).
+    control_plane.kubectl("delete", "secret", auth_secret, "-n", namespace)
+    again = eventually(lambda: get(control_plane, namespace, "secret", auth_secret), timeout=60, what="the Secret again")
+    assert again["metadata"]["uid"] != first["metadata"]["uid"] and again["data"] == first["data"]
+    assert again["metadata"]["ownerReferences"] == first["metadata"]["ownerReferences"]
     control_plane.kubectl("delete", "sd/echo", "-n", namespace, "--timeout=60s")
     eventually(lambda: all(get(control_plane, namespace, kind, name) is None for kind, name in
                            [("raycluster", "echo"), ("service", "echo"), ("networkpolicy", "echo"),

@@ -5,7 +5,7 @@ import pytest
 
 from rayfleet.manifest import validate
 from rayfleet_operator.config import OperatorConfig
-from rayfleet_operator.credentials import control_token
+from rayfleet_operator.credentials import control_token, ray_token
 from rayfleet_operator.networkpolicy import build_network_policy
 from rayfleet_api.constants import CONTROL_PORT_NAME
 from rayfleet_operator.naming import ANNOTATION_SPEC_HASH
@@ -106,7 +106,7 @@ def test_controller_token_is_per_cluster_and_needs_the_operator_key():
     token = control_token("k" * 32, "team", "echo")
     assert len(token) == 64 and token == control_token("k" * 32, "team", "echo")  # every sharer computes it
     assert len({token, control_token("k" * 32, "team", "echo2"), control_token("k" * 32, "team2", "echo"),
-                control_token("j" * 32, "team", "echo")}) == 4
+                control_token("j" * 32, "team", "echo"), ray_token("k" * 32, "team", "echo")}) == 5
 
 
 @pytest.mark.parametrize("replicas, num_cpus, worker_cpu, low, high, expected, capped", [
