@@ -187,7 +187,9 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
         "headGroupSpec": {
             "serviceType": "ClusterIP",
             # num-cpus 0 keeps replicas off the head: it hosts the controller and an ingress only.
-            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+            # The dashboard (and its Jobs API, which runs code) listens inside the pod only: KubeRay's probes
+            # reach it there, and so does `kubectl port-forward`.
+            "rayStartParams": {"num-cpus": "0", "dashboard-host": "127.0.0.1"},
             "template": {"metadata": {"labels": dict(pod_labels)}, "spec": _pod_spec(head)},
         },
         "workerGroupSpecs": [{

@@ -117,15 +117,26 @@ def test_echo_serves_from_distinct_replica_processes(cluster, echo):
 
 
 def test_ray_and_the_controller_need_the_clusters_tokens(cluster, echo):
-    """Ray's token auth is on: the Jobs API (which runs code) refuses a client without the token."""
+    """Ray's token auth is on: the Jobs API (which runs code) refuses a client without the token; and it
+    listens inside the head pod only."""
     name = echo["metadata"]["name"]
     (head,) = [p for p in cluster.pods(name) if p["metadata"]["labels"].get("ray.io/node-type") == "head"]
-    jobs = f"http://{head['status']['podIP']}:8265/api/jobs/"
+    assert http_get(f"http://{head['status']['podIP']}:8265/api/jobs/")[0] == 0  # nothing answers from outside
+
+    def jobs_status(token: str | None) -> int:
+        """The Jobs API's answer from inside the head container (where `kubectl port-forward` lands too)."""
+        script = ("import sys, urllib.request, urllib.error\n"
+                  "h = {'Authorization': 'Bearer ' + sys.argv[1]} if sys.argv[1] else {}\n"
+                  "try: print(urllib.request.urlopen(urllib.request.Request('http://127.0.0.1:8265/api/jobs/', headers=h)).status)\n"
+                  "except urllib.error.HTTPError as e: print(e.code)")
+        return int(cluster.kubectl("exec", "-n", NAMESPACE, head["metadata"]["name"], "-c", "ray-head", "--",
+                                   "python", "-c", script, token or "").stdout.strip())
+
     data = cluster.get("secret", auth_secret(cluster, name), "-n", NAMESPACE)["data"]
     token = base64.b64decode(data["ray-token"]).decode()
-    assert http_get(jobs)[0] == 401
-    assert http_get(jobs, headers={"Authorization": "Bearer not-the-token"})[0] in (401, 403)
-    assert http_get(jobs, headers={"Authorization": f"Bearer {token}"})[0] == 200
+    assert jobs_status(None) == 401
+    assert jobs_status("not-the-token") in (401, 403)
+    assert jobs_status(token) == 200
     # So does the rayfleet controller's API (it deploys code too), with a token of its own.
     control = f"http://{head['status']['podIP']}:8090/v1/deployments"
     assert http_get(control)[0] == 401
