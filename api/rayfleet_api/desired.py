@@ -25,6 +25,12 @@ _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9]
 ROUTE_PREFIX_PATTERN = r"^/([A-Za-z0-9._~!$&()*+,;=:@%-]+(/[A-Za-z0-9._~!$&()*+,;=:@%-]+)*)?$"
 ROUTE_PREFIX = re.compile(ROUTE_PREFIX_PATTERN)
 ROUTE_PREFIX_MAX_LENGTH = 256
+# Upper bounds: the CRD's `maximum`s (a unit test holds them together), so the controller's API takes no
+# more than Kubernetes would. Unbounded, maxConcurrency=10**30 or requestTimeoutSeconds=1e9 reached
+# haproxy.cfg, which then failed `haproxy -c`: no route of any deployment could change any more.
+MAXIMUM = {"replicas": 1000, "maxConcurrency": 100_000, "syncThreads": 256, "requestTimeoutSeconds": 3600,
+           "gracefulShutdownSeconds": 3600, "healthCheck.periodSeconds": 3600, "healthCheck.timeoutSeconds": 3600,
+           "healthCheck.failureThreshold": 100}
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,27 @@ def version_hash(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def parse_json(data: str | bytes) -> Any:
+    """The wire's JSON (RFC 8259), or ValueError. Python's own parser also takes ``NaN`` and ``Infinity``
+    (and reads ``1e400`` as inf), which no strict reader takes back when we echo them, and it raises
+    RecursionError, not ValueError, on a deeply nested body."""
+    try:
+        return json.loads(data, parse_constant=_not_json, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def validate_name(name: Any) -> None:
     """A deployment's name in the controller: a DNS label, or ``namespace.name``."""
     if not isinstance(name, str) or len(name) > 127 or not _NAME.fullmatch(name):
@@ -170,6 +197,9 @@ class _Object:
             raise SpecError(field_path, f"must be a finite number, got {value!r}")
         if value < minimum or (exclusive and value == minimum):
             raise SpecError(field_path, f"must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
+        maximum = MAXIMUM.get(field_path)
+        if maximum is not None and value > maximum:
+            raise SpecError(field_path, f"must be <= {maximum}, got {value!r}")
         return value
 
     def done(self) -> None:

@@ -14,16 +14,18 @@ the controller only through it:
 Every path but ``/healthz`` needs ``Authorization: Bearer <token>``, else 401: whoever can drive the
 controller runs code in the cluster (a handler is any importable callable), so only the holder of the
 cluster's token may (on Kubernetes, the operator; locally, `rayfleet run`).
+
+Every 4xx, aiohttp's own included (unknown path 404, 405, 413 for a body over 1 MiB), has a JSON
+``{"error": ...}`` body; no input a client can send gets a 5xx.
 """
 from __future__ import annotations
 
 import hmac
-import json
 from typing import Any, Awaitable, Callable, Protocol
 
 from aiohttp import web
 
-from rayfleet_api.desired import DesiredState, validate_name
+from rayfleet_api.desired import DesiredState, parse_json, validate_name
 from rayfleet_api.errors import SpecError
 
 
@@ -46,14 +48,32 @@ def _require_token(token: str) -> Callable:
 
     @web.middleware
     async def check(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-        if request.path != "/healthz" and not hmac.compare_digest(
-                request.headers.get("Authorization", "").encode(), expected):
+        # aiohttp decodes header bytes that are not UTF-8 to surrogates: encode them back, don't raise.
+        sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if request.path != "/healthz" and not hmac.compare_digest(sent, expected):
             response = _error(401, "a valid 'Authorization: Bearer <token>' header is required")
             response.headers["WWW-Authenticate"] = 'Bearer realm="rayfleet-controller"'
             return response
-        return await handler(request)
+        try:
+            return await handler(request)
+        except web.HTTPClientError as exc:  # aiohttp's own 404/405/413...: JSON like ours, not text/plain
+            response = _error(exc.status, f"{exc.status} {exc.reason}")
+            if "Allow" in exc.headers:
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
 
     return check
+
+
+async def _json_body(request: web.Request) -> Any:
+    """The body as strict JSON, or SpecError: any charset, nesting or number a client sends is a 400."""
+    raw = await request.read()
+    try:
+        return parse_json(raw.decode(request.charset or "utf-8"))
+    except LookupError:
+        raise SpecError("<body>", f"unknown charset {request.charset!r}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, 1e400, 5000 digits, too deep
+        raise SpecError("<body>", f"invalid JSON: {exc}") from None
 
 
 def make_app(core: ControllerAPI, token: str) -> web.Application:
@@ -81,10 +101,7 @@ def make_app(core: ControllerAPI, token: str) -> web.Application:
         name = request.match_info["name"]
         try:
             validate_name(name)
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise SpecError("<body>", f"invalid JSON: {exc}") from exc
+            body = await _json_body(request)
             desired = DesiredState.from_json(body)
             core.put_deployment(name, desired)
             return web.json_response(desired.to_json())

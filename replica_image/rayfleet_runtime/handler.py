@@ -34,16 +34,18 @@ The handler returns one of:
 * ``bytes`` / ``bytearray`` / ``memoryview`` -> ``200 application/octet-stream``;
 * ``rayfleet_runtime.Response(body, status=200, headers=None, content_type=None)`` for full control
   (``body`` may be str, bytes or any JSON-able value);
-* anything else JSON-serialisable (dict, list, int, ``None``...) -> ``200 application/json``.
+* anything else JSON-serialisable (dict, list, int, ``None``...) -> ``200 application/json``; a value
+  JSON can't carry (a set, an object, a NaN or infinite float) is a handler error: ``500``.
 
 A class handler may define ``check_health()`` (sync or async). The controller calls it every
 ``healthCheck.periodSeconds``; raising, returning ``False``, or taking longer than
 ``healthCheck.timeoutSeconds`` counts as a failure, and ``failureThreshold`` consecutive failures get the
 replica replaced.
 
-``request.json()`` on a body that is not JSON raises ``BadRequest`` (a ``ValueError``): unless the
-handler catches it, the client gets ``400`` naming the problem, and it counts as the client's error, not
-the handler's (no ``lastError`` in the status).
+``request.json()`` on a body that is not JSON (``NaN`` and ``Infinity`` are not), or ``request.text()`` on
+one that is not UTF-8, raises ``BadRequest`` (a ``ValueError``): unless the handler catches it, the client
+gets ``400`` naming the problem, and it counts as the client's error, not the handler's (no ``lastError``
+in the status).
 
 If the handler raises anything else, the client gets ``500`` with a one-line body naming the exception type (no
 traceback unless the replica's environment sets ``RAYFLEET_DEBUG_TRACEBACKS=1``); the traceback goes to
@@ -67,7 +69,7 @@ import os
 import traceback
 from typing import Any, Callable, Mapping
 
-from rayfleet_api.desired import DesiredState
+from rayfleet_api.desired import DesiredState, parse_json
 
 logger = logging.getLogger("rayfleet.replica")
 
@@ -87,13 +89,17 @@ class Request:
         self.remote = remote
 
     def text(self, encoding: str = "utf-8") -> str:
-        return self.body.decode(encoding)
+        """The body decoded; ``BadRequest`` if it is not in ``encoding`` (the client's fault, not a 500)."""
+        try:
+            return self.body.decode(encoding)
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"request body is not {encoding}: {exc}") from None
 
     def json(self) -> Any:
-        """The body as JSON (None if empty); ``BadRequest`` if it is not JSON."""
+        """The body as JSON (None if empty); ``BadRequest`` if it is not JSON (NaN and Infinity aren't)."""
         try:
-            return json.loads(self.body) if self.body else None
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            return parse_json(self.body) if self.body else None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, 1e400, too deeply nested
             raise BadRequest(f"request body is not valid JSON: {exc}") from None
 
     def __repr__(self) -> str:
@@ -236,7 +242,8 @@ def to_http(result: Any) -> HTTPResult:
     elif isinstance(body, (bytes, bytearray, memoryview)):
         data, default_ctype = bytes(body), "application/octet-stream"
     else:
-        data, default_ctype = json.dumps(body).encode(), "application/json"
+        # allow_nan=False: a NaN would go out as application/json that no strict reader parses (-> 500)
+        data, default_ctype = json.dumps(body, allow_nan=False).encode(), "application/json"
     if not any(k.lower() == "content-type" for k in headers):
         headers["Content-Type"] = ctype or default_ctype
     return status, headers, data

@@ -24,6 +24,7 @@ equal to the path or followed by ``/`` in it (``/echo`` matches ``/echo`` and
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import math
 import re
@@ -43,6 +44,14 @@ FRONTEND_NAME = "rayfleet"
 NOT_FOUND_BACKEND = "rayfleet_no_route"
 
 _NAME_OK = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # fullmatch only: "$" would admit a trailing newline
+# A replica's host: a DNS name (IP addresses are checked with ipaddress). Anything else (a space, a
+# newline) would break the `server` line, and with it the whole config.
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOSTNAME_OK = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
+# Values HAProxy can hold whatever the table says: its timers overflow at 2**31 ms (~24.8 days), and
+# `queue() ge N` refuses N past 2**63. The controller sends far less (rayfleet_api.desired.MAXIMUM).
+MAX_TIMEOUT_S = 7 * 86400.0
+MAX_SERVER_MAXCONN = 1_000_000
 
 
 def _short_hash(text: str) -> str:
@@ -84,11 +93,11 @@ def normalize_prefix(prefix: Any) -> str:
 def _secs(value: Any, default: float) -> float:
     try:
         v = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return default
     if not math.isfinite(v) or v <= 0:
         return default
-    return v
+    return min(v, MAX_TIMEOUT_S)
 
 
 def _ms(seconds: float) -> str:
@@ -106,7 +115,7 @@ def _json_body(obj: Mapping[str, Any]) -> str:
 
 
 def _comment(text: str) -> str:
-    return re.sub(r"[\r\n]", " ", str(text))
+    return re.sub(r"[\x00-\x1f\x7f]", " ", str(text))  # a newline ends it, a NUL fails the whole config
 
 
 def _addr(host: str, port: int) -> str:
@@ -114,6 +123,19 @@ def _addr(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):  # IPv6 literal
         host = f"[{host}]"
     return f"{host}:{int(port)}"
+
+
+def _server_addr(host: Any, port: Any) -> str:
+    """A replica's ``host:port``; ValueError (the replica is skipped) if haproxy.cfg can't hold it."""
+    host, port = str(host), int(port)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    try:
+        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        if not _HOSTNAME_OK.fullmatch(host):
+            raise ValueError(f"invalid host {host!r}") from None
+    return _addr(host, port)
 
 
 @dataclass
@@ -165,6 +187,9 @@ def plan_table(table: Mapping[str, Any] | None) -> RoutingPlan:
     seen_backend: set[str] = set()
     for dep_name in sorted(deployments):
         spec = deployments[dep_name] or {}
+        if not isinstance(spec, Mapping):
+            skipped.append(f"deployment {dep_name!r}: not an object")
+            continue
         try:
             prefix = normalize_prefix(spec.get("routePrefix"))
         except ValueError as e:
@@ -184,17 +209,21 @@ def plan_table(table: Mapping[str, Any] | None) -> RoutingPlan:
 
         try:
             max_conc = int(spec.get("maxConcurrency") or DEFAULT_MAX_CONCURRENCY)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             max_conc = DEFAULT_MAX_CONCURRENCY
-        max_conc = max(1, max_conc)
+        max_conc = min(max(1, max_conc), MAX_SERVER_MAXCONN)
 
         servers: list[Server] = []
         used: set[str] = set()
         parsed: list[tuple[str, str]] = []
-        for rep in spec.get("replicas") or []:
+        replicas = spec.get("replicas") or []
+        if not isinstance(replicas, list):
+            skipped.append(f"deployment {dep_name!r}: replicas is not a list")
+            replicas = []
+        for rep in replicas:
             try:
-                parsed.append((str(rep["id"]), _addr(rep["host"], int(rep["port"]))))
-            except (KeyError, TypeError, ValueError) as e:
+                parsed.append((str(rep["id"]), _server_addr(rep["host"], rep["port"])))
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
                 skipped.append(f"deployment {dep_name!r}: bad replica {rep!r}: {e}")
         # Sorted first, so names don't depend on the order replicas are listed in.
         for rid, addr in sorted(set(parsed)):

@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 
 from rayfleet.manifest import crd_schema
-from rayfleet_api.desired import (ROUTE_PREFIX_MAX_LENGTH, ROUTE_PREFIX_PATTERN, ActorOptions, DesiredState, HealthCheck,
-                                  validate_name)
+from rayfleet_api.desired import (MAXIMUM, ROUTE_PREFIX_MAX_LENGTH, ROUTE_PREFIX_PATTERN, ActorOptions, DesiredState,
+                                  HealthCheck, validate_name)
 from rayfleet_api.errors import SpecError
 from rayfleet_api.spec import desired_state
 
@@ -41,6 +41,9 @@ def test_defaults_and_version():
     ({"handler": "a:b", "runtimeEnv": "pip"}, "runtimeEnv"),
     ({"handler": "a:b", "healthCheck": {"periodSeconds": float("nan")}}, "healthCheck.periodSeconds"),
     ({"handler": "a:b", "gracefulShutdownSeconds": float("inf")}, "gracefulShutdownSeconds"),
+    ({"handler": "a:b", "maxConcurrency": 10**30}, "maxConcurrency"),  # haproxy.cfg can't hold it
+    ({"handler": "a:b", "requestTimeoutSeconds": 3e6}, "requestTimeoutSeconds"),  # nor this (~35 days)
+    ({"handler": "a:b", "healthCheck": {"failureThreshold": 101}}, "healthCheck.failureThreshold"),
     ([], "<body>"),
     ({"handler": "a:b", "maxQueued": 5}, "maxQueued"),  # a knob this controller doesn't know is refused
     ({"handler": "a:b", "rayActorOptions": {"resources": {"x": 1}}}, "rayActorOptions.resources"),
@@ -94,3 +97,20 @@ def test_crd_defaults_are_the_desired_state_defaults():
 def test_one_route_prefix_rule_for_the_crd_the_controller_and_the_proxy():
     spec = crd_schema()["properties"]["spec"]["properties"]["routePrefix"]
     assert (spec["pattern"], spec["maxLength"]) == (ROUTE_PREFIX_PATTERN, ROUTE_PREFIX_MAX_LENGTH)
+
+
+def test_the_crds_maximums_are_the_controllers():
+    """One set of upper bounds: the controller's API takes no more than Kubernetes would."""
+    spec = crd_schema()["properties"]["spec"]
+    for path, maximum in MAXIMUM.items():
+        schema = spec
+        for key in path.split("."):
+            schema = schema["properties"][key]
+        assert schema["maximum"] == maximum, path
+        body: dict = {"handler": "a:b"}
+        *parents, key = path.split(".")
+        (body.setdefault(parents[0], {}) if parents else body)[key] = maximum
+        DesiredState.from_json(body)
+        (body.setdefault(parents[0], {}) if parents else body)[key] = maximum + 1
+        with pytest.raises(SpecError):
+            DesiredState.from_json(body)
