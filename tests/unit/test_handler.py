@@ -189,7 +189,8 @@ def test_overload_is_503_at_once():
 
     async def main():
         tasks = [asyncio.ensure_future(runner.handle(req())) for _ in range(3)]
-        await asyncio.sleep(0.01)
+        while (runner.in_flight, runner.queued) != (2, 1):  # two running, one waiting: the queue is full
+            await asyncio.sleep(0)
         t = time.monotonic()
         status, headers, _ = await runner.handle(req())
         assert status == 503 and headers["Retry-After"] == "1"
@@ -295,9 +296,15 @@ def test_sync_check_health_is_not_queued_behind_user_to_thread_work():
 
         loop = asyncio.get_running_loop()
         loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
-        release = threading.Event()
-        busy = asyncio.ensure_future(asyncio.to_thread(release.wait, 10))  # the handler's own blocking work
-        await asyncio.sleep(0.05)
+        started, release = threading.Event(), threading.Event()
+
+        def block():  # the handler's own blocking work, holding the default executor's one thread
+            started.set()
+            release.wait(10)
+
+        busy = asyncio.ensure_future(asyncio.to_thread(block))
+        while not started.is_set():
+            await asyncio.sleep(0.001)
         try:
             await asyncio.wait_for(HandlerRunner(H()).check_health(), 2)
         finally:
