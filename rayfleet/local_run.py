@@ -10,6 +10,7 @@ Ray and every process it started, HAProxy included.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import secrets
 import signal
@@ -20,7 +21,7 @@ from typing import Any
 from rayfleet.manifest import load_manifests
 from rayfleet.ports import free_port
 from rayfleet.procs import Leftovers
-from rayfleet_api.constants import CONTROL_TOKEN_ENV, INGRESS_PORT
+from rayfleet_api.constants import CONTROL_TOKEN_ENV, INGRESS_PORT, RAY_NAMESPACE
 from rayfleet_api.controller_client import ControllerClient, ControllerRejected, ControllerUnreachable
 from rayfleet_api.errors import SpecError
 
@@ -31,7 +32,24 @@ def _status_line(obs: dict[str, Any]) -> str:
         line += f" - {obs['error']['reason']}: {obs['error']['message']}"
     if obs.get("restarts"):
         line += f", {obs['restarts']} restarts"
+    waiting = [r for r in obs.get("replicas") or [] if r.get("unschedulable")]
+    if waiting:
+        line += f" - {len(waiting)} replica(s) {waiting[0]['unschedulable']}"
     return line
+
+
+def local_cpus(manifests: list, asked: int | None) -> tuple[int, str | None]:
+    """Logical CPUs for the local Ray: what was asked, else enough for every replica of the manifests
+    (replicas then share this machine's cores, as `async def` handlers do well), else all cores."""
+    cores = os.cpu_count() or 1
+    if asked is not None:
+        return asked, None
+    needed = sum(m.desired_state().replicas * m.desired_state().ray_actor_options.num_cpus for m in manifests)
+    if needed <= cores:
+        return cores, None
+    cpus = math.ceil(needed)
+    return cpus, (f"the replicas ask for {needed:g} CPUs and this machine has {cores} cores: the local Ray gets "
+                  f"{cpus} logical CPUs, so every replica starts (they share the cores; --num-cpus to choose)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address HAProxy listens on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=INGRESS_PORT, help=f"HTTP port (default {INGRESS_PORT})")
     parser.add_argument("--control-port", type=int, default=0, help="controller API port (default: a free one)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs the local Ray may use (default: all)")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="logical CPUs of the local Ray (default: all cores, more if the replicas ask for more)")
     parser.add_argument("--validate", default="strict", choices=["strict", "warn", "ignore", "true", "false"],
                         help="unknown fields, as kubectl apply --validate: strict (or true, the default) refuses them, "
                              "warn drops them with a warning, ignore (or false) drops them")
@@ -79,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rayfleet: starting local Ray for {', '.join(m.name for m in manifests)} ...", flush=True)
     code = 0
     try:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, namespace="rayfleet",
-                 num_cpus=args.num_cpus, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=True)
+        num_cpus, sizing = local_cpus(manifests, args.num_cpus)
+        if sizing:
+            print(f"rayfleet: {sizing}", flush=True)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, namespace=RAY_NAMESPACE,
+                 num_cpus=num_cpus, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=True)
         # ray.init replaces the SIGTERM handler with sys.exit(15) (and its core worker logs a crash-style
         # "SIGTERM received" trace): take it back so SIGTERM is an orderly stop, exit 0, like Ctrl-C.
         for sig in old_handlers:

@@ -25,6 +25,7 @@ class Reason:
     REPLICAS_UNHEALTHY = "ReplicasUnhealthy"
     ROLLING_UPDATE = "RollingUpdate"
     SCALING = "Scaling"
+    INSUFFICIENT_RESOURCES = "InsufficientResources"
     OVERLOADED = "Overloaded"
     DELETING = "Deleting"
 
@@ -81,7 +82,11 @@ def conditions_for(obs: Observation) -> list[Condition]:
     ready_msg = f"{ready}/{desired} replicas ready"
     conds = [Condition(READY, ready >= desired, Reason.ALL_READY if ready >= desired else Reason.REPLICAS_NOT_READY, ready_msg)]
 
-    if any(r.get("version") != ctl.get("version") for r in replicas):
+    waiting = [r for r in replicas if r.get("unschedulable")]
+    if waiting:  # progress needs resources Ray doesn't have: say so now, not after a deadline
+        conds.append(Condition(PROGRESSING, False, Reason.INSUFFICIENT_RESOURCES,
+                               f"{len(waiting)} replica(s) can't be placed: {waiting[0]['unschedulable']}"))
+    elif any(r.get("version") != ctl.get("version") for r in replicas):
         conds.append(Condition(PROGRESSING, True, Reason.ROLLING_UPDATE, f"{updated}/{desired} replicas at version {ctl.get('version')}"))
     elif len(replicas) != desired or ready != desired:
         conds.append(Condition(PROGRESSING, True, Reason.SCALING, f"{len(replicas)} replicas, {ready_msg}"))

@@ -41,6 +41,7 @@ TICK_S = 0.25
 PROBE_INTERVAL_S = 2.0
 RECOVER_PROBE_TIMEOUT_S = 10.0
 SLOW_START_S = 60.0  # a replica still starting after this says so in its lastError
+PLACEMENT_GRACE_S = 2.0  # a replica Ray hasn't placed after this is reported as waiting for resources
 
 logger = logging.getLogger("rayfleet.controller")
 
@@ -61,17 +62,22 @@ class ReplicaRecord:
     next_probe_at: float = 0.0
     next_health_at: float = 0.0
     task: asyncio.Task | None = None  # start / probe / stop in progress
+    unschedulable: str | None = None  # STARTING and not placed by Ray: what it needs, what is free
+    next_placement_at: float = 0.0
+    placement_task: asyncio.Task | None = None
 
     def view(self) -> ReplicaView:
-        return ReplicaView(self.id, self.version, self.state, self.health_failures, self.restarts, self.created_at)
+        return ReplicaView(self.id, self.version, self.state, self.health_failures, self.restarts, self.created_at,
+                           unplaced=self.unschedulable is not None)
 
     def observed(self, now: float | None = None) -> dict[str, Any]:
         i = self.info
         return {"id": self.id, "state": self.state, "version": self.version, "pid": i.get("pid"),
                 "nodeId": i.get("nodeId"), "nodeIp": i.get("nodeIp"), "host": i.get("host"), "port": i.get("port"),
                 "inFlight": i.get("inFlight", 0), "totalRequests": i.get("totalRequests", 0),
-                "errors": i.get("errors", 0), "restarts": self.restarts,
-                "lastError": self.last_error or i.get("lastError") or self._slow_start(now or time.time())}
+                "errors": i.get("errors", 0), "restarts": self.restarts, "unschedulable": self.unschedulable,
+                "lastError": self.last_error or i.get("lastError") or self.unschedulable
+                or self._slow_start(now or time.time())}
 
     def _slow_start(self, now: float) -> str | None:
         """A start that takes long is not an error yet, but users should see why nothing is ready:
@@ -98,6 +104,20 @@ class DeploymentRecord:
     def checkpoint(self) -> bytes:
         return json.dumps({"desired": self.desired.to_json(), "deleting": self.deleting, "restarts": self.restarts,
                            "nextIndex": self.next_index}).encode()
+
+
+def unschedulable_reason(desired: DesiredState, available: dict[str, float], total: dict[str, float]) -> str:
+    """Why Ray can't place a replica, like Ray Serve's scheduling warning: what it needs, what is free."""
+    options = desired.ray_actor_options
+    needs = {"CPU": options.num_cpus, "GPU": options.num_gpus, "memory": options.memory or 0}
+    parts = []
+    for resource, amount in needs.items():
+        if amount:
+            unit = 2**30 if resource == "memory" else 1
+            parts.append(f"{resource} {amount / unit:g}{' GiB' if unit > 1 else ''} "
+                         f"({available.get(resource, 0) / unit:g} of {total.get(resource, 0) / unit:g} free)")
+    return (f"waiting for resources: needs {', '.join(parts) or 'nothing'} on one node; add nodes or "
+            "lower rayActorOptions")
 
 
 class ControllerCore:
@@ -273,6 +293,13 @@ class ControllerCore:
                     rec.next_health_at = now + hc.period_seconds
                 rec.next_probe_at = now + min(PROBE_INTERVAL_S, hc.period_seconds)
                 rec.task = asyncio.get_running_loop().create_task(self._probe(dep, rec, health, hc.timeout_seconds))
+        # Is what is starting waiting for room? (It then says so at once, and a rollout makes room.)
+        for rec in dep.replicas.values():
+            if (rec.state == ReplicaState.STARTING and rec.actor is not None and now >= rec.next_placement_at
+                    and now - rec.created_at >= PLACEMENT_GRACE_S
+                    and (rec.placement_task is None or rec.placement_task.done())):
+                rec.next_placement_at = now + PROBE_INTERVAL_S
+                rec.placement_task = asyncio.get_running_loop().create_task(self._check_placement(dep, rec))
         # Decide and act.
         p = planning.plan(dep.desired.replicas, dep.desired.version, [r.view() for r in dep.replicas.values()],
                           failure_threshold=hc.failure_threshold, deleting=dep.deleting,
@@ -289,6 +316,22 @@ class ControllerCore:
         if p.start:  # checkpoint the restart count and next_index (replica names stay unique after a restart)
             self._save(dep)
         self.routes.changed()
+
+    async def _check_placement(self, dep: DeploymentRecord, rec: ReplicaRecord) -> None:
+        try:
+            if await self.backend.placed(rec.actor):
+                rec.unschedulable = None
+                return
+            available, total = await self.backend.free_resources()
+        except Exception as exc:  # noqa: BLE001 - the GCS is busy: ask again next time
+            logger.debug("placement of %s unknown: %s", rec.id, exc)
+            return
+        if rec.state != ReplicaState.STARTING:
+            return
+        note = unschedulable_reason(dep.desired, available, total)
+        if note != rec.unschedulable:
+            logger.warning("replica %s %s", rec.id, note)
+            rec.unschedulable = note
 
     def _start_replica(self, dep: DeploymentRecord, intent: planning.StartIntent) -> None:
         rid = f"{dep.name}-{dep.next_index}"

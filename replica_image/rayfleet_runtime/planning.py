@@ -12,7 +12,9 @@ executes the returned ``ReplicaPlan`` (like Ray Serve's deployment_state.py, but
   ``backoff_seconds``): FAILED replicas then stay as placeholders so nothing hot-loops;
 * on a version change, new replicas are started (at most ``max_surge`` above ``target``) and an old READY
   replica is drained only once enough new ones are READY: the READY count never drops below
-  ``min(target, READY count)``;
+  ``min(target, READY count)``; but when a new replica can't be placed (no node has room for a surge),
+  one old READY replica at a time is drained to make room, as a Deployment with ``maxUnavailable: 1``
+  would: the READY count then dips by one, never more, and a rollout never deadlocks;
 * stopping a READY replica is graceful (``StopIntent.graceful``): the controller marks it DRAINING, which
   takes it out of the routing table *before* it asks the replica to drain and finally kills it.
 """
@@ -35,6 +37,7 @@ class ReplicaView:
     health_failures: int = 0  # consecutive failed health checks
     restarts: int = 0  # how often this slot was restarted
     created_at: float = 0.0
+    unplaced: bool = False  # STARTING, and no Ray node has the resources it asks for
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,12 @@ def plan(target: int, version: str, replicas: list[ReplicaView], *, failure_thre
     # Drain old READY replicas only as far as new READY ones cover the target.
     ready_current = sum(1 for r in current if r.state == ReplicaState.READY)
     excess_old = max(0, ready_current + len(old_ready) - target)
+    # No room for the new version: make room in place, one replica at a time, and only while nothing is
+    # missing otherwise (so an unplaceable new version costs one READY replica, not all of them).
+    freeing = any(r.version != version and r.state in (ReplicaState.DRAINING, ReplicaState.STOPPED) for r in replicas)
+    if (not excess_old and old_ready and not freeing and ready_current + len(old_ready) >= target
+            and any(r.unplaced for r in current)):
+        excess_old = 1
     for r in sorted(old_ready, key=lambda r: r.created_at)[:excess_old]:
         out.stop.append(StopIntent(r.id, graceful=True, reason="rollout"))
     return out

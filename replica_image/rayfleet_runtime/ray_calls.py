@@ -15,6 +15,7 @@ import asyncio
 from typing import Any, Awaitable, Callable
 
 import ray
+from ray._private import state as ray_state
 from ray.experimental import internal_kv
 
 from rayfleet_api.constants import RAY_NAMESPACE
@@ -135,6 +136,18 @@ class RayBackend:
     async def drain(self, actor: Any, grace_s: float, timeout_s: float) -> dict[str, Any]:
         """The replica's ``drain(grace_s)``: its ``info`` once nothing is in flight (or the grace is over)."""
         return await _call(lambda: actor.drain.remote(grace_s), timeout_s)
+
+    async def placed(self, actor: Any) -> bool:
+        """Whether Ray gave the actor a worker process yet (False: it waits for a node with the resources
+        it asks for). From the GCS's actor table, so it needs no dashboard."""
+        def ask() -> bool:
+            info = ray_state.actors(actor._actor_id.hex()) or {}
+            return info.get("State") == "ALIVE" or bool(info.get("Pid"))
+        return await asyncio.to_thread(ask)
+
+    async def free_resources(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(available, total) logical resources of the whole cluster."""
+        return await asyncio.to_thread(lambda: (ray.available_resources(), ray.cluster_resources()))
 
     def kill(self, actor: Any) -> None:
         """Kill the actor for good (no restart); one that is already gone is fine."""

@@ -255,6 +255,25 @@ def test_rolling_update_replaces_every_replica(api):
     assert api.get("roll") is None
 
 
+def test_rollout_without_spare_capacity_replaces_in_place_and_says_why(api):
+    """4 CPUs; two replicas of 1.5 leave no room for a surge replica: the rollout must not deadlock."""
+    spare = {"replicas": 2, "rayActorOptions": {"numCpus": 1.5}}
+    api.put("nospare", handlerArgs={"greeting": "old"}, version="a", **spare)
+    api.wait_ready("nospare", 2)
+    api.put("nospare", handlerArgs={"greeting": "new"}, version="b", **spare)
+    notes: list[str] = []
+
+    def rolled(o) -> bool:
+        notes.extend(r["unschedulable"] for r in o["replicas"] if r.get("unschedulable"))
+        return (o["status"] == "Running" and o["version"] == "b" and o["readyReplicas"] == 2
+                and len(o["replicas"]) == 2)
+
+    obs = api.wait("nospare", rolled, 120, "the rollout without spare capacity to finish")
+    assert notes and notes[0].startswith("waiting for resources: needs CPU 1.5 ("), notes[:1]
+    assert {httpx.get(u + "/x").json()["greeting"] for u in replica_urls(obs)} == {"new"}
+    api.delete("nospare")
+
+
 def test_api_validation_and_listing(api):
     r = api.http.put("/v1/deployments/bad", json={"handler": "examples.echo:Echo", "replicas": -1})
     assert r.status_code == 400 and r.json()["field"] == "replicas"

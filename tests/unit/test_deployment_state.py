@@ -30,6 +30,7 @@ class FakeReplica:
         self.start_error: ReplicaCallError | None = None  # raised by info() instead of an answer
         self.dead = self.killed = self.draining = False
         self.silent = False  # info() times out
+        self.placed = False  # Ray found it a node (FakeBackend._place)
         self.started_at = time.time()
 
     def info(self) -> dict[str, Any]:
@@ -65,7 +66,16 @@ class FakeBackend:
         self.auto_up = True  # replicas come up as soon as they are created
         self.handler_error: dict | None = None  # the handler of replicas created from now on fails to load
         self.created_at: dict[str, float] = {}
+        self.slots: int | None = None  # replicas the cluster has room for (None: any number)
         self._ingress = FakeIngress(self.events)
+
+    def _place(self) -> None:
+        """Ray's scheduler: the oldest live replicas get the slots; a placed one comes up (if auto_up)."""
+        live = [r for r in self.replicas.values() if not r.killed and not r.dead]
+        for rep in live[: len(live) if self.slots is None else self.slots]:
+            rep.placed = True
+            if self.auto_up:
+                rep.up.set()
 
     def plant(self, deployment: str, replica_id: str, version: str, **attrs: Any) -> FakeReplica:
         """A replica actor that exists already (e.g. before a controller restart)."""
@@ -85,11 +95,10 @@ class FakeBackend:
     # ---------- the backend interface ----------
     def create_replica(self, deployment: str, replica_id: str, desired: DesiredState, bind_host: str) -> FakeReplica:
         rep = FakeReplica(deployment, replica_id, desired.version, 10_000 + len(self.replicas), self.handler_error)
-        if self.auto_up:
-            rep.up.set()
         self.replicas[replica_id] = rep
         self.created_at[replica_id] = time.time()
         self.events.append(("create", replica_id))
+        self._place()
         return rep
 
     def _reachable(self, rep: FakeReplica) -> None:
@@ -118,6 +127,13 @@ class FakeBackend:
     def kill(self, rep: FakeReplica) -> None:
         rep.killed = True
         self.events.append(("kill", rep.id))
+        self._place()
+
+    async def placed(self, rep: FakeReplica) -> bool:
+        return rep.placed
+
+    async def free_resources(self) -> tuple[dict[str, float], dict[str, float]]:
+        return {"CPU": 0.0}, {"CPU": float(self.slots or 0)}
 
     def replica_names(self) -> list[tuple[str, str]]:
         return [(r.deployment, r.id) for r in self.replicas.values() if not r.killed]
@@ -280,6 +296,56 @@ def test_scale_down_drains_a_replica_only_after_the_proxies_dropped_it():
         for rid in ("d-1", "d-2"):  # the newest go; gracefully: unrouted, then drained, then killed
             assert unrouted < backend.index(("drain", rid)) < backend.index(("kill", rid))
         assert not backend.replicas["d-0"].killed and ("drain", "d-0") not in backend.events
+
+    run(test)
+
+
+def test_a_rollout_without_room_for_a_surge_replaces_in_place_and_says_why(monkeypatch):
+    monkeypatch.setattr(deployment_state, "PLACEMENT_GRACE_S", 0.0)
+    monkeypatch.setattr(deployment_state, "PROBE_INTERVAL_S", 0.0)
+
+    async def test(core: ControllerCore, backend: FakeBackend):
+        backend.slots = 2  # room for exactly the two replicas: a surge replica can't be placed
+        core.put_deployment("d", desired(replicas=2))
+        await settle(core, lambda: core.get_deployment("d")["readyReplicas"] == 2, "2 ready replicas")
+        lowest_ready, seen_note = [2], []
+
+        def rolled() -> bool:
+            obs = core.get_deployment("d")
+            lowest_ready[0] = min(lowest_ready[0], obs["readyReplicas"])
+            seen_note.extend(r["unschedulable"] for r in obs["replicas"] if r["unschedulable"])
+            return obs["status"] == DeploymentStatus.RUNNING and obs["version"] == "v2" and len(obs["replicas"]) == 2
+
+        core.put_deployment("d", desired(replicas=2, version="v2"))
+        await settle(core, rolled, "the rollout to v2 to finish")
+        assert sorted(states(core).values()) == [ReplicaState.READY, ReplicaState.READY]
+        assert lowest_ready[0] == 1  # in place, one at a time: never fewer than target - 1 serving
+        assert seen_note and seen_note[0].startswith("waiting for resources: needs CPU 1 (0 of 2 free)")
+        # Each old replica left the routes and drained before it was killed to make room.
+        for old in ("d-0", "d-1"):
+            assert backend.index(("drain", old)) < backend.index(("kill", old))
+
+    run(test)
+
+
+def test_a_replica_no_node_can_hold_says_so_and_costs_at_most_one_ready_replica(monkeypatch):
+    monkeypatch.setattr(deployment_state, "PLACEMENT_GRACE_S", 0.0)
+    monkeypatch.setattr(deployment_state, "PROBE_INTERVAL_S", 0.0)
+
+    async def test(core: ControllerCore, backend: FakeBackend):
+        core.put_deployment("d", desired(replicas=2))
+        await settle(core, lambda: core.get_deployment("d")["readyReplicas"] == 2, "2 ready replicas")
+        backend.slots = 1  # e.g. the new version asks for more than any node has: nothing new fits
+        for rep in backend.replicas.values():
+            rep.placed = rep.id == "d-0"
+        core.put_deployment("d", desired(replicas=2, version="v2"))
+        await settle(core, lambda: any(r["unschedulable"] for r in core.get_deployment("d")["replicas"]),
+                     "the new replica reported unschedulable")
+        for _ in range(50):  # the controller keeps reconciling; it must not drain the rest
+            core.reconcile_once()
+            await asyncio.sleep(0.01)
+        obs = core.get_deployment("d")
+        assert obs["readyReplicas"] == 1 and obs["status"] == DeploymentStatus.UPDATING
 
     run(test)
 

@@ -64,3 +64,11 @@ def test_status_fields_and_patch_only_changes():
     assert status_patch(status, compute_status(o, status, "t2")) == {}
     later = compute_status(obs(controller=controller(replica("a"))), status, "t3")
     assert set(status_patch(status, later)) >= {"replicas", "readyReplicas", "replicaStatuses", "conditions"}
+
+
+def test_a_replica_ray_cant_place_stops_progress_with_the_reason():
+    waiting = {**replica("b", state="STARTING", version="v2"), "unschedulable": "waiting for resources: needs CPU 1"}
+    conds = conditions_for(obs(controller=controller(replica("a"), waiting, version="v2")))
+    progressing = next(c for c in conds if c.type == "Progressing")
+    assert (progressing.status, progressing.reason) == (False, "InsufficientResources")
+    assert "needs CPU 1" in progressing.message

@@ -112,6 +112,22 @@ def test_rollout_starts_new_before_draining_old_and_respects_surge():
     assert ids(p.stop) == ["r0"] and p.stop[0].graceful and p.stop[0].reason == "rollout"
 
 
+def test_a_rollout_without_room_drains_one_old_replica_at_a_time():
+    old = [rv(0), rv(1)]
+    stuck = replace(rv(2, STARTING, version="v2"), unplaced=True)  # the surge replica: no node has room
+    p = plan(2, "v2", [*old, stuck])
+    assert ids(p.stop) == ["r0"] and p.stop[0].graceful and p.start == []  # the oldest makes room, drained
+    # While it drains (or is being killed), no second one goes.
+    assert not plan(2, "v2", [replace(rv(0), state=DRAINING), rv(1), stuck]).stop
+    assert not plan(2, "v2", [replace(rv(0), state=ReplicaState.STOPPED), rv(1), stuck]).stop
+    # Once gone, and if the replacement can't be placed either, nothing more is taken: only one READY lost.
+    assert not plan(2, "v2", [rv(1), stuck]).stop
+    # With room (nothing unplaced), old ones still wait for new READY ones.
+    assert not plan(2, "v2", [*old, rv(2, STARTING, version="v2")]).stop
+    # Scaling up past the cluster's room touches nothing that serves.
+    assert not plan(3, "v1", [*old, replace(rv(2, STARTING), unplaced=True)]).stop
+
+
 def test_old_version_not_ready_replicas_are_killed_right_away():
     p = plan(1, "v2", [rv(0, STARTING, "v1"), rv(1, READY, "v1")])
     stops = {s.replica_id: s for s in p.stop}
