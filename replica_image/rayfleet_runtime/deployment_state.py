@@ -32,6 +32,7 @@ from rayfleet_api.errors import SpecError
 from rayfleet_api.states import ReplicaState
 
 from rayfleet_runtime import planning
+from rayfleet_runtime.haproxy_config import KEEPALIVE_TIMEOUT_S
 from rayfleet_runtime.planning import ReplicaView
 from rayfleet_runtime.ray_calls import (RayBackend, ReplicaCallError, ReplicaDied, ReplicaTimeout, ReplicaUnavailable,
                                         RuntimeEnvFailed)
@@ -124,7 +125,7 @@ class ControllerCore:
     """Everything the controller does, on one event loop; the ``Controller`` actor (controller.py) hosts it."""
 
     def __init__(self, backend: RayBackend, ingress_port: int = INGRESS_PORT, ingress_nodes: str = "all",
-                 bind_host: str = "0.0.0.0", drain_settle_s: float = 1.0):
+                 bind_host: str = "0.0.0.0", drain_settle_s: float = KEEPALIVE_TIMEOUT_S + 1.0):
         self.backend = backend
         self.ingress_port = ingress_port
         self.ingress_nodes = ingress_nodes
@@ -433,7 +434,9 @@ class ControllerCore:
                 if not await self.routes.wait_applied(unrouted, grace) and grace > 0:
                     logger.warning("replica %s: proxies did not apply the routing table without it within %.0fs;"
                                    " draining anyway", rec.id, grace)
-                # Then give the old HAProxy workers' keep-alive connections a moment to finish.
+                # Old HAProxy workers still route idle keep-alive connections by the old table until
+                # they time out (KEEPALIVE_TIMEOUT_S): keep serving until then, so their next request
+                # finds this replica up (a drained one fails its health check, a killed one refuses).
                 await asyncio.sleep(min(self.drain_settle_s, grace))
                 left = max(0.0, grace - (time.monotonic() - started))
                 try:

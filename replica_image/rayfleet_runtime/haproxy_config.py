@@ -39,7 +39,11 @@ DEFAULT_REQUEST_TIMEOUT_S = float(DesiredState.request_timeout_seconds)
 DEFAULT_MAX_CONCURRENCY = DesiredState.max_concurrency
 CONNECT_TIMEOUT_MS = 2000
 HEALTH_INTER_MS = 1000
-KEEPALIVE_TIMEOUT_S = 30
+# How long a client's keep-alive connection may sit idle. After a reload, an old worker keeps such a
+# connection, routing it by the old table, until it times out or carries one more request: a replica
+# leaving the table serves until then (deployment_state.ControllerCore's drain settle). Short, as
+# uvicorn's default, so that takes seconds, not half a minute.
+KEEPALIVE_TIMEOUT_S = 5
 FRONTEND_NAME = "rayfleet"
 NOT_FOUND_BACKEND = "rayfleet_no_route"
 

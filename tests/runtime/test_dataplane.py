@@ -255,6 +255,22 @@ def test_rolling_update_replaces_every_replica(api):
     assert api.get("roll") is None
 
 
+def test_an_idle_keepalive_client_across_a_rollout_gets_no_error(api):
+    """A client holding an idle keep-alive connection while its only replica is replaced: its next
+    request must be answered (an old HAProxy worker keeps routing that connection by the old table)."""
+    api.put("idle", replicas=1, handlerArgs={"greeting": "old"}, version="a")
+    obs = api.wait_ready("idle", 1)
+    url = wait_ingress(api, obs)
+    with httpx.Client(timeout=30) as client:  # one pooled keep-alive connection, left idle
+        assert client.get(url + "/before").json()["greeting"] == "old"
+        api.put("idle", replicas=1, handlerArgs={"greeting": "new"}, version="b")
+        api.wait("idle", lambda o: o["version"] == "b" and o["readyReplicas"] == 1 and len(o["replicas"]) == 1
+                 and o["status"] == "Running", 120, "the rollout to finish, the old replica gone")
+        answer = client.get(url + "/after")
+        assert answer.status_code == 200, answer.text
+    api.delete("idle")
+
+
 def test_rollout_without_spare_capacity_replaces_in_place_and_says_why(api):
     """4 CPUs; two replicas of 1.5 leave no room for a surge replica: the rollout must not deadlock."""
     spare = {"replicas": 2, "rayActorOptions": {"numCpus": 1.5}}
