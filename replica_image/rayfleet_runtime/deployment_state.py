@@ -182,16 +182,22 @@ class ControllerCore:
         infos = await asyncio.gather(*(ask(actor) for _, actor in adopt))
         for ((dep_name, rid), actor), info in zip(adopt, infos):
             dep = self.deployments.get(dep_name)
-            if isinstance(info, BaseException):
-                logger.warning("replica %s/%s did not answer (%s); killing it", dep_name, rid, info)
-                info = None
-            if dep is None or info is None:
+            slow = isinstance(info, ReplicaTimeout)
+            if dep is None or (isinstance(info, BaseException) and not slow):
+                logger.warning("replica %s/%s is not ours or gone (%s); killing it", dep_name, rid, info)
                 self.backend.kill(actor)
                 continue
-            rec = ReplicaRecord(rid, info.get("version") or "", actor, info=info)
-            rec.state = (ReplicaState.FAILED if info.get("error")
-                         else ReplicaState.DRAINING if info.get("draining") else ReplicaState.READY)
-            rec.created_at = info.get("startedAt", time.time())
+            if slow:
+                # Alive but busy (its process answered no probe in time): adopt it unrouted, taken for
+                # the current version until it answers; its health checks decide, as for any replica.
+                rec = ReplicaRecord(rid, dep.desired.version, actor, state=ReplicaState.UNHEALTHY, health_failures=1,
+                                    last_error=f"no answer within {RECOVER_PROBE_TIMEOUT_S:g}s after a controller restart")
+                logger.warning("replica %s/%s did not answer yet; adopted, unrouted until healthy", dep_name, rid)
+            else:
+                rec = ReplicaRecord(rid, info.get("version") or "", actor, info=info)
+                rec.state = (ReplicaState.FAILED if info.get("error")
+                             else ReplicaState.DRAINING if info.get("draining") else ReplicaState.READY)
+                rec.created_at = info.get("startedAt", time.time())
             dep.replicas[rid] = rec
             try:
                 dep.next_index = max(dep.next_index, int(rid.rsplit("-", 1)[1]) + 1)
@@ -404,6 +410,7 @@ class ControllerCore:
             result = {"healthy": False, "message": f"{exc.ray_error}: {exc}"[:300]}
         if "pid" in result:
             rec.info = {k: v for k, v in result.items() if k not in ("healthy", "message")}
+            rec.version = result.get("version") or rec.version  # the replica knows (an adopted one may not)
         if rec.state not in _SERVING or (not health and "healthy" not in result):
             return
         before = rec.state

@@ -23,6 +23,7 @@ from rayfleet_api.constants import INGRESS_PORT
 
 NODES_REFRESH_S = 5.0
 PUSH_TIMEOUT_S = 30.0
+RETRY_BASE_S, RETRY_MAX_S = 0.5, 30.0  # a failing ingress is retried with doubling waits, not in a loop
 
 logger = logging.getLogger("rayfleet.controller")
 
@@ -56,6 +57,8 @@ class RoutePublisher:
         self._pushed: dict[str, str] = {}  # node id -> routing table JSON it last applied
         self._nodes: list[str] = []
         self._nodes_at = 0.0
+        self._failures: dict[str, int] = {}  # node id -> consecutive failed pushes
+        self._retry_at: dict[str, float] = {}  # node id -> not before (monotonic)
 
     def changed(self) -> int:
         """The table may have changed: push it soon. Returns the version that covers this change."""
@@ -93,6 +96,17 @@ class RoutePublisher:
             self._nodes_at = time.time()
         return self._nodes
 
+    def _failed(self, node_id: str, exc: BaseException) -> None:
+        """Forget the node's ingress and retry it later: sooner at first, at most every RETRY_MAX_S."""
+        failures = self._failures[node_id] = self._failures.get(node_id, 0) + 1
+        delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (failures - 1))
+        logger.warning("routing update to node %s failed (%d in a row; retry in %.1fs): %s", node_id[:12], failures,
+                       delay, str(exc)[:300])
+        self._ingress.pop(node_id, None)
+        self._pushed.pop(node_id, None)
+        self._retry_at[node_id] = time.monotonic() + delay
+        asyncio.get_running_loop().call_later(delay, self._changed.set)
+
     async def push(self) -> None:
         # No await between reading the version and rendering the table: the table reflects every
         # change up to ``version``.
@@ -104,24 +118,30 @@ class RoutePublisher:
             self._ingress.pop(gone, None)
             self._pushed.pop(gone, None)
         pending = []
+        everywhere = True
         for node_id in nodes:
             if self._pushed.get(node_id) == blob:
                 continue
-            ingress = self._ingress.get(node_id)
-            if ingress is None:
-                ingress = self._ingress[node_id] = await self._ensure_ingress(node_id, self.ingress_port, self.bind_host)
-            pending.append((node_id, ingress.update(table)))
-        everywhere = True
+            if time.monotonic() < self._retry_at.get(node_id, 0.0):  # backing off after failures
+                everywhere = False
+                continue
+            try:
+                ingress = self._ingress.get(node_id)
+                if ingress is None:
+                    ingress = self._ingress[node_id] = await self._ensure_ingress(node_id, self.ingress_port,
+                                                                                  self.bind_host)
+                pending.append((node_id, ingress.update(table)))
+            except Exception as exc:  # noqa: BLE001 - e.g. Ray refused to create it
+                self._failed(node_id, exc)
+                everywhere = False
         for node_id, ref in pending:
             try:
                 result = await asyncio.wait_for(ref, PUSH_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001 - ingress died or is slow: recreate next time
-                logger.warning("routing update to node %s failed: %s", node_id[:12], str(exc)[:300])
-                self._ingress.pop(node_id, None)
-                self._pushed.pop(node_id, None)
-                self._changed.set()
+            except Exception as exc:  # noqa: BLE001 - ingress died or is slow: recreate it, after a while
+                self._failed(node_id, exc)
                 everywhere = False
                 continue
+            self._failures.pop(node_id, None)
             # The ingress answers (it did not raise) also when it kept its old config: an invalid
             # config or a failed HAProxy reload is ``applied: False``. Then HAProxy still routes by the
             # previous table: don't record this one as pushed, so it is retried (at the latest after

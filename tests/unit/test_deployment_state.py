@@ -375,7 +375,7 @@ def test_recover_adopts_live_replicas_from_the_checkpoints():
     backend.checkpoints["broken"] = b"{not json"
     backend.plant("d", "d-0", "v1")
     backend.plant("d", "d-3", "v1", draining=True)  # a scale-down was under way
-    backend.plant("d", "d-5", "v1", silent=True)  # does not answer
+    backend.plant("d", "d-5", "v1", silent=True)  # alive but slow to answer
     backend.plant("gone", "gone-0", "v1")  # its deployment was deleted
     backend.plant("broken", "broken-0", "v1")  # unreadable checkpoint: left alone
 
@@ -383,13 +383,14 @@ def test_recover_adopts_live_replicas_from_the_checkpoints():
         await core.recover()
         dep = core.deployments["d"]
         assert set(core.deployments) == {"d"} and dep.restarts == 4
-        assert {rid: r.state for rid, r in dep.replicas.items()} == {"d-0": ReplicaState.READY,
-                                                                      "d-3": ReplicaState.DRAINING}
-        assert dep.next_index == 4  # new replica names never clash with adopted ones
+        assert {rid: r.state for rid, r in dep.replicas.items()} == {
+            "d-0": ReplicaState.READY, "d-3": ReplicaState.DRAINING, "d-5": ReplicaState.UNHEALTHY}
+        assert dep.next_index == 6  # new replica names never clash with adopted ones
         killed = {rid for kind, rid in backend.events if kind == "kill"}
-        assert killed == {"d-5", "gone-0"}
-        await settle(core, lambda: states(core) == {"d-0": "READY", "d-4": "READY"}, "d back to 2 ready")
-        assert backend.created() == ["d-4"] and ("drain", "d-3") in backend.events
+        assert killed == {"gone-0"}  # the slow one is adopted (unrouted), not killed
+        backend.replicas["d-5"].silent = False
+        await settle(core, lambda: states(core) == {"d-0": "READY", "d-5": "READY"}, "d back to 2 ready")
+        assert backend.created() == [] and ("drain", "d-3") in backend.events
         assert core.get_deployment("d")["restarts"] == 4
         assert not backend.replicas["broken-0"].killed and "broken" in backend.checkpoints
 

@@ -109,3 +109,33 @@ def test_graceful_stop_drains_only_after_the_proxies_dropped_the_replica():
         assert events == ["unrouted", "drain", "kill"]
 
     asyncio.run(main())
+
+
+def test_a_failing_ingress_is_retried_with_backoff_not_in_a_loop():
+    async def main():
+        attempts = []
+
+        class DyingIngress:  # created fine, then every update fails: its actor dies (say, its port is taken)
+            def update(self, table):
+                attempts.append(asyncio.get_running_loop().time())
+                future = asyncio.get_running_loop().create_future()
+                future.set_exception(RuntimeError("The actor died because of an error raised in its creation task"))
+                return future
+
+        async def ensure_ingress(node_id, port, bind_host):
+            return DyingIngress()
+
+        async def node_ids(head_only):
+            return ["node-a"]
+
+        pub = RoutePublisher(lambda: {"deployments": {}}, ensure_ingress, node_ids)
+        runner = asyncio.ensure_future(pub.run())
+        v = pub.changed()
+        assert not await pub.wait_applied(v, 2.0)  # never applied: it keeps failing
+        runner.cancel()
+        # 0.5 s, 1 s, ... between attempts: a handful in 2 s, not thousands.
+        assert 2 <= len(attempts) <= 4, attempts
+        gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+        assert all(later > earlier for earlier, later in zip(gaps, gaps[1:])), gaps
+
+    asyncio.run(main())
