@@ -310,11 +310,11 @@ def render_config(
     w("    option forwardfor")
     w("    option redispatch 1")
     w("    retries 2")
-    # Retry what can't have run the handler: failed connects, and the replica's own 503 when it is
-    # overloaded (before the handler runs). A handler may answer 503 itself, so 503s are retried only
-    # for GET/HEAD/OPTIONS (frontend: disable-l7-retry); a POST never runs twice. No
-    # empty-response/response-timeout: the handler may have run.
-    w("    retry-on conn-failure 503")
+    # Every method: a failed connect (nothing ran). GET/HEAD/OPTIONS only (the frontend's
+    # disable-l7-retry stops the rest, so a POST never runs twice): the replica's 503 (overloaded, or
+    # the handler's own), and a connection that died without an answer (a replica killed mid-request):
+    # those are re-sent to another replica. Never on a response timeout: the handler may still run.
+    w("    retry-on conn-failure 503 empty-response junk-response")
     w(f"    timeout connect {int(connect_timeout_ms)}ms")
     w(f"    timeout client {_ms(max_req_timeout)}")
     w(f"    timeout server {_ms(DEFAULT_REQUEST_TIMEOUT_S)}")

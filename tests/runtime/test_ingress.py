@@ -60,6 +60,9 @@ class Replicas:
 
         async def handle(request: web.Request) -> web.Response:
             self.hits[rid] += 1
+            if request.query.get("drop") in (rid, "all"):  # as if killed mid-request: no answer at all
+                request.transport.abort()
+                return web.Response()
             sleep = float(request.query.get("sleep", 0))
             if sleep:
                 await asyncio.sleep(sleep)
@@ -305,6 +308,16 @@ def test_handler_503_is_retried_only_when_idempotent_and_client_xff_is_replaced(
         assert hits() - before == 3  # a GET is retried (retries 2) on the other replica
         seen = client.get("/retry/who", headers={"X-Forwarded-For": "6.6.6.6"}).json()["xff"]
         assert seen == ["127.0.0.1"], seen  # the ingress says who the client is
+        # A replica that dies mid-request: a GET is re-sent to the other one, a POST is not.
+        dropped = replicas.hits["retry-a"]
+        assert {client.get(f"/retry/g{i}?drop=retry-a").status_code for i in range(12)} == {200}
+        assert replicas.hits["retry-a"] > dropped  # some did land on the dying one first
+        before = hits()
+        try:
+            status = client.post("/retry/p?drop=all", content=b"{}").status_code
+        except httpx.RemoteProtocolError:  # HAProxy may close the client's connection rather than say 502
+            status = None
+        assert status in (502, None) and hits() - before == 1  # the POST reached one replica, once
 
 
 def test_saturated_replica_sheds_load_quickly(ingress, replicas):

@@ -100,7 +100,11 @@ def test_retry_policy_only_safe_errors():
     defaults = section(cfg, "defaults")
     assert "retry-on conn-failure 503" in defaults
     assert "option redispatch 1" in defaults
-    assert "response-timeout" not in defaults and "empty-response" not in defaults
+    assert "response-timeout" not in defaults  # the handler may still be running: never re-sent
+    # What may have reached a handler (a 503, a connection that died mid-request) is re-sent only for
+    # GET/HEAD/OPTIONS: every other method has its L7 retries turned off in the frontend.
+    assert "retry-on conn-failure 503 empty-response junk-response" in defaults
+    assert "http-request disable-l7-retry unless METH_GET || METH_OPTIONS" in section(cfg, "frontend rayfleet")
     # Client keep-alive stays on, and reloads don't reset idle keep-alive connections.
     assert "option http-keep-alive" in defaults
     assert "option idle-close-on-response" in defaults
