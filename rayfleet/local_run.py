@@ -44,7 +44,8 @@ def local_cpus(manifests: list, asked: int | None) -> tuple[int, str | None]:
     cores = os.cpu_count() or 1
     if asked is not None:
         return asked, None
-    needed = sum(m.desired_state().replicas * m.desired_state().ray_actor_options.num_cpus for m in manifests)
+    states = [m.desired_state() for m in manifests]
+    needed = sum(s.replicas * s.ray_actor_options.num_cpus for s in states)
     if needed <= cores:
         return cores, None
     cpus = math.ceil(needed)

@@ -12,7 +12,7 @@ import urllib.request
 from typing import Any
 
 from rayfleet_api.desired import DesiredState
-from rayfleet_api.http_probe import http_ok, wait_http
+from rayfleet_api.http_probe import wait_http
 
 
 class ControllerUnreachable(Exception):
@@ -49,9 +49,6 @@ class ControllerClient:
     def delete_deployment(self, name: str) -> bool:
         """Start draining it; False if there is no such deployment."""
         return self._request("DELETE", f"/v1/deployments/{name}") is not None
-
-    def healthy(self) -> bool:
-        return http_ok(f"{self.base_url}/healthz")
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
         wait_http(f"{self.base_url}/healthz", timeout_s)

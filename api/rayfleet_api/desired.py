@@ -100,11 +100,9 @@ class DesiredState:
         if not isinstance(version, str):
             raise SpecError("version", "must be a string")
         opts = _Object(obj.pop("rayActorOptions", None), "rayActorOptions.")
-        memory = opts.pop("memory", None)
         actor = ActorOptions(num_cpus=opts.number("numCpus", ActorOptions.num_cpus, minimum=0),
                              num_gpus=opts.number("numGpus", ActorOptions.num_gpus, minimum=0),
-                             memory=None if memory is None else opts.number("memory", memory, minimum=0, integer=True,
-                                                                             value=memory))
+                             memory=opts.number("memory", ActorOptions.memory, minimum=0, integer=True))
         opts.done()
         hc = _Object(obj.pop("healthCheck", None), "healthCheck.")
         health = HealthCheck(
@@ -184,11 +182,13 @@ class _Object:
         value = self._left.pop(key, None)
         return default if value is None else value
 
-    def number(self, key: str, default: float, *, minimum: float, integer: bool = False, exclusive: bool = False,
-               value: Any = None) -> Any:
+    def number(self, key: str, default: float | None, *, minimum: float, integer: bool = False,
+               exclusive: bool = False) -> Any:
+        """The field's number, checked; ``default`` (which may be None: optional) when absent or null."""
         field_path = self._prefix + key
+        value = self.pop(key, default)
         if value is None:
-            value = self.pop(key, default)
+            return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
             raise SpecError(field_path, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
         # Python's JSON parser accepts NaN/Infinity; NaN passes every comparison below, and either would
