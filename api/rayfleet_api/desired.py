@@ -29,6 +29,7 @@ ROUTE_PREFIX_MAX_LENGTH = 256
 # more than Kubernetes would. Unbounded, maxConcurrency=10**30 or requestTimeoutSeconds=1e9 reached
 # haproxy.cfg, which then failed `haproxy -c`: no route of any deployment could change any more.
 MAXIMUM = {"replicas": 1000, "maxConcurrency": 100_000, "syncThreads": 256, "requestTimeoutSeconds": 3600,
+           "maxRequestBodyBytes": 2**30,
            "gracefulShutdownSeconds": 3600, "healthCheck.periodSeconds": 3600, "healthCheck.timeoutSeconds": 3600,
            "healthCheck.failureThreshold": 100}
 
@@ -57,6 +58,8 @@ class DesiredState:
     replicas: int = 1
     max_concurrency: int = 100  # requests in flight per replica; HAProxy queues the rest
     sync_threads: int = 1  # threads for plain `def` handlers
+    # Bodies past this get 413 before they are read: a replica holds at most maxConcurrency of them.
+    max_request_body_bytes: int = 16 * 2**20
     route_prefix: str = "/"
     request_timeout_seconds: float = 60
     graceful_shutdown_seconds: float = 30
@@ -72,6 +75,7 @@ class DesiredState:
         return {
             "handler": self.handler, "handlerArgs": self.handler_args, "replicas": self.replicas,
             "maxConcurrency": self.max_concurrency, "syncThreads": self.sync_threads,
+            "maxRequestBodyBytes": self.max_request_body_bytes,
             "routePrefix": self.route_prefix, "requestTimeoutSeconds": self.request_timeout_seconds,
             "gracefulShutdownSeconds": self.graceful_shutdown_seconds, "version": self.version,
             "rayActorOptions": actor, "runtimeEnv": self.runtime_env, "env": self.env,
@@ -118,6 +122,8 @@ class DesiredState:
             replicas=obj.number("replicas", cls.replicas, minimum=0, integer=True),
             max_concurrency=obj.number("maxConcurrency", cls.max_concurrency, minimum=1, integer=True),
             sync_threads=obj.number("syncThreads", cls.sync_threads, minimum=1, integer=True),
+            max_request_body_bytes=obj.number("maxRequestBodyBytes", cls.max_request_body_bytes, minimum=0,
+                                              integer=True),
             route_prefix=route_prefix,
             request_timeout_seconds=obj.number("requestTimeoutSeconds", cls.request_timeout_seconds, minimum=0,
                                                exclusive=True),
@@ -131,7 +137,8 @@ class DesiredState:
 
 
 # Wire fields baked into a replica process: the hash for clients that send no version.
-VERSIONED_WIRE_FIELDS = ("handler", "handlerArgs", "maxConcurrency", "syncThreads", "rayActorOptions", "runtimeEnv", "env")
+VERSIONED_WIRE_FIELDS = ("handler", "handlerArgs", "maxConcurrency", "syncThreads", "maxRequestBodyBytes",
+                         "rayActorOptions", "runtimeEnv", "env")
 
 
 def version_hash(fields: dict[str, Any]) -> str:

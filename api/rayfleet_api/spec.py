@@ -13,7 +13,8 @@ from rayfleet_api.desired import ActorOptions, DesiredState, HealthCheck, versio
 from rayfleet_api.errors import SpecError
 
 # Spec fields baked into a replica process: changing one rolls the replicas.
-VERSIONED_FIELDS = ("handler", "handlerArgs", "maxConcurrency", "syncThreads", "rayActorOptions", "runtimeEnv", "env", "image")
+VERSIONED_FIELDS = ("handler", "handlerArgs", "maxConcurrency", "syncThreads", "maxRequestBodyBytes", "rayActorOptions",
+                    "runtimeEnv", "env", "image")
 
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
 _SUFFIX = {None: 1, "m": 0.001, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -41,6 +42,7 @@ def desired_state(spec: dict[str, Any]) -> DesiredState:
     memory = options.get("memory")
     present = {attr: spec[key] for attr, key in (
         ("replicas", "replicas"), ("max_concurrency", "maxConcurrency"), ("sync_threads", "syncThreads"),
+        ("max_request_body_bytes", "maxRequestBodyBytes"),
         ("route_prefix", "routePrefix"), ("request_timeout_seconds", "requestTimeoutSeconds"),
         ("graceful_shutdown_seconds", "gracefulShutdownSeconds"), ("runtime_env", "runtimeEnv"),
     ) if spec.get(key) is not None}

@@ -16,11 +16,10 @@ from rayfleet_api.states import DeploymentStatus
 
 from . import networkpolicy, raycluster, service
 from .credentials import control_token, ray_token
-from .conditions import READY, find
 from .config import OperatorConfig
 from .kube import Kube
 from .naming import LABEL_RAY_CLUSTER, LABEL_RAY_NODE_TYPE, cluster_name, deployment_key
-from .status import Observation, compute_status, status_patch
+from .status import Observation, compute_status, status_patch, transition_events
 
 log = logging.getLogger(__name__)
 
@@ -136,17 +135,8 @@ async def reconcile(body: dict[str, Any], config: OperatorConfig, kube: Kube) ->
 
     old_status = body.get("status") or {}
     new_status = compute_status(obs, old_status, _now())
-    events.extend(_transition_events(old_status, new_status))
+    events.extend(transition_events(old_status, new_status))
     return Outcome(status_patch(old_status, new_status), events, retry=obs.controller_error)
-
-
-def _transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """An Event whenever the Ready condition changes reason: Warning when it is not ready."""
-    before, after = find(old.get("conditions"), READY), find(new["conditions"], READY)
-    if before and before["reason"] == after["reason"] and before["status"] == after["status"]:
-        return []
-    kind = "Normal" if after["status"] == "True" else "Warning"
-    return [(kind, after["reason"], after["message"] or after["reason"])]
 
 
 async def finalize(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> bool:

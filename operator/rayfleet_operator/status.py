@@ -10,7 +10,7 @@ from typing import Any
 from rayfleet_api.desired import DesiredState
 from rayfleet_api.states import ReplicaState
 
-from .conditions import DEGRADED, PROGRESSING, READY, Condition, merge_conditions
+from .conditions import DEGRADED, PROGRESSING, READY, Condition, find, merge_conditions
 
 
 class Reason:
@@ -127,3 +127,19 @@ def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, A
     """Only the top-level status fields that changed (empty: write nothing)."""
     old = old or {}
     return {key: value for key, value in new.items() if old.get(key) != value}
+
+
+def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Events (type, reason, message) for what changed: Ready changing reason (Warning when not ready),
+    and progress stopping for a new reason (a replica Ray can't place), which Ready alone doesn't show."""
+    events = []
+    for cond_type in (READY, PROGRESSING):
+        before, after = find(old.get("conditions"), cond_type), find(new["conditions"], cond_type)
+        if after is None or (before and (before["reason"], before["status"]) == (after["reason"], after["status"])):
+            continue
+        if cond_type == PROGRESSING and (after["status"] == "True" or after["reason"] == Reason.COMPLETE
+                                         or any(e[1] == after["reason"] for e in events)):
+            continue  # progress itself, and a blocked state Ready names too, are in Ready's events
+        kind = "Normal" if cond_type == READY and after["status"] == "True" else "Warning"
+        events.append((kind, after["reason"], after["message"] or after["reason"]))
+    return events

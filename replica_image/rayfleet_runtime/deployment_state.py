@@ -107,8 +107,10 @@ class DeploymentRecord:
                            "nextIndex": self.next_index}).encode()
 
 
-def unschedulable_reason(desired: DesiredState, available: dict[str, float], total: dict[str, float]) -> str:
-    """Why Ray can't place a replica, like Ray Serve's scheduling warning: what it needs, what is free."""
+def unschedulable_reason(desired: DesiredState, available: dict[str, float], total: dict[str, float],
+                         held: dict[str, tuple[int, float]] | None = None) -> str:
+    """Why Ray can't place a replica, like Ray Serve's scheduling warning: what it needs, what is free,
+    and which deployments' replicas hold the CPUs (``held``: deployment -> (replicas, CPUs))."""
     options = desired.ray_actor_options
     needs = {"CPU": options.num_cpus, "GPU": options.num_gpus, "memory": options.memory or 0}
     parts = []
@@ -117,8 +119,10 @@ def unschedulable_reason(desired: DesiredState, available: dict[str, float], tot
             unit = 2**30 if resource == "memory" else 1
             parts.append(f"{resource} {amount / unit:g}{' GiB' if unit > 1 else ''} "
                          f"({available.get(resource, 0) / unit:g} of {total.get(resource, 0) / unit:g} free)")
-    return (f"waiting for resources: needs {', '.join(parts) or 'nothing'} on one node; add nodes or "
-            "lower rayActorOptions")
+    holders = "; ".join(f"{name} {n} replica(s), CPU {cpus:g}" for name, (n, cpus) in sorted((held or {}).items())
+                        if n)
+    return (f"waiting for resources: needs {', '.join(parts) or 'nothing'} on one node"
+            f"{f'; held by {holders}' if holders else ''}; add nodes or lower rayActorOptions")
 
 
 class ControllerCore:
@@ -324,6 +328,14 @@ class ControllerCore:
             self._save(dep)
         self.routes.changed()
 
+    def _held_resources(self) -> dict[str, tuple[int, float]]:
+        """Per deployment: its replicas known to run (they have answered with a pid), and their CPUs."""
+        held = {}
+        for dep in self.deployments.values():
+            placed = [r for r in dep.replicas.values() if r.info.get("pid") and r.state != ReplicaState.STOPPED]
+            held[dep.name] = (len(placed), len(placed) * dep.desired.ray_actor_options.num_cpus)
+        return held
+
     async def _check_placement(self, dep: DeploymentRecord, rec: ReplicaRecord) -> None:
         try:
             if await self.backend.placed(rec.actor):
@@ -335,7 +347,7 @@ class ControllerCore:
             return
         if rec.state != ReplicaState.STARTING:
             return
-        note = unschedulable_reason(dep.desired, available, total)
+        note = unschedulable_reason(dep.desired, available, total, self._held_resources())
         if note != rec.unschedulable:
             logger.warning("replica %s %s", rec.id, note)
             rec.unschedulable = note
@@ -466,6 +478,7 @@ class ControllerCore:
                      if r.state == ReplicaState.READY and r.info.get("port")]
             table[dep.name] = {"routePrefix": d.route_prefix, "maxConcurrency": d.max_concurrency,
                                "requestTimeoutSeconds": d.request_timeout_seconds,
+                               "maxRequestBodyBytes": d.max_request_body_bytes,
                                "replicas": [{"id": r.id, "host": r.info["host"], "port": r.info["port"]} for r in ready]}
         return {"deployments": table}
 

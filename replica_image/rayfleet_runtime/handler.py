@@ -17,8 +17,11 @@ Ray workers), on Kubernetes from the replica image or the deployment's ``runtime
 * Plain ``def`` handlers run in a worker thread so the event loop keeps answering readiness checks and
   503s; by default (``syncThreads: 1``) one request at a time. ``syncThreads > 1`` opts into a thread
   pool of that size (only useful if the handler releases the GIL: I/O, numpy, ...).
-* Past ``maxConcurrency`` running requests plus a small bounded wait queue, the replica answers
-  ``503`` with ``Retry-After: 1`` immediately instead of queueing without bound.
+* Past ``maxConcurrency`` running requests (a sync handler: ``syncThreads``) plus a small bounded wait
+  queue, the replica answers ``503`` with ``Retry-After: 1`` immediately instead of queueing without
+  bound. A request is admitted before its body is read; a body over ``maxRequestBodyBytes`` gets ``413``.
+* A client that disconnects cancels its request: ``asyncio.CancelledError`` is raised in an async
+  handler at its current ``await``; a sync handler's thread runs to the end (threads can't be stopped).
 
 The ``Request`` passed to the handler has:
 
@@ -61,13 +64,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import importlib
 import inspect
 import json
 import logging
 import os
 import traceback
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 from rayfleet_api.desired import DesiredState, parse_json
 
@@ -108,6 +112,14 @@ class Request:
 
 class BadRequest(ValueError):
     """The request can't be read as the handler asked: the client gets 400 with this message."""
+
+
+class PayloadTooLarge(BadRequest):
+    """The body is over the deployment's ``maxRequestBodyBytes``: the client gets 413."""
+
+    @classmethod
+    def over(cls, limit: int) -> "PayloadTooLarge":
+        return cls(f"the body is over {limit} bytes (maxRequestBodyBytes)")
 
 
 class Response:
@@ -264,8 +276,11 @@ class HandlerRunner:
                  max_queued: int | None = None, debug_tracebacks: bool | None = None):
         self.handler = handler
         self.is_async = is_async_callable(handler)
-        self.limiter = Limiter(max_concurrency, default_max_queued(max_concurrency) if max_queued is None else max_queued)
         self.sync_threads = max(1, int(sync_threads))
+        # A sync handler runs no more requests than it has threads: the rest wait in the limiter's
+        # bounded queue (and past it get a fast 503), never in an executor's unbounded one.
+        running = max_concurrency if self.is_async else min(max_concurrency, self.sync_threads)
+        self.limiter = Limiter(running, default_max_queued(max_concurrency) if max_queued is None else max_queued)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         # Sync check_health() gets a thread of its own: the loop's default executor is shared with the
         # user's `await asyncio.to_thread(...)` calls, and under load a health check queued behind them
@@ -279,6 +294,7 @@ class HandlerRunner:
         self.total_requests = 0
         self.errors = 0  # 5xx answered, handler-caused or not
         self.rejected = 0  # 503 for overload
+        self.cancelled = 0  # the client disconnected first
         self.last_error: str | None = None
 
     @property
@@ -289,38 +305,58 @@ class HandlerRunner:
     def queued(self) -> int:
         return self.limiter.queued
 
-    async def handle(self, request: Request) -> HTTPResult:
-        """Admit, call, convert. Never raises for handler faults (returns 500/503 instead)."""
+    async def handle(self, request: Request | Callable[[], Awaitable[Request]]) -> HTTPResult:
+        """Admit, call, convert. Never raises for handler faults (returns 500/503 instead).
+
+        ``request`` may be a coroutine function that reads it: it is called only once the request is
+        admitted, so a replica at its limit refuses a request without reading its body.
+        """
         self.total_requests += 1
         if not await self.limiter.acquire():
             self.rejected += 1
             self.errors += 1
             return OVERLOADED
         try:
-            result = await self._call(request)
-            out = to_http(result)
+            out = await self._serve(request)
         except asyncio.CancelledError:
+            self.cancelled += 1  # the client went away: its handler is cancelled with it
             raise
-        except BadRequest as exc:
-            out = error_result(400, f"400 Bad Request: {exc}")
-        except Exception as exc:  # noqa: BLE001 - user code may raise anything
-            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
-            tb = traceback.format_exc()
-            logger.error("handler raised on %s %s:\n%s", request.method, request.path, tb)
-            msg = f"500 Internal Server Error: handler raised {type(exc).__name__}"
-            out = error_result(500, msg + ("\n" + tb if self.debug_tracebacks else ""))
         finally:
             self.limiter.release()
         if out[0] >= 500:
             self.errors += 1
         return out
 
+    async def _serve(self, request: Request | Callable[[], Awaitable[Request]]) -> HTTPResult:
+        if not isinstance(request, Request):
+            try:
+                request = await request()  # a broken connection propagates: no one is left to answer
+            except PayloadTooLarge as exc:
+                return error_result(413, f"413 Request Entity Too Large: {exc}")
+        try:
+            return to_http(await self._call(request))
+        except BadRequest as exc:
+            return error_result(400, f"400 Bad Request: {exc}")
+        except Exception as exc:  # noqa: BLE001 - user code may raise anything
+            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            tb = traceback.format_exc()
+            logger.error("handler raised on %s %s:\n%s", request.method, request.path, tb)
+            msg = f"500 Internal Server Error: handler raised {type(exc).__name__}"
+            return error_result(500, msg + ("\n" + tb if self.debug_tracebacks else ""))
+
     async def _call(self, request: Request) -> Any:
         if self.is_async:
             result = self.handler(request)
         else:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._pool, self.handler, request)
+            assert self._pool is not None
+            job = self._pool.submit(self.handler, request)
+            try:
+                result = await asyncio.wrap_future(job)
+            except asyncio.CancelledError:
+                if not job.cancel():  # already running: a thread can't be stopped, so it keeps its slot
+                    with contextlib.suppress(BaseException):  # until it returns (syncThreads stays a bound)
+                        await asyncio.wrap_future(job)
+                raise
         if inspect.isawaitable(result):
             result = await result
         return result

@@ -95,14 +95,16 @@ def haproxy_version(binary: HAProxyBinary | None = None) -> str:
     return _version_of(binary.path, tuple(sorted(binary.env.items())))
 
 
-def check_config(binary: HAProxyBinary, config_path: str, timeout: float = 20) -> tuple[bool, str]:
-    """Run ``haproxy -c -f config_path``; return (ok, output)."""
+def check_config(binary: HAProxyBinary, config_path: str, timeout: float = 20,
+                 pass_fds: tuple[int, ...] = ()) -> tuple[bool, str]:
+    """Run ``haproxy -c -f config_path``; return (ok, output). ``pass_fds``: the ``bind fd@N`` listeners."""
     proc = subprocess.run(
         [binary.path, "-c", "-f", config_path],
         env=binary.environ(),
         capture_output=True,
         text=True,
         timeout=timeout,
+        pass_fds=pass_fds,
     )
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
 

@@ -11,6 +11,7 @@ The routing table comes from the controller::
             "routePrefix": "/echo",            # longest-prefix match; "/" = catch-all
             "maxConcurrency": 100,             # per replica -> per-server maxconn; queue bound x replicas
             "requestTimeoutSeconds": 60,       # -> timeout server (504)
+            "maxRequestBodyBytes": 16777216,   # optional; a larger Content-Length gets 413 here
             "queueTimeoutSeconds": 2,          # optional; default QUEUE_TIMEOUT_S (503); the controller sends none yet
             "replicas": [{"id": "echo-0", "host": "127.0.0.1", "port": 43123}],
         }}}
@@ -44,6 +45,8 @@ HEALTH_INTER_MS = 1000
 # leaving the table serves until then (deployment_state.ControllerCore's drain settle). Short, as
 # uvicorn's default, so that takes seconds, not half a minute.
 KEEPALIVE_TIMEOUT_S = 5
+# On every 503 HAProxy answers itself (no replica, queue full, queue timeout), as the replica does on its own.
+RETRY_AFTER = " hdr Retry-After 1"
 FRONTEND_NAME = "rayfleet"
 NOT_FOUND_BACKEND = "rayfleet_no_route"
 
@@ -104,6 +107,13 @@ def _secs(value: Any, default: float) -> float:
     return min(v, MAX_TIMEOUT_S)
 
 
+def _max_body(value: Any) -> int | None:
+    """The body limit HAProxy enforces on Content-Length; None (the replica alone checks) if unusable."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
+        return None
+    return value
+
+
 def _ms(seconds: float) -> str:
     ms = max(1, int(round(seconds * 1000)))
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
@@ -158,6 +168,7 @@ class Backend:
     request_timeout_s: float
     queue_timeout_s: float
     max_queued: int
+    max_body_bytes: int | None
     servers: list[Server] = field(default_factory=list)
 
 
@@ -250,6 +261,7 @@ def plan_table(table: Mapping[str, Any] | None) -> RoutingPlan:
                 request_timeout_s=_secs(spec.get("requestTimeoutSeconds"), DEFAULT_REQUEST_TIMEOUT_S),
                 queue_timeout_s=_secs(spec.get("queueTimeoutSeconds"), QUEUE_TIMEOUT_S),
                 max_queued=max_conc * max(1, len(servers)),
+                max_body_bytes=_max_body(spec.get("maxRequestBodyBytes")),
                 servers=servers,
             )
         )
@@ -270,14 +282,18 @@ def render_config(
     log_target: str = "stderr format raw",
     health_inter_ms: int = HEALTH_INTER_MS,
     connect_timeout_ms: int = CONNECT_TIMEOUT_MS,
+    listen_fd: int | None = None,
 ) -> str:
-    """Render a complete haproxy.cfg for ``table`` (see the module docstring)."""
+    """Render a complete haproxy.cfg for ``table`` (see the module docstring).
+
+    ``listen_fd``: a listening socket HAProxy inherits (``bind fd@N``) instead of binding ``bind_host:port``.
+    """
     plan = plan_table(table)
     max_req_timeout = max([b.request_timeout_s for b in plan.backends] + [DEFAULT_REQUEST_TIMEOUT_S])
     if hard_stop_after_s is None:
         # Old workers left by a reload get this long to finish in-flight requests.
         hard_stop_after_s = max_req_timeout + 30
-    bind_addr = _addr(bind_host, port)
+    bind_addr = f"fd@{int(listen_fd)}" if listen_fd is not None else _addr(bind_host, port)
 
     out: list[str] = []
     w = out.append
@@ -308,6 +324,12 @@ def render_config(
     # closing them under the client's feet (no reset race).
     w("    option idle-close-on-response")
     w("    option forwardfor")
+    # A request goes to a replica once its body is in (up to a buffer, 16 KiB): a client that trickles a
+    # small body ties up HAProxy's buffer, not one of the replica's maxConcurrency slots.
+    w("    option http-buffer-request")
+    # A client that goes away takes its request with it: queued, it is dropped; sent, the replica's
+    # connection is closed, which cancels the handler (the replica serves with handler_cancellation).
+    w("    option abortonclose")
     w("    option redispatch 1")
     w("    retries 2")
     # Every method: a failed connect (nothing ran). GET/HEAD/OPTIONS only (the frontend's
@@ -324,7 +346,7 @@ def render_config(
     w("    timeout check 2s")
     w(
         "    http-error status 503 content-type application/json string "
-        + _json_body({"error": "service unavailable"})
+        + _json_body({"error": "service unavailable"}) + RETRY_AFTER
     )
     w(
         "    http-error status 504 content-type application/json string "
@@ -360,16 +382,24 @@ def render_config(
         w(f"    timeout queue {_ms(be.queue_timeout_s)}")
         no_replicas = _json_body({"error": "no ready replicas", "deployment": be.deployment})
         if not be.servers:
-            w(f"    http-request return status 503 content-type application/json string {no_replicas}")
+            w(f"    http-request return status 503 content-type application/json string {no_replicas}{RETRY_AFTER}")
         else:
             w(
                 "    http-request return status 503 content-type application/json string "
-                f"{no_replicas} if {{ nbsrv() eq 0 }}"
+                f"{no_replicas}{RETRY_AFTER} if {{ nbsrv() eq 0 }}"
             )
             overloaded = _json_body({"error": "overloaded", "deployment": be.deployment})
             w(
                 "    http-request return status 503 content-type application/json string "
-                f"{overloaded} if {{ queue() ge {be.max_queued} }}"
+                f"{overloaded}{RETRY_AFTER} if {{ queue() ge {be.max_queued} }}"
+            )
+        if be.max_body_bytes is not None:
+            # Refused on its headers, before a byte of the body is forwarded (chunked bodies: the replica)
+            too_large = _json_body({"error": "request body too large", "deployment": be.deployment,
+                                    "maxRequestBodyBytes": be.max_body_bytes})
+            w(
+                "    http-request return status 413 content-type application/json string "
+                f"{too_large} hdr Connection close if {{ req.hdr_val(content-length) gt {be.max_body_bytes} }}"
             )
         w(
             f"    default-server check inter {int(health_inter_ms)}ms fastinter {max(100, int(health_inter_ms) // 2)}ms"

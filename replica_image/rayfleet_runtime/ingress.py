@@ -1,9 +1,14 @@
 """The per-node HTTP ingress: a Ray actor that runs and reconfigures HAProxy.
 
 One ``IngressManager`` actor per Ray node (see :func:`ensure_ingress`) owns one
-HAProxy master process (``haproxy -W -S <master socket>``) listening on
+HAProxy master process (``haproxy -W -S <master socket>``) serving
 ``bind_host:port``. Requests flow client -> HAProxy -> replica; no Python
 process is on the request path.
+
+The actor, not HAProxy, owns the listening socket, and HAProxy inherits it
+(``bind fd@N``): when HAProxy dies (a killed worker takes its master with it) and
+is restarted, clients that connect in between wait in the socket's backlog
+instead of being refused. Only the connections the dead worker held are lost.
 
 Updates (``update(table)``) re-render the config and, when it changed, apply it
 with a *seamless reload* through the master CLI: the master re-execs, the new
@@ -68,6 +73,27 @@ def _die_with_parent_of(parent_pid: int):
             pass
 
     return preexec
+
+
+def _listen(host: str, port: int, wait_s: float = 10.0) -> socket.socket:
+    """The ingress's listening socket, for HAProxy to inherit.
+
+    Retries while the port is still held: a previous incarnation's HAProxy may take a moment to exit.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + wait_s
+    while True:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(4096)  # the kernel caps it at net.core.somaxconn
+            return sock
+        except OSError as exc:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the ingress cannot listen on {host}:{port}: {exc}") from exc
+            time.sleep(0.2)
 
 
 def actor_name(node_id: str) -> str:
@@ -140,6 +166,8 @@ class Ingress:
         self.pid_path = os.path.join(self.workdir, "haproxy.pid")
         self.runtime_socket = os.path.join(self.workdir, "admin.sock")
         self.master_socket = os.path.join(self.workdir, "master.sock")
+        self._kill_stale()
+        self._listener = _listen(self.bind_host, self.port)
 
         self._table: dict[str, Any] = {"deployments": {}}
         self._config = self._render(self._table)
@@ -161,7 +189,6 @@ class Ingress:
         self._spawn_error: BaseException | None = None
         self._restarts = 0
 
-        self._kill_stale()
         restored = self._restore_table()
         if restored is not None:
             self._table = self._desired = restored
@@ -190,6 +217,7 @@ class Ingress:
             runtime_socket=self.runtime_socket,
             nbthread=self.nbthread,
             maxconn=self.maxconn,
+            listen_fd=self._listener.fileno(),
         )
 
     @property
@@ -228,7 +256,7 @@ class Ingress:
         with open(candidate, "w") as f:
             f.write(config)
         try:
-            return check_config(self.binary, candidate)
+            return check_config(self.binary, candidate, pass_fds=(self._listener.fileno(),))
         except (OSError, subprocess.SubprocessError) as e:
             return False, f"haproxy -c failed to run: {e}"
 
@@ -279,12 +307,13 @@ class Ingress:
             start_new_session=True,  # own process group: signals aimed at Ray's group don't hit it
             preexec_fn=_die_with_parent_of(os.getpid()),
             close_fds=True,
+            pass_fds=(self._listener.fileno(),),
         )
         logger.info("started HAProxy %s (master pid %d) on %s:%d", self.version, proc.pid, self.bind_host, self.port)
         return proc
 
     def _supervise(self) -> None:
-        backoff = 0.5
+        backoff = 0.0
         while not self._stopping.is_set():
             try:
                 with self._proc_lock:
@@ -317,7 +346,9 @@ class Ingress:
                 "\n".join(list(self._log_tail)[-20:]),
             )
             self._restarts += 1
-            backoff = 0.5 if time.monotonic() - started > 30 else min(backoff * 2, 10.0)
+            # At once after a crash that ended a healthy run (clients wait in the listener's backlog
+            # meanwhile); backing off only if it keeps crashing.
+            backoff = 0.0 if time.monotonic() - started > 30 else min(max(backoff * 2, 0.5), 10.0)
             self._stopping.wait(backoff)
 
     def _terminate(self, grace_s: float = 0.0) -> None:
@@ -487,6 +518,7 @@ class Ingress:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop HAProxy: soft stop (finish in-flight requests) for up to ``grace_s``, then hard."""
+        self._listener.close()  # new clients are refused once HAProxy lets go of its copy, not queued for no one
         await asyncio.to_thread(self._terminate, grace_s)
 
 

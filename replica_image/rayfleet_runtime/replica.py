@@ -25,9 +25,7 @@ from aiohttp.web_request import BaseRequest
 
 from rayfleet_api.constants import RAY_NAMESPACE, REPLICA_PREFIX, REPLICA_READY_PATH
 from rayfleet_api.desired import DesiredState
-from rayfleet_runtime.handler import HandlerLoadError, HandlerRunner, Request, error_result, load_handler
-
-CLIENT_MAX_SIZE = 64 * 1024 * 1024
+from rayfleet_runtime.handler import HandlerLoadError, HandlerRunner, PayloadTooLarge, Request, load_handler
 
 logger = logging.getLogger("rayfleet.replica")
 
@@ -69,12 +67,8 @@ class ReplicaServer:
             return
         self.runner = HandlerRunner(handler, max_concurrency=self.desired.max_concurrency,
                                     sync_threads=self.desired.sync_threads)
-        loop = asyncio.get_running_loop()
-
-        def make_request(message, payload, protocol, writer, task):  # type: ignore[no-untyped-def]
-            return BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=CLIENT_MAX_SIZE)
-
-        server = web.Server(self._on_request, request_factory=make_request, access_log=None)
+        # handler_cancellation: a client that disconnects cancels its handler (CancelledError in it)
+        server = web.Server(self._on_request, access_log=None, handler_cancellation=True)
         self._site_runner = web.ServerRunner(server, access_log=None)
         await self._site_runner.setup()
         sock = socket.socket(socket.AF_INET6 if ":" in bind_host else socket.AF_INET, socket.SOCK_STREAM)
@@ -91,14 +85,25 @@ class ReplicaServer:
                 return web.Response(status=503, text="draining\n")
             return web.Response(status=200, text="ready\n")
         assert self.runner is not None
-        try:
-            body = await req.read()
-        except web.HTTPRequestEntityTooLarge:
-            status, headers, data = error_result(413, "413 Request Entity Too Large")
-            return web.Response(status=status, headers=headers, body=data)
-        request = Request(req.method, req.path, req.query, req.headers, body, req.remote)
-        status, headers, data = await self.runner.handle(request)
-        return web.Response(status=status, headers=headers, body=data)
+        status, headers, data = await self.runner.handle(lambda: self._read(req))
+        response = web.Response(status=status, headers=headers, body=data)
+        if status == 413:
+            response.force_close()  # the rest of that body is never read
+        return response
+
+    async def _read(self, req: BaseRequest) -> Request:
+        """The whole request, read once it has been admitted; PayloadTooLarge past the body limit."""
+        limit = self.desired.max_request_body_bytes
+        if req.content_length is not None and req.content_length > limit:
+            raise PayloadTooLarge.over(limit)  # before a byte of it is read
+        chunks, size = [], 0
+        async for chunk in req.content.iter_any():  # a chunked body is counted as it arrives
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge.over(limit)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        return Request(req.method, req.path, req.query, req.headers, body, req.remote)
 
     def stats(self) -> dict[str, Any]:
         r = self.runner
@@ -112,6 +117,7 @@ class ReplicaServer:
             "totalRequests": r.total_requests if r else 0,
             "errors": r.errors if r else 0,
             "rejected": r.rejected if r else 0,
+            "cancelled": r.cancelled if r else 0,
             "lastError": r.last_error if r else None,
             "draining": self.draining,
             "startedAt": self.started_at,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import signal
 import socket
 import threading
 import time
@@ -41,6 +42,14 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Replicas:
     """aiohttp servers standing in for replica actors, on one background loop."""
 
@@ -49,6 +58,7 @@ class Replicas:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.hits: collections.Counter[str] = collections.Counter()
+        self.cancelled: collections.Counter[str] = collections.Counter()
         self.runners: dict[str, web.AppRunner] = {}
         self.ports: dict[str, int] = {}
 
@@ -65,7 +75,11 @@ class Replicas:
                 return web.Response()
             sleep = float(request.query.get("sleep", 0))
             if sleep:
-                await asyncio.sleep(sleep)
+                try:
+                    await asyncio.sleep(sleep)
+                except asyncio.CancelledError:
+                    self.cancelled[rid] += 1
+                    raise
             return web.json_response({"replica": rid, "path": request.path,
                                       "xff": request.headers.getall("X-Forwarded-For", [])},
                                      status=int(request.query.get("status", 200)))
@@ -77,7 +91,7 @@ class Replicas:
             app = web.Application()
             app.router.add_get("/-/ready", ready)
             app.router.add_route("*", "/{tail:.*}", handle)
-            runner = web.AppRunner(app, access_log=None, keepalive_timeout=75)
+            runner = web.AppRunner(app, access_log=None, keepalive_timeout=75, handler_cancellation=True)
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", port).start()
             return runner
@@ -289,8 +303,35 @@ def test_empty_backend_503_quickly(ingress, replicas):
         t0 = time.monotonic()
         r = client.get("/empty/x")
         assert time.monotonic() - t0 < 1.0
-    assert r.status_code == 503
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
     assert r.json() == {"deployment": "empty", "error": "no ready replicas"}
+
+
+def test_a_client_that_goes_away_takes_its_request_off_the_replica(ingress, replicas):
+    """HAProxy closes the replica's side of a request whose client disconnected: the handler is cancelled."""
+    handle, port, _ = ingress
+    a = replicas.start("gone-0")
+    push(handle, {"deployments": {"gone": dep("/gone", [a])}})
+    eventually(lambda: httpx.get(f"http://127.0.0.1:{port}/gone/up", timeout=5).status_code == 200, 30, 0.1,
+               what="the ingress to route /gone")
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"GET /gone/x?sleep=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+    eventually(lambda: replicas.hits["gone-0"] >= 2, 10, 0.05, what="the request to reach the replica")
+    sock.close()
+    eventually(lambda: replicas.cancelled["gone-0"] == 1, 10, 0.05, what="the replica's handler to be cancelled")
+
+
+def test_a_body_over_the_limit_is_refused_on_its_headers(ingress, replicas):
+    handle, port, _ = ingress
+    a = replicas.start("body-0")
+    push(handle, {"deployments": {"body": dep("/body", [a], maxRequestBodyBytes=1000)}})
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        eventually(lambda: client.get("/body/up").status_code == 200, 30, 0.1, what="the ingress to route /body")
+        before = replicas.hits["body-0"]
+        assert client.post("/body/x", content=b"x" * 1000).status_code == 200
+        r = client.post("/body/x", content=b"x" * 1001)
+        assert r.status_code == 413 and r.json()["maxRequestBodyBytes"] == 1000, r.text
+        assert replicas.hits["body-0"] - before == 1  # the refused one never reached the replica
 
 
 def test_handler_503_is_retried_only_when_idempotent_and_client_xff_is_replaced(ingress, replicas):
@@ -328,9 +369,13 @@ def test_saturated_replica_sheds_load_quickly(ingress, replicas):
         {"deployments": {"slow": {"routePrefix": "/slow", "maxConcurrency": 1, "queueTimeoutSeconds": 0.5, "replicas": [s]}}},
     )
 
+    retry_after = []
+
     async def one(client):
         t0 = time.monotonic()
         r = await client.get("/slow/x?sleep=2")
+        if r.status_code == 503:
+            retry_after.append(r.headers.get("Retry-After"))
         return r.status_code, time.monotonic() - t0
 
     async def flood():
@@ -343,6 +388,7 @@ def test_saturated_replica_sheds_load_quickly(ingress, replicas):
     shed = [d for code, d in results if code == 503]
     assert len(ok) >= 1 and len(ok) + len(shed) == len(results), results
     assert len(shed) >= 17, results
+    assert all(r == "1" for r in retry_after), retry_after
     # Shed requests fail fast (queue bound, or the 0.5s queue timeout), never hang.
     assert max(shed) < 1.5, results
     assert replicas.hits["slow-0"] <= 2
@@ -412,3 +458,21 @@ def test_actor_crash_kills_haproxy_and_restart_restores_table(ray_cluster, repli
             ray.get(h.stop.remote(), timeout=30)
         finally:
             ray.kill(h, no_restart=True)
+
+
+def test_a_killed_haproxy_worker_is_replaced_and_new_clients_wait_instead_of_being_refused(ingress, replicas):
+    handle, port, _ = ingress
+    a = replicas.start("phoenix-0")
+    push(handle, {"deployments": {"phoenix": dep("/phoenix", [a])}})
+    url = f"http://127.0.0.1:{port}/phoenix/x"
+    eventually(lambda: httpx.get(url, timeout=5).status_code == 200, 30, 0.1, what="the ingress to route /phoenix")
+    master = ray.get(handle.ready.remote(), timeout=30)["pid"]
+    workers = [p for p in map(int, filter(str.isdigit, os.listdir("/proc"))) if pid_alive(p) and ppid(p) == master]
+    assert workers, "no HAProxy worker under the master"
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)  # the master exits with it; the ingress starts a new one
+    # Connecting right away, while no HAProxy runs: held in the ingress's listen backlog, then served.
+    codes = [httpx.get(url, timeout=15).status_code for _ in range(5)]
+    assert codes == [200] * 5, codes
+    info = ray.get(handle.ready.remote(), timeout=30)
+    assert info["pid"] != master and info["restarts"] >= 1, info

@@ -203,6 +203,7 @@ VALID_FIELDS = {
     "replicas": st.integers(0, 1000),
     "maxConcurrency": st.integers(1, 100_000),
     "syncThreads": st.integers(1, 256),
+    "maxRequestBodyBytes": st.integers(0, 2**30),
     "routePrefix": prefixes_the_pattern_allows,
     "requestTimeoutSeconds": st.integers(1, 3600),
     "gracefulShutdownSeconds": st.integers(0, 3600),

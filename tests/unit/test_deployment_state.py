@@ -320,7 +320,8 @@ def test_a_rollout_without_room_for_a_surge_replaces_in_place_and_says_why(monke
         await settle(core, rolled, "the rollout to v2 to finish")
         assert sorted(states(core).values()) == [ReplicaState.READY, ReplicaState.READY]
         assert lowest_ready[0] == 1  # in place, one at a time: never fewer than target - 1 serving
-        assert seen_note and seen_note[0].startswith("waiting for resources: needs CPU 1 (0 of 2 free)")
+        assert seen_note and seen_note[0].startswith("waiting for resources: needs CPU 1 (0 of 2 free) on one node; "
+                                                     "held by d 2 replica(s), CPU 2;"), seen_note[:1]
         # Each old replica left the routes and drained before it was killed to make room.
         for old in ("d-0", "d-1"):
             assert backend.index(("drain", old)) < backend.index(("kill", old))

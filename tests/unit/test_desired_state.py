@@ -80,6 +80,7 @@ def test_crd_defaults_are_the_desired_state_defaults():
     spec = crd_schema()["properties"]["spec"]
     wire = {f.name: f.default for f in dataclasses.fields(DesiredState) if f.default is not dataclasses.MISSING}
     for attr, field in (("replicas", "replicas"), ("max_concurrency", "maxConcurrency"), ("sync_threads", "syncThreads"),
+                        ("max_request_body_bytes", "maxRequestBodyBytes"),
                         ("route_prefix", "routePrefix"), ("request_timeout_seconds", "requestTimeoutSeconds"),
                         ("graceful_shutdown_seconds", "gracefulShutdownSeconds")):
         assert crd_default(spec, field) == wire[attr], field
@@ -89,7 +90,7 @@ def test_crd_defaults_are_the_desired_state_defaults():
     # And a spec with nothing but a handler means the same before and after the API server defaults it
     # (but for the version: it hashes the spec as the API server stored it).
     assert dataclasses.replace(desired_state({"handler": "a:b"}), version="") == dataclasses.replace(desired_state(
-        {"handler": "a:b", **{k: crd_default(spec, k) for k in ("replicas", "maxConcurrency", "syncThreads",
+        {"handler": "a:b", **{k: crd_default(spec, k) for k in ("replicas", "maxConcurrency", "syncThreads", "maxRequestBodyBytes",
                                                                 "routePrefix", "requestTimeoutSeconds",
                                                                 "gracefulShutdownSeconds", "healthCheck")}}), version="")
 

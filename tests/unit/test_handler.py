@@ -11,7 +11,8 @@ import time
 import pytest
 
 from rayfleet_runtime import Response
-from rayfleet_runtime.handler import (HandlerLoadError, HandlerRunner, Limiter, Request, load_handler, to_http)
+from rayfleet_runtime.handler import (HandlerLoadError, HandlerRunner, Limiter, PayloadTooLarge, Request, load_handler,
+                                      to_http)
 
 
 @pytest.fixture
@@ -327,5 +328,112 @@ def test_limiter_cancelled_waiter_frees_its_place():
         assert lim.queued == 0
         lim.release()
         assert lim.in_flight == 0
+
+    run(main())
+
+
+def test_a_sync_handlers_queue_is_bounded_and_visible():
+    """Past its threads and a small queue a sync handler answers 503 at once, not 504 a minute later."""
+    release = threading.Event()
+
+    def handler(request):
+        release.wait(5)
+        return "ok"
+
+    runner = HandlerRunner(handler, max_concurrency=100, sync_threads=1, max_queued=2)
+
+    async def main():
+        tasks = [asyncio.ensure_future(runner.handle(req())) for _ in range(3)]
+        while (runner.in_flight, runner.queued) != (1, 2):  # one thread busy, two waiting, in the open
+            await asyncio.sleep(0.001)
+        status, headers, _ = await runner.handle(req())
+        assert status == 503 and headers["Retry-After"] == "1"
+        release.set()
+        assert [r[0] for r in await asyncio.gather(*tasks)] == [200, 200, 200]
+
+    run(main())
+
+
+def test_a_request_is_read_only_once_admitted():
+    async def handler(request):
+        await asyncio.sleep(0.3)
+        return request.body
+
+    runner = HandlerRunner(handler, max_concurrency=1, max_queued=0)
+    reads = []
+
+    async def reader():
+        reads.append(1)
+        return req(body=b"payload")
+
+    async def main():
+        first = asyncio.ensure_future(runner.handle(reader))
+        while runner.in_flight != 1:
+            await asyncio.sleep(0.001)
+        assert (await runner.handle(reader))[0] == 503  # refused without reading its body
+        assert len(reads) == 1
+        assert await first == (200, {"Content-Type": "application/octet-stream"}, b"payload")
+
+    run(main())
+
+
+def test_a_body_over_the_limit_is_413_not_a_handler_error():
+    async def handler(request):
+        raise AssertionError("never called")
+
+    async def reader():
+        raise PayloadTooLarge.over(10)
+
+    runner = HandlerRunner(handler)
+    status, _, body = run(runner.handle(reader))
+    assert status == 413 and b"maxRequestBodyBytes" in body
+    assert runner.in_flight == 0 and runner.last_error is None and runner.errors == 0
+
+
+def test_a_disconnected_clients_async_handler_is_cancelled():
+    seen = []
+
+    async def handler(request):
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    runner = HandlerRunner(handler)
+
+    async def main():
+        task = asyncio.ensure_future(runner.handle(req()))
+        while runner.in_flight != 1:
+            await asyncio.sleep(0.001)
+        task.cancel()  # what aiohttp does when the connection is lost
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(main())
+    assert seen == ["cancelled"] and runner.cancelled == 1 and runner.in_flight == 0
+
+
+def test_a_cancelled_sync_handler_keeps_its_thread_slot_until_it_returns():
+    release, started = threading.Event(), threading.Event()
+
+    def handler(request):
+        started.set()
+        release.wait(5)
+        return "ok"
+
+    runner = HandlerRunner(handler, sync_threads=1, max_queued=0)
+
+    async def main():
+        task = asyncio.ensure_future(runner.handle(req()))
+        await asyncio.to_thread(started.wait, 5)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert runner.in_flight == 1  # its thread still runs: no second request may start beside it
+        assert (await runner.handle(req()))[0] == 503
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert runner.in_flight == 0
 
     run(main())

@@ -25,7 +25,8 @@ def rep(rid, port, host="127.0.0.1"):
 
 TABLE = {
     "deployments": {
-        "echo": {"routePrefix": "/echo", "maxConcurrency": 7, "replicas": [rep("echo-1", 9002), rep("echo-0", 9001)]},
+        "echo": {"routePrefix": "/echo", "maxConcurrency": 7, "maxRequestBodyBytes": 1024,
+                 "replicas": [rep("echo-1", 9002), rep("echo-0", 9001)]},
         "echo-api": {"routePrefix": "/echo/api/", "maxConcurrency": 3, "requestTimeoutSeconds": 2.5, "replicas": [rep("a-0", 9003)]},
         "root": {"routePrefix": "/", "maxConcurrency": 1, "replicas": [rep("root-0", 9004)]},
         "zz": {"routePrefix": "/z", "replicas": []},
@@ -93,6 +94,14 @@ def test_backend_settings():
     api = section(cfg, "backend be_echo-api")
     assert "timeout server 2500ms" in api
     assert "maxconn 3" in api
+    # The body limit is checked on the headers; a table without one leaves it to the replica.
+    assert "hdr Connection close if { req.hdr_val(content-length) gt 1024 }" in be
+    assert "content-length" not in api
+    # Every 503 HAProxy makes itself tells the client when to come back, as the replica's own does.
+    assert all(line.endswith("hdr Retry-After 1") or "hdr Retry-After 1 if {" in line
+               for line in cfg.splitlines() if "status 503" in line)
+    assert "option http-buffer-request" in section(cfg, "defaults")
+    assert "option abortonclose" in section(cfg, "defaults")  # a client that left cancels its handler
 
 
 def test_retry_policy_only_safe_errors():

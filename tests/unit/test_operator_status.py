@@ -1,6 +1,6 @@
 """Status and conditions computed from observations: each typed reason and transition rule."""
 from rayfleet_operator.conditions import merge_conditions, Condition
-from rayfleet_operator.status import Observation, compute_status, conditions_for, status_patch
+from rayfleet_operator.status import Observation, compute_status, conditions_for, status_patch, transition_events
 
 
 def obs(**kw):
@@ -72,3 +72,21 @@ def test_a_replica_ray_cant_place_stops_progress_with_the_reason():
     progressing = next(c for c in conds if c.type == "Progressing")
     assert (progressing.status, progressing.reason) == (False, "InsufficientResources")
     assert "needs CPU 1" in progressing.message
+
+
+def test_events_for_readiness_changes_and_for_a_replica_ray_cant_place():
+    def status(controller_obs):
+        return compute_status(obs(controller=controller_obs), None, "t")
+
+    running = status(controller(replica("a"), replica("b")))
+    assert transition_events({}, running) == [("Normal", "AllReplicasReady", "2/2 replicas ready")]
+    assert transition_events(running, running) == []
+    waiting = {**replica("b", state="STARTING", version="v2"), "unschedulable": "needs CPU 1; 0 of 2 free"}
+    stuck = status(controller(replica("a"), waiting, version="v2"))
+    events = transition_events(running, stuck)
+    assert ("Warning", "InsufficientResources", "1 replica(s) can't be placed: needs CPU 1; 0 of 2 free") in events
+    assert ("Warning", "ReplicasNotReady", "1/2 replicas ready") in events
+    assert transition_events(stuck, stuck) == []
+    # A blocked state is one Event, not one per condition that names it.
+    invalid = compute_status(obs(problems=["spec.x: bad"]), None, "t")
+    assert [e[1] for e in transition_events(running, invalid)] == ["InvalidSpec"]

@@ -105,7 +105,8 @@ def test_graceful_stop_drains_only_after_the_proxies_dropped_the_replica():
         publish.cancel()
         assert rec.state == ReplicaState.STOPPED
         assert ingress.tables[-1] == {"deployments": {"d": {"routePrefix": "/", "maxConcurrency": 100,
-                                                            "requestTimeoutSeconds": 60, "replicas": []}}}
+                                                            "requestTimeoutSeconds": 60, "maxRequestBodyBytes": 16 * 2**20,
+                                                            "replicas": []}}}
         assert events == ["unrouted", "drain", "kill"]
 
     asyncio.run(main())

@@ -1,0 +1,104 @@
+"""The replica's own HTTP server (no Ray): body limits, and a client's disconnect cancelling its handler."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import textwrap
+
+import httpx
+import pytest
+
+from rayfleet_api.desired import DesiredState
+from rayfleet_runtime.replica import ReplicaServer
+
+HANDLER = '''
+import asyncio
+
+EVENTS = []
+
+async def handler(request):
+    if request.path == "/slow":
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            EVENTS.append("cancelled")
+            raise
+    return {"bytes": len(request.body)}
+'''
+
+
+@pytest.fixture
+def module(tmp_path, monkeypatch):
+    (tmp_path / "rf_server_handler.py").write_text(textwrap.dedent(HANDLER))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "rf_server_handler"
+    sys.modules.pop("rf_server_handler", None)
+
+
+def serve(module: str, test, **fields):
+    async def main():
+        server = ReplicaServer(DesiredState(handler=f"{module}:handler", version="v", **fields))
+        await server.start("127.0.0.1")
+        try:
+            await test(f"http://127.0.0.1:{server.port}", server)
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(module):
+    async def test(url, server):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            assert (await client.post("/", content=b"x" * 100)).json() == {"bytes": 100}
+            r = await client.post("/", content=b"x" * 101)
+            assert r.status_code == 413 and "maxRequestBodyBytes" in r.text
+            assert r.headers["Connection"] == "close"  # the rest of the body is never read
+
+            async def chunked():  # no Content-Length: counted as it arrives
+                for _ in range(3):
+                    yield b"x" * 60
+
+            assert (await client.post("/", content=chunked())).status_code == 413
+        # A client that announces a huge body gets its 413 without sending any of it.
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 5)
+        assert status.startswith(b"HTTP/1.1 413"), status
+        writer.close()
+        assert server.stats()["errors"] == 0  # the client's fault, not the handler's
+
+    serve(module, test, max_request_body_bytes=100)
+
+
+def test_no_body_at_all_when_the_limit_is_zero(module):
+    async def test(url, server):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            assert (await client.get("/")).json() == {"bytes": 0}
+            assert (await client.post("/", content=b"x")).status_code == 413
+
+    serve(module, test, max_request_body_bytes=0)
+
+
+def test_a_client_that_disconnects_cancels_its_handler(module):
+    async def test(url, server):
+        events = sys.modules[module].EVENTS
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(500):
+            if server.stats()["inFlight"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        sock.close()
+        for _ in range(500):
+            if events:
+                break
+            await asyncio.sleep(0.01)
+        assert events == ["cancelled"]
+        assert server.stats()["cancelled"] == 1 and server.stats()["inFlight"] == 0
+
+    serve(module, test)
