@@ -4,7 +4,7 @@ PYTHON ?= $(VENV)/bin/python
 OPERATOR_IMAGE ?= ghcr.io/rayfleet/operator:0.1.0
 REPLICA_IMAGE ?= ghcr.io/rayfleet/replica:0.1.0
 
-.PHONY: setup test e2e images chart-check bench
+.PHONY: setup test e2e images chart-check bench bench-faults
 
 # A fresh machine needs Python 3.10+ and Go >= 1.26; everything else is installed here.
 $(VENV)/.installed: pyproject.toml
@@ -42,3 +42,6 @@ chart-check:
 # rayfleet vs Ray Serve (defaults, tuned, HAProxy mode) with wrk; ~15 min. BENCH_ARGS="--quick" for a smoke run.
 bench: $(VENV)/.installed
 	$(PYTHON) -m bench.run $(BENCH_ARGS)
+
+bench-faults: $(VENV)/.installed
+	$(PYTHON) -m bench.faults $(BENCH_ARGS)

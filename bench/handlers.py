@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 
 SLEEP_S = 0.05      # the I/O-bound scenario's await
@@ -42,3 +43,43 @@ def seed_sync(request) -> str:
 
 
 HANDLERS = {"trivial": trivial, "sleep50": sleep50, "cpu": cpu, "seed_async": seed_async, "seed_sync": seed_sync}
+
+
+BLOCK_S = 3.0  # the fault benchmark's blocking request: holds its replica's event loop this long
+POST_S = 0.2  # a recorded POST stays in flight this long, so a replica kill can land in the middle of it
+
+
+class Faulty:
+    """The fault benchmark's deployment (``bench.faults``): the trivial answer, plus paths that misbehave.
+
+    * ``.../block``: ``time.sleep(BLOCK_S)`` inside ``async def``: blocks the replica's event loop, as a
+      careless handler would;
+    * ``POST .../post?id=X``: appends ``X`` to ``<record_dir>/<pid>.log`` *before* answering, so the
+      benchmark can count how often each POST ran (a proxy that re-sends a POST runs it twice);
+    * ``.../upload``: the body's length (the oversized-body scenario);
+    * anything else: ``"ok"``, like ``trivial``.
+    """
+
+    def __init__(self, record_dir: str = ""):
+        self.record_dir = record_dir
+
+    async def __call__(self, request) -> str:
+        path = request.path
+        if path.endswith("/block"):
+            time.sleep(BLOCK_S)  # noqa: ASYNC251 - blocking the loop is the point
+            return "unblocked"
+        if path.endswith("/post") and request.method == "POST":
+            self._record(request.query.get("id", ""))
+            await asyncio.sleep(POST_S)
+            return "recorded"
+        if path.endswith("/upload"):
+            return str(len(request.body))
+        return "ok"
+
+    def _record(self, request_id: str) -> None:
+        # O_APPEND writes of one short line are atomic, and one file per process needs no lock anyway.
+        fd = os.open(os.path.join(self.record_dir, f"{os.getpid()}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            os.write(fd, f"{request_id}\n".encode())
+        finally:
+            os.close(fd)

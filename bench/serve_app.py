@@ -1,6 +1,8 @@
 """Ray Serve deployments wrapping ``bench.handlers`` (imported only in the Serve runs)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from ray import serve
 
 from bench import handlers
@@ -22,8 +24,19 @@ class _SyncWrap:
         return self.fn(request)
 
 
+class _FaultyWrap:
+    def __init__(self, record_dir: str):
+        self.handler = handlers.Faulty(record_dir)
+
+    async def __call__(self, request):
+        # hand it the shape rayfleet's Request has: full path, query mapping, the whole body already read
+        return await self.handler(SimpleNamespace(method=request.method, path=request.url.path,
+                                                  query=request.query_params, body=await request.body()))
+
+
 AsyncHandler = serve.deployment(_AsyncWrap, name="AsyncHandler")
 SyncHandler = serve.deployment(_SyncWrap, name="SyncHandler")
+FaultyHandler = serve.deployment(_FaultyWrap, name="FaultyHandler")
 
 
 def app(name: str, replicas: int, max_ongoing_requests: int | None):
@@ -34,3 +47,13 @@ def app(name: str, replicas: int, max_ongoing_requests: int | None):
     if max_ongoing_requests is not None:
         opts["max_ongoing_requests"] = max_ongoing_requests
     return base.options(**opts).bind(name)
+
+
+def faulty_app(replicas: int, max_ongoing_requests: int | None, num_cpus: float, version: str, record_dir: str):
+    """``bench.handlers.Faulty``; ``version`` reaches the replicas as $BENCH_VERSION, so changing it is a rollout."""
+    opts = {"num_replicas": replicas,
+            "ray_actor_options": {"num_cpus": num_cpus, "runtime_env": {"env_vars": {"BENCH_VERSION": version}}},
+            "graceful_shutdown_timeout_s": 1, "graceful_shutdown_wait_loop_s": 0.2}
+    if max_ongoing_requests is not None:
+        opts["max_ongoing_requests"] = max_ongoing_requests
+    return FaultyHandler.options(**opts).bind(record_dir)

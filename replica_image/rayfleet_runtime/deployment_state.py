@@ -66,6 +66,7 @@ class ReplicaRecord:
     unschedulable: str | None = None  # STARTING and not placed by Ray: what it needs, what is free
     next_placement_at: float = 0.0
     placement_task: asyncio.Task | None = None
+    watch_task: asyncio.Task | None = None  # learns of the process's death the moment Ray does
 
     def view(self) -> ReplicaView:
         return ReplicaView(self.id, self.version, self.state, self.health_failures, self.restarts, self.created_at,
@@ -209,6 +210,8 @@ class ControllerCore:
                 pass
             if rec.state == ReplicaState.DRAINING:
                 self._begin_stop(dep, rec, planning.StopIntent(rid, True, "scale-down"))
+            elif rec.state in _SERVING:
+                self._watch(rec)
         logger.info("recovered %d deployments, adopted %d replicas", len(self.deployments),
                     sum(len(d.replicas) for d in self.deployments.values()))
         self.routes.changed()
@@ -387,7 +390,29 @@ class ControllerCore:
         if rec.version == dep.desired.version:
             dep.error, dep.start_failures, dep.next_start_at = None, 0, 0.0
         logger.info("replica %s ready at %s:%s (pid %s)", rec.id, info.get("host"), info.get("port"), info.get("pid"))
+        self._watch(rec)
         self.routes.changed()
+
+    def _watch(self, rec: ReplicaRecord) -> None:
+        """Replace a replica whose process dies as soon as Ray knows (a pending call fails), not at the next
+        probe: with the start of a new process that makes ~2 s from kill -9 to a new replica serving."""
+        async def watch() -> None:
+            while rec.state in _SERVING:
+                try:
+                    await self.backend.watch(rec.actor)
+                except ReplicaDied as exc:
+                    self._died(rec, exc)
+                    return
+                except ReplicaCallError as exc:  # unreachable for now: the probes judge it
+                    logger.debug("watch of %s ended: %s", rec.id, exc.ray_error)
+                    return
+        rec.watch_task = asyncio.get_running_loop().create_task(watch())
+
+    def _died(self, rec: ReplicaRecord, exc: ReplicaDied) -> None:
+        if rec.state in _SERVING:
+            logger.warning("replica %s died: %s", rec.id, str(exc)[:300])
+            rec.state, rec.last_error = ReplicaState.FAILED, "replica process died"
+            self.routes.changed()
 
     def _start_failed(self, dep: DeploymentRecord, rec: ReplicaRecord, error: dict[str, str]) -> None:
         if rec.state != ReplicaState.STARTING:
@@ -411,10 +436,7 @@ class ControllerCore:
         except ReplicaUnavailable as exc:
             result = {"healthy": False, "message": f"actor unavailable: {exc}"[:300]}
         except ReplicaDied as exc:
-            if rec.state in _SERVING:
-                logger.warning("replica %s died: %s", rec.id, str(exc)[:300])
-                rec.state, rec.last_error = ReplicaState.FAILED, "replica process died"
-                self.routes.changed()
+            self._died(rec, exc)
             return
         except ReplicaTimeout:
             result = {"healthy": False, "message": f"no answer within {timeout_s}s"}
@@ -435,10 +457,10 @@ class ControllerCore:
 
     def _begin_stop(self, dep: DeploymentRecord, rec: ReplicaRecord, stop: planning.StopIntent) -> None:
         """Take the replica out of routing now; drain and kill it in the background."""
-        graceful = stop.graceful and rec.actor is not None
+        grace = dep.desired.graceful_shutdown_seconds
+        graceful = stop.graceful and rec.actor is not None and grace > 0  # 0: stop at once, as asked
         rec.state = ReplicaState.DRAINING if graceful else ReplicaState.STOPPED
         unrouted = self.routes.changed()  # routes version without this replica
-        grace = dep.desired.graceful_shutdown_seconds
         logger.info("stopping replica %s (%s, %s)", rec.id, stop.reason, "drain" if graceful else "kill")
         rec.task = asyncio.get_running_loop().create_task(self._stop(rec, graceful, grace, unrouted))
 
@@ -450,14 +472,16 @@ class ControllerCore:
                 # this replica (a fixed sleep is not enough: `haproxy -c`, a reload in progress or a
                 # recreated ingress can take longer, and drain() returning while a proxy still sends
                 # requests means they hit a killed process). Bounded by the grace period.
-                if not await self.routes.wait_applied(unrouted, grace) and grace > 0:
+                if not await self.routes.wait_applied(unrouted, grace):
                     logger.warning("replica %s: proxies did not apply the routing table without it within %.0fs;"
                                    " draining anyway", rec.id, grace)
                 # Old HAProxy workers still route idle keep-alive connections by the old table until
                 # they time out (KEEPALIVE_TIMEOUT_S): keep serving until then, so their next request
                 # finds this replica up (a drained one fails its health check, a killed one refuses).
-                await asyncio.sleep(min(self.drain_settle_s, grace))
-                left = max(0.0, grace - (time.monotonic() - started))
+                # That is part of leaving the routes, so the grace period for in-flight requests
+                # starts after it.
+                await asyncio.sleep(self.drain_settle_s)
+                left = max(0.0, grace - (time.monotonic() - started - self.drain_settle_s))
                 try:
                     rec.info = await self.backend.drain(rec.actor, left, left + 5)
                 except ReplicaCallError as exc:  # already dead, or too slow: kill anyway

@@ -38,7 +38,9 @@ from rayfleet_api.desired import ROUTE_PREFIX, DesiredState
 QUEUE_TIMEOUT_S = 2.0  # a request waits this long for a free replica slot, then gets 503
 DEFAULT_REQUEST_TIMEOUT_S = float(DesiredState.request_timeout_seconds)
 DEFAULT_MAX_CONCURRENCY = DesiredState.max_concurrency
-CONNECT_TIMEOUT_MS = 2000
+# Short: a connect in the cluster takes well under a millisecond, and HAProxy waits min(this, 1 s)
+# before it retries a refused connect elsewhere (a killed replica's GETs would stall a second).
+CONNECT_TIMEOUT_MS = 250
 HEALTH_INTER_MS = 1000
 # How long a client's keep-alive connection may sit idle. After a reload, an old worker keeps such a
 # connection, routing it by the old table, until it times out or carries one more request: a replica

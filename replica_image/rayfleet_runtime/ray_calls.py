@@ -137,6 +137,11 @@ class RayBackend:
         """The replica's ``drain(grace_s)``: its ``info`` once nothing is in flight (or the grace is over)."""
         return await _call(lambda: actor.drain.remote(grace_s), timeout_s)
 
+    async def watch(self, actor: Any) -> None:
+        """Returns every few minutes while the replica lives; ``ReplicaDied`` the moment its process dies
+        (Ray fails the pending call then)."""
+        await _call(lambda: actor.watch.remote(), None)
+
     async def placed(self, actor: Any) -> bool:
         """Whether Ray gave the actor a worker process yet (False: it waits for a node with the resources
         it asks for). From the GCS's actor table, so it needs no dashboard."""

@@ -131,7 +131,12 @@ class ReplicaServer:
             self.runner.close()
 
 
-@ray.remote(concurrency_groups={"control": 4}, max_restarts=0, max_task_retries=0)
+# The controller's pending ``watch()`` call fails the moment the process dies: how it learns of a
+# death at once. A call left by a controller that restarted returns within WATCH_S.
+WATCH_S = 300.0
+
+
+@ray.remote(concurrency_groups={"control": 4, "watch": 1}, max_restarts=0, max_task_retries=0)
 class Replica:
     """One replica of a deployment; created by the controller as a named detached actor."""
 
@@ -173,6 +178,11 @@ class Replica:
             except Exception as exc:  # noqa: BLE001
                 healthy, message = False, f"check_health: {type(exc).__name__}: {exc}"[:500]
         return {"healthy": healthy, "message": message, **self._info()}
+
+    @ray.method(concurrency_group="watch")
+    async def watch(self) -> None:
+        """Returns after ``WATCH_S``; its caller learns of this process's death from the call failing."""
+        await asyncio.sleep(WATCH_S)
 
     @ray.method(concurrency_group="control")
     async def drain(self, grace_s: float = 30.0) -> dict[str, Any]:

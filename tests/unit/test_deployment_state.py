@@ -5,6 +5,7 @@ Each test drives ``reconcile_once()`` itself and waits on conditions (``settle``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from types import SimpleNamespace
@@ -124,6 +125,11 @@ class FakeBackend:
         rep.draining = True
         return rep.info()
 
+    async def watch(self, rep: FakeReplica) -> None:
+        while not (rep.killed or rep.dead):  # Ray fails the pending call when the process dies
+            await asyncio.sleep(0.01)
+        self._reachable(rep)
+
     def kill(self, rep: FakeReplica) -> None:
         rep.killed = True
         self.events.append(("kill", rep.id))
@@ -219,6 +225,19 @@ def test_scale_up_starts_replicas_that_become_ready_once_they_answer():
             ("d-0", "READY", "127.0.0.1"), ("d-1", "READY", "127.0.0.1"), ("d-2", "READY", "127.0.0.1")]
         await settle(core, lambda: ("routes", {"d": ["d-0", "d-1", "d-2"]}) in backend.events, "all 3 routed")
         assert json.loads(backend.checkpoints["d"])["nextIndex"] == 3
+
+    run(test)
+
+
+def test_a_replica_that_died_is_replaced_at_once_not_at_its_next_probe(monkeypatch):
+    monkeypatch.setattr(deployment_state, "PROBE_INTERVAL_S", 600.0)
+
+    async def test(core: ControllerCore, backend: FakeBackend):
+        core.put_deployment("d", desired(replicas=2, health_check=HealthCheck(period_seconds=600)))
+        await settle(core, lambda: core.get_deployment("d")["readyReplicas"] == 2, "2 ready replicas")
+        backend.replicas["d-0"].dead = True
+        await settle(core, lambda: states(core) == {"d-1": "READY", "d-2": "READY"}, "d-0 replaced by d-2",
+                     timeout=2.0)
 
     run(test)
 
@@ -420,3 +439,22 @@ def test_the_ray_backend_translates_rays_errors_into_ours(ray_error, ours):
 
     ours = asyncio.run(main())
     assert ours.ray_error == type(raised).__name__ and str(ours) == str(raised) and ours.__cause__ is raised
+
+
+def test_a_replica_leaving_the_routes_outlives_the_proxies_keepalive_whatever_its_grace():
+    """Old HAProxy workers route idle keep-alive connections by the old table for a while: a replica
+    with a short gracefulShutdownSeconds is drained only after that settle, and with 0 it stops at once."""
+    async def test(core: ControllerCore, backend: FakeBackend):
+        core.drain_settle_s = 0.5
+        core.put_deployment("d", dataclasses.replace(desired(replicas=2), graceful_shutdown_seconds=0.1))
+        await settle(core, lambda: core.get_deployment("d")["readyReplicas"] == 2, "2 ready replicas")
+        core.put_deployment("d", dataclasses.replace(desired(replicas=1), graceful_shutdown_seconds=0.1))
+        await settle(core, lambda: ("routes", {"d": ["d-0"]}) in backend.events, "d-1 unrouted")
+        unrouted = time.monotonic()
+        await settle(core, lambda: ("drain", "d-1") in backend.events, "d-1 drained")
+        assert time.monotonic() - unrouted >= 0.4
+        core.put_deployment("d", dataclasses.replace(desired(replicas=0), graceful_shutdown_seconds=0))
+        await settle(core, lambda: ("kill", "d-0") in backend.events, "d-0 stopped", timeout=0.4)
+        assert ("drain", "d-0") not in backend.events
+
+    run(test)
