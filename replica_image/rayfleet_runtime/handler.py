@@ -38,7 +38,11 @@ The handler returns one of:
 * ``rayfleet_runtime.Response(body, status=200, headers=None, content_type=None)`` for full control
   (``body`` may be str, bytes or any JSON-able value);
 * anything else JSON-serialisable (dict, list, int, ``None``...) -> ``200 application/json``; a value
-  JSON can't carry (a set, an object, a NaN or infinite float) is a handler error: ``500``.
+  JSON can't carry (a set, an object, a NaN or infinite float) is a handler error: ``500``;
+* an async generator (also as ``Response(agen, ...)``) -> a stream: each ``str``/``bytes`` chunk is sent
+  as it is yielded, and the request holds its ``maxConcurrency`` slot until the last one.
+
+An ASGI application instead of a handler is served by uvicorn's protocol: see ``asgi.py``.
 
 A class handler may define ``check_health()`` (sync or async). The controller calls it every
 ``healthCheck.periodSeconds``; raising, returning ``False``, or taking longer than
@@ -238,8 +242,8 @@ def default_max_queued(max_concurrency: int) -> int:
     return max(1, min(int(max_concurrency), 16))
 
 
-# (status, headers, body bytes)
-HTTPResult = tuple[int, dict[str, str], bytes]
+# (status, headers, body): bytes, or for a stream an async iterator of bytes chunks
+HTTPResult = tuple[int, dict[str, str], Any]
 
 
 def to_http(result: Any) -> HTTPResult:
@@ -251,6 +255,8 @@ def to_http(result: Any) -> HTTPResult:
         headers, status, body, ctype = {}, 200, result, None
     if isinstance(body, str):
         data, default_ctype = body.encode(), "text/plain; charset=utf-8"
+    elif inspect.isasyncgen(body):  # streamed: each chunk goes out as it is yielded
+        data, default_ctype = body, "text/plain; charset=utf-8"
     elif isinstance(body, (bytes, bytearray, memoryview)):
         data, default_ctype = bytes(body), "application/octet-stream"
     else:
@@ -267,6 +273,46 @@ def error_result(status: int, message: str, extra_headers: Mapping[str, str] | N
 
 
 OVERLOADED: HTTPResult = error_result(503, "503 Service Unavailable: replica at maxConcurrency", {"Retry-After": "1"})
+
+
+class Stream:
+    """A handler's async generator as bytes chunks. It holds the request's slot until ``aclose()``, which
+    whoever sends it must call, however the sending ends."""
+
+    def __init__(self, runner: "HandlerRunner", chunks: Any):
+        self._runner = runner
+        self._chunks = chunks
+        self._done = self._closed = False
+
+    def __aiter__(self) -> "Stream":
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            self._done = True
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the status went out already: the client sees the stream cut short
+            self._done = True
+            self._runner.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            self._runner.errors += 1
+            logger.error("a streamed response failed:\n%s", traceback.format_exc())
+            raise
+        return chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._done:
+            self._runner.cancelled += 1  # the client went away mid-stream
+        try:
+            await self._chunks.aclose()  # the handler's own finally blocks run
+        finally:
+            self._runner.limiter.release()
 
 
 class HandlerRunner:
@@ -316,13 +362,17 @@ class HandlerRunner:
             self.rejected += 1
             self.errors += 1
             return OVERLOADED
+        streaming = False
         try:
             out = await self._serve(request)
+            if inspect.isasyncgen(out[2]):  # a stream holds its slot until its last chunk
+                out, streaming = (out[0], out[1], Stream(self, out[2])), True
         except asyncio.CancelledError:
             self.cancelled += 1  # the client went away: its handler is cancelled with it
             raise
         finally:
-            self.limiter.release()
+            if not streaming:
+                self.limiter.release()
         if out[0] >= 500:
             self.errors += 1
         return out

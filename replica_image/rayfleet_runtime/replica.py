@@ -1,7 +1,8 @@
 """The replica: a Ray actor (its own OS process) that serves one deployment's handler over HTTP itself.
 
-No Python process stands between the client and a replica: HAProxy connects straight to the aiohttp
-server that runs on the actor's own event loop (uvloop inside Ray workers). Ray method calls are only
+No Python process stands between the client and a replica: HAProxy connects straight to the HTTP
+server that runs on the actor's own event loop (uvloop inside Ray workers): aiohttp's for the plain
+contract, uvicorn's protocol for an ASGI app (``asgi.py``). Ray method calls are only
 for the controller: ``info()``, ``health()`` and ``drain()`` run in the ``control`` concurrency group,
 which has its own thread and event loop, so a replica whose handler keeps the data-plane loop busy still
 answers them (and a wedged loop shows up as a failed health check instead of a hung controller).
@@ -25,6 +26,7 @@ from aiohttp.web_request import BaseRequest
 
 from rayfleet_api.constants import RAY_NAMESPACE, REPLICA_PREFIX, REPLICA_READY_PATH
 from rayfleet_api.desired import DesiredState
+from rayfleet_runtime.asgi import AsgiRunner, AsgiServer, is_asgi_app
 from rayfleet_runtime.handler import HandlerLoadError, HandlerRunner, PayloadTooLarge, Request, load_handler
 
 logger = logging.getLogger("rayfleet.replica")
@@ -50,34 +52,48 @@ class ReplicaServer:
     def __init__(self, desired: DesiredState):
         self.desired = desired
         self.version = desired.version
-        self.runner: HandlerRunner | None = None
+        self.runner: HandlerRunner | AsgiRunner | None = None
         self.error: dict[str, str] | None = None
         self.draining = False
         self.host: str | None = None
         self.port: int | None = None
         self.started_at = time.time()
         self._site_runner: web.BaseRunner | None = None
+        self._asgi: AsgiServer | None = None
 
     async def start(self, bind_host: str = "0.0.0.0", port: int = 0, advertise_host: str | None = None) -> None:
         try:
             handler = load_handler(self.desired.handler, self.desired.handler_args)
         except HandlerLoadError as exc:
-            self.error = exc.as_dict()
-            logger.error("%s: %s\n%s", exc.reason, exc.message, exc.traceback)
+            self._failed(exc)
             return
-        self.runner = HandlerRunner(handler, max_concurrency=self.desired.max_concurrency,
-                                    sync_threads=self.desired.sync_threads)
-        # handler_cancellation: a client that disconnects cancels its handler (CancelledError in it)
-        server = web.Server(self._on_request, access_log=None, handler_cancellation=True)
-        self._site_runner = web.ServerRunner(server, access_log=None)
-        await self._site_runner.setup()
         sock = socket.socket(socket.AF_INET6 if ":" in bind_host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((bind_host, port))
-        await web.SockSite(self._site_runner, sock, backlog=1024).start()
+        if is_asgi_app(handler):
+            self.runner = AsgiRunner(handler, self.desired, lambda: self.draining)
+            self._asgi = AsgiServer(self.runner)
+            try:
+                await self._asgi.start(sock)  # the app's lifespan startup, before the replica is ready
+            except HandlerLoadError as exc:
+                self.runner = None
+                self._failed(exc)
+                return
+        else:
+            self.runner = HandlerRunner(handler, max_concurrency=self.desired.max_concurrency,
+                                        sync_threads=self.desired.sync_threads)
+            # handler_cancellation: a client that disconnects cancels its handler (CancelledError in it)
+            server = web.Server(self._on_request, access_log=None, handler_cancellation=True)
+            self._site_runner = web.ServerRunner(server, access_log=None)
+            await self._site_runner.setup()
+            await web.SockSite(self._site_runner, sock, backlog=1024).start()
         self.port = sock.getsockname()[1]
         wildcard = bind_host in ("0.0.0.0", "::", "")
         self.host = (advertise_host or "127.0.0.1") if wildcard else bind_host
+
+    def _failed(self, exc: HandlerLoadError) -> None:
+        self.error = exc.as_dict()
+        logger.error("%s: %s\n%s", exc.reason, exc.message, exc.traceback)
 
     async def _on_request(self, req: BaseRequest) -> web.StreamResponse:
         if req.path == REPLICA_READY_PATH:
@@ -86,9 +102,24 @@ class ReplicaServer:
             return web.Response(status=200, text="ready\n")
         assert self.runner is not None
         status, headers, data = await self.runner.handle(lambda: self._read(req))
+        if not isinstance(data, bytes):
+            return await self._stream(req, status, headers, data)
         response = web.Response(status=status, headers=headers, body=data)
         if status == 413:
             response.force_close()  # the rest of that body is never read
+        return response
+
+    @staticmethod
+    async def _stream(req: BaseRequest, status: int, headers: dict[str, str], chunks: Any) -> web.StreamResponse:
+        """Send each chunk as the handler yields it (chunked encoding; HAProxy passes them on as they come)."""
+        response = web.StreamResponse(status=status, headers=headers)
+        try:
+            await response.prepare(req)
+            async for chunk in chunks:
+                await response.write(chunk)
+            await response.write_eof()
+        finally:
+            await chunks.aclose()  # releases the request's slot, whatever happened
         return response
 
     async def _read(self, req: BaseRequest) -> Request:
@@ -125,6 +156,9 @@ class ReplicaServer:
         }
 
     async def stop(self) -> None:
+        """Stop serving; an ASGI app's lifespan shutdown runs here."""
+        if self._asgi is not None:
+            await self._asgi.stop()
         if self._site_runner is not None:
             await self._site_runner.cleanup()
         if self.runner is not None:
@@ -196,4 +230,10 @@ class Replica:
         runner = self.server.runner
         while runner is not None and (runner.in_flight or runner.queued) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if isinstance(runner, AsgiRunner):  # the app's lifespan shutdown, on its own loop, before the kill
+            stopping = asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(stopping), max(1.0, deadline - time.monotonic()))
+            except Exception as exc:  # noqa: BLE001 - the app's shutdown hook is its own business
+                logger.warning("ASGI shutdown of %s: %s: %s", self.replica_id, type(exc).__name__, exc)
         return self._info()

@@ -340,3 +340,20 @@ def test_controller_restart_rediscovers_replicas(api, ray_cluster):
     api.put("survive", replicas=3)  # and it goes on reconciling
     api.wait_ready("survive", 3)
     api.delete("survive")
+
+
+def test_a_fastapi_app_streams_through_the_ingress_chunk_by_chunk(api):
+    api.put("fastapi", handler="examples.fastapi_app:app", routePrefix="/api")
+    api.wait_ready("fastapi", 1)
+    url = api.ingress
+    eventually(lambda: httpx.get(f"{url}/api/items/1", timeout=5).status_code == 200, 30, 0.1,
+               what="the ingress to route /api", ignoring=(httpx.HTTPError,))
+    assert httpx.get(f"{url}/api/items/5").json()["model"] == "loaded"
+    assert httpx.post(f"{url}/api/orders", json={"item": "tea", "quantity": 2}).json()["total"] == 6
+    t0, arrivals = time.monotonic(), []
+    with httpx.stream("GET", f"{url}/api/stream", params={"n": 3, "interval": 0.5}, timeout=10) as r:
+        for chunk in r.iter_text():
+            arrivals.append((time.monotonic() - t0, chunk))
+    assert "".join(c for _, c in arrivals) == "chunk 0\nchunk 1\nchunk 2\n"
+    assert arrivals[0][0] < 0.5 < arrivals[-1][0], arrivals  # HAProxy forwards each chunk as it comes
+    api.delete("fastapi")

@@ -5,6 +5,7 @@ import asyncio
 import socket
 import sys
 import textwrap
+import time
 
 import httpx
 import pytest
@@ -17,7 +18,18 @@ import asyncio
 
 EVENTS = []
 
+async def chunks(n, interval):
+    try:
+        for i in range(n):
+            yield f"chunk {i}\\n"
+            await asyncio.sleep(interval)
+    finally:
+        EVENTS.append("stream closed")
+
+
 async def handler(request):
+    if request.path == "/stream":
+        return chunks(int(request.query.get("n", "3")), float(request.query.get("interval", "0.3")))
     if request.path == "/slow":
         try:
             await asyncio.sleep(30)
@@ -100,5 +112,34 @@ def test_a_client_that_disconnects_cancels_its_handler(module):
             await asyncio.sleep(0.01)
         assert events == ["cancelled"]
         assert server.stats()["cancelled"] == 1 and server.stats()["inFlight"] == 0
+
+    serve(module, test)
+
+
+def test_an_async_generator_streams_chunk_by_chunk_holding_its_slot(module):
+    async def test(url, server):
+        events = sys.modules[module].EVENTS
+        t0, arrivals = time.monotonic(), []
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            async with client.stream("GET", "/stream", params={"n": 3, "interval": 0.4}) as r:
+                assert r.headers["content-type"].startswith("text/plain")
+                async for chunk in r.aiter_text():
+                    arrivals.append((time.monotonic() - t0, chunk))
+                    assert server.stats()["inFlight"] == 1  # one request for the stream's whole life
+        assert "".join(c for _, c in arrivals) == "chunk 0\nchunk 1\nchunk 2\n"
+        assert arrivals[0][0] < 0.4 <= arrivals[-1][0]  # the first chunk before the last was produced
+        assert server.stats()["inFlight"] == 0 and events == ["stream closed"]
+        # A client that leaves mid-stream: the generator is closed (its finally runs), the slot freed.
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /stream?n=100&interval=0.1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200")
+        writer.close()
+        for _ in range(500):
+            if len(events) == 2 and server.stats()["inFlight"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert events == ["stream closed"] * 2 and server.stats()["inFlight"] == 0
+        assert server.stats()["cancelled"] == 1
 
     serve(module, test)

@@ -1,0 +1,161 @@
+"""ASGI applications as handlers: a FastAPI or Starlette app (any ASGI 3 app) served as uvicorn serves it.
+
+``handler: myapp.main:app`` (an app object), or a class whose instance is an ASGI app (constructed with
+``handlerArgs``). The replica runs uvicorn's HTTP protocol (httptools) on its own event loop, on the
+socket HAProxy connects to, with the app wrapped in :class:`AsgiRunner`, which applies the same rules
+as to the plain contract: ``/-/ready``, admission (``maxConcurrency`` and a bounded queue, then 503 with
+``Retry-After``) before the body is read, ``maxRequestBodyBytes`` (413), and the counters the controller
+reads. A streaming response holds its slot until its last chunk. ``root_path`` is the deployment's
+``routePrefix``: the path reaches the app unchanged, and the app's routes and its OpenAPI docs work
+under the prefix. Lifespan startup runs before the replica reports ready (a failure is a
+``HandlerInitError``), shutdown when it stops.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import socket
+from typing import Any, Awaitable, Callable
+
+from rayfleet_api.constants import REPLICA_READY_PATH
+from rayfleet_api.desired import DesiredState
+from rayfleet_runtime.handler import HandlerLoadError, Limiter, PayloadTooLarge, default_max_queued
+
+logger = logging.getLogger("rayfleet.replica")
+
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# HAProxy keeps idle connections to a replica for reuse (`http-reuse always`): a replica that closed
+# them after uvicorn's default 5 s would race HAProxy's next request on them.
+SERVER_KEEPALIVE_S = 3600
+
+
+def is_asgi_app(obj: Any) -> bool:
+    """An ASGI 3 application: called as ``app(scope, receive, send)`` (the plain contract takes one argument)."""
+    if inspect.isclass(obj) or not callable(obj):
+        return False
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) == 3
+
+
+async def _respond(send: Send, status: int, text: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = (text + "\n").encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AsgiRunner:
+    """The ASGI app behind rayfleet's admission rules and counters (``HandlerRunner``'s, for ASGI)."""
+
+    def __init__(self, app: Any, desired: DesiredState, is_draining: Callable[[], bool]):
+        self.app = app
+        self.limiter = Limiter(desired.max_concurrency, default_max_queued(desired.max_concurrency))
+        self.root_path = "" if desired.route_prefix == "/" else desired.route_prefix
+        self.max_body = desired.max_request_body_bytes
+        self.is_draining = is_draining
+        self.total_requests = 0
+        self.errors = 0  # 5xx answered
+        self.rejected = 0  # 503 for overload
+        self.cancelled = 0
+        self.last_error: str | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return self.limiter.in_flight
+
+    @property
+    def queued(self) -> int:
+        return self.limiter.queued
+
+    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan (uvicorn serves no WebSockets here: ws="none")
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == REPLICA_READY_PATH:
+            await _respond(send, 503 if self.is_draining() else 200, "draining" if self.is_draining() else "ready")
+            return
+        self.total_requests += 1
+        if not await self.limiter.acquire():
+            self.rejected += 1
+            self.errors += 1
+            await _respond(send, 503, "503 Service Unavailable: replica at maxConcurrency", [(b"retry-after", b"1")])
+            return
+        status, too_large = 0, False
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        received = 0
+
+        async def receive_counted() -> Message:
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:  # a chunked body, counted as it arrives: the app sees the
+                    too_large = True           # client leave, and the client gets the 413
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if too_large:
+                return  # the app's answer to a body it never got whole
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if length is not None and length.isdigit() and int(length) > self.max_body:
+                too_large = True  # refused before a byte of the body is read
+            else:
+                await self.app({**scope, "root_path": self.root_path}, receive_counted, send_counted)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        except Exception as exc:
+            if not too_large:
+                self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                status = status or 500  # uvicorn answers 500 (and logs the traceback) if nothing was sent
+                raise
+        finally:
+            self.limiter.release()
+            if status >= 500:
+                self.errors += 1
+        if too_large and not status:
+            await _respond(send, 413, f"413 Request Entity Too Large: {PayloadTooLarge.over(self.max_body)}",
+                           [(b"connection", b"close")])
+
+    async def check_health(self) -> None:
+        """The event loop answered: an ASGI app has no ``check_health()`` of its own to call."""
+
+    def close(self) -> None:
+        """Nothing of its own to release (``AsgiServer.stop`` stops uvicorn and runs the lifespan shutdown)."""
+
+
+class AsgiServer:
+    """uvicorn's protocol on a socket of ours, on the running loop (no signal handlers, no loop of its own)."""
+
+    def __init__(self, runner: AsgiRunner):
+        import uvicorn  # the plain contract needs none of it
+
+        self.config = uvicorn.Config(runner, lifespan="auto", http="httptools", ws="none",
+                                     access_log=False, log_level="warning", timeout_keep_alive=SERVER_KEEPALIVE_S)
+        self.config.load()
+        self.server = uvicorn.Server(self.config)
+        self.server.lifespan = self.config.lifespan_class(self.config)
+
+    async def start(self, sock: socket.socket) -> None:
+        """Run the app's lifespan startup, then serve; ``HandlerLoadError`` if the startup failed."""
+        await self.server.startup(sockets=[sock])
+        if self.server.should_exit:
+            raise HandlerLoadError("HandlerInitError", "the ASGI app's lifespan startup failed (see the replica's log)", "")
+
+    async def stop(self) -> None:
+        """Stop serving, then run the app's lifespan shutdown."""
+        await self.server.shutdown()

@@ -1,0 +1,98 @@
+"""ASGI apps as handlers, served by the replica's own server (no Ray): the FastAPI example as written."""
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+
+from rayfleet_api.desired import DesiredState  # noqa: E402
+from rayfleet_runtime.asgi import is_asgi_app  # noqa: E402
+from rayfleet_runtime.replica import ReplicaServer  # noqa: E402
+
+
+def serve(test, **fields):
+    async def main():
+        server = ReplicaServer(DesiredState(handler="examples.fastapi_app:app", version="v", route_prefix="/api",
+                                            **fields))
+        await server.start("127.0.0.1")
+        assert server.error is None, server.error
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+                await test(client, server)
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_asgi_apps_are_told_from_plain_handlers():
+    from fastapi import FastAPI
+
+    async def plain(request):
+        return "ok"
+
+    async def raw_asgi(scope, receive, send):
+        pass
+
+    assert is_asgi_app(FastAPI()) and is_asgi_app(raw_asgi)
+    assert not is_asgi_app(plain) and not is_asgi_app(FastAPI) and not is_asgi_app("x")
+
+
+def test_a_fastapi_app_serves_as_written_under_its_route_prefix():
+    async def test(client, server):
+        module = sys.modules["examples.fastapi_app"]
+        assert module.resources == {"model": "loaded"}  # lifespan startup ran before it served
+        r = await client.get("/api/items/7", params={"q": "x"})
+        assert r.json()["item_id"] == 7 and r.json()["q"] == "x" and r.json()["model"] == "loaded"
+        assert (await client.post("/api/orders", json={"item": "tea", "quantity": 2})).json()["total"] == 6
+        assert (await client.post("/api/orders", json={"item": "tea"})).status_code == 422  # Pydantic's
+        assert (await client.get("/api/openapi.json")).json()["paths"].keys() >= {"/items/{item_id}", "/orders"}
+        assert (await client.get("/api/docs")).status_code == 200
+        assert (await client.get("/-/ready")).text == "ready\n"
+        assert server.stats()["totalRequests"] == 5 and server.stats()["errors"] == 0
+
+    serve(test)
+    assert sys.modules["examples.fastapi_app"].resources == {}  # lifespan shutdown ran on stop
+
+
+def test_a_stream_reaches_the_client_chunk_by_chunk_and_holds_its_slot():
+    async def test(client, server):
+        t0, arrivals = time.monotonic(), []
+        async with client.stream("GET", "/api/stream", params={"n": 3, "interval": 0.4}) as r:
+            async for chunk in r.aiter_text():
+                arrivals.append((time.monotonic() - t0, chunk))
+                if len(arrivals) == 1:
+                    assert server.stats()["inFlight"] == 1  # a stream is one request for its whole life
+        assert "".join(c for _, c in arrivals) == "chunk 0\nchunk 1\nchunk 2\n"
+        assert arrivals[0][0] < 0.4 <= arrivals[-1][0]  # the first chunk before the last was produced
+        assert server.stats()["inFlight"] == 0
+        events = (await client.get("/api/events")).text
+        assert events == "data: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+    serve(test)
+
+
+def test_admission_and_body_limit_apply_to_asgi_apps():
+    async def test(client, server):
+        r = await client.post("/api/orders", content=b"x" * 101)
+        assert r.status_code == 413 and "maxRequestBodyBytes" in r.text
+
+        async def chunked():
+            for _ in range(3):
+                yield b"x" * 60
+
+        assert (await client.post("/api/orders", content=chunked())).status_code == 413
+        slow = [asyncio.ensure_future(client.get("/api/stream", params={"n": 2, "interval": 0.5})) for _ in range(2)]
+        while (server.stats()["inFlight"], server.stats()["queued"]) != (1, 1):
+            await asyncio.sleep(0.01)
+        busy = await client.get("/api/items/1")  # one running, one waiting (maxConcurrency 1): refused at once
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert [r.status_code for r in await asyncio.gather(*slow)] == [200, 200]
+        assert server.stats()["rejected"] == 1
+
+    serve(test, max_concurrency=1, max_request_body_bytes=100)
