@@ -1,13 +1,14 @@
 """An unmodified FastAPI app as a rayfleet handler (``handler: examples.fastapi_app:app``).
 
-Path parameters, a Pydantic body, a lifespan hook and a streaming response, written as for uvicorn.
+Path parameters, a Pydantic body, a lifespan hook, streaming responses and a WebSocket route, written as
+for uvicorn.
 Under ``routePrefix: /api`` its routes answer at /api/items/1 and its docs at /api/docs.
 """
 import asyncio
 import os
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -55,3 +56,13 @@ async def events(n: int = 3):
             yield f"data: {i}\n\n"
             await asyncio.sleep(0.1)
     return StreamingResponse(sse(), media_type="text/event-stream")
+
+
+@app.websocket("/echo")
+async def echo(websocket: WebSocket):
+    await websocket.accept()
+    try:
+        while True:
+            await websocket.send_text(f"echo: {await websocket.receive_text()}")
+    except WebSocketDisconnect:
+        pass

@@ -8,7 +8,8 @@ as to the plain contract: ``/-/ready``, admission (``maxConcurrency`` and a boun
 reads. A streaming response holds its slot until its last chunk. ``root_path`` is the deployment's
 ``routePrefix``: the path reaches the app unchanged, and the app's routes and its OpenAPI docs work
 under the prefix. Lifespan startup runs before the replica reports ready (a failure is a
-``HandlerInitError``), shutdown when it stops.
+``HandlerInitError``), shutdown when it stops. WebSocket sessions count as one request each for their
+whole life; stopping the replica closes those still open (1012, service restart).
 """
 from __future__ import annotations
 
@@ -76,7 +77,10 @@ class AsgiRunner:
         return self.limiter.queued
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":  # lifespan (uvicorn serves no WebSockets here: ws="none")
+        if scope["type"] == "websocket":
+            await self._session(scope, receive, send)
+            return
+        if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
         if scope["path"] == REPLICA_READY_PATH:
@@ -131,6 +135,25 @@ class AsgiRunner:
             await _respond(send, 413, f"413 Request Entity Too Large: {PayloadTooLarge.over(self.max_body)}",
                            [(b"connection", b"close")])
 
+    async def _session(self, scope: Message, receive: Receive, send: Send) -> None:
+        """A WebSocket session: one request against ``maxConcurrency`` for its whole life."""
+        self.total_requests += 1
+        if not await self.limiter.acquire():
+            self.rejected += 1
+            await send({"type": "websocket.close", "code": 1013})  # "try again later"; before accept: 403
+            return
+        try:
+            await self.app({**scope, "root_path": self.root_path}, receive, send)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            self.errors += 1
+            raise
+        finally:
+            self.limiter.release()
+
     async def check_health(self) -> None:
         """The event loop answered: an ASGI app has no ``check_health()`` of its own to call."""
 
@@ -144,7 +167,7 @@ class AsgiServer:
     def __init__(self, runner: AsgiRunner):
         import uvicorn  # the plain contract needs none of it
 
-        self.config = uvicorn.Config(runner, lifespan="auto", http="httptools", ws="none",
+        self.config = uvicorn.Config(runner, lifespan="auto", http="httptools", ws="websockets-sansio",
                                      access_log=False, log_level="warning", timeout_keep_alive=SERVER_KEEPALIVE_S)
         self.config.load()
         self.server = uvicorn.Server(self.config)

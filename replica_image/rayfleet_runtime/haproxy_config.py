@@ -49,6 +49,7 @@ HEALTH_INTER_MS = 1000
 KEEPALIVE_TIMEOUT_S = 5
 # On every 503 HAProxy answers itself (no replica, queue full, queue timeout), as the replica does on its own.
 RETRY_AFTER = " hdr Retry-After 1"
+TUNNEL_TIMEOUT_S = 3600
 FRONTEND_NAME = "rayfleet"
 NOT_FOUND_BACKEND = "rayfleet_no_route"
 
@@ -344,6 +345,8 @@ def render_config(
     w(f"    timeout server {_ms(DEFAULT_REQUEST_TIMEOUT_S)}")
     w("    timeout http-request 10s")
     w(f"    timeout http-keep-alive {KEEPALIVE_TIMEOUT_S}s")
+    # An upgraded connection (a WebSocket) may sit idle this long, not just requestTimeoutSeconds
+    w(f"    timeout tunnel {TUNNEL_TIMEOUT_S}s")
     w(f"    timeout queue {_ms(QUEUE_TIMEOUT_S)}")
     w("    timeout check 2s")
     w(

@@ -356,4 +356,9 @@ def test_a_fastapi_app_streams_through_the_ingress_chunk_by_chunk(api):
             arrivals.append((time.monotonic() - t0, chunk))
     assert "".join(c for _, c in arrivals) == "chunk 0\nchunk 1\nchunk 2\n"
     assert arrivals[0][0] < 0.5 < arrivals[-1][0], arrivals  # HAProxy forwards each chunk as it comes
+    from websockets.sync.client import connect
+
+    with connect(url.replace("http://", "ws://") + "/api/echo", open_timeout=10) as ws:  # upgraded through HAProxy
+        ws.send("hi")
+        assert ws.recv(timeout=10) == "echo: hi"
     api.delete("fastapi")

@@ -96,3 +96,42 @@ def test_admission_and_body_limit_apply_to_asgi_apps():
         assert server.stats()["rejected"] == 1
 
     serve(test, max_concurrency=1, max_request_body_bytes=100)
+
+
+def test_a_websocket_session_round_trips_and_counts_as_one_request():
+    from websockets.asyncio.client import connect
+
+    async def test(client, server):
+        url = client.base_url.copy_with(scheme="ws", path="/api/echo")
+        async with connect(str(url)) as ws:
+            await ws.send("hi")
+            assert await ws.recv() == "echo: hi"
+            assert server.stats()["inFlight"] == 1  # the open session holds its slot
+            await ws.send("again")
+            assert await ws.recv() == "echo: again"
+        for _ in range(300):
+            if server.stats()["inFlight"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert server.stats()["inFlight"] == 0
+
+    serve(test)
+
+
+def test_stopping_the_replica_closes_open_websockets_cleanly():
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    async def main():
+        server = ReplicaServer(DesiredState(handler="examples.fastapi_app:app", version="v", route_prefix="/api"))
+        await server.start("127.0.0.1")
+        async with connect(f"ws://127.0.0.1:{server.port}/api/echo") as ws:
+            await ws.send("hi")
+            assert await ws.recv() == "echo: hi"
+            stopping = asyncio.ensure_future(server.stop())
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd.code == 1012  # service restart: a client knows to reconnect
+            await asyncio.wait_for(stopping, 10)
+
+    asyncio.run(main())
