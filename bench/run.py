@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.worker import REPLICAS, SCENARIOS, SYSTEMS, TUNED_MAX_ONGOING
+from bench.worker import ASGI_CONNS, REPLICAS, SCENARIOS, SYSTEMS, TUNED_MAX_ONGOING
 from bench.wrk import wrk_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,6 +170,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
     wrk_rows("trivial", "trivial", [8, 32, 128])
     wrk_rows("sleep 50 ms", "sleep", [100, 400], extra=True)
+    wrk_rows("trivial as a FastAPI app", "asgi", [ASGI_CONNS])
     if any(_get(runs, s, "sleep") for s in systems):
         lines += ["Ideal for the 50 ms sleep = conns / 0.05 s (every connection always has a request in its sleep; "
                   "rayfleet and tuned Serve allow 1000 in flight per replica, Serve defaults only 5).", ""]

@@ -39,8 +39,21 @@ SyncHandler = serve.deployment(_SyncWrap, name="SyncHandler")
 FaultyHandler = serve.deployment(_FaultyWrap, name="FaultyHandler")
 
 
+def _asgi_deployment():
+    from bench.asgi_app import app as fastapi_app
+
+    @serve.deployment(name="AsgiHandler")
+    @serve.ingress(fastapi_app)
+    class AsgiHandler:
+        def __init__(self, name: str):  # bound as the other wrappers are; the app needs nothing
+            pass
+
+    return AsgiHandler
+
+
 def app(name: str, replicas: int, max_ongoing_requests: int | None):
-    base = SyncHandler if name in ("cpu", "seed_sync") else AsyncHandler
+    base = (_asgi_deployment() if name == "asgi" else SyncHandler if name in ("cpu", "seed_sync")
+            else AsyncHandler)
     opts = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 1},
             # only so deleting an app between scenarios takes ~1 s, not ~30 s; no effect under load
             "graceful_shutdown_timeout_s": 1, "graceful_shutdown_wait_loop_s": 0.2}

@@ -31,7 +31,8 @@ from rayfleet_api.states import DeploymentStatus
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ("rayfleet", "serve-default", "serve-tuned", "serve-haproxy")
-SCENARIOS = ("trivial", "overhead", "memory", "sleep", "cpu", "seed")
+SCENARIOS = ("trivial", "overhead", "memory", "sleep", "cpu", "seed", "asgi")
+ASGI_CONNS = 32
 TRIVIAL_CONNS = (8, 32, 128)
 SLEEP_CONNS = (100, 400)
 CPU_CONNS = 4
@@ -100,8 +101,9 @@ class Rayfleet:
         self.config = {"maxConcurrency": RAYFLEET_MAX_CONCURRENCY, "syncThreads": 1, "numCpus": 1}
 
     def deploy(self, name: str, handler: str, replicas: int) -> str:
+        target = "bench.asgi_app:app" if handler == "asgi" else f"bench.handlers:{handler}"
         self.api.put_deployment(name, DesiredState(
-            handler=f"bench.handlers:{handler}", replicas=replicas, version="v1", route_prefix=f"/{name}",
+            handler=target, replicas=replicas, version="v1", route_prefix=f"/{name}",
             max_concurrency=RAYFLEET_MAX_CONCURRENCY, ray_actor_options=ActorOptions(num_cpus=1),
             graceful_shutdown_seconds=2))
         deadline = time.monotonic() + 120
@@ -267,6 +269,12 @@ def run_system(system, scenarios: list[str], duration: float, warmup: float, log
             system.undeploy(name)
         one, two = res["cpu"]["1"]["rps"], res["cpu"]["2"]["rps"]
         res["cpu"]["speedup"] = round(two / one, 3) if one else None
+    if "asgi" in scenarios:  # the trivial handler as a FastAPI app: rayfleet as is, Serve via @serve.ingress
+        url = system.deploy("asgi", "asgi", REPLICAS)
+        r = measure(url, ASGI_CONNS, duration, warmup)
+        log(f"asgi (FastAPI) c={ASGI_CONNS}: {r['rps']:.0f} req/s p99 {r['p99_ms']:.2f} ms non2xx {r['non2xx']}")
+        res["asgi"] = [r]
+        system.undeploy("asgi")
     if "seed" in scenarios:
         res["seed"] = {}
         for kind in ("seed_async", "seed_sync"):

@@ -1,6 +1,7 @@
 """How every suite waits: poll a condition until it holds or a deadline passes, never a bare sleep."""
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Callable
 
@@ -26,3 +27,14 @@ def eventually(check: Callable[[], Any], timeout: float = 30, interval: float = 
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {value!r}\n"
                                  f"{diagnostics() if diagnostics else ''}")
         time.sleep(interval)
+
+
+async def eventually_async(check: Callable[[], Any], timeout: float = 10, interval: float = 0.01,
+                           what: str = "condition") -> Any:
+    """``eventually`` for a test running on an event loop (the loop keeps serving while it waits)."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {value!r}")
+        await asyncio.sleep(interval)
+    return value

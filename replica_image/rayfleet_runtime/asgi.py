@@ -32,6 +32,9 @@ Send = Callable[[Message], Awaitable[None]]
 # HAProxy keeps idle connections to a replica for reuse (`http-reuse always`): a replica that closed
 # them after uvicorn's default 5 s would race HAProxy's next request on them.
 SERVER_KEEPALIVE_S = 3600
+# Stopping waits this long for open requests (a drain already waited its grace), then cancels them and
+# still runs the app's lifespan shutdown.
+SHUTDOWN_S = 5
 
 
 def is_asgi_app(obj: Any) -> bool:
@@ -140,6 +143,7 @@ class AsgiRunner:
         self.total_requests += 1
         if not await self.limiter.acquire():
             self.rejected += 1
+            self.errors += 1
             await send({"type": "websocket.close", "code": 1013})  # "try again later"; before accept: 403
             return
         try:
@@ -168,16 +172,19 @@ class AsgiServer:
         import uvicorn  # the plain contract needs none of it
 
         self.config = uvicorn.Config(runner, lifespan="auto", http="httptools", ws="websockets-sansio",
-                                     access_log=False, log_level="warning", timeout_keep_alive=SERVER_KEEPALIVE_S)
+                                     access_log=False, log_level="warning", timeout_keep_alive=SERVER_KEEPALIVE_S,
+                                     timeout_graceful_shutdown=SHUTDOWN_S)
         self.config.load()
         self.server = uvicorn.Server(self.config)
         self.server.lifespan = self.config.lifespan_class(self.config)
 
     async def start(self, sock: socket.socket) -> None:
         """Run the app's lifespan startup, then serve; ``HandlerLoadError`` if the startup failed."""
-        await self.server.startup(sockets=[sock])
-        if self.server.should_exit:
-            raise HandlerLoadError("HandlerInitError", "the ASGI app's lifespan startup failed (see the replica's log)", "")
+        try:
+            await self.server.startup(sockets=[sock])
+        except SystemExit:  # uvicorn's answer to a failed lifespan startup
+            raise HandlerLoadError("HandlerInitError", "the ASGI app's lifespan startup failed (its error is in the "
+                                   "replica's log)", "") from None
 
     async def stop(self) -> None:
         """Stop serving, then run the app's lifespan shutdown."""

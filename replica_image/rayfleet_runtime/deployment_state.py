@@ -335,7 +335,8 @@ class ControllerCore:
         """Per deployment: its replicas known to run (they have answered with a pid), and their CPUs."""
         held = {}
         for dep in self.deployments.values():
-            placed = [r for r in dep.replicas.values() if r.info.get("pid") and r.state != ReplicaState.STOPPED]
+            placed = [r for r in dep.replicas.values() if r.info.get("pid")
+                      and r.state in (ReplicaState.STARTING, *_SERVING, ReplicaState.DRAINING)]
             held[dep.name] = (len(placed), len(placed) * dep.desired.ray_actor_options.num_cpus)
         return held
 
@@ -403,9 +404,9 @@ class ControllerCore:
                 except ReplicaDied as exc:
                     self._died(rec, exc)
                     return
-                except ReplicaCallError as exc:  # unreachable for now: the probes judge it
-                    logger.debug("watch of %s ended: %s", rec.id, exc.ray_error)
-                    return
+                except ReplicaCallError as exc:  # unreachable for now (the probes judge it): watch again
+                    logger.debug("watch of %s interrupted: %s", rec.id, exc.ray_error)
+                    await asyncio.sleep(PROBE_INTERVAL_S)
         rec.watch_task = asyncio.get_running_loop().create_task(watch())
 
     def _died(self, rec: ReplicaRecord, exc: ReplicaDied) -> None:

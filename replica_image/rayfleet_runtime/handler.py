@@ -187,10 +187,11 @@ def _init_error(module_name: str, exc: BaseException) -> HandlerLoadError:
 
 
 def is_async_callable(fn: Any) -> bool:
-    if inspect.iscoroutinefunction(fn):
-        return True
+    """``async def`` (a coroutine or an async generator: a stream), as a function or as ``__call__``."""
+    def is_async(f: Any) -> bool:
+        return inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)
     call = getattr(fn, "__call__", None)
-    return call is not None and inspect.iscoroutinefunction(call)
+    return is_async(fn) or (call is not None and is_async(call))
 
 
 class Limiter:
@@ -290,6 +291,11 @@ class Stream:
     async def __anext__(self) -> bytes:
         try:
             chunk = await self._chunks.__anext__()
+            if isinstance(chunk, str):
+                return chunk.encode()
+            if isinstance(chunk, (bytes, bytearray, memoryview)):
+                return bytes(chunk)
+            raise TypeError(f"a stream yields str or bytes, not {type(chunk).__name__}")
         except StopAsyncIteration:
             self._done = True
             raise
@@ -301,7 +307,6 @@ class Stream:
             self._runner.errors += 1
             logger.error("a streamed response failed:\n%s", traceback.format_exc())
             raise
-        return chunk.encode() if isinstance(chunk, str) else bytes(chunk)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -404,8 +409,8 @@ class HandlerRunner:
                 result = await asyncio.wrap_future(job)
             except asyncio.CancelledError:
                 if not job.cancel():  # already running: a thread can't be stopped, so it keeps its slot
-                    with contextlib.suppress(BaseException):  # until it returns (syncThreads stays a bound)
-                        await asyncio.wrap_future(job)
+                    with contextlib.suppress(BaseException):  # until it returns (syncThreads stays a bound;
+                        await asyncio.wrap_future(job)         # only a second cancellation, at shutdown, ends it)
                 raise
         if inspect.isawaitable(result):
             result = await result

@@ -378,24 +378,20 @@ class Ingress:
     # ----------------------------------------------------------------- actor API
 
     async def ready(self, timeout_s: float = 30.0) -> dict[str, Any]:
-        """Return once HAProxy accepts connections on its port and answers its runtime API."""
-        probe_host = "127.0.0.1" if self.bind_host in ("0.0.0.0", "", "*") else self.bind_host
-        if probe_host == "::":
-            probe_host = "::1"
+        """Return once HAProxy runs and answers its runtime API (it serves our listening socket by then;
+        a connect alone would prove nothing: the socket is ours and queues connections from the start)."""
         deadline = time.monotonic() + timeout_s
         last: BaseException | None = None
         while time.monotonic() < deadline:
             proc = self._proc
             if proc is not None and proc.poll() is None:
                 try:
-                    _, writer = await asyncio.wait_for(asyncio.open_connection(probe_host, self.port), 2)
-                    writer.close()
                     await asyncio.to_thread(_cli, self.runtime_socket, "show info", 2.0)
                     return self._info()
-                except (OSError, asyncio.TimeoutError) as e:
+                except OSError as e:
                     last = e
             await asyncio.sleep(0.05)
-        raise TimeoutError(f"HAProxy not ready on {probe_host}:{self.port} after {timeout_s}s: {last!r}")
+        raise TimeoutError(f"HAProxy not ready on {self.bind_host}:{self.port} after {timeout_s}s: {last!r}")
 
     def _info(self) -> dict[str, Any]:
         proc = self._proc
@@ -518,8 +514,8 @@ class Ingress:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop HAProxy: soft stop (finish in-flight requests) for up to ``grace_s``, then hard."""
-        self._listener.close()  # new clients are refused once HAProxy lets go of its copy, not queued for no one
         await asyncio.to_thread(self._terminate, grace_s)
+        self._listener.close()  # after: the supervisor restarts no HAProxy once stopping, so none needs it
 
 
 def _make_actor_class():

@@ -76,7 +76,8 @@ class ReplicaServer:
             try:
                 await self._asgi.start(sock)  # the app's lifespan startup, before the replica is ready
             except HandlerLoadError as exc:
-                self.runner = None
+                self.runner, self._asgi = None, None
+                sock.close()
                 self._failed(exc)
                 return
         else:

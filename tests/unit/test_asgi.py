@@ -13,6 +13,7 @@ pytest.importorskip("fastapi")
 from rayfleet_api.desired import DesiredState  # noqa: E402
 from rayfleet_runtime.asgi import is_asgi_app  # noqa: E402
 from rayfleet_runtime.replica import ReplicaServer  # noqa: E402
+from tests.waiting import eventually_async  # noqa: E402
 
 
 def serve(test, **fields):
@@ -88,8 +89,8 @@ def test_admission_and_body_limit_apply_to_asgi_apps():
 
         assert (await client.post("/api/orders", content=chunked())).status_code == 413
         slow = [asyncio.ensure_future(client.get("/api/stream", params={"n": 2, "interval": 0.5})) for _ in range(2)]
-        while (server.stats()["inFlight"], server.stats()["queued"]) != (1, 1):
-            await asyncio.sleep(0.01)
+        await eventually_async(lambda: (server.stats()["inFlight"], server.stats()["queued"]) == (1, 1),
+                               what="one stream running, one queued")
         busy = await client.get("/api/items/1")  # one running, one waiting (maxConcurrency 1): refused at once
         assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
         assert [r.status_code for r in await asyncio.gather(*slow)] == [200, 200]
@@ -109,11 +110,7 @@ def test_a_websocket_session_round_trips_and_counts_as_one_request():
             assert server.stats()["inFlight"] == 1  # the open session holds its slot
             await ws.send("again")
             assert await ws.recv() == "echo: again"
-        for _ in range(300):
-            if server.stats()["inFlight"] == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert server.stats()["inFlight"] == 0
+        await eventually_async(lambda: server.stats()["inFlight"] == 0, what="the closed session's slot freed")
 
     serve(test)
 
@@ -133,5 +130,22 @@ def test_stopping_the_replica_closes_open_websockets_cleanly():
                 await asyncio.wait_for(ws.recv(), 10)
             assert closed.value.rcvd.code == 1012  # service restart: a client knows to reconnect
             await asyncio.wait_for(stopping, 10)
+
+    asyncio.run(main())
+
+
+def test_a_failing_lifespan_startup_is_a_handler_init_error(tmp_path, monkeypatch):
+    (tmp_path / "rf_bad_lifespan.py").write_text(
+        "from contextlib import asynccontextmanager\nfrom fastapi import FastAPI\n\n"
+        "@asynccontextmanager\nasync def lifespan(app):\n    raise RuntimeError('no model')\n    yield\n\n"
+        "app = FastAPI(lifespan=lifespan)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    async def main():
+        server = ReplicaServer(DesiredState(handler="rf_bad_lifespan:app", version="v"))
+        await server.start("127.0.0.1")  # reported, not raised: the actor stays up to say why
+        assert server.error["reason"] == "HandlerInitError" and "lifespan" in server.error["message"]
+        assert server.port is None
+        await server.stop()
 
     asyncio.run(main())

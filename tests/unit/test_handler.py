@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests.waiting import eventually_async
+
 from rayfleet_runtime import Response
 from rayfleet_runtime.handler import (HandlerLoadError, HandlerRunner, Limiter, PayloadTooLarge, Request, load_handler,
                                       to_http)
@@ -190,8 +192,8 @@ def test_overload_is_503_at_once():
 
     async def main():
         tasks = [asyncio.ensure_future(runner.handle(req())) for _ in range(3)]
-        while (runner.in_flight, runner.queued) != (2, 1):  # two running, one waiting: the queue is full
-            await asyncio.sleep(0)
+        await eventually_async(lambda: (runner.in_flight, runner.queued) == (2, 1),  # the queue is full
+                               what="two running, one queued")
         t = time.monotonic()
         status, headers, _ = await runner.handle(req())
         assert status == 503 and headers["Retry-After"] == "1"
@@ -344,8 +346,8 @@ def test_a_sync_handlers_queue_is_bounded_and_visible():
 
     async def main():
         tasks = [asyncio.ensure_future(runner.handle(req())) for _ in range(3)]
-        while (runner.in_flight, runner.queued) != (1, 2):  # one thread busy, two waiting, in the open
-            await asyncio.sleep(0.001)
+        await eventually_async(lambda: (runner.in_flight, runner.queued) == (1, 2),  # one busy, two waiting
+                               what="one running, two queued")
         status, headers, _ = await runner.handle(req())
         assert status == 503 and headers["Retry-After"] == "1"
         release.set()
@@ -368,8 +370,7 @@ def test_a_request_is_read_only_once_admitted():
 
     async def main():
         first = asyncio.ensure_future(runner.handle(reader))
-        while runner.in_flight != 1:
-            await asyncio.sleep(0.001)
+        await eventually_async(lambda: runner.in_flight == 1, what="the request to be admitted")
         assert (await runner.handle(reader))[0] == 503  # refused without reading its body
         assert len(reads) == 1
         assert await first == (200, {"Content-Type": "application/octet-stream"}, b"payload")
@@ -404,8 +405,7 @@ def test_a_disconnected_clients_async_handler_is_cancelled():
 
     async def main():
         task = asyncio.ensure_future(runner.handle(req()))
-        while runner.in_flight != 1:
-            await asyncio.sleep(0.001)
+        await eventually_async(lambda: runner.in_flight == 1, what="the request to be admitted")
         task.cancel()  # what aiohttp does when the connection is lost
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -437,3 +437,49 @@ def test_a_cancelled_sync_handler_keeps_its_thread_slot_until_it_returns():
         assert runner.in_flight == 0
 
     run(main())
+
+
+def test_an_async_generator_handler_is_async_and_streams_concurrently():
+    async def handler(request):  # the natural way to write a stream: the handler itself yields
+        yield "a"
+        await asyncio.sleep(0.2)
+        yield b"b"
+
+    runner = HandlerRunner(handler, max_concurrency=10, sync_threads=1)
+    assert runner.is_async and runner.limiter.limit == 10  # not a sync handler run one at a time
+
+    async def consume():
+        status, headers, stream = await runner.handle(req())
+        try:
+            return status, headers["Content-Type"], b"".join([chunk async for chunk in stream])
+        finally:
+            await stream.aclose()
+
+    async def main():
+        t = time.monotonic()
+        results = await asyncio.gather(*(consume() for _ in range(3)))
+        return time.monotonic() - t, results
+
+    elapsed, results = run(main())
+    assert results == [(200, "text/plain; charset=utf-8", b"ab")] * 3
+    assert elapsed < 0.5 and runner.in_flight == 0  # three streams at once, every slot given back
+
+
+def test_a_stream_yielding_something_else_than_text_or_bytes_is_a_counted_handler_error():
+    async def handler(request):
+        yield "fine"
+        yield 5  # bytes(5) would be five NULs
+
+    runner = HandlerRunner(handler)
+
+    async def main():
+        _, _, stream = await runner.handle(req())
+        chunks = []
+        with pytest.raises(TypeError):
+            async for chunk in stream:
+                chunks.append(chunk)
+        await stream.aclose()
+        return chunks
+
+    assert run(main()) == [b"fine"]
+    assert runner.errors == 1 and "TypeError" in runner.last_error and runner.cancelled == 0 and runner.in_flight == 0

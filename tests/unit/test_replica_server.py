@@ -12,6 +12,7 @@ import pytest
 
 from rayfleet_api.desired import DesiredState
 from rayfleet_runtime.replica import ReplicaServer
+from tests.waiting import eventually_async
 
 HANDLER = '''
 import asyncio
@@ -101,15 +102,9 @@ def test_a_client_that_disconnects_cancels_its_handler(module):
         host, port = url.removeprefix("http://").split(":")
         sock = socket.create_connection((host, int(port)))
         sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-        for _ in range(500):
-            if server.stats()["inFlight"] == 1:
-                break
-            await asyncio.sleep(0.01)
+        await eventually_async(lambda: server.stats()["inFlight"] == 1, what="the request to start")
         sock.close()
-        for _ in range(500):
-            if events:
-                break
-            await asyncio.sleep(0.01)
+        await eventually_async(lambda: events, what="the handler to be cancelled")
         assert events == ["cancelled"]
         assert server.stats()["cancelled"] == 1 and server.stats()["inFlight"] == 0
 
@@ -135,11 +130,9 @@ def test_an_async_generator_streams_chunk_by_chunk_holding_its_slot(module):
         writer.write(b"GET /stream?n=100&interval=0.1 HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200")
         writer.close()
-        for _ in range(500):
-            if len(events) == 2 and server.stats()["inFlight"] == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert events == ["stream closed"] * 2 and server.stats()["inFlight"] == 0
+        await eventually_async(lambda: len(events) == 2 and server.stats()["inFlight"] == 0,
+                               what="the stream to be closed and its slot freed")
+        assert events == ["stream closed"] * 2
         assert server.stats()["cancelled"] == 1
 
     serve(module, test)
