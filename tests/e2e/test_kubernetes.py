@@ -253,3 +253,28 @@ def test_async_handler_overlaps_concurrent_requests(cluster):
         assert elapsed < 2.5, f"5 concurrent 1 s requests took {elapsed:.2f}s"
     finally:
         cluster.kubectl("delete", "sd", name, "-n", NAMESPACE, "--timeout=300s", check=False, timeout=330)
+
+
+def test_a_fastapi_app_streams_and_upgrades_through_the_service(cluster):
+    import httpx
+    from websockets.sync.client import connect
+
+    sd = example("fastapi_app")
+    name, prefix = sd["metadata"]["name"], sd["spec"]["routePrefix"]
+    apply(cluster, sd)
+    try:
+        cluster.wait_ready(name, sd["spec"]["replicas"])
+        base = f"{cluster.service_url(name)}{prefix}"
+        code, body = http_get(f"{base}/items/3?q=x")
+        assert code == 200 and body["item_id"] == 3 and body["model"] == "loaded", body  # lifespan ran
+        t0, arrivals = time.monotonic(), []
+        with httpx.stream("GET", f"{base}/stream", params={"n": 3, "interval": 0.5}, timeout=30) as r:
+            for chunk in r.iter_text():
+                arrivals.append((time.monotonic() - t0, chunk))
+        assert "".join(c for _, c in arrivals) == "chunk 0\nchunk 1\nchunk 2\n"
+        assert arrivals[0][0] < 0.5 < arrivals[-1][0], arrivals  # each chunk as it is produced
+        with connect(base.replace("http://", "ws://") + "/echo", open_timeout=30) as ws:
+            ws.send("hi")
+            assert ws.recv(timeout=30) == "echo: hi"
+    finally:
+        cluster.kubectl("delete", "sd", name, "-n", NAMESPACE, "--timeout=300s", check=False, timeout=330)
