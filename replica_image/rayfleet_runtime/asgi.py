@@ -5,7 +5,8 @@
 socket HAProxy connects to, with the app wrapped in :class:`AsgiRunner`, which applies the same rules
 as to the plain contract: ``/-/ready``, admission (``maxConcurrency`` and a bounded queue, then 503 with
 ``Retry-After``) before the body is read, ``maxRequestBodyBytes`` (413), and the counters the controller
-reads. A streaming response holds its slot until its last chunk. ``root_path`` is the deployment's
+reads. A streaming response holds its slot until its last chunk, and a client that leaves before its
+response is complete cancels the app's task (:class:`_Exchange`). ``root_path`` is the deployment's
 ``routePrefix``: the path reaches the app unchanged, and the app's routes and its OpenAPI docs work
 under the prefix. Lifespan startup runs before the replica reports ready (a failure is a
 ``HandlerInitError``), shutdown when it stops. WebSocket sessions count as one request each for their
@@ -56,6 +57,67 @@ async def _respond(send: Send, status: int, text: str, headers: list[tuple[bytes
     await send({"type": "http.response.body", "body": body})
 
 
+class _Exchange:
+    """One HTTP request's ``receive``/``send`` as the app sees them: the body counted against the limit,
+    the status noted, and the app's task cancelled when the client leaves before the response is done.
+
+    ASGI tells a disconnect as the ``http.disconnect`` message that a ``receive()`` after the whole body
+    returns; a watcher waits for it once the app has read the body (or at once for a request without
+    one, keeping the empty body message for the app), so no message meant for the app is taken from it.
+    """
+
+    def __init__(self, receive: Receive, send: Send, max_body: int):
+        self._receive, self._send = receive, send
+        self._max_body = max_body
+        self._task = asyncio.current_task()
+        self._received = 0
+        self._kept: list[Message] = []
+        self._complete = False  # the last byte of the response was handed to the server
+        self._watcher: asyncio.Task | None = None
+        self.status = 0
+        self.too_large = False
+        self.disconnected = False  # the client left first, and the app's task was cancelled for it
+
+    async def receive(self) -> Message:
+        if self._kept:
+            return self._kept.pop()
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self._received += len(message.get("body", b""))
+            if self._received > self._max_body:  # a chunked body, counted as it arrives: the app sees the
+                self.too_large = True             # client leave, and the client gets the 413
+                return {"type": "http.disconnect"}
+            if not message.get("more_body", False):
+                self.watch_for_disconnect()
+        return message
+
+    async def send(self, message: Message) -> None:
+        if self.too_large:
+            return  # the app's answer to a body it never got whole
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self._complete = True  # before the server hears it: its own "response complete" is no disconnect
+        await self._send(message)
+
+    def watch_for_disconnect(self) -> None:
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        message = await self._receive()
+        if message["type"] == "http.request":  # a bodyless request's empty body: the app's, kept for it
+            self._kept.append(message)
+            message = await self._receive()
+        if message["type"] == "http.disconnect" and not self._complete and self._task is not None:
+            self.disconnected = True
+            self._task.cancel()
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+
 class AsgiRunner:
     """The ASGI app behind rayfleet's admission rules and counters (``HandlerRunner``'s, for ASGI)."""
 
@@ -95,46 +157,31 @@ class AsgiRunner:
             self.errors += 1
             await _respond(send, 503, "503 Service Unavailable: replica at maxConcurrency", [(b"retry-after", b"1")])
             return
-        status, too_large = 0, False
+        exchange = _Exchange(receive, send, self.max_body)
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        received = 0
-
-        async def receive_counted() -> Message:
-            nonlocal received, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:  # a chunked body, counted as it arrives: the app sees the
-                    too_large = True           # client leave, and the client gets the 413
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def send_counted(message: Message) -> None:
-            nonlocal status
-            if too_large:
-                return  # the app's answer to a body it never got whole
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        if length is None and not any(k == b"transfer-encoding" for k, _ in scope["headers"]):
+            exchange.watch_for_disconnect()  # no body to read first
         try:
             if length is not None and length.isdigit() and int(length) > self.max_body:
-                too_large = True  # refused before a byte of the body is read
+                exchange.too_large = True  # refused before a byte of the body is read
             else:
-                await self.app({**scope, "root_path": self.root_path}, receive_counted, send_counted)
+                await self.app({**scope, "root_path": self.root_path}, exchange.receive, exchange.send)
         except asyncio.CancelledError:
             self.cancelled += 1
-            raise
+            if not exchange.disconnected:
+                raise
+            asyncio.current_task().uncancel()  # ours, for a client that left: no one to answer
         except Exception as exc:
-            if not too_large:
+            if not exchange.too_large:
                 self.last_error = f"{type(exc).__name__}: {exc}"[:500]
-                status = status or 500  # uvicorn answers 500 (and logs the traceback) if nothing was sent
+                exchange.status = exchange.status or 500  # uvicorn answers 500 (and logs it) if nothing was sent
                 raise
         finally:
+            exchange.close()
             self.limiter.release()
-            if status >= 500:
+            if exchange.status >= 500:
                 self.errors += 1
-        if too_large and not status:
+        if exchange.too_large and not exchange.status:
             await _respond(send, 413, f"413 Request Entity Too Large: {PayloadTooLarge.over(self.max_body)}",
                            [(b"connection", b"close")])
 

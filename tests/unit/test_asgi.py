@@ -149,3 +149,55 @@ def test_a_failing_lifespan_startup_is_a_handler_init_error(tmp_path, monkeypatc
         await server.stop()
 
     asyncio.run(main())
+
+
+DISCONNECT_APP = """
+import asyncio
+from fastapi import FastAPI, Request
+
+app = FastAPI()
+EVENTS = []
+
+
+@app.api_route("/work", methods=["GET", "POST"])
+async def work(request: Request):
+    body = await request.body()  # a GET's empty body too: the watcher must leave it to the app
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        EVENTS.append(("cancelled", request.method, len(body)))
+        raise
+    return {"bytes": len(body)}
+
+
+@app.get("/quick")
+async def quick(request: Request):
+    return {"body": (await request.body()).decode()}
+"""
+
+
+def test_a_client_that_leaves_cancels_the_apps_endpoint(tmp_path, monkeypatch):
+    (tmp_path / "rf_disconnect_app.py").write_text(DISCONNECT_APP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    async def main():
+        server = ReplicaServer(DesiredState(handler="rf_disconnect_app:app", version="v"))
+        await server.start("127.0.0.1")
+        events = sys.modules["rf_disconnect_app"].EVENTS
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+                assert (await client.get("/quick")).json() == {"body": ""}  # answered, not cancelled
+            for request in (b"GET /work HTTP/1.1\r\nHost: x\r\n\r\n",
+                            b"POST /work HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"):
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(request)
+                await eventually_async(lambda: server.stats()["inFlight"] == 1, what="the request to start")
+                writer.close()
+                await eventually_async(lambda: server.stats()["inFlight"] == 0, what="the endpoint to be cancelled")
+            assert events == [("cancelled", "GET", 0), ("cancelled", "POST", 3)]
+            assert server.stats()["cancelled"] == 2 and server.stats()["errors"] == 0
+        finally:
+            await server.stop()
+            sys.modules.pop("rf_disconnect_app", None)
+
+    asyncio.run(main())
