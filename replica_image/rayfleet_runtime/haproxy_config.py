@@ -49,7 +49,6 @@ HEALTH_INTER_MS = 1000
 KEEPALIVE_TIMEOUT_S = 5
 # On every 503 HAProxy answers itself (no replica, queue full, queue timeout), as the replica does on its own.
 RETRY_AFTER = " hdr Retry-After 1"
-TUNNEL_TIMEOUT_S = 3600
 FRONTEND_NAME = "rayfleet"
 NOT_FOUND_BACKEND = "rayfleet_no_route"
 
@@ -345,8 +344,6 @@ def render_config(
     w(f"    timeout server {_ms(DEFAULT_REQUEST_TIMEOUT_S)}")
     w("    timeout http-request 10s")
     w(f"    timeout http-keep-alive {KEEPALIVE_TIMEOUT_S}s")
-    # An upgraded connection (a WebSocket) may sit idle this long, not just requestTimeoutSeconds
-    w(f"    timeout tunnel {TUNNEL_TIMEOUT_S}s")
     w(f"    timeout queue {_ms(QUEUE_TIMEOUT_S)}")
     w("    timeout check 2s")
     w(
@@ -384,6 +381,8 @@ def render_config(
         w(f"    http-check send meth GET uri {REPLICA_READY_PATH}")
         w("    http-check expect status 200")
         w(f"    timeout server {_ms(be.request_timeout_s)}")
+        # A WebSocket may be silent this long (uvicorn pings every 20 s, so a live session never is)
+        w(f"    timeout tunnel {_ms(be.request_timeout_s)}")
         w(f"    timeout queue {_ms(be.queue_timeout_s)}")
         no_replicas = _json_body({"error": "no ready replicas", "deployment": be.deployment})
         if not be.servers:

@@ -101,8 +101,8 @@ def test_backend_settings():
     assert all(line.endswith("hdr Retry-After 1") or "hdr Retry-After 1 if {" in line
                for line in cfg.splitlines() if "status 503" in line)
     assert "option http-buffer-request" in section(cfg, "defaults")
-    assert "option abortonclose" in section(cfg, "defaults")
-    assert "timeout tunnel 3600s" in section(cfg, "defaults")  # an idle WebSocket lives past the request timeout  # a client that left cancels its handler
+    assert "option abortonclose" in section(cfg, "defaults")  # a client that left cancels its handler
+    assert "timeout tunnel 2500ms" in section(cfg, "backend be_echo-api")  # a silent WebSocket: requestTimeoutSeconds
 
 
 def test_retry_policy_only_safe_errors():
