@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.fault_worker import RECOVERY_DEADLINE_S, SCENARIO_DEFS, SCENARIOS, SYSTEMS
-from bench.run import RESULTS, SYSTEM_DESC, SYSTEM_ENV, machine_info
+from bench.run import RESULTS, SYSTEM_DESC, SYSTEM_ENV, machine_info, selection
 from bench.wrk import wrk_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,11 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if wrk_path() is None:
         print("bench: wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
         return 2
-    systems = [s for s in args.systems.split(",") if s]
-    scenarios = [s for s in args.scenarios.split(",") if s]
-    bad = [s for s in systems if s not in SYSTEMS] + [s for s in scenarios if s not in SCENARIOS]
-    if bad:
-        p.error(f"unknown system/scenario: {', '.join(bad)}")
+    systems, scenarios = selection(p, args, SYSTEMS, SCENARIOS)
     args.duration = args.duration or (QUICK_DURATION if args.quick else 20.0)
     args.fault_at = args.fault_at if args.fault_at is not None else (QUICK_FAULT_AT if args.quick else 5.0)
     if not 0 <= args.fault_at < args.duration:

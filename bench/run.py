@@ -284,6 +284,17 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def selection(parser: argparse.ArgumentParser, args: argparse.Namespace, known_systems: tuple[str, ...],
+              known_scenarios: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """``--systems`` and ``--scenarios`` as lists; an unknown name is a usage error."""
+    systems = [s for s in args.systems.split(",") if s]
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    bad = [s for s in systems if s not in known_systems] + [s for s in scenarios if s not in known_scenarios]
+    if bad:
+        parser.error(f"unknown system/scenario: {', '.join(bad)}")
+    return systems, scenarios
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
@@ -298,11 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     if wrk_path() is None:
         print("bench: wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
         return 2
-    systems = [s for s in args.systems.split(",") if s]
-    scenarios = [s for s in args.scenarios.split(",") if s]
-    bad = [s for s in systems if s not in SYSTEMS] + [s for s in scenarios if s not in SCENARIOS]
-    if bad:
-        p.error(f"unknown system/scenario: {', '.join(bad)}")
+    systems, scenarios = selection(p, args, SYSTEMS, SCENARIOS)
     duration = 2.0 if args.quick and args.duration == 10.0 else args.duration
     warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
 

@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable
 
 from rayfleet_api.constants import REPLICA_READY_PATH
 from rayfleet_api.desired import DesiredState
-from rayfleet_runtime.handler import HandlerLoadError, Limiter, PayloadTooLarge, default_max_queued
+from rayfleet_runtime.handler import Admission, HandlerLoadError, PayloadTooLarge, default_max_queued
 
 logger = logging.getLogger("rayfleet.replica")
 
@@ -118,28 +118,15 @@ class _Exchange:
             self._watcher.cancel()
 
 
-class AsgiRunner:
+class AsgiRunner(Admission):
     """The ASGI app behind rayfleet's admission rules and counters (``HandlerRunner``'s, for ASGI)."""
 
     def __init__(self, app: Any, desired: DesiredState, is_draining: Callable[[], bool]):
+        super().__init__(desired.max_concurrency, default_max_queued(desired.max_concurrency))
         self.app = app
-        self.limiter = Limiter(desired.max_concurrency, default_max_queued(desired.max_concurrency))
         self.root_path = "" if desired.route_prefix == "/" else desired.route_prefix
         self.max_body = desired.max_request_body_bytes
         self.is_draining = is_draining
-        self.total_requests = 0
-        self.errors = 0  # 5xx answered
-        self.rejected = 0  # 503 for overload
-        self.cancelled = 0
-        self.last_error: str | None = None
-
-    @property
-    def in_flight(self) -> int:
-        return self.limiter.in_flight
-
-    @property
-    def queued(self) -> int:
-        return self.limiter.queued
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":

@@ -276,11 +276,32 @@ def error_result(status: int, message: str, extra_headers: Mapping[str, str] | N
 OVERLOADED: HTTPResult = error_result(503, "503 Service Unavailable: replica at maxConcurrency", {"Retry-After": "1"})
 
 
+class Admission:
+    """What every runner of user code keeps: the limiter that admits requests, and the counters the
+    controller reads (``HandlerRunner`` for the plain contract, ``asgi.AsgiRunner`` for ASGI apps)."""
+
+    def __init__(self, limit: int, max_queued: int):
+        self.limiter = Limiter(limit, max_queued)
+        self.total_requests = 0
+        self.errors = 0  # 5xx answered, handler-caused or not
+        self.rejected = 0  # 503 for overload
+        self.cancelled = 0  # the client disconnected first
+        self.last_error: str | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return self.limiter.in_flight
+
+    @property
+    def queued(self) -> int:
+        return self.limiter.queued
+
+
 class Stream:
     """A handler's async generator as bytes chunks. It holds the request's slot until ``aclose()``, which
     whoever sends it must call, however the sending ends."""
 
-    def __init__(self, runner: "HandlerRunner", chunks: Any):
+    def __init__(self, runner: Admission, chunks: Any):
         self._runner = runner
         self._chunks = chunks
         self._done = self._closed = False
@@ -320,7 +341,7 @@ class Stream:
             self._runner.limiter.release()
 
 
-class HandlerRunner:
+class HandlerRunner(Admission):
     """Runs one loaded handler under the replica's concurrency rules and keeps request counters."""
 
     def __init__(self, handler: Callable[[Request], Any], max_concurrency: int = DesiredState.max_concurrency, sync_threads: int = 1,
@@ -331,7 +352,7 @@ class HandlerRunner:
         # A sync handler runs no more requests than it has threads: the rest wait in the limiter's
         # bounded queue (and past it get a fast 503), never in an executor's unbounded one.
         running = max_concurrency if self.is_async else min(max_concurrency, self.sync_threads)
-        self.limiter = Limiter(running, default_max_queued(max_concurrency) if max_queued is None else max_queued)
+        super().__init__(running, default_max_queued(max_concurrency) if max_queued is None else max_queued)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         # Sync check_health() gets a thread of its own: the loop's default executor is shared with the
         # user's `await asyncio.to_thread(...)` calls, and under load a health check queued behind them
@@ -342,19 +363,6 @@ class HandlerRunner:
         if debug_tracebacks is None:
             debug_tracebacks = os.environ.get("RAYFLEET_DEBUG_TRACEBACKS", "") in ("1", "true", "yes")
         self.debug_tracebacks = debug_tracebacks
-        self.total_requests = 0
-        self.errors = 0  # 5xx answered, handler-caused or not
-        self.rejected = 0  # 503 for overload
-        self.cancelled = 0  # the client disconnected first
-        self.last_error: str | None = None
-
-    @property
-    def in_flight(self) -> int:
-        return self.limiter.in_flight
-
-    @property
-    def queued(self) -> int:
-        return self.limiter.queued
 
     async def handle(self, request: Request | Callable[[], Awaitable[Request]]) -> HTTPResult:
         """Admit, call, convert. Never raises for handler faults (returns 500/503 instead).
