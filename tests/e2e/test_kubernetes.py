@@ -9,6 +9,7 @@ tests run in order and share the echo deployment, as a user's session would.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -46,6 +47,20 @@ def example(name: str) -> dict:
 
 def apply(cluster, sd: dict) -> None:
     cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(sd))
+
+
+@contextlib.contextmanager
+def serving(cluster, example_name: str):
+    """An example ServeDeployment applied and ready; yields the URL of its route through the Service,
+    and deletes it afterwards whatever the test did."""
+    sd = example(example_name)
+    name = sd["metadata"]["name"]
+    apply(cluster, sd)
+    try:
+        cluster.wait_ready(name, sd["spec"]["replicas"])
+        yield f"{cluster.service_url(name)}{sd['spec']['routePrefix']}"
+    finally:
+        cluster.kubectl("delete", "sd", name, "-n", NAMESPACE, "--timeout=300s", check=False, timeout=330)
 
 
 def workers(cluster, name: str) -> list[dict]:
@@ -236,12 +251,8 @@ def test_delete_removes_everything(cluster, echo):
 
 
 def test_async_handler_overlaps_concurrent_requests(cluster):
-    sd = example("async_io")
-    name, prefix = sd["metadata"]["name"], sd["spec"]["routePrefix"]
-    apply(cluster, sd)
-    try:
-        cluster.wait_ready(name, sd["spec"]["replicas"])
-        url = f"{cluster.service_url(name)}{prefix}?seconds=1"
+    with serving(cluster, "async_io") as route:
+        url = f"{route}?seconds=1"
         assert http_get(url)[0] == 200  # warm up: connections, imports
         with ThreadPoolExecutor(5) as pool:
             started = time.monotonic()
@@ -251,20 +262,13 @@ def test_async_handler_overlaps_concurrent_requests(cluster):
         assert len({body["pid"] for _, body in answers}) == 1, "one replica served them all"
         # One replica, five 1-second awaits: concurrent, not 5 s in a row.
         assert elapsed < 2.5, f"5 concurrent 1 s requests took {elapsed:.2f}s"
-    finally:
-        cluster.kubectl("delete", "sd", name, "-n", NAMESPACE, "--timeout=300s", check=False, timeout=330)
 
 
 def test_a_fastapi_app_streams_and_upgrades_through_the_service(cluster):
     import httpx
     from websockets.sync.client import connect
 
-    sd = example("fastapi_app")
-    name, prefix = sd["metadata"]["name"], sd["spec"]["routePrefix"]
-    apply(cluster, sd)
-    try:
-        cluster.wait_ready(name, sd["spec"]["replicas"])
-        base = f"{cluster.service_url(name)}{prefix}"
+    with serving(cluster, "fastapi_app") as base:
         code, body = http_get(f"{base}/items/3?q=x")
         assert code == 200 and body["item_id"] == 3 and body["model"] == "loaded", body  # lifespan ran
         t0, arrivals = time.monotonic(), []
@@ -276,5 +280,3 @@ def test_a_fastapi_app_streams_and_upgrades_through_the_service(cluster):
         with connect(base.replace("http://", "ws://") + "/echo", open_timeout=30) as ws:
             ws.send("hi")
             assert ws.recv(timeout=30) == "echo: hi"
-    finally:
-        cluster.kubectl("delete", "sd", name, "-n", NAMESPACE, "--timeout=300s", check=False, timeout=330)
