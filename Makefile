@@ -4,7 +4,7 @@ PYTHON ?= $(VENV)/bin/python
 OPERATOR_IMAGE ?= ghcr.io/rayfleet/operator:0.1.0
 REPLICA_IMAGE ?= ghcr.io/rayfleet/replica:0.1.0
 
-.PHONY: setup test e2e images chart-check bench bench-faults
+.PHONY: setup test e2e images chart-check bench bench-faults bench-autoscale
 
 # A fresh machine needs Python 3.10+ and Go >= 1.26; everything else is installed here.
 $(VENV)/.installed: pyproject.toml
@@ -17,6 +17,8 @@ setup: $(VENV)/.installed
 	@command -v go >/dev/null || { echo "Go >= 1.26 is needed to build the local control plane"; exit 1; }
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } \
 		|| echo "note: wrk is missing (apt-get install wrk); the benchmark smoke test will be skipped"
+	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+		|| echo "note: prometheus is missing (apt-get install prometheus); the tests that scrape with a real Prometheus need it (they skip unless root)"
 
 # The whole suite: unit, runtime (real Ray + HAProxy), integration (real kube-apiserver), bench smoke,
 # and e2e (a real kubelet, our images, KubeRay's operator). As root with apt-get the e2e host is
@@ -45,3 +47,7 @@ bench: $(VENV)/.installed
 
 bench-faults: $(VENV)/.installed
 	$(PYTHON) -m bench.faults $(BENCH_ARGS)
+
+# Autoscaling: a load step 1 -> 64 -> 1 connections, rayfleet vs Ray Serve's autoscaler; ~6 min.
+bench-autoscale: $(VENV)/.installed
+	$(PYTHON) -m bench.autoscale $(BENCH_ARGS)

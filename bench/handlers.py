@@ -12,6 +12,8 @@ import os
 import time
 
 SLEEP_S = 0.05      # the I/O-bound scenario's await
+STREAM_CHUNKS = 5   # the streaming scenario's chunks ...
+STREAM_GAP_S = 0.1  # ... and the wait before each one after the first
 SEED_SLEEP_S = 1.0  # the seed burst's sleep
 CPU_ROUNDS = 40_000  # ~20-30 ms of sha256 on one core; a real CPU-bound request, not a no-op
 
@@ -42,7 +44,16 @@ def seed_sync(request) -> str:
     return "ok"
 
 
-HANDLERS = {"trivial": trivial, "sleep50": sleep50, "cpu": cpu, "seed_async": seed_async, "seed_sync": seed_sync}
+async def stream(request):
+    """An async generator: the first chunk at once, then one every STREAM_GAP_S (a model streaming tokens)."""
+    for i in range(STREAM_CHUNKS):
+        if i:
+            await asyncio.sleep(STREAM_GAP_S)
+        yield f"chunk {i}\n"
+
+
+HANDLERS = {"trivial": trivial, "sleep50": sleep50, "cpu": cpu, "seed_async": seed_async, "seed_sync": seed_sync,
+            "stream": stream}
 
 
 BLOCK_S = 3.0  # the fault benchmark's blocking request: holds its replica's event loop this long

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.worker import ASGI_CONNS, REPLICAS, SCENARIOS, SYSTEMS, TUNED_MAX_ONGOING
+from bench.worker import ASGI_APPS, ASGI_CONNS, REPLICAS, SCENARIOS, STREAM_CONNS, SYSTEMS, TUNED_MAX_ONGOING
 from bench.wrk import wrk_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +146,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         if runs[s].get("error"):
             lines += [f"**{s} FAILED**: {runs[s]['error']}", ""]
 
-    def wrk_rows(title: str, key: str, conns: list[int], extra: bool = False) -> None:
+    def wrk_rows(title: str, key: str | tuple[str, ...], conns: list[int], extra: bool = False) -> None:
+        path = key if isinstance(key, tuple) else (key,)
         hdr = "| scenario | system | conns | req/s | p50 ms | p99 ms | non-2xx | socket errors | req/s vs rayfleet | p99 vs rayfleet |"
         sep = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         if extra:
@@ -154,9 +155,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             sep += "---:|"
         rows = []
         for c in conns:
-            base = _get(runs, "rayfleet", key, c)
+            base = _get(runs, "rayfleet", *path, c)
             for s in systems:
-                r = _get(runs, s, key, c)
+                r = _get(runs, s, *path, c)
                 if not r:
                     continue
                 row = (f"| {title} | {s} | {c} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['non2xx']} | "
@@ -170,7 +171,31 @@ def render_markdown(report: dict[str, Any]) -> str:
 
     wrk_rows("trivial", "trivial", [8, 32, 128])
     wrk_rows("sleep 50 ms", "sleep", [100, 400], extra=True)
-    wrk_rows("trivial as a FastAPI app", "asgi", [ASGI_CONNS])
+    wrk_rows("trivial as a bare ASGI app", ("asgi", "asgi_bare"), [ASGI_CONNS])
+    wrk_rows("trivial as a FastAPI app", ("asgi", "asgi"), [ASGI_CONNS])
+    cost = _get(runs, "rayfleet", "asgi", "in_process_us")
+    if cost:
+        lines += ["In-process cost of one request through each app (no server, `bench.worker.asgi_in_process_us`): "
+                  + ", ".join(f"{kind} {cost[kind]:.1f} us" for kind in ASGI_APPS), ""]
+    cost = _get(runs, "rayfleet", "metrics")
+    if cost:
+        lines += ["Metrics cost (rayfleet, trivial handler, 32 connections; per-request metrics on with the node "
+                  "scraped every second, vs `RAYFLEET_METRICS=0` and no scrapes; alternated):", "",
+                  "| run | on req/s | off req/s | on p99 ms | off p99 ms |", "|---:|---:|---:|---:|---:|",
+                  *[f"| {i + 1} | {a['rps']:.0f} | {b['rps']:.0f} | {a['p99_ms']:.2f} | {b['p99_ms']:.2f} |"
+                    for i, (a, b) in enumerate(zip(cost["on"], cost["off"]))],
+                  f"| median | {cost['on_median_rps']:.0f} | {cost['off_median_rps']:.0f} | | |", "",
+                  f"Cost: **{cost['cost']:.1%}** of req/s ({cost['scrapes']} scrapes during the 'on' runs). In-process, "
+                  f"one request through `HandlerRunner.handle` takes {cost['in_process_us']['off']:.2f} us, "
+                  f"{cost['in_process_us']['on']:.2f} us with the latency histogram observed.", ""]
+    stream_rows = [f"| {s} | {r['connections']} | {r['streams']} | {r['ttfb_p50_ms']} | {r['ttfb_p99_ms']} | "
+                   f"{r['total_p50_ms']} | {r['total_p99_ms']} | {r['ideal_total_ms']} | {r['errors']} |"
+                   for c in STREAM_CONNS for s in systems for r in [_get(runs, s, "stream", c)] if r]
+    if stream_rows:
+        lines += ["Streaming (`bench.handlers.stream`: 5 chunks, the first at once, then one every 100 ms; clients "
+                  "stream back to back):", "",
+                  "| system | conns | streams | first byte p50 ms | first byte p99 ms | whole p50 ms | whole p99 ms | "
+                  "ideal whole ms | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *stream_rows, ""]
     if any(_get(runs, s, "sleep") for s in systems):
         lines += ["Ideal for the 50 ms sleep = conns / 0.05 s (every connection always has a request in its sleep; "
                   "rayfleet and tuned Serve allow 1000 in flight per replica, Serve defaults only 5).", ""]
@@ -220,6 +245,18 @@ def evaluate_targets(runs: dict[str, Any]) -> list[str]:
                        f"{hp['rps']:.0f} ({rf['rps'] / hp['rps']:.2f}x, target >= 2x); p99 {rf['p99_ms']:.1f} vs "
                        f"{hp['p99_ms']:.1f} ms ({rf['p99_ms'] / hp['p99_ms']:.2f}, target <= 0.5); errors "
                        f"{rf['non2xx'] + rf['socket_errors']}")
+    plain, bare = _get(runs, "rayfleet", "trivial", ASGI_CONNS), _get(runs, "rayfleet", "asgi", "asgi_bare", ASGI_CONNS)
+    if plain and bare:
+        fastapi = _get(runs, "rayfleet", "asgi", "asgi", ASGI_CONNS)
+        out.append(f"{'MET' if bare['rps'] >= 0.75 * plain['rps'] else 'MISSED'}: trivial through an ASGI app @{ASGI_CONNS} "
+                   f"conns: {bare['rps']:.0f} req/s = {bare['rps'] / plain['rps']:.0%} of the plain contract's "
+                   f"{plain['rps']:.0f} (target >= 75%)" + (f"; through FastAPI {fastapi['rps']:.0f} = "
+                                                           f"{fastapi['rps'] / plain['rps']:.0%}" if fastapi else ""))
+    cost = _get(runs, "rayfleet", "metrics")
+    if cost:
+        out.append(f"{'MET' if cost['cost'] <= 0.05 else 'MISSED'}: metrics on the request path: {cost['on_median_rps']:.0f} "
+                   f"req/s on vs {cost['off_median_rps']:.0f} off (median of {len(cost['on'])} alternated runs each): "
+                   f"cost {cost['cost']:.1%} (target <= 5%)")
     sl = _get(runs, "rayfleet", "sleep", 400)
     if sl:
         out.append(f"{'MET' if sl['efficiency'] >= 0.8 else 'MISSED'}: 50 ms sleep @400 conns: {sl['rps']:.0f} req/s = "

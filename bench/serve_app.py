@@ -24,6 +24,16 @@ class _SyncWrap:
         return self.fn(request)
 
 
+class _StreamWrap:
+    def __init__(self, name: str):
+        self.fn = handlers.HANDLERS[name]
+
+    async def __call__(self, request):
+        from starlette.responses import StreamingResponse  # how a Serve deployment streams (Serve's docs)
+
+        return StreamingResponse(self.fn(request), media_type="text/plain")
+
+
 class _FaultyWrap:
     def __init__(self, record_dir: str):
         self.handler = handlers.Faulty(record_dir)
@@ -36,14 +46,15 @@ class _FaultyWrap:
 
 AsyncHandler = serve.deployment(_AsyncWrap, name="AsyncHandler")
 SyncHandler = serve.deployment(_SyncWrap, name="SyncHandler")
+StreamHandler = serve.deployment(_StreamWrap, name="StreamHandler")
 FaultyHandler = serve.deployment(_FaultyWrap, name="FaultyHandler")
 
 
 def _asgi_deployment():
-    from bench.asgi_app import app as fastapi_app
+    from bench import asgi_app
 
     @serve.deployment(name="AsgiHandler")
-    @serve.ingress(fastapi_app)
+    @serve.ingress(asgi_app.app)
     class AsgiHandler:
         def __init__(self, name: str):  # bound as the other wrappers are; the app needs nothing
             pass
@@ -53,7 +64,7 @@ def _asgi_deployment():
 
 def app(name: str, replicas: int, max_ongoing_requests: int | None):
     base = (_asgi_deployment() if name == "asgi" else SyncHandler if name in ("cpu", "seed_sync")
-            else AsyncHandler)
+            else StreamHandler if name == "stream" else AsyncHandler)
     opts = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 1},
             # only so deleting an app between scenarios takes ~1 s, not ~30 s; no effect under load
             "graceful_shutdown_timeout_s": 1, "graceful_shutdown_wait_loop_s": 0.2}

@@ -10,6 +10,7 @@ Ray and every process it started, HAProxy included.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import secrets
@@ -21,13 +22,18 @@ from typing import Any
 from rayfleet.manifest import load_manifests
 from rayfleet.ports import free_port
 from rayfleet.procs import Leftovers
-from rayfleet_api.constants import CONTROL_TOKEN_ENV, INGRESS_PORT, RAY_NAMESPACE
+from rayfleet_api.constants import (CONTROL_TOKEN_ENV, INGRESS_PORT, LOG_LEVEL_ENV, METRICS_PATH, METRICS_PORT,
+                                    RAY_NAMESPACE)
 from rayfleet_api.controller_client import ControllerClient, ControllerRejected, ControllerUnreachable
 from rayfleet_api.errors import SpecError
 
 
 def _status_line(obs: dict[str, Any]) -> str:
     line = f"{obs['name']}: {obs['readyReplicas']}/{obs['targetReplicas']} ready ({obs['status']})"
+    scaling = obs.get("autoscaling")
+    if scaling is not None:
+        load = scaling.get("load")
+        line += f", autoscaling {obs['desiredReplicas']}" + ("" if load is None else f" (load {round(load, 1):g})")
     if obs.get("error"):
         line += f" - {obs['error']['reason']}: {obs['error']['message']}"
     if obs.get("restarts"):
@@ -59,11 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address HAProxy listens on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=INGRESS_PORT, help=f"HTTP port (default {INGRESS_PORT})")
     parser.add_argument("--control-port", type=int, default=0, help="controller API port (default: a free one)")
+    parser.add_argument("--metrics-port", type=int, default=METRICS_PORT,
+                        help=f"Prometheus metrics port, on --host (default {METRICS_PORT}; 0: no metrics)")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs of the local Ray (default: all cores, more if the replicas ask for more)")
     parser.add_argument("--validate", default="strict", choices=["strict", "warn", "ignore", "true", "false"],
                         help="unknown fields, as kubectl apply --validate: strict (or true, the default) refuses them, "
                              "warn drops them with a warning, ignore (or false) drops them")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also Ray's own messages and every runtime debug line (HAProxy's notices included)")
     args = parser.parse_args(argv)
 
     warnings: list[str] = []
@@ -102,14 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         num_cpus, sizing = local_cpus(manifests, args.num_cpus)
         if sizing:
             print(f"rayfleet: {sizing}", flush=True)
+        # The actors' lines (lifecycle events, handler errors, access logs) reach this terminal; Ray's own
+        # start-up chatter and HAProxy's notices only with --verbose, so the status lines stand out.
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, namespace=RAY_NAMESPACE,
-                 num_cpus=num_cpus, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=True)
+                 num_cpus=num_cpus, log_to_driver=True, logging_level=logging.INFO if args.verbose else logging.ERROR,
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath,
+                                           LOG_LEVEL_ENV: "DEBUG" if args.verbose else "INFO"}})
         # ray.init replaces the SIGTERM handler with sys.exit(15) (and its core worker logs a crash-style
         # "SIGTERM received" trace): take it back so SIGTERM is an orderly stop, exit 0, like Ctrl-C.
         for sig in old_handlers:
             signal.signal(sig, on_signal)
         ensure_controller(token, control_port=control_port, ingress_port=args.port, ingress_nodes="head", bind_host=args.host
-                          if args.host not in ("0.0.0.0", "::") else "0.0.0.0")
+                          if args.host not in ("0.0.0.0", "::") else "0.0.0.0", metrics_port=args.metrics_port or None)
         api = ControllerClient(f"http://127.0.0.1:{control_port}", token)
         api.wait_healthy(60)
         for m in manifests:
@@ -121,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         for m in manifests:
             print(f"rayfleet: {m.name} -> http://{shown_host}:{args.port}{m.desired_state().route_prefix}", flush=True)
+        if args.metrics_port:
+            print(f"rayfleet: metrics at http://{shown_host}:{args.metrics_port}{METRICS_PATH}", flush=True)
         who = f"token from ${CONTROL_TOKEN_ENV}" if os.environ.get(CONTROL_TOKEN_ENV) else "random token"
         print(f"rayfleet: controller API at {api.base_url} ({who}); Ctrl-C to stop", flush=True)
         last: dict[str, str] = {}

@@ -9,6 +9,8 @@ RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayclusters"
 # Ports on every Ray head/worker: the controller's HTTP API (head only) and HAProxy (every node).
 CONTROL_PORT, INGRESS_PORT = 8090, 8000
 CONTROL_PORT_NAME, INGRESS_PORT_NAME = "rayfleet-ctl", "rayfleet-http"
+# Prometheus metrics: one scrape endpoint per pod (every Ray node's ingress actor; the operator's own).
+METRICS_PORT, METRICS_PORT_NAME, METRICS_PATH = 9500, "metrics", "/metrics"
 
 # Ray namespace of the controller, the replica actors and the ingress actors; their actor names.
 RAY_NAMESPACE = "rayfleet"
@@ -25,3 +27,8 @@ REPLICA_READY_PATH = "/-/ready"
 # never on a command line; the operator's key, from which it derives each cluster's, in the other.
 CONTROL_TOKEN_ENV = "RAYFLEET_CONTROL_TOKEN"
 CONTROL_KEY_ENV = "RAYFLEET_CONTROL_KEY"
+
+# The runtime's log level (default INFO) and a second place its lines go (on Ray pods the container's own
+# stdout, /proc/1/fd/1, so that `kubectl logs` shows them): see rayfleet_runtime.log_setup.
+LOG_LEVEL_ENV, LOG_FILE_ENV = "RAYFLEET_LOG_LEVEL", "RAYFLEET_LOG_FILE"
+POD_STDOUT = "/proc/1/fd/1"

@@ -31,7 +31,9 @@ ROUTE_PREFIX_MAX_LENGTH = 256
 MAXIMUM = {"replicas": 1000, "maxConcurrency": 100_000, "syncThreads": 256, "requestTimeoutSeconds": 3600,
            "maxRequestBodyBytes": 2**30,
            "gracefulShutdownSeconds": 3600, "healthCheck.periodSeconds": 3600, "healthCheck.timeoutSeconds": 3600,
-           "healthCheck.failureThreshold": 100}
+           "healthCheck.failureThreshold": 100,
+           "autoscaling.minReplicas": 1000, "autoscaling.maxReplicas": 1000, "autoscaling.targetInFlight": 100_000,
+           "autoscaling.upscaleDelaySeconds": 3600, "autoscaling.downscaleDelaySeconds": 3600}
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,23 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class Autoscaling:
+    """spec.autoscaling: the replica count follows load within min..max (the CRD says why these defaults).
+
+    With it set, ``DesiredState.replicas`` is only the count to start from, clamped to min..max.
+    """
+
+    max_replicas: int
+    min_replicas: int = 1  # 0 lets an idle deployment stop all its replicas
+    target_in_flight: float = 2  # requests (running + queued) per replica aimed at
+    upscale_delay_seconds: float = 3  # a higher recommendation must hold this long
+    downscale_delay_seconds: float = 60  # a lower one this long; to zero, no load this long
+
+    def clamp(self, replicas: int) -> int:
+        return min(max(replicas, self.min_replicas), self.max_replicas)
+
+
+@dataclass(frozen=True)
 class DesiredState:
     handler: str  # "module:attr"
     version: str = ""  # "" until hashed: from_json fills it in
@@ -63,24 +82,30 @@ class DesiredState:
     route_prefix: str = "/"
     request_timeout_seconds: float = 60
     graceful_shutdown_seconds: float = 30
+    access_log: bool = False  # one log line per request, in the replica
     ray_actor_options: ActorOptions = field(default_factory=ActorOptions)
     runtime_env: dict[str, Any] | None = None
     env: dict[str, str] = field(default_factory=dict)
     health_check: HealthCheck = field(default_factory=HealthCheck)
+    autoscaling: Autoscaling | None = None  # None: `replicas` is the count
 
     def to_json(self) -> dict[str, Any]:
         options = self.ray_actor_options
         actor = {"numCpus": options.num_cpus, "numGpus": options.num_gpus, "memory": options.memory}
         hc = self.health_check
+        # Sent only when set: an older controller, which refuses unknown fields, still takes deployments without it.
+        scaling = {} if self.autoscaling is None else {"autoscaling": _autoscaling_to_json(self.autoscaling)}
         return {
             "handler": self.handler, "handlerArgs": self.handler_args, "replicas": self.replicas,
             "maxConcurrency": self.max_concurrency, "syncThreads": self.sync_threads,
             "maxRequestBodyBytes": self.max_request_body_bytes,
             "routePrefix": self.route_prefix, "requestTimeoutSeconds": self.request_timeout_seconds,
-            "gracefulShutdownSeconds": self.graceful_shutdown_seconds, "version": self.version,
+            "gracefulShutdownSeconds": self.graceful_shutdown_seconds, "accessLog": self.access_log,
+            "version": self.version,
             "rayActorOptions": actor, "runtimeEnv": self.runtime_env, "env": self.env,
             "healthCheck": {"periodSeconds": hc.period_seconds, "timeoutSeconds": hc.timeout_seconds,
                             "failureThreshold": hc.failure_threshold},
+            **scaling,
         }
 
     @classmethod
@@ -114,6 +139,9 @@ class DesiredState:
             timeout_seconds=hc.number("timeoutSeconds", HealthCheck.timeout_seconds, minimum=0, exclusive=True),
             failure_threshold=hc.number("failureThreshold", HealthCheck.failure_threshold, minimum=1, integer=True))
         hc.done()
+        access_log = obj.pop("accessLog", cls.access_log)
+        if not isinstance(access_log, bool):
+            raise SpecError("accessLog", f"must be true or false, got {access_log!r}")
         handler_args = obj.pop("handlerArgs", None) or {}
         if not isinstance(handler_args, dict):
             raise SpecError("handlerArgs", "must be an object")
@@ -128,7 +156,8 @@ class DesiredState:
             request_timeout_seconds=obj.number("requestTimeoutSeconds", cls.request_timeout_seconds, minimum=0,
                                                exclusive=True),
             graceful_shutdown_seconds=obj.number("gracefulShutdownSeconds", cls.graceful_shutdown_seconds, minimum=0),
-            ray_actor_options=actor, runtime_env=runtime_env, env=env, health_check=health)
+            access_log=access_log, ray_actor_options=actor, runtime_env=runtime_env, env=env, health_check=health,
+            autoscaling=_autoscaling_from_json(obj.pop("autoscaling", None)))
         obj.done()
         if not version:  # a client that sends none (e.g. a test or a script) gets a hash of what it sent
             wire = state.to_json()
@@ -136,9 +165,34 @@ class DesiredState:
         return state
 
 
+def _autoscaling_to_json(a: Autoscaling) -> dict[str, Any]:
+    return {"minReplicas": a.min_replicas, "maxReplicas": a.max_replicas, "targetInFlight": a.target_in_flight,
+            "upscaleDelaySeconds": a.upscale_delay_seconds, "downscaleDelaySeconds": a.downscale_delay_seconds}
+
+
+def _autoscaling_from_json(body: Any) -> Autoscaling | None:
+    if body is None:
+        return None
+    obj = _Object(body, "autoscaling.")
+    max_replicas = obj.number("maxReplicas", None, minimum=1, integer=True)
+    if max_replicas is None:
+        raise SpecError("autoscaling.maxReplicas", "is required")
+    scaling = Autoscaling(
+        max_replicas=max_replicas,
+        min_replicas=obj.number("minReplicas", Autoscaling.min_replicas, minimum=0, integer=True),
+        target_in_flight=obj.number("targetInFlight", Autoscaling.target_in_flight, minimum=0, exclusive=True),
+        upscale_delay_seconds=obj.number("upscaleDelaySeconds", Autoscaling.upscale_delay_seconds, minimum=0),
+        downscale_delay_seconds=obj.number("downscaleDelaySeconds", Autoscaling.downscale_delay_seconds, minimum=0))
+    obj.done()
+    if scaling.min_replicas > scaling.max_replicas:
+        raise SpecError("autoscaling.minReplicas",
+                        f"must not exceed autoscaling.maxReplicas ({max_replicas}), got {scaling.min_replicas}")
+    return scaling
+
+
 # Wire fields baked into a replica process: the hash for clients that send no version.
 VERSIONED_WIRE_FIELDS = ("handler", "handlerArgs", "maxConcurrency", "syncThreads", "maxRequestBodyBytes",
-                         "rayActorOptions", "runtimeEnv", "env")
+                         "accessLog", "rayActorOptions", "runtimeEnv", "env")
 
 
 def version_hash(fields: dict[str, Any]) -> str:

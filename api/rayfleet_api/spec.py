@@ -9,12 +9,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from rayfleet_api.desired import ActorOptions, DesiredState, HealthCheck, version_hash
+from rayfleet_api.desired import ActorOptions, Autoscaling, DesiredState, HealthCheck, version_hash
 from rayfleet_api.errors import SpecError
 
-# Spec fields baked into a replica process: changing one rolls the replicas.
-VERSIONED_FIELDS = ("handler", "handlerArgs", "maxConcurrency", "syncThreads", "maxRequestBodyBytes", "rayActorOptions",
-                    "runtimeEnv", "env", "image")
+# Spec fields baked into a replica process: changing one rolls the replicas. Not `autoscaling`: it moves the
+# replica count only.
+VERSIONED_FIELDS = ("handler", "handlerArgs", "maxConcurrency", "syncThreads", "maxRequestBodyBytes", "accessLog",
+                    "rayActorOptions", "runtimeEnv", "env", "image")
 
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
 _SUFFIX = {None: 1, "m": 0.001, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -45,6 +46,7 @@ def desired_state(spec: dict[str, Any]) -> DesiredState:
         ("max_request_body_bytes", "maxRequestBodyBytes"),
         ("route_prefix", "routePrefix"), ("request_timeout_seconds", "requestTimeoutSeconds"),
         ("graceful_shutdown_seconds", "gracefulShutdownSeconds"), ("runtime_env", "runtimeEnv"),
+        ("access_log", "accessLog"),
     ) if spec.get(key) is not None}
     health = spec.get("healthCheck") or {}
     return DesiredState(
@@ -60,5 +62,17 @@ def desired_state(spec: dict[str, Any]) -> DesiredState:
             period_seconds=health.get("periodSeconds", HealthCheck.period_seconds),
             timeout_seconds=health.get("timeoutSeconds", HealthCheck.timeout_seconds),
             failure_threshold=health.get("failureThreshold", HealthCheck.failure_threshold)),
+        autoscaling=_autoscaling(spec.get("autoscaling")),
         **present,
     )
+
+
+def _autoscaling(spec: dict[str, Any] | None) -> Autoscaling | None:
+    """spec.autoscaling (maxReplicas is required by the CRD) -> Autoscaling; None when it is not set."""
+    if spec is None:
+        return None
+    present = {attr: spec[key] for attr, key in (
+        ("min_replicas", "minReplicas"), ("target_in_flight", "targetInFlight"),
+        ("upscale_delay_seconds", "upscaleDelaySeconds"), ("downscale_delay_seconds", "downscaleDelaySeconds"),
+    ) if spec.get(key) is not None}
+    return Autoscaling(max_replicas=spec["maxReplicas"], **present)

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayfleet_api.constants import CONTROL_KEY_ENV, CONTROL_PORT, INGRESS_PORT
+from rayfleet_api.constants import CONTROL_KEY_ENV, CONTROL_PORT, INGRESS_PORT, METRICS_PORT
 
 DEFAULT_REPLICA_IMAGE = "ghcr.io/rayfleet/replica:0.1.0"
 
@@ -24,12 +24,23 @@ def _items(value: str | None) -> list[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
 
 
+def _port(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    if not value.isdigit() or int(value) > 65535:
+        raise SystemExit(f"rayfleet operator: ${name} must be a TCP port (0-65535), not {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class OperatorConfig:
     replica_image: str = DEFAULT_REPLICA_IMAGE
     control_port: int = CONTROL_PORT  # the rayfleet controller's HTTP API on the head pod
     ingress_port: int = INGRESS_PORT  # HAProxy on every Ray pod; the Service targets it
+    metrics_port: int = METRICS_PORT  # the operator's own Prometheus endpoint (metrics.py); 0: none
     resync_seconds: float = 10.0  # level-based re-reconcile period
+    # The same for autoscaled deployments (never slower than resync_seconds): the autoscaler moves the count
+    # between reconciles, and the workers (and the status) follow it only at a reconcile.
+    autoscaled_resync_seconds: float = 2.0
     control_key: str = ""  # derives each RayCluster's controller token (credentials.py); required in from_env
     network_policy: bool = True  # a NetworkPolicy per RayCluster (networkpolicy.py)
     operator_namespace: str = ""  # where the operator's pods run: the only ones its policies let drive a controller
@@ -53,5 +64,8 @@ class OperatorConfig:
             replica_image=env.get("RAYFLEET_REPLICA_IMAGE", DEFAULT_REPLICA_IMAGE),
             control_port=int(env.get("RAYFLEET_CONTROL_PORT", CONTROL_PORT)),
             ingress_port=int(env.get("RAYFLEET_INGRESS_PORT", INGRESS_PORT)),
-            resync_seconds=float(env.get("RAYFLEET_RESYNC_SECONDS", 10)),
+            resync_seconds=float(env.get("RAYFLEET_RESYNC_SECONDS", cls.resync_seconds)),
+            autoscaled_resync_seconds=float(env.get("RAYFLEET_AUTOSCALED_RESYNC_SECONDS",
+                                                    cls.autoscaled_resync_seconds)),
+            metrics_port=_port("RAYFLEET_METRICS_PORT", METRICS_PORT),
         )

@@ -11,6 +11,8 @@ from kubernetes.client.exceptions import ApiException
 
 from rayfleet_api.constants import RAY_GROUP, RAY_PLURAL, RAY_VERSION
 
+from .metrics import METRICS
+
 
 class KubeError(Exception):
     def __init__(self, status: int, message: str):
@@ -29,20 +31,25 @@ def load_client_config() -> None:
         kubernetes.config.load_kube_config()
 
 
-async def _call(fn, *args, **kwargs) -> dict[str, Any] | None:
-    """Run one client call off the loop; 404 → None; other API errors → KubeError."""
+async def _call(fn, *args, answers: tuple[int, ...] = (404,), **kwargs) -> dict[str, Any] | None:
+    """Run one client call off the loop. A status in `answers` answers the question (404: no such object;
+    a create's 409: it exists already) → None; other API errors → KubeError. Failures are counted."""
     def run():
         try:
             response = fn(*args, _preload_content=False, **kwargs)
             return json.loads(response.data or b"null")
         except ApiException as exc:
-            if exc.status == 404:
+            if exc.status in answers:
                 return None
+            METRICS.api_error("kubernetes", str(exc.status or type(exc).__name__))
             try:
                 message = json.loads(exc.body).get("message", exc.reason)
             except (TypeError, ValueError):
                 message = exc.reason
             raise KubeError(exc.status or 0, message) from None
+        except Exception as exc:  # no HTTP answer at all: refused, timed out, TLS
+            METRICS.api_error("kubernetes", type(exc).__name__)
+            raise
     return await asyncio.to_thread(run)
 
 
@@ -70,13 +77,8 @@ class Kube:
     async def create_secret_unless_present(self, obj: dict[str, Any]) -> bool:
         """Create the Secret; False if it exists already. Create-only, so the operator needs no right
         to read Secrets."""
-        try:
-            await _call(self.core.create_namespaced_secret, obj["metadata"]["namespace"], obj)
-        except KubeError as exc:
-            if exc.status == 409:
-                return False
-            raise
-        return True
+        return await _call(self.core.create_namespaced_secret, obj["metadata"]["namespace"], obj,
+                           answers=(409,)) is not None
 
     async def get_network_policy(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await _call(self.networking.read_namespaced_network_policy, name, namespace)

@@ -8,6 +8,8 @@ from rayfleet_api.constants import API_VERSION, KIND
 
 LABEL_DEPLOYMENT = "rayfleet.io/serve-deployment"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+# Shared with the chart's operator pod: the chart's PodMonitor selects both by it.
+LABEL_PART_OF, PART_OF = "app.kubernetes.io/part-of", "rayfleet"
 LABEL_RAY_CLUSTER = "ray.io/cluster"  # KubeRay puts it on every pod of a RayCluster
 LABEL_RAY_NODE_TYPE = "ray.io/node-type"  # and this one: head or worker
 ANNOTATION_SPEC_HASH = "rayfleet.io/spec-hash"
@@ -17,7 +19,7 @@ CONTROL_TOKEN_KEY = "control-token"  # the rayfleet controller's API token, in t
 
 
 def labels(sd_name: str) -> dict[str, str]:
-    return {LABEL_MANAGED_BY: "rayfleet", LABEL_DEPLOYMENT: sd_name}
+    return {LABEL_MANAGED_BY: "rayfleet", LABEL_PART_OF: PART_OF, LABEL_DEPLOYMENT: sd_name}
 
 
 def owner_reference(body: dict[str, Any]) -> dict[str, Any]:

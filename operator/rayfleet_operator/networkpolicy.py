@@ -2,8 +2,10 @@
 
 The HTTP port (the ingress) admits the spec's ``httpFrom`` peers, by default the pods of the
 ServeDeployment's namespace and of the namespaces the operator was given (``http_namespaces``: where an
-ingress controller runs). The controller's port admits the operator's pods alone. Every other port
-(Ray's GCS, raylets, object store, dashboard, the replicas' own servers) admits the cluster's own pods.
+ingress controller runs). The controller's port admits the operator's pods alone. The metrics port
+admits every pod of the Kubernetes cluster: where Prometheus runs is not ours to know, and the endpoint
+only reads counters (no request data, no credentials, nothing it can change). Every other port (Ray's
+GCS, raylets, object store, dashboard, the replicas' own servers) admits the cluster's own pods.
 Egress is left alone. Tokens guard the controller and Ray as well; this keeps everyone else from even
 trying.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rayfleet_api.constants import CONTROL_PORT_NAME, INGRESS_PORT_NAME
+from rayfleet_api.constants import CONTROL_PORT_NAME, INGRESS_PORT_NAME, METRICS_PORT_NAME
 
 from .config import OperatorConfig
 from .naming import LABEL_RAY_CLUSTER, cluster_name, labels, owner_reference
@@ -38,6 +40,8 @@ def build_network_policy(body: dict[str, Any], config: OperatorConfig) -> dict[s
         ingress.append({"from": [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: config.operator_namespace}},
                                   "podSelector": {"matchLabels": dict(config.operator_pod_labels)}}],
                         "ports": [{"protocol": "TCP", "port": CONTROL_PORT_NAME}]})
+    # Every pod in every namespace (not the world: an empty `from` would admit the nodes and beyond).
+    ingress.append({"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": METRICS_PORT_NAME}]})
     ingress.append({"from": [own_pods]})  # no `ports`: every port, to the cluster's own pods only
     return {
         "apiVersion": "networking.k8s.io/v1",

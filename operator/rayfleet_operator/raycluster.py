@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from rayfleet_api.constants import (CONTROL_PORT_NAME, CONTROL_TOKEN_ENV, INGRESS_PORT_NAME, INGRESS_READY_PATH, RAY_GROUP,
-                                    RAY_VERSION)
+from rayfleet_api.constants import (CONTROL_PORT_NAME, CONTROL_TOKEN_ENV, INGRESS_PORT_NAME, INGRESS_READY_PATH,
+                                    LOG_FILE_ENV, METRICS_PORT, METRICS_PORT_NAME, POD_STDOUT, RAY_GROUP, RAY_VERSION)
 from rayfleet_api.errors import SpecError
 from rayfleet_api.spec import parse_quantity
 
@@ -45,13 +45,15 @@ def worker_resources(spec: dict[str, Any], config: OperatorConfig) -> dict[str, 
     return workers.get("resources") or config.worker_resources
 
 
-def plan_workers(spec: dict[str, Any], config: OperatorConfig) -> WorkerPlan:
-    """Size the worker group so the replicas' reserved CPUs fit, within min..max."""
+def plan_workers(spec: dict[str, Any], config: OperatorConfig, replicas: int | None = None) -> WorkerPlan:
+    """Size the worker group so the reserved CPUs of ``replicas`` replicas fit, within min..max.
+    ``replicas``: the count the controller runs towards (the autoscaler's); default spec.replicas."""
     workers = (spec.get("rayCluster") or {}).get("workers") or {}
     low, high = workers.get("minReplicas", 1), workers.get("maxReplicas", 10)
     cpu = _resource(worker_resources(spec, config), "cpu")
     cpus_per_worker = max(1, math.floor(parse_quantity(cpu, "spec.rayCluster.workers.resources.cpu"))) if cpu else 1
-    replicas = spec.get("replicas", 1)
+    if replicas is None:
+        replicas = spec.get("replicas", 1)
     per_replica = (spec.get("rayActorOptions") or {}).get("numCpus", 1)
     # Replicas are packed by whole replicas per worker, as Ray's scheduler does.
     per_worker = math.floor(cpus_per_worker / per_replica + 1e-9) if per_replica else replicas or 1
@@ -163,8 +165,14 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
     worker_count, workers_to_delete = workers or (plan.replicas, [])
     pod_labels = labels(meta["name"])
     http_port = {"containerPort": config.ingress_port, "name": INGRESS_PORT_NAME, "protocol": "TCP"}
+    # Every Ray pod's scrape endpoint (its node's ingress actor serves it): declared, so that a PodMonitor
+    # or Prometheus's kubernetes_sd finds it by name.
+    metrics_port = {"containerPort": METRICS_PORT, "name": METRICS_PORT_NAME, "protocol": "TCP"}
     env = [{"name": "RAYFLEET_CONTROL_PORT", "value": str(config.control_port)},
            {"name": "RAYFLEET_INGRESS_PORT", "value": str(config.ingress_port)},
+           # The actors' log lines (lifecycle events, errors, access logs) also go to the container's own
+           # stdout, so `kubectl logs` shows them; Ray writes actor output only to files in the pod.
+           {"name": LOG_FILE_ENV, "value": POD_STDOUT},
            # Ray's token auth: without a token, `ray start` leaves it off and any pod that reaches the
            # cluster can run code in it. KubeRay copies this env into the workers' init container too.
            {"name": "RAY_AUTH_MODE", "value": "token"},
@@ -176,11 +184,13 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
         {"containerPort": 10001, "name": "client", "protocol": "TCP"},
         {"containerPort": config.control_port, "name": CONTROL_PORT_NAME, "protocol": "TCP"},
         http_port,
+        metrics_port,
     ], env + [{"name": CONTROL_TOKEN_ENV, "valueFrom": {"secretKeyRef": {  # the controller's API credential
         "name": auth_secret_name(body), "key": CONTROL_TOKEN_KEY}}}], config.ingress_port)
     # The replica image starts the rayfleet controller once Ray is up on the head (see replica_image/).
     head["lifecycle"]["postStart"] = {"exec": {"command": ["/bin/sh", "-c", "rayfleet-head-start"]}}
-    worker = _container(WORKER_CONTAINER, image, worker_resources(spec, config), [http_port], env, config.ingress_port)
+    worker = _container(WORKER_CONTAINER, image, worker_resources(spec, config), [http_port, metrics_port], env,
+                        config.ingress_port)
     spec_out = {
         "rayVersion": cluster.get("rayVersion", "2.60.0"),
         "enableInTreeAutoscaling": False,

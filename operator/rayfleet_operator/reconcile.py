@@ -5,8 +5,8 @@ Returns the status patch and the notable transitions; the kopf handlers only wri
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +18,9 @@ from . import networkpolicy, raycluster, service
 from .credentials import control_token, ray_token
 from .config import OperatorConfig
 from .kube import Kube
+from .metrics import METRICS
 from .naming import LABEL_RAY_CLUSTER, LABEL_RAY_NODE_TYPE, cluster_name, deployment_key
-from .status import Observation, compute_status, status_patch, transition_events
+from .status import Observation, compute_status, desired_replicas, status_patch, timestamp, transition_events
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class Outcome:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return timestamp(time.time())
 
 
 async def _ensure_cluster(body: dict[str, Any], config: OperatorConfig, kube: Kube, obs: Observation,
@@ -57,8 +58,11 @@ async def _ensure_cluster(body: dict[str, Any], config: OperatorConfig, kube: Ku
 
 async def _workers(body: dict[str, Any], config: OperatorConfig, kube: Kube, obs: Observation,
                    existing: dict[str, Any] | None) -> tuple[int, list[str]]:
-    """The worker count (and pods to delete): the plan's, except that only idle pods ever go."""
-    wanted, now = raycluster.plan_workers(body["spec"], config).replicas, raycluster.worker_replicas(existing)
+    """The worker count (and pods to delete): the plan's, except that only idle pods ever go. The plan
+    makes room for the replicas the controller runs towards: with autoscaling, the autoscaler's count."""
+    replicas = desired_replicas(body["spec"], obs.controller, body.get("status"))
+    wanted = raycluster.plan_workers(body["spec"], config, replicas).replicas
+    now = raycluster.worker_replicas(existing)
     if now is None:
         return wanted, []
     current, named = now
@@ -94,21 +98,31 @@ def _client(body: dict[str, Any], url: str, config: OperatorConfig) -> Controlle
     return ControllerClient(url, control_token(config.control_key, body["metadata"]["namespace"], cluster_name(body)))
 
 
+async def _controller_call(call, *args) -> Any:
+    """One controller call. The client blocks: in a thread, so kopf's event loop never waits on a slow
+    controller. Failures are counted."""
+    try:
+        return await asyncio.to_thread(call, *args)
+    except (ControllerRejected, ControllerUnreachable) as exc:
+        METRICS.api_error("controller", type(exc).__name__)
+        raise
+
+
 async def _observe_controller(body: dict[str, Any], cluster: dict[str, Any], config: OperatorConfig,
                               obs: Observation) -> None:
     url = raycluster.controller_url(cluster, config)
     if url is None:
         obs.controller_error = "the RayCluster reports no head pod address yet"
-        return
-    key, control = deployment_key(body), _client(body, url, config)
-    try:
-        # The client blocks: in a thread, so kopf's event loop never waits on a slow controller.
-        await asyncio.to_thread(control.put_deployment, key, desired_state(body["spec"]))
-        obs.controller = await asyncio.to_thread(control.get_deployment, key)
-    except ControllerRejected as exc:
-        obs.problems.append(f"the controller rejected the spec: {exc}")
-    except ControllerUnreachable as exc:
-        obs.controller_error = f"rayfleet controller at {url}: {exc}"
+    else:
+        key, control = deployment_key(body), _client(body, url, config)
+        try:
+            await _controller_call(control.put_deployment, key, desired_state(body["spec"]))
+            obs.controller = await _controller_call(control.get_deployment, key)
+        except ControllerRejected as exc:
+            obs.problems.append(f"the controller rejected the spec: {exc}")
+        except ControllerUnreachable as exc:
+            obs.controller_error = f"rayfleet controller at {url}: {exc}"
+    METRICS.controller_reachable(body["metadata"]["namespace"], body["metadata"]["name"], obs.controller_error is None)
 
 
 async def reconcile(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> Outcome:
@@ -150,9 +164,9 @@ async def finalize(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> 
     if url is None:
         return True
     key, control = deployment_key(body), _client(body, url, config)
-    observed = await asyncio.to_thread(control.get_deployment, key)
+    observed = await _controller_call(control.get_deployment, key)
     if observed is None:
         return True
     if observed.get("status") != DeploymentStatus.DELETING:
-        await asyncio.to_thread(control.delete_deployment, key)
+        await _controller_call(control.delete_deployment, key)
     return False

@@ -4,10 +4,11 @@ Reasons are typed (CamelCase constants) so users and tools can match on them; me
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayfleet_api.desired import DesiredState
+from rayfleet_api.desired import Autoscaling, DesiredState
 from rayfleet_api.states import ReplicaState
 
 from .conditions import DEGRADED, PROGRESSING, READY, Condition, find, merge_conditions
@@ -49,6 +50,39 @@ class Observation:
     controller_error: str | None = None
 
 
+def timestamp(seconds: float) -> str:
+    """Epoch seconds as Kubernetes writes times (RFC 3339, UTC, whole seconds)."""
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def desired_replicas(spec: dict[str, Any], controller: dict[str, Any] | None, old_status: dict[str, Any] | None) -> int:
+    """The replica count the controller runs towards: spec.replicas, or with autoscaling the autoscaler's
+    count. The spec doesn't hold that one: while the controller can't be asked, the last one reported,
+    else spec.replicas within autoscaling's range (where the autoscaler starts)."""
+    replicas, scaling = spec.get("replicas", DesiredState.replicas), spec.get("autoscaling")
+    if scaling is None:
+        return replicas
+    if controller is not None and "desiredReplicas" in controller:
+        return controller["desiredReplicas"]
+    if (old_status or {}).get("autoscaling") and "desiredReplicas" in old_status:
+        return old_status["desiredReplicas"]
+    return Autoscaling(max_replicas=scaling["maxReplicas"],
+                       min_replicas=scaling.get("minReplicas", Autoscaling.min_replicas)).clamp(replicas)
+
+
+def _autoscaling_status(obs: Observation, old_status: dict[str, Any] | None) -> dict[str, Any] | None:
+    """status.autoscaling: the load the autoscaler saw last, and its last change of the count with the reason."""
+    if obs.spec.get("autoscaling") is None:
+        return None
+    scaling = (obs.controller or {}).get("autoscaling")
+    if scaling is None:  # not asked (or not yet autoscaled there): what was last reported stands
+        return (old_status or {}).get("autoscaling")
+    load, when, reason = scaling.get("load"), scaling.get("lastScaleTime"), scaling.get("lastScaleReason")
+    return {**({} if load is None else {"load": round(load, 2)}),
+            **({} if when is None else {"lastScaleTime": timestamp(when)}),
+            **({} if reason is None else {"lastScaleReason": reason[:1024]})}
+
+
 def _replica_entry(r: dict[str, Any]) -> dict[str, Any]:
     entry = {"id": r.get("id", ""), "state": r.get("state", ""), "version": r.get("version", ""),
              "node": r.get("nodeIp") or "", "pid": r.get("pid") or 0, "inFlight": r.get("inFlight") or 0,
@@ -76,7 +110,7 @@ def conditions_for(obs: Observation) -> list[Condition]:
         err = ctl["error"]
         return blocked(err.get("reason") or "ReplicaError", err.get("message", ""), degraded=True)
 
-    desired = obs.spec.get("replicas", DesiredState.replicas)
+    desired = desired_replicas(obs.spec, ctl, None)
     replicas = ctl.get("replicas") or []
     ready, updated = ctl.get("readyReplicas", 0), ctl.get("updatedReplicas", 0)
     ready_msg = f"{ready}/{desired} replicas ready"
@@ -111,6 +145,7 @@ def compute_status(obs: Observation, old_status: dict[str, Any] | None, now: str
     replicas = ctl.get("replicas") or []
     return {
         "observedGeneration": obs.generation,
+        "desiredReplicas": desired_replicas(obs.spec, obs.controller, old_status),
         "replicas": len(replicas),
         "readyReplicas": ctl.get("readyReplicas", 0),
         "updatedReplicas": ctl.get("updatedReplicas", 0),
@@ -119,6 +154,7 @@ def compute_status(obs: Observation, old_status: dict[str, Any] | None, now: str
         "endpoint": obs.endpoint,
         "rayCluster": obs.cluster_name,
         "replicaStatuses": [_replica_entry(r) for r in replicas],
+        "autoscaling": _autoscaling_status(obs, old_status),
         "conditions": merge_conditions((old_status or {}).get("conditions"), conditions_for(obs), obs.generation, now),
     }
 
@@ -130,9 +166,15 @@ def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, A
 
 
 def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """Events (type, reason, message) for what changed: Ready changing reason (Warning when not ready),
-    and progress stopping for a new reason (a replica Ray can't place), which Ready alone doesn't show."""
+    """Events (type, reason, message) for what changed: the autoscaler changing the count (with its
+    reason), Ready changing reason (Warning when not ready), and progress stopping for a new reason (a
+    replica Ray can't place), which Ready alone doesn't show."""
     events = []
+    scaled = (new.get("autoscaling") or {}).get("lastScaleTime")
+    if (scaled and scaled != (old.get("autoscaling") or {}).get("lastScaleTime")
+            and old.get("desiredReplicas", new["desiredReplicas"]) != new["desiredReplicas"]):
+        events.append(("Normal", "Scaled", f"replicas {old['desiredReplicas']} -> {new['desiredReplicas']}: "
+                                           f"{new['autoscaling'].get('lastScaleReason', '')}"))
     for cond_type in (READY, PROGRESSING):
         before, after = find(old.get("conditions"), cond_type), find(new["conditions"], cond_type)
         if after is None or (before and (before["reason"], before["status"]) == (after["reason"], after["status"])):

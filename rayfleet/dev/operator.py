@@ -11,18 +11,27 @@ from typing import Sequence
 
 from rayfleet.ports import free_port
 from rayfleet.procs import spawn, stop_process_group
-from rayfleet_api.constants import CONTROL_KEY_ENV
+from rayfleet_api.constants import CONTROL_KEY_ENV, METRICS_PATH
 from rayfleet_api.http_probe import http_ok
+
+# The operator's Prometheus port (operator config; default 9500, 0: none). Here it shares the host's network
+# with the local Ray nodes, whose ingress serves their metrics on 9500: so it gets a free port of its own.
+METRICS_PORT_ENV = "RAYFLEET_METRICS_PORT"
 
 
 class OperatorProcess:
     """`python -m rayfleet_operator` against a kubeconfig, with its liveness endpoint on loopback. Its key
-    (what the chart's Secret holds on a cluster) is made here and kept across `stop()`/`start()`."""
+    (what the chart's Secret holds on a cluster) is made here and kept across `stop()`/`start()`, and so is its
+    metrics port: ``$RAYFLEET_METRICS_PORT`` from ``env`` or this environment if set there, else a free port.
+    ``metrics_url`` is where it serves them (None with port 0: none)."""
 
     def __init__(self, kubeconfig: Path, log: Path, namespaces: Sequence[str] = (), env: dict[str, str] | None = None):
         self.kubeconfig, self.log, self.namespaces = Path(kubeconfig), Path(log), list(namespaces)
-        self.env = {CONTROL_KEY_ENV: secrets.token_hex(32), **(env or {})}
+        metrics_port = (env or {}).get(METRICS_PORT_ENV) or os.environ.get(METRICS_PORT_ENV) or str(free_port())
+        self.env = {CONTROL_KEY_ENV: secrets.token_hex(32), METRICS_PORT_ENV: metrics_port, **(env or {})}
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
+        self.metrics_port = int(metrics_port) if metrics_port.isdigit() else None  # the operator refuses a bad one
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}{METRICS_PATH}" if self.metrics_port else None
         self.popen: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60) -> "OperatorProcess":

@@ -28,8 +28,8 @@ from kubernetes.client.exceptions import ApiException
 
 from rayfleet.ports import free_port
 from rayfleet.procs import spawn, stop_process_group
-from rayfleet_api.constants import (CONTROL_PORT_NAME, CONTROL_TOKEN_ENV, INGRESS_PORT_NAME, RAY_GROUP, RAY_PLURAL,
-                                    RAY_VERSION)
+from rayfleet_api.constants import (CONTROL_PORT_NAME, CONTROL_TOKEN_ENV, INGRESS_PORT_NAME, METRICS_PORT_NAME, RAY_GROUP,
+                                    RAY_PLURAL, RAY_VERSION)
 from rayfleet_api.http_probe import http_ok
 
 log = logging.getLogger("rayfleet.provider")
@@ -67,7 +67,7 @@ def kuberay_status(cluster: "LocalCluster", ready: bool, generation: int) -> dic
         "observedGeneration": generation,
         "head": {"podIP": LOOPBACK, "serviceIP": LOOPBACK, "podName": f"{cluster.name}-head-local"},
         "endpoints": {"gcs-server": str(cluster.gcs_port), CONTROL_PORT_NAME: str(cluster.control_port),
-                      INGRESS_PORT_NAME: str(cluster.ingress_port)},
+                      INGRESS_PORT_NAME: str(cluster.ingress_port), METRICS_PORT_NAME: str(cluster.metrics_port)},
         "desiredWorkerReplicas": sum(n for n, _ in cluster.want.values()),
         "availableWorkerReplicas": workers, "readyWorkerReplicas": workers,
         "conditions": [condition],
@@ -84,6 +84,7 @@ class LocalCluster:
     gcs_port: int = field(default_factory=free_port)
     control_port: int = field(default_factory=free_port)
     ingress_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
     head: subprocess.Popen | None = None
     workers: dict[str, list[subprocess.Popen]] = field(default_factory=dict)
     want: dict[str, tuple[int, str]] = field(default_factory=dict)
@@ -111,6 +112,7 @@ class LocalCluster:
         """What the replica image's head start runs: ensure the controller (idempotent), its token in the env."""
         proc = subprocess.run([sys.executable, "-m", "rayfleet_runtime.controller", f"--address={self.address}",
                                f"--control-port={self.control_port}", f"--ingress-port={self.ingress_port}",
+                               f"--metrics-port={self.metrics_port}",
                                "--ingress-nodes=head", f"--bind-host={LOOPBACK}", "--timeout=90"],
                               env={**self.env(env), CONTROL_TOKEN_ENV: token}, cwd=cwd, capture_output=True, text=True, timeout=150)
         (self.logdir / "controller-start.log").write_text(proc.stdout + proc.stderr)

@@ -18,11 +18,12 @@ import asyncio
 import inspect
 import logging
 import socket
+import time
 from typing import Any, Awaitable, Callable
 
 from rayfleet_api.constants import REPLICA_READY_PATH
 from rayfleet_api.desired import DesiredState
-from rayfleet_runtime.handler import Admission, HandlerLoadError, PayloadTooLarge, default_max_queued
+from rayfleet_runtime.handler import Admission, HandlerLoadError, PayloadTooLarge, default_max_queued, log_access
 
 logger = logging.getLogger("rayfleet.replica")
 
@@ -70,7 +71,7 @@ class _Exchange:
         self._receive, self._send = receive, send
         self._max_body = max_body
         self._task = asyncio.current_task()
-        self._received = 0
+        self.received = 0  # body bytes
         self._kept: list[Message] = []
         self._complete = False  # the last byte of the response was handed to the server
         self._watcher: asyncio.Task | None = None
@@ -83,8 +84,8 @@ class _Exchange:
             return self._kept.pop()
         message = await self._receive()
         if message["type"] == "http.request":
-            self._received += len(message.get("body", b""))
-            if self._received > self._max_body:  # a chunked body, counted as it arrives: the app sees the
+            self.received += len(message.get("body", b""))
+            if self.received > self._max_body:  # a chunked body, counted as it arrives: the app sees the
                 self.too_large = True             # client leave, and the client gets the 413
                 return {"type": "http.disconnect"}
             if not message.get("more_body", False):
@@ -127,6 +128,7 @@ class AsgiRunner(Admission):
         self.root_path = "" if desired.route_prefix == "/" else desired.route_prefix
         self.max_body = desired.max_request_body_bytes
         self.is_draining = is_draining
+        self.access_log = desired.access_log
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -140,10 +142,10 @@ class AsgiRunner(Admission):
             return
         self.total_requests += 1
         if not await self.limiter.acquire():
-            self.rejected += 1
-            self.errors += 1
+            self.refused()
             await _respond(send, 503, "503 Service Unavailable: replica at maxConcurrency", [(b"retry-after", b"1")])
             return
+        started = time.perf_counter()
         exchange = _Exchange(receive, send, self.max_body)
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is None and not any(k == b"transfer-encoding" for k, _ in scope["headers"]):
@@ -161,13 +163,19 @@ class AsgiRunner(Admission):
         except Exception as exc:
             if not exchange.too_large:
                 self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                self.exceptions += 1
                 exchange.status = exchange.status or 500  # uvicorn answers 500 (and logs it) if nothing was sent
                 raise
         finally:
             exchange.close()
             self.limiter.release()
+            self.body_bytes += exchange.received
             if exchange.status >= 500:
                 self.errors += 1
+            status = 499 if exchange.disconnected else exchange.status or (413 if exchange.too_large else 500)
+            self.answered(status, started)
+            if self.access_log:
+                log_access(scope["method"], scope["path"], status, started, (scope.get("client") or ("",))[0])
         if exchange.too_large and not exchange.status:
             await _respond(send, 413, f"413 Request Entity Too Large: {PayloadTooLarge.over(self.max_body)}",
                            [(b"connection", b"close")])
@@ -176,21 +184,25 @@ class AsgiRunner(Admission):
         """A WebSocket session: one request against ``maxConcurrency`` for its whole life."""
         self.total_requests += 1
         if not await self.limiter.acquire():
-            self.rejected += 1
-            self.errors += 1
+            self.refused()
             await send({"type": "websocket.close", "code": 1013})  # "try again later"; before accept: 403
             return
+        started, status = time.perf_counter(), 101  # a session counts as its upgrade's status
         try:
             await self.app({**scope, "root_path": self.root_path}, receive, send)
         except asyncio.CancelledError:
             self.cancelled += 1
+            status = 499
             raise
         except Exception as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"[:500]
             self.errors += 1
+            self.exceptions += 1
+            status = 500
             raise
         finally:
             self.limiter.release()
+            self.answered(status, started)
 
     async def check_health(self) -> None:
         """The event loop answered: an ASGI app has no ``check_health()`` of its own to call."""

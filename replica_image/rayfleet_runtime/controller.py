@@ -24,10 +24,12 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from rayfleet_api.constants import CONTROL_PORT, CONTROL_TOKEN_ENV, CONTROLLER_NAME, INGRESS_PORT, RAY_NAMESPACE
+from rayfleet_api.constants import (CONTROL_PORT, CONTROL_TOKEN_ENV, CONTROLLER_NAME, INGRESS_PORT, METRICS_PORT,
+                                    RAY_NAMESPACE)
 from rayfleet_api.http_probe import wait_http
 from rayfleet_runtime.api_server import make_app
 from rayfleet_runtime.deployment_state import ControllerCore
+from rayfleet_runtime.log_setup import configure_logging
 from rayfleet_runtime.ray_calls import RayBackend, alive_node_ids
 
 logger = logging.getLogger("rayfleet.controller")
@@ -38,13 +40,11 @@ class Controller:
     """Ray actor hosting ControllerCore and its HTTP API."""
 
     async def __init__(self, token: str, control_port: int = CONTROL_PORT, ingress_port: int = INGRESS_PORT,
-                       ingress_nodes: str = "all", bind_host: str = "0.0.0.0"):
+                       ingress_nodes: str = "all", bind_host: str = "0.0.0.0", metrics_port: int | None = METRICS_PORT):
         from aiohttp import web  # noqa: PLC0415
 
-        if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.core = ControllerCore(RayBackend(), ingress_port=ingress_port, ingress_nodes=ingress_nodes,
+        configure_logging()
+        self.core = ControllerCore(RayBackend(metrics_port), ingress_port=ingress_port, ingress_nodes=ingress_nodes,
                                    bind_host=bind_host)
         self.control_port = control_port
         self.bind_host = bind_host
@@ -57,7 +57,13 @@ class Controller:
 
     async def ready(self) -> dict[str, Any]:
         return {"controlPort": self.control_port, "bindHost": self.bind_host, "pid": os.getpid(),
-                "ingressPort": self.core.ingress_port, "ingressNodes": self.core.ingress_nodes}
+                "nodeId": ray.get_runtime_context().get_node_id(), "ingressPort": self.core.ingress_port,
+                "ingressNodes": self.core.ingress_nodes, "metricsPort": self.core.backend.metrics_port}
+
+    async def metrics(self) -> list[Any]:
+        """The controller's Prometheus metrics (``prometheus_client`` ``Metric`` objects), for the head node's
+        ingress to serve. Async, so it reads the controller's state on the loop that changes it."""
+        return self.core.metrics.collect()
 
 
 def head_node_id() -> str:
@@ -68,9 +74,11 @@ def head_node_id() -> str:
 
 
 def ensure_controller(token: str, control_port: int = CONTROL_PORT, ingress_port: int = INGRESS_PORT,
-                      ingress_nodes: str = "all", bind_host: str = "0.0.0.0", timeout_s: float = 60.0) -> Any:
+                      ingress_nodes: str = "all", bind_host: str = "0.0.0.0", timeout_s: float = 60.0,
+                      metrics_port: int | None = METRICS_PORT) -> Any:
     """Get or create the controller actor and wait until it serves; returns its handle (idempotent).
-    ``token`` is the credential its API will require (an existing controller keeps the one it has)."""
+    ``token`` is the credential its API will require (an existing controller keeps the one it has);
+    ``metrics_port``: where every node's ingress serves that node's Prometheus metrics (None: nowhere)."""
     if ingress_nodes not in ("all", "head"):
         raise ValueError(f"ingress_nodes must be 'all' or 'head', got {ingress_nodes!r}")
     try:
@@ -80,7 +88,7 @@ def ensure_controller(token: str, control_port: int = CONTROL_PORT, ingress_port
             handle = Controller.options(
                 name=CONTROLLER_NAME, namespace=RAY_NAMESPACE, lifetime="detached", num_cpus=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(head_node_id(), soft=False),
-            ).remote(token, control_port, ingress_port, ingress_nodes, bind_host)
+            ).remote(token, control_port, ingress_port, ingress_nodes, bind_host, metrics_port)
         except ValueError:  # somebody else created it just now
             handle = ray.get_actor(CONTROLLER_NAME, namespace=RAY_NAMESPACE)
     try:
@@ -101,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ingress-port", type=int, default=INGRESS_PORT)
     parser.add_argument("--ingress-nodes", choices=("all", "head"), default="all")
     parser.add_argument("--bind-host", default="0.0.0.0")
+    parser.add_argument("--metrics-port", type=int, default=METRICS_PORT)
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
     token = os.environ.get(CONTROL_TOKEN_ENV, "")
@@ -110,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=args.address, namespace=RAY_NAMESPACE, log_to_driver=False)
     try:
         info = ray.get(ensure_controller(token, args.control_port, args.ingress_port, args.ingress_nodes, args.bind_host,
-                                         timeout_s=args.timeout).ready.remote())
+                                         timeout_s=args.timeout, metrics_port=args.metrics_port).ready.remote())
         host = "127.0.0.1" if info["bindHost"] in ("0.0.0.0", "::", "") else info["bindHost"]
         wait_http(f"http://{host}:{info['controlPort']}/healthz", args.timeout)
         print(f"rayfleet controller ready on {host}:{info['controlPort']}", flush=True)

@@ -11,11 +11,17 @@ the actor (``controller.py``). A reconcile tick every ``TICK_S``
    ``drain(grace)`` and finally kill it,
 3. has the ``RoutePublisher`` push the routing table of READY replicas to the ingress proxies.
 
+A deployment with ``autoscaling`` runs the count its ``Autoscaler`` (``autoscaler.py``) chose: a second
+loop samples each such deployment every ``SAMPLE_INTERVAL_S`` (its serving replicas' ``info()`` in
+parallel, and the requests waiting in the ingresses) and feeds the sample to the autoscaler; a change of
+the count is logged, counted and checkpointed, and planned at once.
+
 Every Ray call goes through the injected backend (``ray_calls.RayBackend``; a fake in unit tests).
 State lives where a restarted controller finds it again: desired state (plus restart counters) is
 checkpointed in Ray's GCS KV, replicas are found by their actor names. Every error in the loop is logged
 and the loop goes on. Handler import/init failures are reported in the observed state and retried with
-exponential back-off instead of hot-looping.
+exponential back-off instead of hot-looping. Each transition of a replica or a rollout is logged once
+(``lifecycle_log``) and counted where it happens (``controller_metrics``).
 """
 from __future__ import annotations
 
@@ -29,10 +35,14 @@ from typing import Any
 from rayfleet_api.constants import INGRESS_PORT
 from rayfleet_api.desired import DesiredState
 from rayfleet_api.errors import SpecError
-from rayfleet_api.states import ReplicaState
+from rayfleet_api.states import DeploymentStatus, ReplicaState
 
 from rayfleet_runtime import planning
+from rayfleet_runtime.autoscaler import SAMPLE_INTERVAL_S, SAMPLE_WAIT_S, Autoscaler, follow_spec, replica_load
+from rayfleet_runtime.autoscaling import LoadSample
+from rayfleet_runtime.controller_metrics import ControllerMetrics
 from rayfleet_runtime.haproxy_config import KEEPALIVE_TIMEOUT_S
+from rayfleet_runtime.lifecycle_log import lifecycle
 from rayfleet_runtime.planning import ReplicaView
 from rayfleet_runtime.ray_calls import (RayBackend, ReplicaCallError, ReplicaDied, ReplicaTimeout, ReplicaUnavailable,
                                         RuntimeEnvFailed)
@@ -67,6 +77,8 @@ class ReplicaRecord:
     next_placement_at: float = 0.0
     placement_task: asyncio.Task | None = None
     watch_task: asyncio.Task | None = None  # learns of the process's death the moment Ray does
+    failure: str | None = None  # why FAILED/UNHEALTHY (died | start_failed | unhealthy): a replacement's reason
+    load_task: asyncio.Task | None = None  # the autoscaler's info() call in flight
 
     def view(self) -> ReplicaView:
         return ReplicaView(self.id, self.version, self.state, self.health_failures, self.restarts, self.created_at,
@@ -101,19 +113,37 @@ class DeploymentRecord:
     error: dict[str, str] | None = None
     start_failures: int = 0
     next_start_at: float = 0.0
+    rolling_out: bool = False  # a new version was put and not every replica runs it yet
     replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
+    autoscaler: Autoscaler | None = None  # set while desired.autoscaling is
+
+    @property
+    def target(self) -> int:
+        """The replica count to run: the autoscaler's when autoscaling is on, else spec.replicas."""
+        return self.desired.replicas if self.autoscaler is None else self.autoscaler.target
 
     def checkpoint(self) -> bytes:
+        scaling = {} if self.autoscaler is None else {"autoscaler": self.autoscaler.checkpoint()}
         return json.dumps({"desired": self.desired.to_json(), "deleting": self.deleting, "restarts": self.restarts,
-                           "nextIndex": self.next_index}).encode()
+                           "nextIndex": self.next_index, **scaling}).encode()
+
+
+def _needs(desired: DesiredState) -> dict[str, float]:
+    options = desired.ray_actor_options
+    return {"CPU": options.num_cpus, "GPU": options.num_gpus, "memory": options.memory or 0}
+
+
+def fits(desired: DesiredState, available: dict[str, float]) -> bool:
+    """Whether the free resources (the cluster's) cover one replica: if so, an unplaced replica is a worker
+    process slow to start (a busy machine), not one waiting for resources."""
+    return all(available.get(resource, 0) >= amount for resource, amount in _needs(desired).items() if amount)
 
 
 def unschedulable_reason(desired: DesiredState, available: dict[str, float], total: dict[str, float],
                          held: dict[str, tuple[int, float]] | None = None) -> str:
     """Why Ray can't place a replica, like Ray Serve's scheduling warning: what it needs, what is free,
     and which deployments' replicas hold the CPUs (``held``: deployment -> (replicas, CPUs))."""
-    options = desired.ray_actor_options
-    needs = {"CPU": options.num_cpus, "GPU": options.num_gpus, "memory": options.memory or 0}
+    needs = _needs(desired)
     parts = []
     for resource, amount in needs.items():
         if amount:
@@ -137,8 +167,9 @@ class ControllerCore:
         self.bind_host = bind_host
         self.drain_settle_s = drain_settle_s
         self.deployments: dict[str, DeploymentRecord] = {}
-        self.routes = RoutePublisher(self.routing_table, backend.ensure_ingress, backend.node_ids, ingress_port,
-                                     ingress_nodes, bind_host)
+        self.metrics = ControllerMetrics(self.replica_states, self.scaling)
+        self.routes = RoutePublisher(self.routing_table, backend.ensure_ingress, backend.node_ids,
+                                     self.metrics.route_pushed, ingress_port, ingress_nodes, bind_host)
         self._tasks: list[asyncio.Task] = []
 
     # ---------- persistence and re-discovery ----------
@@ -163,9 +194,12 @@ class ControllerCore:
                 if not raw:
                     continue
                 data = json.loads(raw)
+                desired, saved = DesiredState.from_json(data["desired"]), data.get("autoscaler")
                 self.deployments[name] = DeploymentRecord(
-                    name, DesiredState.from_json(data["desired"]), deleting=data.get("deleting", False), restarts=data.get("restarts", 0),
-                    next_index=data.get("nextIndex", 0))
+                    name, desired, deleting=data.get("deleting", False), restarts=data.get("restarts", 0),
+                    next_index=data.get("nextIndex", 0),
+                    autoscaler=Autoscaler.resumed(desired.autoscaling, saved) if desired.autoscaling and saved
+                    else None)
             except Exception:  # noqa: BLE001 - one bad checkpoint must not keep the controller from starting
                 logger.exception("cannot read the checkpoint of deployment %s; leaving its replicas alone", name)
                 unreadable.add(name)
@@ -196,12 +230,14 @@ class ControllerCore:
                 # Alive but busy (its process answered no probe in time): adopt it unrouted, taken for
                 # the current version until it answers; its health checks decide, as for any replica.
                 rec = ReplicaRecord(rid, dep.desired.version, actor, state=ReplicaState.UNHEALTHY, health_failures=1,
-                                    last_error=f"no answer within {RECOVER_PROBE_TIMEOUT_S:g}s after a controller restart")
+                                    last_error=f"no answer within {RECOVER_PROBE_TIMEOUT_S:g}s after a controller restart",
+                                    failure="unhealthy")
                 logger.warning("replica %s/%s did not answer yet; adopted, unrouted until healthy", dep_name, rid)
             else:
                 rec = ReplicaRecord(rid, info.get("version") or "", actor, info=info)
                 rec.state = (ReplicaState.FAILED if info.get("error")
                              else ReplicaState.DRAINING if info.get("draining") else ReplicaState.READY)
+                rec.failure = "start_failed" if info.get("error") else None
                 rec.created_at = info.get("startedAt", time.time())
             dep.replicas[rid] = rec
             try:
@@ -211,7 +247,11 @@ class ControllerCore:
             if rec.state == ReplicaState.DRAINING:
                 self._begin_stop(dep, rec, planning.StopIntent(rid, True, "scale-down"))
             elif rec.state in _SERVING:
-                self._watch(rec)
+                self._watch(dep, rec)
+        for dep in self.deployments.values():
+            if dep.desired.autoscaling is not None and dep.autoscaler is None:  # checkpointed before it had a count
+                running = sum(r.state in _SERVING for r in dep.replicas.values())
+                dep.autoscaler = Autoscaler(dep.desired.autoscaling, dep.desired.autoscaling.clamp(running))
         logger.info("recovered %d deployments, adopted %d replicas", len(self.deployments),
                     sum(len(d.replicas) for d in self.deployments.values()))
         self.routes.changed()
@@ -228,7 +268,11 @@ class ControllerCore:
         else:
             if dep.desired.version != desired.version:
                 dep.error, dep.start_failures, dep.next_start_at = None, 0, 0.0  # new code: retry at once
+                dep.rolling_out = True
+                self.metrics.rollout_started(name)
+                lifecycle("rollout_started", deployment=name, version=desired.version, previous=dep.desired.version)
             dep.desired, dep.deleting = desired, False
+        dep.autoscaler = follow_spec(dep.autoscaler, desired.autoscaling, desired.replicas)
         self._save(dep)
         self.routes.changed()
 
@@ -248,6 +292,15 @@ class ControllerCore:
         self.routes.changed()
         return True
 
+    def replica_states(self) -> dict[str, list[ReplicaState]]:
+        """Each deployment's replica states, as the replicas-by-state gauge reads them when scraped."""
+        return {d.name: [r.state for r in d.replicas.values()] for d in self.deployments.values()}
+
+    def scaling(self) -> dict[str, tuple[int, float | None]]:
+        """Each deployment's replica count to run and its autoscaler's latest load, as the gauges read them."""
+        return {d.name: (d.target, None if d.autoscaler is None else d.autoscaler.load)
+                for d in self.deployments.values()}
+
     def observed(self, dep: DeploymentRecord) -> dict[str, Any]:
         version = dep.desired.version
         reps = sorted(dep.replicas.values(), key=lambda r: r.created_at)
@@ -255,23 +308,26 @@ class ControllerCore:
         return {
             "name": dep.name,
             "version": version,
-            "targetReplicas": 0 if dep.deleting else dep.desired.replicas,
+            "targetReplicas": 0 if dep.deleting else dep.target,
+            "desiredReplicas": dep.target,
             "readyReplicas": sum(1 for r in reps if r.state == ReplicaState.READY),
             "updatedReplicas": sum(1 for r in reps if r.version == version
                                    and r.state in (ReplicaState.STARTING, *_SERVING)),
             "inFlight": sum(r.info.get("inFlight", 0) for r in reps if r.state in (*_SERVING, ReplicaState.DRAINING)),
             "restarts": dep.restarts,
-            "status": planning.deployment_status(dep.desired.replicas, version, views, deleting=dep.deleting,
+            "status": planning.deployment_status(dep.target, version, views, deleting=dep.deleting,
                                                  error=dep.error is not None),
             "error": None if dep.error is None else {"reason": dep.error["reason"], "message": dep.error["message"],
                                                      "traceback": (dep.error.get("traceback") or "")[-2000:]},
             "routePrefix": dep.desired.route_prefix,
             "replicas": [r.observed() for r in reps],
+            **({} if dep.autoscaler is None else {"autoscaling": dep.autoscaler.observed()}),
         }
 
     # ---------- reconcile ----------
     async def run(self) -> None:
-        self._tasks.append(asyncio.get_running_loop().create_task(self.routes.run()))
+        loop = asyncio.get_running_loop()
+        self._tasks += [loop.create_task(self.routes.run()), loop.create_task(self._autoscale())]
         while True:
             try:
                 self.reconcile_once()
@@ -295,6 +351,7 @@ class ControllerCore:
         if dep.deleting and not dep.replicas:
             del self.deployments[dep.name]
             self._forget(dep.name)
+            self.metrics.forget(dep.name)
             self.routes.changed()
             logger.info("deployment %s deleted", dep.name)
             return
@@ -314,10 +371,14 @@ class ControllerCore:
                     and (rec.placement_task is None or rec.placement_task.done())):
                 rec.next_placement_at = now + PROBE_INTERVAL_S
                 rec.placement_task = asyncio.get_running_loop().create_task(self._check_placement(dep, rec))
+        views = [r.view() for r in dep.replicas.values()]
+        if dep.rolling_out and planning.deployment_status(dep.target, dep.desired.version, views,
+                                                          deleting=dep.deleting) == DeploymentStatus.RUNNING:
+            dep.rolling_out = False
+            lifecycle("rollout_finished", deployment=dep.name, version=dep.desired.version)
         # Decide and act.
-        p = planning.plan(dep.desired.replicas, dep.desired.version, [r.view() for r in dep.replicas.values()],
-                          failure_threshold=hc.failure_threshold, deleting=dep.deleting,
-                          can_start=now >= dep.next_start_at)
+        p = planning.plan(dep.target, dep.desired.version, views, failure_threshold=hc.failure_threshold,
+                          deleting=dep.deleting, can_start=now >= dep.next_start_at)
         if not p:
             return
         for stop in p.stop:
@@ -330,6 +391,63 @@ class ControllerCore:
         if p.start:  # checkpoint the restart count and next_index (replica names stay unique after a restart)
             self._save(dep)
         self.routes.changed()
+
+    # ---------- autoscaling ----------
+    async def _autoscale(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.autoscale_once()
+            except Exception:  # noqa: BLE001
+                logger.exception("autoscaling failed; continuing")
+            await asyncio.sleep(max(0.0, SAMPLE_INTERVAL_S - (time.monotonic() - started)))
+
+    async def autoscale_once(self) -> None:
+        """Sample every autoscaled deployment once and act on its autoscaler's decision."""
+        scaled = [d for d in self.deployments.values() if d.autoscaler is not None and not d.deleting]
+        if not scaled:
+            return
+        waiting = asyncio.ensure_future(self.routes.waiting_requests(SAMPLE_WAIT_S))
+        asks = [self._ask_load(dep, rec) for dep in scaled for rec in dep.replicas.values() if rec.state in _SERVING]
+        if asks:
+            await asyncio.wait(asks, timeout=SAMPLE_WAIT_S)
+        in_ingress = await waiting
+        now, wall = time.monotonic(), time.time()
+        for dep in scaled:
+            if dep.autoscaler is None or dep.deleting or self.deployments.get(dep.name) is not dep:
+                continue  # changed while the answers came
+            # Serving and starting replicas; not the draining ones: their requests are leaving.
+            sample = LoadSample(tuple(replica_load(r.info, ready=r.state != ReplicaState.STARTING)
+                                      for r in dep.replicas.values()
+                                      if r.state in (ReplicaState.STARTING, *_SERVING)),
+                                ingress_queued=in_ingress.get(dep.name, 0))
+            before = dep.autoscaler.replicas
+            decision = dep.autoscaler.observe(sample, now, wall)
+            if decision.replicas != before:
+                self._scaled(dep, before, decision.replicas, decision.reason)
+
+    def _ask_load(self, dep: DeploymentRecord, rec: ReplicaRecord) -> asyncio.Task:
+        """The replica's info() call that refreshes its load; one at a time, so a slow replica piles up none."""
+        if rec.load_task is None or rec.load_task.done():
+            rec.load_task = asyncio.get_running_loop().create_task(self._read_load(dep, rec))
+        return rec.load_task
+
+    async def _read_load(self, dep: DeploymentRecord, rec: ReplicaRecord) -> None:
+        try:
+            info = await self.backend.info(rec.actor, dep.desired.health_check.timeout_seconds + 1.0)
+        except ReplicaCallError:
+            return  # it keeps its last load; the probes and the watch judge the replica
+        if rec.state in _SERVING:
+            rec.info = info
+
+    def _scaled(self, dep: DeploymentRecord, replicas_from: int, replicas_to: int, reason: str) -> None:
+        lifecycle("scaled", deployment=dep.name, replicas_from=replicas_from, replicas_to=replicas_to, reason=reason)
+        self.metrics.scaled(dep.name, replicas_from, replicas_to)
+        self._save(dep)
+        try:  # now, not at the next tick: a request held at zero replicas waits for this
+            self._reconcile(dep, time.time())
+        except Exception:  # noqa: BLE001
+            logger.exception("reconciling %s failed; continuing", dep.name)
 
     def _held_resources(self) -> dict[str, tuple[int, float]]:
         """Per deployment: its replicas known to run (they have answered with a pid), and their CPUs."""
@@ -349,17 +467,22 @@ class ControllerCore:
         except Exception as exc:  # noqa: BLE001 - the GCS is busy: ask again next time
             logger.debug("placement of %s unknown: %s", rec.id, exc)
             return
-        if rec.state != ReplicaState.STARTING:
+        if rec.state != ReplicaState.STARTING or fits(dep.desired, available):
             return
         note = unschedulable_reason(dep.desired, available, total, self._held_resources())
-        if note != rec.unschedulable:
-            logger.warning("replica %s %s", rec.id, note)
-            rec.unschedulable = note
+        if rec.unschedulable is None:
+            self.metrics.waiting_for_resources(dep.name)
+            lifecycle("replica_unschedulable", deployment=dep.name, replica=rec.id, version=rec.version, reason=note)
+        rec.unschedulable = note  # kept current in the observed state; logged once per replica
 
     def _start_replica(self, dep: DeploymentRecord, intent: planning.StartIntent) -> None:
         rid = f"{dep.name}-{dep.next_index}"
         dep.next_index += 1
         desired = dep.desired
+        if intent.replaces is not None:
+            reason = dep.replicas[intent.replaces].failure or "failed"  # stopped just now, still listed
+            self.metrics.restarted(dep.name, reason)
+            lifecycle("replica_replaced", deployment=dep.name, replica=intent.replaces, replacement=rid, reason=reason)
         rec = ReplicaRecord(rid, desired.version, None, restarts=intent.restarts)
         dep.replicas[rid] = rec
         try:
@@ -367,7 +490,7 @@ class ControllerCore:
         except ReplicaCallError as exc:  # e.g. invalid runtime_env or name clash
             self._start_failed(dep, rec, {"reason": "ReplicaCreateError", "message": f"{exc.ray_error}: {exc}"})
             return
-        logger.info("starting replica %s (version %s, restarts %d)", rid, rec.version, rec.restarts)
+        lifecycle("replica_started", deployment=dep.name, replica=rid, version=rec.version, restarts=rec.restarts)
         rec.task = asyncio.get_running_loop().create_task(self._await_start(dep, rec))
 
     async def _await_start(self, dep: DeploymentRecord, rec: ReplicaRecord) -> None:
@@ -390,11 +513,11 @@ class ControllerCore:
         rec.next_probe_at = time.time() + PROBE_INTERVAL_S
         if rec.version == dep.desired.version:
             dep.error, dep.start_failures, dep.next_start_at = None, 0, 0.0
-        logger.info("replica %s ready at %s:%s (pid %s)", rec.id, info.get("host"), info.get("port"), info.get("pid"))
-        self._watch(rec)
+        self._ready(dep, rec)
+        self._watch(dep, rec)
         self.routes.changed()
 
-    def _watch(self, rec: ReplicaRecord) -> None:
+    def _watch(self, dep: DeploymentRecord, rec: ReplicaRecord) -> None:
         """Replace a replica whose process dies as soon as Ray knows (a pending call fails), not at the next
         probe: with the start of a new process that makes ~2 s from kill -9 to a new replica serving."""
         async def watch() -> None:
@@ -402,24 +525,32 @@ class ControllerCore:
                 try:
                     await self.backend.watch(rec.actor)
                 except ReplicaDied as exc:
-                    self._died(rec, exc)
+                    self._died(dep, rec, exc)
                     return
                 except ReplicaCallError as exc:  # unreachable for now (the probes judge it): watch again
                     logger.debug("watch of %s interrupted: %s", rec.id, exc.ray_error)
                     await asyncio.sleep(PROBE_INTERVAL_S)
         rec.watch_task = asyncio.get_running_loop().create_task(watch())
 
-    def _died(self, rec: ReplicaRecord, exc: ReplicaDied) -> None:
+    @staticmethod
+    def _ready(dep: DeploymentRecord, rec: ReplicaRecord) -> None:
+        rec.failure, rec.unschedulable = None, None
+        lifecycle("replica_ready", deployment=dep.name, replica=rec.id, version=rec.version,
+                  node=rec.info.get("nodeIp"), port=rec.info.get("port"), pid=rec.info.get("pid"))
+
+    def _died(self, dep: DeploymentRecord, rec: ReplicaRecord, exc: ReplicaDied) -> None:
         if rec.state in _SERVING:
-            logger.warning("replica %s died: %s", rec.id, str(exc)[:300])
-            rec.state, rec.last_error = ReplicaState.FAILED, "replica process died"
+            rec.state, rec.last_error, rec.failure = ReplicaState.FAILED, "replica process died", "died"
+            lifecycle("replica_failed", deployment=dep.name, replica=rec.id, version=rec.version, reason="died",
+                      message=str(exc)[:300])
             self.routes.changed()
 
     def _start_failed(self, dep: DeploymentRecord, rec: ReplicaRecord, error: dict[str, str]) -> None:
         if rec.state != ReplicaState.STARTING:
             return
-        logger.error("replica %s failed to start: %s: %s", rec.id, error.get("reason"), error.get("message"))
-        rec.state = ReplicaState.FAILED
+        lifecycle("replica_failed", deployment=dep.name, replica=rec.id, version=rec.version,
+                  reason=error.get("reason"), message=error.get("message"))
+        rec.state, rec.failure = ReplicaState.FAILED, "start_failed"
         rec.last_error = f"{error.get('reason')}: {error.get('message')}"
         if rec.actor is not None:
             self.backend.kill(rec.actor)
@@ -437,7 +568,7 @@ class ControllerCore:
         except ReplicaUnavailable as exc:
             result = {"healthy": False, "message": f"actor unavailable: {exc}"[:300]}
         except ReplicaDied as exc:
-            self._died(rec, exc)
+            self._died(dep, rec, exc)
             return
         except ReplicaTimeout:
             result = {"healthy": False, "message": f"no answer within {timeout_s}s"}
@@ -452,9 +583,17 @@ class ControllerCore:
         rec.state, rec.health_failures = planning.next_health_state(rec.state, rec.health_failures, result["healthy"])
         if not result["healthy"]:
             rec.last_error = result.get("message")
-            logger.warning("replica %s health check failed (%d): %s", rec.id, rec.health_failures, rec.last_error)
-        if rec.state != before:
-            self.routes.changed()
+            self.metrics.health_check_failed(dep.name)
+            logger.debug("replica %s health check failed (%d): %s", rec.id, rec.health_failures, rec.last_error)
+        if rec.state == before:
+            return
+        if rec.state == ReplicaState.UNHEALTHY:
+            rec.failure = "unhealthy"
+            lifecycle("replica_unhealthy", deployment=dep.name, replica=rec.id, version=rec.version,
+                      message=rec.last_error)
+        else:
+            self._ready(dep, rec)
+        self.routes.changed()
 
     def _begin_stop(self, dep: DeploymentRecord, rec: ReplicaRecord, stop: planning.StopIntent) -> None:
         """Take the replica out of routing now; drain and kill it in the background."""
@@ -462,10 +601,13 @@ class ControllerCore:
         graceful = stop.graceful and rec.actor is not None and grace > 0  # 0: stop at once, as asked
         rec.state = ReplicaState.DRAINING if graceful else ReplicaState.STOPPED
         unrouted = self.routes.changed()  # routes version without this replica
-        logger.info("stopping replica %s (%s, %s)", rec.id, stop.reason, "drain" if graceful else "kill")
-        rec.task = asyncio.get_running_loop().create_task(self._stop(rec, graceful, grace, unrouted))
+        if graceful:
+            lifecycle("replica_draining", deployment=dep.name, replica=rec.id, version=rec.version, reason=stop.reason,
+                      grace_s=grace)
+        rec.task = asyncio.get_running_loop().create_task(self._stop(dep, rec, stop.reason, graceful, grace, unrouted))
 
-    async def _stop(self, rec: ReplicaRecord, graceful: bool, grace: float, unrouted: int = 0) -> None:
+    async def _stop(self, dep: DeploymentRecord, rec: ReplicaRecord, reason: str, graceful: bool, grace: float,
+                    unrouted: int) -> None:
         try:
             if graceful:
                 started = time.monotonic()
@@ -491,6 +633,8 @@ class ControllerCore:
             if rec.actor is not None:
                 self.backend.kill(rec.actor)
             rec.state = ReplicaState.STOPPED
+            lifecycle("replica_stopped", deployment=dep.name, replica=rec.id, version=rec.version, reason=reason,
+                      drained=graceful)
 
     # ---------- routing ----------
     def routing_table(self) -> dict[str, Any]:
@@ -501,9 +645,16 @@ class ControllerCore:
             d = dep.desired
             ready = [r for r in sorted(dep.replicas.values(), key=lambda r: r.id)
                      if r.state == ReplicaState.READY and r.info.get("port")]
+            # With no replica the ingress holds a request (it starts one) instead of refusing it.
+            from_zero = {"scaleFromZero": True} if d.autoscaling and d.autoscaling.min_replicas == 0 else {}
+            # Autoscaled, the ingress queues what maxReplicas could run, up to the request timeout: the
+            # queue is the load that brings more replicas, and they are coming (not a 503 at once).
+            queue = ({"maxQueued": d.max_concurrency * d.autoscaling.max_replicas,
+                      "queueTimeoutSeconds": d.request_timeout_seconds} if d.autoscaling else {})
             table[dep.name] = {"routePrefix": d.route_prefix, "maxConcurrency": d.max_concurrency,
                                "requestTimeoutSeconds": d.request_timeout_seconds,
-                               "maxRequestBodyBytes": d.max_request_body_bytes,
-                               "replicas": [{"id": r.id, "host": r.info["host"], "port": r.info["port"]} for r in ready]}
+                               "maxRequestBodyBytes": d.max_request_body_bytes, **from_zero, **queue,
+                               "replicas": [{"id": r.id, "host": r.info["host"], "port": r.info["port"],
+                                            "nodeId": r.info.get("nodeId")} for r in ready]}
         return {"deployments": table}
 

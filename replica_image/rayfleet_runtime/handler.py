@@ -74,12 +74,21 @@ import inspect
 import json
 import logging
 import os
+import time
 import traceback
 from typing import Any, Awaitable, Callable, Mapping
 
 from rayfleet_api.desired import DesiredState, parse_json
+from rayfleet_runtime.lifecycle_log import logfmt
 
 logger = logging.getLogger("rayfleet.replica")
+access_logger = logging.getLogger("rayfleet.access")
+
+
+def log_access(method: str, path: str, status: int, started: float, client: str | None) -> None:
+    """One access-log line (``accessLog: true``): what was asked, how it ended, how long the replica took."""
+    access_logger.info(logfmt(method=method, path=path, status=status,
+                              ms=round((time.perf_counter() - started) * 1000, 2), client=client))
 
 
 class Request:
@@ -286,7 +295,24 @@ class Admission:
         self.errors = 0  # 5xx answered, handler-caused or not
         self.rejected = 0  # 503 for overload
         self.cancelled = 0  # the client disconnected first
+        self.exceptions = 0  # the handler (or app) raised
+        self.body_bytes = 0  # request bodies read
+        self.codes: collections.Counter[int] = collections.Counter()  # answers by status; 499: the client left first
         self.last_error: str | None = None
+        # the replica's latency histogram (``replica_metrics``), unless metrics are off
+        self.observe: Callable[[float], None] | None = None
+
+    def answered(self, status: int, started: float) -> None:
+        """One admitted request is over: its status counted, its handler time observed."""
+        self.codes[status] += 1
+        if self.observe is not None:
+            self.observe(time.perf_counter() - started)
+
+    def refused(self) -> None:
+        """One request turned away at ``maxConcurrency`` (503, its handler never ran)."""
+        self.rejected += 1
+        self.errors += 1
+        self.codes[503] += 1
 
     @property
     def in_flight(self) -> int:
@@ -301,9 +327,10 @@ class Stream:
     """A handler's async generator as bytes chunks. It holds the request's slot until ``aclose()``, which
     whoever sends it must call, however the sending ends."""
 
-    def __init__(self, runner: Admission, chunks: Any):
+    def __init__(self, runner: Admission, chunks: Any, status: int, started: float):
         self._runner = runner
         self._chunks = chunks
+        self._status, self._started = status, started
         self._done = self._closed = False
 
     def __aiter__(self) -> "Stream":
@@ -326,6 +353,7 @@ class Stream:
             self._done = True
             self._runner.last_error = f"{type(exc).__name__}: {exc}"[:500]
             self._runner.errors += 1
+            self._runner.exceptions += 1
             logger.error("a streamed response failed:\n%s", traceback.format_exc())
             raise
 
@@ -339,6 +367,7 @@ class Stream:
             await self._chunks.aclose()  # the handler's own finally blocks run
         finally:
             self._runner.limiter.release()
+            self._runner.answered(self._status if self._done else 499, self._started)
 
 
 class HandlerRunner(Admission):
@@ -372,22 +401,25 @@ class HandlerRunner(Admission):
         """
         self.total_requests += 1
         if not await self.limiter.acquire():
-            self.rejected += 1
-            self.errors += 1
+            self.refused()
             return OVERLOADED
+        started = time.perf_counter()
         streaming = False
         try:
             out = await self._serve(request)
             if inspect.isasyncgen(out[2]):  # a stream holds its slot until its last chunk
-                out, streaming = (out[0], out[1], Stream(self, out[2])), True
+                out, streaming = (out[0], out[1], Stream(self, out[2], out[0], started)), True
         except asyncio.CancelledError:
             self.cancelled += 1  # the client went away: its handler is cancelled with it
+            self.answered(499, started)
             raise
         finally:
             if not streaming:
                 self.limiter.release()
         if out[0] >= 500:
             self.errors += 1
+        if not streaming:
+            self.answered(out[0], started)
         return out
 
     async def _serve(self, request: Request | Callable[[], Awaitable[Request]]) -> HTTPResult:
@@ -396,12 +428,14 @@ class HandlerRunner(Admission):
                 request = await request()  # a broken connection propagates: no one is left to answer
             except PayloadTooLarge as exc:
                 return error_result(413, f"413 Request Entity Too Large: {exc}")
+        self.body_bytes += len(request.body)
         try:
             return to_http(await self._call(request))
         except BadRequest as exc:
             return error_result(400, f"400 Bad Request: {exc}")
         except Exception as exc:  # noqa: BLE001 - user code may raise anything
             self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+            self.exceptions += 1
             tb = traceback.format_exc()
             logger.error("handler raised on %s %s:\n%s", request.method, request.path, tb)
             msg = f"500 Internal Server Error: handler raised {type(exc).__name__}"

@@ -12,7 +12,9 @@ The routing table comes from the controller::
             "maxConcurrency": 100,             # per replica -> per-server maxconn; queue bound x replicas
             "requestTimeoutSeconds": 60,       # -> timeout server (504)
             "maxRequestBodyBytes": 16777216,   # optional; a larger Content-Length gets 413 here
-            "queueTimeoutSeconds": 2,          # optional; default QUEUE_TIMEOUT_S (503); the controller sends none yet
+            "queueTimeoutSeconds": 2,          # optional; default QUEUE_TIMEOUT_S (503); autoscaled: the request timeout
+            "maxQueued": 800,                  # optional; default maxConcurrency x replicas; autoscaled: x maxReplicas
+            "scaleFromZero": true,             # optional; with no replicas, requests wait in the activator
             "replicas": [{"id": "echo-0", "host": "127.0.0.1", "port": 43123}],
         }}}
 
@@ -20,6 +22,10 @@ Routing: a request goes to the deployment whose prefix is the longest one
 equal to the path or followed by ``/`` in it (``/echo`` matches ``/echo`` and
 ``/echo/x`` but not ``/echoes``). The path is forwarded unchanged. With no
 ``/`` deployment, unmatched paths get a 404 JSON body from HAProxy itself.
+
+A deployment with no replica gets 503 from HAProxy, unless it has ``scaleFromZero`` and the ingress runs
+an activator (``activator_socket``): then the activator is the backend's only server, and holds its
+requests until a replica is ready (``activator.py``).
 """
 
 from __future__ import annotations
@@ -48,9 +54,18 @@ HEALTH_INTER_MS = 1000
 # uvicorn's default, so that takes seconds, not half a minute.
 KEEPALIVE_TIMEOUT_S = 5
 # On every 503 HAProxy answers itself (no replica, queue full, queue timeout), as the replica does on its own.
-RETRY_AFTER = " hdr Retry-After 1"
+RETRY_AFTER_S = 1
+RETRY_AFTER = f" hdr Retry-After {RETRY_AFTER_S}"
 FRONTEND_NAME = "rayfleet"
+METRICS_FRONTEND_NAME = "metrics"
 NOT_FOUND_BACKEND = "rayfleet_no_route"
+ACTIVATOR_SERVER = "activator"
+# Names the backend (hence the deployment) a request reached the activator through; set by HAProxy, so a
+# client can't choose it. The backend name, not the deployment's, because it is always a safe haproxy.cfg word.
+ACTIVATOR_BACKEND_HEADER = "X-Rayfleet-Backend"
+# HAProxy waits this much longer than requestTimeoutSeconds for the activator, whose own 504 (counted,
+# with the deployment named) comes at requestTimeoutSeconds.
+ACTIVATOR_TIMEOUT_MARGIN_S = 1.0
 
 _NAME_OK = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # fullmatch only: "$" would admit a trailing newline
 # A replica's host: a DNS name (IP addresses are checked with ipaddress). Anything else (a space, a
@@ -107,6 +122,13 @@ def _secs(value: Any, default: float) -> float:
     if not math.isfinite(v) or v <= 0:
         return default
     return min(v, MAX_TIMEOUT_S)
+
+
+def _count(value: Any, default: int) -> int:
+    """A positive int from the table, at most MAX_SERVER_MAXCONN x 1000 (HAProxy's queue is a counter); else the default."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return default
+    return min(value, MAX_SERVER_MAXCONN * 1000)
 
 
 def _max_body(value: Any) -> int | None:
@@ -171,7 +193,12 @@ class Backend:
     queue_timeout_s: float
     max_queued: int
     max_body_bytes: int | None
+    scale_from_zero: bool = False
     servers: list[Server] = field(default_factory=list)
+
+    def held_by_activator(self, activator_socket: str | None) -> bool:
+        """Requests wait in the activator for a replica, instead of a 503 at once."""
+        return activator_socket is not None and self.scale_from_zero and not self.servers
 
 
 @dataclass
@@ -262,14 +289,39 @@ def plan_table(table: Mapping[str, Any] | None) -> RoutingPlan:
                 max_concurrency=max_conc,
                 request_timeout_s=_secs(spec.get("requestTimeoutSeconds"), DEFAULT_REQUEST_TIMEOUT_S),
                 queue_timeout_s=_secs(spec.get("queueTimeoutSeconds"), QUEUE_TIMEOUT_S),
-                max_queued=max_conc * max(1, len(servers)),
+                max_queued=_count(spec.get("maxQueued"), max_conc * max(1, len(servers))),
                 max_body_bytes=_max_body(spec.get("maxRequestBodyBytes")),
+                scale_from_zero=spec.get("scaleFromZero") is True,
                 servers=servers,
             )
         )
     # Longest prefix first; ties can't happen (prefixes are unique). "/" is len 1 -> last.
     backends.sort(key=lambda b: (-len(b.prefix), b.prefix))
     return RoutingPlan(backends, skipped)
+
+
+def _body_limit(be: Backend) -> list[str]:
+    """Refused on its headers, before a byte of the body is forwarded (chunked bodies: the replica)."""
+    if be.max_body_bytes is None:
+        return []
+    too_large = _json_body({"error": "request body too large", "deployment": be.deployment,
+                            "maxRequestBodyBytes": be.max_body_bytes})
+    return ["    http-request return status 413 content-type application/json string "
+            f"{too_large} hdr Connection close if {{ req.hdr_val(content-length) gt {be.max_body_bytes} }}"]
+
+
+def _activator_backend(be: Backend, activator_socket: str) -> list[str]:
+    """A deployment scaled to zero: the activator, its only server, holds each request until a replica is
+    ready (or answers 504/503 itself: no health check, no maxconn, no queue here)."""
+    return [
+        f"# deployment {_comment(be.deployment)}: prefix {be.prefix}, no replica: held by the activator",
+        f"backend {be.name}",
+        f"    timeout server {_ms(be.request_timeout_s + ACTIVATOR_TIMEOUT_MARGIN_S)}",
+        *_body_limit(be),
+        f"    http-request set-header {ACTIVATOR_BACKEND_HEADER} {be.name}",
+        "    retry-on conn-failure",  # the activator's answers are final; a failed connect reached nothing
+        f"    server {ACTIVATOR_SERVER} unix@{activator_socket}",
+    ]
 
 
 def render_config(
@@ -285,10 +337,16 @@ def render_config(
     health_inter_ms: int = HEALTH_INTER_MS,
     connect_timeout_ms: int = CONNECT_TIMEOUT_MS,
     listen_fd: int | None = None,
+    metrics_socket: str | None = None,
+    activator_socket: str | None = None,
 ) -> str:
     """Render a complete haproxy.cfg for ``table`` (see the module docstring).
 
     ``listen_fd``: a listening socket HAProxy inherits (``bind fd@N``) instead of binding ``bind_host:port``.
+    ``metrics_socket``: a Unix socket where HAProxy's own Prometheus exporter answers (for the ingress
+    actor, which serves the node's metrics; no TCP port of its own).
+    ``activator_socket``: the Unix socket of the ingress's activator, the server of every ``scaleFromZero``
+    deployment with no replica (None: those answer 503 as any deployment with no replica).
     """
     plan = plan_table(table)
     max_req_timeout = max([b.request_timeout_s for b in plan.backends] + [DEFAULT_REQUEST_TIMEOUT_S])
@@ -332,6 +390,10 @@ def render_config(
     # A client that goes away takes its request with it: queued, it is dropped; sent, the replica's
     # connection is closed, which cancels the handler (the replica serves with handler_cancellation).
     w("    option abortonclose")
+    # Each chunk of a streamed response goes out as it arrives: without this HAProxy sends with MSG_MORE
+    # while it expects more, and the kernel holds a small first chunk up to 200 ms (measured: first byte
+    # of a stream at ~225 ms instead of ~2 ms). A whole response leaves in one write either way.
+    w("    option http-no-delay")
     w("    option redispatch 1")
     w("    retries 2")
     # Every method: a failed connect (nothing ran). GET/HEAD/OPTIONS only (the frontend's
@@ -370,9 +432,17 @@ def render_config(
         w(f"    use_backend {be.name} if {{ path {be.prefix} }} || {{ path_beg {be.prefix}/ }}")
     catch_all = plan.catch_all
     w(f"    default_backend {catch_all.name if catch_all else NOT_FOUND_BACKEND}")
+    if metrics_socket is not None:
+        w("")
+        w(f"frontend {METRICS_FRONTEND_NAME}")
+        w(f"    bind unix@{metrics_socket} mode 600")
+        w("    http-request use-service prometheus-exporter")
 
     for be in plan.backends:
         w("")
+        if be.held_by_activator(activator_socket):
+            out.extend(_activator_backend(be, activator_socket))
+            continue
         w(f"# deployment {_comment(be.deployment)}: prefix {be.prefix}, {len(be.servers)} replica(s)")
         w(f"backend {be.name}")
         w("    balance random(2)")
@@ -397,14 +467,7 @@ def render_config(
                 "    http-request return status 503 content-type application/json string "
                 f"{overloaded}{RETRY_AFTER} if {{ queue() ge {be.max_queued} }}"
             )
-        if be.max_body_bytes is not None:
-            # Refused on its headers, before a byte of the body is forwarded (chunked bodies: the replica)
-            too_large = _json_body({"error": "request body too large", "deployment": be.deployment,
-                                    "maxRequestBodyBytes": be.max_body_bytes})
-            w(
-                "    http-request return status 413 content-type application/json string "
-                f"{too_large} hdr Connection close if {{ req.hdr_val(content-length) gt {be.max_body_bytes} }}"
-            )
+        out.extend(_body_limit(be))
         w(
             f"    default-server check inter {int(health_inter_ms)}ms fastinter {max(100, int(health_inter_ms) // 2)}ms"
             f" rise 1 fall 2 observe layer4 error-limit 3 on-error mark-down"

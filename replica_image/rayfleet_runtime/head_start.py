@@ -11,13 +11,14 @@ import os
 import subprocess
 import sys
 
-from rayfleet_api.constants import CONTROL_PORT, INGRESS_PORT
+from rayfleet_api.constants import CONTROL_PORT, INGRESS_PORT, METRICS_PORT
 
 
 def main() -> int:
     args = [sys.executable, "-m", "rayfleet_runtime.controller", "--address", "auto",
             "--control-port", os.environ.get("RAYFLEET_CONTROL_PORT", str(CONTROL_PORT)),
             "--ingress-port", os.environ.get("RAYFLEET_INGRESS_PORT", str(INGRESS_PORT)),
+            "--metrics-port", os.environ.get("RAYFLEET_METRICS_PORT", str(METRICS_PORT)),
             "--ingress-nodes", "all", "--bind-host", "0.0.0.0", "--timeout", "600"]
     with open(os.environ.get("RAYFLEET_HEAD_START_LOG", "/tmp/rayfleet-controller-start.log"), "ab") as log:
         subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -19,6 +19,10 @@ requests, answering the next request on each idle keep-alive connection with
 (bounded by ``hard-stop-after``). Configs are validated with ``haproxy -c``
 first; an invalid one is logged and the running config is kept.
 
+A ``scaleFromZero`` deployment with no replica is served by the actor's activator (``activator.py``, on
+``activator.sock`` in the workdir): it holds those requests until a table gives the deployment a replica,
+and ``stats()["held"]`` reports them, the load that scales the deployment up from zero.
+
 HAProxy cannot outlive the actor: it is started with ``PR_SET_PDEATHSIG``
 (SIGTERM to the master when the actor's supervisor thread/process dies; the
 workers exit with their master), and ``stop()`` / interpreter exit stop it.
@@ -46,14 +50,21 @@ import time
 import warnings
 from typing import Any
 
-from rayfleet_api.constants import INGRESS_PORT, RAY_NAMESPACE
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from rayfleet_api.constants import CONTROLLER_NAME, INGRESS_PORT, METRICS_PATH, RAY_NAMESPACE
+from rayfleet_api.metrics_labels import split_deployment
+
+from . import ingress_metrics
+from .activator import Activator
+from .log_setup import configure_logging
 from .haproxy_bin import HAProxyBinary, check_config, find_haproxy, haproxy_version
-from .haproxy_config import plan_table, render_config
+from .haproxy_config import ACTIVATOR_SERVER, plan_table, render_config
 
 logger = logging.getLogger("rayfleet.ingress")
 
 MIN_RELOAD_INTERVAL_S = 0.2
+MASTER_SOCKET_WAIT_S = 10.0
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -151,8 +162,9 @@ class Ingress:
         workdir: str | None = None,
         nbthread: int | None = None,
         maxconn: int | None = None,
+        metrics_port: int | None = None,
     ) -> None:
-        logging.basicConfig(level=logging.INFO)
+        configure_logging()
         self.port = int(port)
         self.bind_host = bind_host
         self.binary: HAProxyBinary = find_haproxy()
@@ -166,6 +178,8 @@ class Ingress:
         self.pid_path = os.path.join(self.workdir, "haproxy.pid")
         self.runtime_socket = os.path.join(self.workdir, "admin.sock")
         self.master_socket = os.path.join(self.workdir, "master.sock")
+        self.metrics_socket = os.path.join(self.workdir, "metrics.sock")  # HAProxy's own exporter
+        self.activator_socket = os.path.join(self.workdir, "activator.sock")
         self._kill_stale()
         self._listener = _listen(self.bind_host, self.port)
 
@@ -173,6 +187,7 @@ class Ingress:
         self._config = self._render(self._table)
         self._names = plan_table(self._table).names()
         self._reloads = 0
+        self._reload_failures = 0
         self._last_reload = 0.0
         self._last_error: str | None = None
         self._seq = 0
@@ -198,6 +213,8 @@ class Ingress:
         if not ok:
             raise RuntimeError(f"initial HAProxy config is invalid: {out}")
         self._write_config(self._config)
+        self._activator = Activator(self.activator_socket)
+        self._activator.start(self._table)  # before HAProxy, which may route to it from its first request
         # All forks happen on this one long-lived thread: PR_SET_PDEATHSIG fires
         # when the *thread* that forked exits, so it must live as long as we do.
         self._supervisor = threading.Thread(target=self._supervise, name="haproxy-supervisor", daemon=True)
@@ -206,6 +223,7 @@ class Ingress:
         if self._spawn_error is not None:
             raise RuntimeError(f"could not start HAProxy: {self._spawn_error}")
         atexit.register(self._terminate)
+        self._metrics_server = self._serve_metrics(metrics_port) if metrics_port is not None else None
 
     # ----------------------------------------------------------------- process
 
@@ -218,6 +236,8 @@ class Ingress:
             nbthread=self.nbthread,
             maxconn=self.maxconn,
             listen_fd=self._listener.fileno(),
+            metrics_socket=self.metrics_socket,
+            activator_socket=self.activator_socket,
         )
 
     @property
@@ -333,10 +353,9 @@ class Ingress:
                 if not line:
                     continue
                 self._log_tail.append(line)
-                if line.startswith("[ALERT]") or line.startswith("[WARNING]") or "exited with code" in line:
-                    logger.warning("haproxy: %s", line)
-                else:
-                    logger.info("haproxy: %s", line)
+                # Its notices and warnings come with every reload ("Proxy stopped", "Former worker exited"):
+                # debug; what went wrong reaches our own log as a reload failure or a restart.
+                logger.log(logging.WARNING if line.startswith("[ALERT]") else logging.DEBUG, "haproxy: %s", line)
             rc = proc.wait()
             if self._stopping.is_set():
                 break
@@ -374,6 +393,48 @@ class Ingress:
                 proc.wait(5)
         except ProcessLookupError:
             pass
+
+    # ----------------------------------------------------------------- metrics
+
+    def _serve_metrics(self, port: int) -> Any:
+        """This node's scrape endpoint (``ingress_metrics``); None if the port can't be had: the node
+        still routes, and the error says why nothing answers there."""
+        sources = {"ingress": self._own_metrics, "haproxy": self._haproxy_metrics}
+        ray_sources = _RaySources.for_this_actor()
+        if ray_sources is not None:
+            sources.update(replicas=lambda: ray_sources.replicas(self._table), controller=ray_sources.controller)
+        try:
+            server = ingress_metrics.serve(ingress_metrics.NodeMetrics(sources), self.bind_host, port)
+        except OSError as exc:
+            logger.error("no metrics on %s:%d: %s", self.bind_host, port, exc)
+            return None
+        logger.info("metrics at http://%s:%d%s", self.bind_host, port, METRICS_PATH)
+        return server
+
+    def _own_metrics(self) -> list[Any]:
+        out = []
+        for name, doc, value in (
+                ("rayfleet_ingress_config_reloads", "Routing tables applied by a HAProxy reload", self._reloads),
+                ("rayfleet_ingress_config_reload_failures", "Routing tables rejected (invalid config or a failed "
+                 "reload; the previous config kept serving)", self._reload_failures),
+                ("rayfleet_ingress_haproxy_restarts", "HAProxy masters restarted after they died", self._restarts)):
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], value)
+            out.append(family)
+        held = GaugeMetricFamily("rayfleet_ingress_activator_held", "Requests the activator holds for a deployment "
+                                 "scaled to zero, until a replica is ready", labels=["namespace", "deployment"])
+        for deployment, count in self._activator.held().items():
+            held.add_metric(split_deployment(deployment), count)
+        requests = CounterMetricFamily("rayfleet_ingress_activator_requests", "Requests the activator held, by how "
+                                       "they ended (forwarded, timeout, overflow, client_left, unavailable, upgrade)",
+                                       labels=["namespace", "deployment", "outcome"])
+        for (deployment, outcome), count in self._activator.outcomes().items():
+            requests.add_metric([*split_deployment(deployment), outcome], count)
+        return [*out, held, requests]
+
+    def _haproxy_metrics(self) -> list[Any]:
+        text = ingress_metrics.get_unix(self.metrics_socket, "/metrics")
+        return ingress_metrics.label_haproxy(text, self._names)
 
     # ----------------------------------------------------------------- actor API
 
@@ -431,23 +492,30 @@ class Ingress:
         seq, desired = self._seq, self._desired
         config = self._render(desired)
         if config == self._config:
+            await self._activator.apply(desired)
             self._applied_seq = seq
             self._table = desired
             return {"applied": True, "changed": False, "error": None}
         ok, out = await asyncio.to_thread(self._check, config)
         if not ok:
             self._last_error = f"invalid config, keeping the previous one: {out}"
+            self._reload_failures += 1
             logger.error("rejected routing table: %s", self._last_error)
             self._applied_seq = seq
             return {"applied": False, "changed": False, "error": self._last_error}
         wait = self._last_reload + MIN_RELOAD_INTERVAL_S - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
+        # Before the reload: the new HAProxy may send the activator a request of this table at once. Its
+        # replicas are ready (the controller lists no other), so held requests may go to them already.
+        await self._activator.apply(desired)
         self._write_config(config)
         err = await asyncio.to_thread(self._reload)
         self._last_reload = time.monotonic()
         if err:
+            await self._activator.apply(self._table)  # what HAProxy still serves
             self._last_error = err
+            self._reload_failures += 1
             logger.error("HAProxy reload failed: %s", err)
             # The master keeps the old workers when a reload fails; keep the
             # old config on disk too so a restart brings back what runs.
@@ -464,10 +532,19 @@ class Ingress:
         return {"applied": True, "changed": True, "error": None, "reloads": self._reloads}
 
     def _reload(self) -> str | None:
-        try:
-            reply = _cli(self.master_socket, "reload", timeout=30)
-        except OSError as e:
-            return f"master CLI: {e!r}"
+        # A master just (re)started may not have created its socket yet: wait for it a little, rather
+        # than fail the first table pushed after a start.
+        deadline = time.monotonic() + MASTER_SOCKET_WAIT_S
+        while True:
+            try:
+                reply = _cli(self.master_socket, "reload", timeout=30)
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                if time.monotonic() > deadline:
+                    return f"master CLI: {e!r}"
+                time.sleep(0.05)
+            except OSError as e:
+                return f"master CLI: {e!r}"
         first = reply.strip().splitlines()[0] if reply.strip() else ""
         if first.startswith("Success=1"):
             return None
@@ -477,10 +554,12 @@ class Ingress:
         return None
 
     async def stats(self) -> dict[str, Any]:
-        """Per-deployment/replica state from HAProxy's ``show stat`` (current worker only)."""
+        """Per-deployment/replica state from HAProxy's ``show stat`` (current worker only), and the requests
+        the activator holds per deployment (``held``; HAProxy counts them in the deployment's ``sessions``,
+        never in its ``queue`` nor in any replica's row: the activator is not listed in ``servers``)."""
         text = await asyncio.to_thread(_cli, self.runtime_socket, "show stat")
         rows = parse_show_stat(text)
-        out: dict[str, Any] = {"frontend": {}, "deployments": {}, "raw_backends": {}}
+        out: dict[str, Any] = {"frontend": {}, "deployments": {}, "raw_backends": {}, "held": self._activator.held()}
         names = self._names
         for row in rows:
             px, sv = row["pxname"], row["svname"]
@@ -508,14 +587,86 @@ class Ingress:
             dep = out["deployments"].setdefault(info["deployment"], {"backend": px, "servers": {}})
             if sv == "BACKEND":
                 dep.update(entry)
-            else:
+            elif sv != ACTIVATOR_SERVER:  # servers are the replicas
                 dep["servers"][info["servers"].get(sv, sv)] = entry
         return out
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop HAProxy: soft stop (finish in-flight requests) for up to ``grace_s``, then hard."""
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         await asyncio.to_thread(self._terminate, grace_s)
+        await asyncio.to_thread(self._activator.stop)  # after HAProxy, which waited for the requests held there
         self._listener.close()  # after: the supervisor restarts no HAProxy once stopping, so none needs it
+
+
+class _RaySources:
+    """The metrics of the replicas on this actor's node, and of the controller if it runs here (Ray calls,
+    made from the metrics server's thread, never the actor's event loop)."""
+
+    def __init__(self, node_id: str):
+        self.node_id = node_id
+        # Ray warns of any blocking get in an async actor; these run on the metrics server's thread.
+        os.environ["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] = "0"
+        self._replicas: dict[tuple[str, str], Any] = {}  # (deployment, replica id) -> actor handle
+        self._controller: Any = None  # its handle once known to run on this node; False: elsewhere
+
+    @classmethod
+    def for_this_actor(cls) -> "_RaySources | None":
+        try:
+            import ray
+
+            if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+                return None
+            return cls(ray.get_runtime_context().get_node_id())
+        except ImportError:
+            return None
+
+    def replicas(self, table: dict[str, Any]) -> list[Any]:
+        """The families of the replicas in ``table`` that run on this node (a replica that is gone or slow
+        is left out of this scrape; the controller replaces a dead one, the next scrape has its successor)."""
+        import ray
+
+        from .replica import replica_actor_name
+
+        here = [(dep, r["id"]) for dep, spec in (table.get("deployments") or {}).items()
+                for r in spec.get("replicas") or [] if r.get("nodeId") == self.node_id]
+        handles = {}
+        for key in here:
+            try:
+                handles[key] = self._replicas.get(key) or ray.get_actor(replica_actor_name(*key), namespace=RAY_NAMESPACE)
+            except ValueError:
+                continue  # died since the table was pushed
+        self._replicas = handles
+        refs = [handle.metrics.remote() for handle in handles.values()]
+        if not refs:
+            return []
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=ingress_metrics.SOURCE_TIMEOUT_S)
+        out: list[Any] = []
+        for ref in done:
+            try:
+                out.extend(ray.get(ref))
+            except ray.exceptions.RayError:
+                pass
+        return out
+
+    def controller(self) -> list[Any]:
+        import ray
+
+        if self._controller is False:
+            return []
+        try:
+            if self._controller is None:
+                handle = ray.get_actor(CONTROLLER_NAME, namespace=RAY_NAMESPACE)
+                info = ray.get(handle.ready.remote(), timeout=ingress_metrics.SOURCE_TIMEOUT_S)
+                self._controller = handle if info.get("nodeId") == self.node_id else False
+                if self._controller is False:
+                    return []
+            return ray.get(self._controller.metrics.remote(), timeout=ingress_metrics.SOURCE_TIMEOUT_S)
+        except Exception:
+            self._controller = None  # restarted, or not up yet: look again next time
+            raise
 
 
 def _make_actor_class():
@@ -532,8 +683,9 @@ except ImportError:  # pragma: no cover - Ray-less environments (unit tests of t
     IngressManager = None  # type: ignore[assignment]
 
 
-def ensure_ingress(node_id: str, port: int = INGRESS_PORT, bind_host: str = "0.0.0.0"):
-    """Get-or-create the ingress actor for ``node_id`` (idempotent, race-free)."""
+def ensure_ingress(node_id: str, port: int = INGRESS_PORT, bind_host: str = "0.0.0.0", metrics_port: int | None = None):
+    """Get-or-create the ingress actor for ``node_id`` (idempotent, race-free); it serves the node's
+    metrics on ``metrics_port`` (None: not at all)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     return IngressManager.options(
@@ -543,4 +695,4 @@ def ensure_ingress(node_id: str, port: int = INGRESS_PORT, bind_host: str = "0.0
         get_if_exists=True,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         num_cpus=0,
-    ).remote(port=port, bind_host=bind_host)
+    ).remote(port=port, bind_host=bind_host, metrics_port=metrics_port)

@@ -18,7 +18,7 @@ import ray
 from ray._private import state as ray_state
 from ray.experimental import internal_kv
 
-from rayfleet_api.constants import RAY_NAMESPACE
+from rayfleet_api.constants import METRICS_PORT, RAY_NAMESPACE
 from rayfleet_api.desired import DesiredState
 from rayfleet_runtime.ingress import ensure_ingress
 from rayfleet_runtime.replica import Replica, parse_replica_actor_name, replica_actor_name
@@ -111,9 +111,19 @@ class IngressActor:
         (``{"applied": bool, ...}``). Raises whatever Ray raises: any failure means recreate the handle."""
         return self._handle.update.remote(table)
 
+    def stats(self) -> Awaitable[dict[str, Any]]:
+        """HAProxy's counters per deployment and the requests held for each (``Ingress.stats``)."""
+        return self._handle.stats.remote()
+
 
 class RayBackend:
-    """The Ray cluster as the controller sees it. Replica handles are opaque to callers."""
+    """The Ray cluster as the controller sees it. Replica handles are opaque to callers.
+
+    ``metrics_port``: where each node's ingress serves that node's metrics (None: nowhere).
+    """
+
+    def __init__(self, metrics_port: int | None = METRICS_PORT):
+        self.metrics_port = metrics_port
 
     # ---------- replica actors ----------
     def create_replica(self, deployment: str, replica_id: str, desired: DesiredState, bind_host: str) -> Any:
@@ -202,4 +212,4 @@ class RayBackend:
 
     async def ensure_ingress(self, node_id: str, port: int, bind_host: str) -> IngressActor:
         """Get or create the ingress actor of ``node_id``."""
-        return IngressActor(await asyncio.to_thread(ensure_ingress, node_id, port, bind_host))
+        return IngressActor(await asyncio.to_thread(ensure_ingress, node_id, port, bind_host, self.metrics_port))

@@ -16,7 +16,6 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 import time
 from typing import Any
 
@@ -27,7 +26,9 @@ from aiohttp.web_request import BaseRequest
 from rayfleet_api.constants import RAY_NAMESPACE, REPLICA_PREFIX, REPLICA_READY_PATH
 from rayfleet_api.desired import DesiredState
 from rayfleet_runtime.asgi import AsgiRunner, AsgiServer, is_asgi_app
-from rayfleet_runtime.handler import HandlerLoadError, HandlerRunner, PayloadTooLarge, Request, load_handler
+from rayfleet_runtime.log_setup import configure_logging
+from rayfleet_runtime.handler import HandlerLoadError, HandlerRunner, PayloadTooLarge, Request, load_handler, log_access
+from rayfleet_runtime.replica_metrics import ReplicaMetrics
 
 logger = logging.getLogger("rayfleet.replica")
 
@@ -102,25 +103,32 @@ class ReplicaServer:
                 return web.Response(status=503, text="draining\n")
             return web.Response(status=200, text="ready\n")
         assert self.runner is not None
+        started = time.perf_counter()
         status, headers, data = await self.runner.handle(lambda: self._read(req))
         if not isinstance(data, bytes):
-            return await self._stream(req, status, headers, data)
+            return await self._stream(req, status, headers, data, started)
         response = web.Response(status=status, headers=headers, body=data)
         if status == 413:
             response.force_close()  # the rest of that body is never read
+        if self.desired.access_log:
+            log_access(req.method, req.path, status, started, req.remote)
         return response
 
-    @staticmethod
-    async def _stream(req: BaseRequest, status: int, headers: dict[str, str], chunks: Any) -> web.StreamResponse:
+    async def _stream(self, req: BaseRequest, status: int, headers: dict[str, str], chunks: Any,
+                      started: float) -> web.StreamResponse:
         """Send each chunk as the handler yields it (chunked encoding; HAProxy passes them on as they come)."""
         response = web.StreamResponse(status=status, headers=headers)
+        complete = False
         try:
             await response.prepare(req)
             async for chunk in chunks:
                 await response.write(chunk)
             await response.write_eof()
+            complete = True
         finally:
             await chunks.aclose()  # releases the request's slot, whatever happened
+            if self.desired.access_log:
+                log_access(req.method, req.path, status if complete else 499, started, req.remote)
         return response
 
     async def _read(self, req: BaseRequest) -> Request:
@@ -176,9 +184,7 @@ class Replica:
     """One replica of a deployment; created by the controller as a named detached actor."""
 
     async def __init__(self, deployment: str, replica_id: str, desired: DesiredState, bind_host: str):
-        if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                                format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging()
         self.deployment = deployment
         self.replica_id = replica_id
         self._loop = asyncio.get_running_loop()  # the data-plane loop (default concurrency group)
@@ -186,7 +192,10 @@ class Replica:
         self.node_id = ctx.get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
         self.server = ReplicaServer(desired)
+        self.metrics_registry = ReplicaMetrics(deployment, replica_id, lambda: self.server.runner)
         await self.server.start(bind_host, 0, self.node_ip)
+        if self.server.runner is not None:
+            self.metrics_registry.attach(self.server.runner)
 
     def _info(self) -> dict[str, Any]:
         return {"deployment": self.deployment, "id": self.replica_id, "nodeId": self.node_id,
@@ -213,6 +222,11 @@ class Replica:
             except Exception as exc:  # noqa: BLE001
                 healthy, message = False, f"check_health: {type(exc).__name__}: {exc}"[:500]
         return {"healthy": healthy, "message": message, **self._info()}
+
+    @ray.method(concurrency_group="control")
+    async def metrics(self) -> list[Any]:
+        """This replica's Prometheus families (prometheus_client ``Metric`` objects), for its node's ingress."""
+        return self.metrics_registry.families()
 
     @ray.method(concurrency_group="watch")
     async def watch(self) -> None:

@@ -178,6 +178,49 @@ def test_kubectl_get_and_events_read_well(cluster, echo):
     assert "Handler 'apply' succeeded" in cluster.kubectl("logs", "-n", OPERATOR_NAMESPACE, "deployment/rayfleet").stdout
 
 
+def test_prometheus_scrapes_every_pod_and_kubectl_logs_shows_lifecycle_events(cluster, echo, tmp_path):
+    """What a PodMonitor would scrape: each Ray pod's and the operator's `metrics` port, by pod IP. Exactly
+    the requests sent through the Service are counted, by the replicas and by HAProxy."""
+    from tests.prometheus import Prometheus, require_prometheus
+
+    require_prometheus()
+    name, replicas = echo["metadata"]["name"], echo["spec"]["replicas"]
+    cluster.wait_ready(name, replicas)
+    ray_pods = [p for p in cluster.pods(name) if not p["metadata"].get("deletionTimestamp")]
+    operator_pods = (cluster.get("pods", "-n", OPERATOR_NAMESPACE, "-l", "app.kubernetes.io/part-of=rayfleet")
+                     or {}).get("items", [])
+    assert ray_pods and operator_pods
+
+    def port(pod: dict) -> int:
+        ports = [p for c in pod["spec"]["containers"] for p in c.get("ports") or [] if p.get("name") == "metrics"]
+        assert len(ports) == 1, pod["metadata"]["name"]  # declared, as a PodMonitor finds it
+        return ports[0]["containerPort"]
+
+    targets = {"ray": [f"{p['status']['podIP']}:{port(p)}" for p in ray_pods],
+               "operator": [f"{p['status']['podIP']}:{port(p)}" for p in operator_pods]}
+    mine = f'namespace="{NAMESPACE}",deployment="{name}"'
+    served = f'sum(rayfleet_replica_requests_total{{{mine},code="200"}})'
+    proxied = f'sum(haproxy_backend_http_responses_total{{{mine},code="2xx"}})'
+    with Prometheus(tmp_path / "prometheus", targets) as prom:
+        prom.wait_up("ray")
+        prom.wait_up("operator")
+        prom.wait_scraped_after("ray", time.time())
+        before = {q: prom.value(q) or 0 for q in (served, proxied)}
+        base, prefix, n = cluster.service_url(name), echo["spec"]["routePrefix"], 25
+        assert [http_get(f"{base}{prefix}/metrics-test")[0] for _ in range(n)] == [200] * n
+        prom.wait_value(served, before[served] + n)
+        prom.wait_value(proxied, before[proxied] + n)
+        per_replica = prom.values(f'rayfleet_replica_requests_total{{{mine},code="200"}}', by="replica")
+        assert len(per_replica) == replicas, per_replica
+        assert prom.value(f'rayfleet_controller_replicas{{{mine},state="READY"}}') == replicas
+        assert prom.value(f'sum(rayfleet_operator_reconciles_total{{{mine},outcome="ok"}})') > 0
+        assert prom.value('sum(rayfleet_ingress_scrape_errors_total)') == 0
+    # The controller's lifecycle lines reach the head pod's own log, not only Ray's files in the pod.
+    head = next(p for p in ray_pods if p["metadata"]["labels"].get("ray.io/node-type") == "head")
+    logs = cluster.kubectl("logs", "-n", NAMESPACE, head["metadata"]["name"], check=False).stdout
+    assert f"event=replica_ready deployment={NAMESPACE}.{name}" in logs, logs[-3000:]
+
+
 def test_scale_up_and_down_fails_no_request(cluster, echo):
     name, prefix = echo["metadata"]["name"], echo["spec"]["routePrefix"]
     before = replica_pids(cluster.sd(name))

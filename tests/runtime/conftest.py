@@ -19,9 +19,10 @@ HERE = Path(__file__).resolve().parent
 class Api:
     """Tiny client for the controller's /v1 API plus helpers to wait for observed state."""
 
-    def __init__(self, base: str, ingress: str, token: str):
+    def __init__(self, base: str, ingress: str, token: str, metrics: str):
         self.base = base
         self.ingress = ingress
+        self.metrics = metrics  # the node's Prometheus endpoint
         self.token = token
         self.http = httpx.Client(base_url=base, timeout=10, headers={"Authorization": f"Bearer {token}"})
 
@@ -86,10 +87,11 @@ def api(ray_cluster):
     from rayfleet_api.http_probe import wait_http
     from rayfleet_runtime.controller import ensure_controller
 
-    control_port, ingress_port, token = free_port(), free_port(), secrets.token_urlsafe(32)
+    control_port, ingress_port, metrics_port, token = free_port(), free_port(), free_port(), secrets.token_urlsafe(32)
     ensure_controller(token, control_port=control_port, ingress_port=ingress_port, ingress_nodes="head",
-                      bind_host="127.0.0.1")
+                      bind_host="127.0.0.1", metrics_port=metrics_port)
     wait_http(f"http://127.0.0.1:{control_port}/healthz", 30)
-    client = Api(f"http://127.0.0.1:{control_port}", f"http://127.0.0.1:{ingress_port}", token)
+    client = Api(f"http://127.0.0.1:{control_port}", f"http://127.0.0.1:{ingress_port}", token,
+                 f"http://127.0.0.1:{metrics_port}/metrics")
     yield client
     client.http.close()

@@ -201,3 +201,20 @@ def test_a_client_that_leaves_cancels_the_apps_endpoint(tmp_path, monkeypatch):
             sys.modules.pop("rf_disconnect_app", None)
 
     asyncio.run(main())
+
+
+def test_an_asgi_apps_requests_are_counted_by_status_and_access_logged(caplog):
+    async def test(client, server):
+        assert (await client.post("/api/orders", json={"item": "tea", "quantity": 2})).status_code == 200
+        assert (await client.post("/api/orders", json={"item": "tea"})).status_code == 422
+        assert (await client.get("/api/nowhere")).status_code == 404
+        codes = dict(server.runner.codes)
+        assert codes == {200: 1, 422: 1, 404: 1}
+        assert server.runner.body_bytes == len(b'{"item":"tea","quantity":2}') + len(b'{"item":"tea"}')
+
+    with caplog.at_level("INFO", logger="rayfleet.access"):
+        serve(test, access_log=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "rayfleet.access"]
+    assert [line.split(" ms=")[0] for line in lines] == [
+        "method=POST path=/api/orders status=200", "method=POST path=/api/orders status=422",
+        "method=GET path=/api/nowhere status=404"]

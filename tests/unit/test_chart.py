@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rayfleet_api.constants import METRICS_PATH, METRICS_PORT, METRICS_PORT_NAME
+from rayfleet_operator.config import OperatorConfig
+from rayfleet_operator.raycluster import build_raycluster
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "rayfleet"
 CRD = ROOT / "crds" / "rayfleet.io_servedeployments.yaml"
@@ -151,6 +155,9 @@ def test_render_defaults(helm):
     probe = container["livenessProbe"]["httpGet"]
     (port,) = [p for p in container["ports"] if p["name"] == probe["port"]]
     assert probe["path"] == "/healthz" and port["containerPort"] == 8080
+    # The operator's metrics: the port its config reads, declared under the name a PodMonitor looks for.
+    (metrics,) = [p for p in container["ports"] if p["name"] == METRICS_PORT_NAME]
+    assert metrics["containerPort"] == METRICS_PORT and env_of(container)["RAYFLEET_METRICS_PORT"] == str(METRICS_PORT)
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     env = env_of(container)
     assert env["RAYFLEET_REPLICA_IMAGE"] == "ghcr.io/rayfleet/replica:0.1.0"
@@ -170,7 +177,9 @@ def test_render_defaults(helm):
     (policy,) = of_kind(docs, "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert policy["spec"]["policyTypes"] == ["Ingress"]
-    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}]}]  # the liveness probe only
+    assert policy["spec"]["ingress"] == [  # the liveness probe (from the node), and scrapes from any pod
+        {"ports": [{"protocol": "TCP", "port": 8080}]},
+        {"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": METRICS_PORT_NAME}]}]
     check_security(docs)
 
 
@@ -206,6 +215,37 @@ def test_network_policies_can_be_turned_off(helm):
     docs = render(helm, {"networkPolicy.enabled": "false"})
     assert not of_kind(docs, "NetworkPolicy")
     assert env_of(operator_container(docs)[1])["RAYFLEET_NETWORK_POLICY"] == "false"
+
+
+def test_pod_monitor_and_dashboard_are_off_by_default_and_render_when_on(helm):
+    assert not {"PodMonitor", "ConfigMap"} & {d["kind"] for d in render(helm)}
+    on = {"metrics.podMonitor.enabled": "true", "metrics.dashboard.enabled": "true"}
+    docs = render(helm, {**on, "metrics.podMonitor.labels.release": "prometheus"})
+    (monitor,) = of_kind(docs, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["metadata"]["namespace"] == "rayfleet-system"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"any": True}
+    # One label on both the operator's pod (the chart's) and the Ray pods (the operator's naming.labels).
+    deployment, _ = operator_container(docs)
+    rc = build_raycluster(ray_body(), OperatorConfig())
+    for pod_labels in (deployment["spec"]["template"]["metadata"]["labels"],
+                       rc["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]):
+        assert spec["selector"]["matchLabels"].items() <= pod_labels.items()
+    # The exported namespace/deployment labels win over the target's own namespace.
+    assert spec["podMetricsEndpoints"] == [{"port": METRICS_PORT_NAME, "path": METRICS_PATH, "honorLabels": True}]
+    (dashboard,) = of_kind(docs, "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["data"] == {"rayfleet.json": (CHART / "dashboards" / "rayfleet.json").read_text().rstrip("\n")}
+    # Namespaced: the watched namespaces and the operator's own.
+    docs = render(helm, {**on, "watchNamespaces": "{team-a,rayfleet-system}"})
+    (monitor,) = of_kind(docs, "PodMonitor")
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["rayfleet-system", "team-a"]}
+    run(helm, "lint", "--strict", str(CHART), *set_args(on))
+
+
+def ray_body() -> dict:
+    return {"metadata": {"name": "echo", "namespace": "team", "uid": "uid-1"}, "spec": {"handler": "examples.echo:Echo"}}
 
 
 def test_rbac_disabled_renders_no_rbac(helm):

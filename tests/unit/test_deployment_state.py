@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 import pytest
 import ray.exceptions
 
-from rayfleet_api.desired import DesiredState, HealthCheck
+from rayfleet_api.desired import Autoscaling, DesiredState, HealthCheck
+from rayfleet_api.metrics_labels import split_deployment
 from rayfleet_api.states import DeploymentStatus, ReplicaState
 from rayfleet_runtime import deployment_state
 from rayfleet_runtime.deployment_state import ControllerCore, DeploymentRecord
@@ -31,25 +33,42 @@ class FakeReplica:
         self.start_error: ReplicaCallError | None = None  # raised by info() instead of an answer
         self.dead = self.killed = self.draining = False
         self.silent = False  # info() times out
+        self.sick: str | None = None  # health() answers unhealthy, with this message
         self.placed = False  # Ray found it a node (FakeBackend._place)
         self.started_at = time.time()
+        self.in_flight = self.queued = 0  # its load, as info() tells the autoscaler
 
     def info(self) -> dict[str, Any]:
         return {"deployment": self.deployment, "id": self.id, "version": self.version, "host": "127.0.0.1",
-                "port": self.port, "pid": self.port, "nodeId": "node-a", "nodeIp": "127.0.0.1", "inFlight": 0,
+                "port": self.port, "pid": self.port, "nodeId": "node-a", "nodeIp": "127.0.0.1",
+                "inFlight": self.in_flight, "queued": self.queued,
                 "totalRequests": 0, "errors": 0, "lastError": None, "draining": self.draining,
                 "startedAt": self.started_at, "error": self.error}
 
 
 class FakeIngress:
-    """The one node's ingress: applies a table after a moment and records it (as replica ids per deployment)."""
+    """The one node's ingress: applies a table after a moment and records it (as replica ids per deployment),
+    and the requests it waits with per deployment: HAProxy's queue, and those it holds (None: an ingress
+    that reports no ``held`` at all)."""
 
     def __init__(self, events: list[tuple]):
         self.events = events
+        self.tables: list[dict[str, Any]] = []
+        self.queue: dict[str, int] = {}
+        self.held: dict[str, int] | None = None
+
+    def stats(self):
+        async def read():
+            stats = {"deployments": {name: {"backend": name, "queue": self.queue.get(name, 0), "servers": {}}
+                                     for name in self.tables[-1]["deployments"]}} if self.tables else {}
+            return stats if self.held is None else {**stats, "held": dict(self.held)}
+
+        return asyncio.ensure_future(read())
 
     def update(self, table: dict[str, Any]):
         async def apply():
             await asyncio.sleep(0.02)  # a proxy reload takes a while: a drain must wait for it
+            self.tables.append(table)
             self.events.append(("routes", {name: [r["id"] for r in d["replicas"]]
                                            for name, d in table["deployments"].items()}))
             return {"applied": True}
@@ -68,7 +87,7 @@ class FakeBackend:
         self.handler_error: dict | None = None  # the handler of replicas created from now on fails to load
         self.created_at: dict[str, float] = {}
         self.slots: int | None = None  # replicas the cluster has room for (None: any number)
-        self._ingress = FakeIngress(self.events)
+        self.ingress = FakeIngress(self.events)
 
     def _place(self) -> None:
         """Ray's scheduler: the oldest live replicas get the slots; a placed one comes up (if auto_up)."""
@@ -117,7 +136,7 @@ class FakeBackend:
         return rep.info()
 
     async def health(self, rep: FakeReplica, check_timeout_s: float, timeout_s: float) -> dict[str, Any]:
-        return {"healthy": True, "message": None, **await self.info(rep, timeout_s)}
+        return {"healthy": rep.sick is None, "message": rep.sick, **await self.info(rep, timeout_s)}
 
     async def drain(self, rep: FakeReplica, grace_s: float, timeout_s: float) -> dict[str, Any]:
         self.events.append(("drain", rep.id))
@@ -165,7 +184,7 @@ class FakeBackend:
         return ["node-a"]
 
     async def ensure_ingress(self, node_id: str, port: int, bind_host: str) -> FakeIngress:
-        return self._ingress
+        return self.ingress
 
 
 def desired(replicas: int = 1, version: str = "v1", **kw: Any) -> DesiredState:
@@ -185,6 +204,29 @@ async def settle(core: ControllerCore, check, what: str, timeout: float = 5.0) -
     return value
 
 
+async def sample(core: ControllerCore, check, what: str, timeout: float = 5.0) -> Any:
+    """``settle`` with the autoscaler sampling too (as its own loop does, only faster)."""
+    async def step():
+        await core.autoscale_once()
+        core.reconcile_once()
+        await asyncio.sleep(0.01)
+
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; "
+                                 f"observed: {core.list_deployments()}")
+        await step()
+    return value
+
+
+def autoscaled(replicas: int = 1, **scaling: Any) -> DesiredState:
+    """A deployment whose count follows load: 2 requests per replica, up to 4 replicas, quick delays."""
+    return desired(replicas, autoscaling=Autoscaling(**{"max_replicas": 4, "target_in_flight": 2,
+                                                       "upscale_delay_seconds": 0.3,
+                                                       "downscale_delay_seconds": 0.3, **scaling}))
+
+
 def run(test, backend: FakeBackend | None = None) -> None:
     """Run ``test(core, backend)`` on a fresh loop with the routes publisher going (as ``ControllerCore.run``)."""
     async def main():
@@ -202,6 +244,19 @@ def run(test, backend: FakeBackend | None = None) -> None:
 def states(core: ControllerCore, name: str = "d") -> dict[str, str]:
     obs = core.get_deployment(name)
     return {} if obs is None else {r["id"]: r["state"] for r in obs["replicas"]}
+
+
+def metric(core: ControllerCore, family: str, name: str = "d", **labels: str) -> float | None:
+    """A sample of the controller's metrics for deployment ``name`` (None: no such series)."""
+    namespace, deployment = split_deployment(name)
+    return core.metrics.registry.get_sample_value(family, {"namespace": namespace, "deployment": deployment, **labels})
+
+
+def lifecycle_lines(caplog: pytest.LogCaptureFixture, event: str, **fields: str) -> list[str]:
+    """The controller's log lines of ``event`` that carry ``fields`` (as ``key=value``)."""
+    lines = [r.getMessage() for r in caplog.records if r.name == "rayfleet.controller"]
+    return [line for line in lines if line.startswith(f"event={event} ")
+            and all(f" {k}={v} " in f"{line} " for k, v in fields.items())]
 
 
 def test_scale_up_starts_replicas_that_become_ready_once_they_answer():
@@ -259,7 +314,8 @@ def test_a_replica_that_died_is_replaced_and_its_restart_counted(monkeypatch):
     run(test)
 
 
-def test_a_handler_that_fails_to_load_is_reported_and_retried_with_backoff():
+def test_a_handler_that_fails_to_load_is_reported_and_retried_with_backoff(caplog):
+    caplog.set_level(logging.INFO, "rayfleet.controller")
     error = {"reason": "HandlerImportError", "message": "No module named 'm'", "traceback": "Traceback ..."}
 
     async def test(core: ControllerCore, backend: FakeBackend):
@@ -281,6 +337,11 @@ def test_a_handler_that_fails_to_load_is_reported_and_retried_with_backoff():
         assert backend.created_at["d-1"] >= retry_at
         await settle(core, lambda: core.deployments["d"].start_failures == 2, "the retry failed too")
         assert core.deployments["d"].next_start_at - time.time() > 1.0  # the back-off doubled
+        assert metric(core, "rayfleet_controller_replica_restarts_total", reason="start_failed") == 1
+        assert [len(lifecycle_lines(caplog, "replica_failed", replica=rid)) for rid in ("d-0", "d-1")] == [1, 1]
+        assert lifecycle_lines(caplog, "replica_failed", replica="d-0") == [
+            "event=replica_failed deployment=d replica=d-0 version=v1 reason=HandlerImportError "
+            'message="No module named \'m\'"']
 
         backend.handler_error = None  # fixed code, new version: retried at once, the error clears
         core.put_deployment("d", desired(version="v2"))
@@ -348,7 +409,8 @@ def test_a_rollout_without_room_for_a_surge_replaces_in_place_and_says_why(monke
     run(test)
 
 
-def test_a_replica_no_node_can_hold_says_so_and_costs_at_most_one_ready_replica(monkeypatch):
+def test_a_replica_no_node_can_hold_says_so_and_costs_at_most_one_ready_replica(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, "rayfleet.controller")
     monkeypatch.setattr(deployment_state, "PLACEMENT_GRACE_S", 0.0)
     monkeypatch.setattr(deployment_state, "PROBE_INTERVAL_S", 0.0)
 
@@ -366,6 +428,10 @@ def test_a_replica_no_node_can_hold_says_so_and_costs_at_most_one_ready_replica(
             await asyncio.sleep(0.01)
         obs = core.get_deployment("d")
         assert obs["readyReplicas"] == 1 and obs["status"] == DeploymentStatus.UPDATING
+        waiting = [r["id"] for r in obs["replicas"] if r["unschedulable"]]
+        assert waiting and metric(core, "rayfleet_controller_scheduling_waits_total") == len(waiting)
+        for rid in waiting:  # checked every PROBE_INTERVAL_S, logged once
+            assert len(lifecycle_lines(caplog, "replica_unschedulable", replica=rid)) == 1
 
     run(test)
 
@@ -458,3 +524,212 @@ def test_a_replica_leaving_the_routes_outlives_the_proxies_keepalive_whatever_it
         assert ("drain", "d-0") not in backend.events
 
     run(test)
+
+
+def test_metrics_count_replicas_by_state_restarts_and_rollouts_and_go_with_the_deployment(caplog):
+    caplog.set_level(logging.INFO, "rayfleet.controller")
+    replicas = "rayfleet_controller_replicas"
+
+    async def test(core: ControllerCore, backend: FakeBackend):
+        backend.auto_up = False
+        core.put_deployment("team.d", desired(replicas=2))
+        core.reconcile_once()
+        assert metric(core, replicas, "team.d", state="STARTING") == 2  # labelled by the operator's namespace
+        assert metric(core, replicas, "team.d", state="READY") == 0
+        backend.auto_up = True
+        for rep in backend.replicas.values():
+            rep.up.set()
+        await settle(core, lambda: metric(core, replicas, "team.d", state="READY") == 2, "2 ready replicas")
+
+        backend.replicas["team.d-0"].dead = True
+        await settle(core, lambda: states(core, "team.d") == {"team.d-1": "READY", "team.d-2": "READY"},
+                     "team.d-0 replaced")
+        assert metric(core, "rayfleet_controller_replica_restarts_total", "team.d", reason="died") == 1
+        assert len(lifecycle_lines(caplog, "replica_failed", replica="team.d-0", reason="died")) == 1
+        assert len(lifecycle_lines(caplog, "replica_replaced", replica="team.d-0", replacement="team.d-2",
+                                   reason="died")) == 1
+
+        core.put_deployment("team.d", desired(replicas=2, version="v2"))
+        core.put_deployment("team.d", desired(replicas=2, version="v2"))  # the operator's resync: not a rollout
+        await settle(core, lambda: core.get_deployment("team.d")["status"] == DeploymentStatus.RUNNING
+                     and states(core, "team.d") == {"team.d-3": "READY", "team.d-4": "READY"}, "v2 rolled out")
+        for _ in range(10):
+            core.reconcile_once()
+        assert metric(core, "rayfleet_controller_rollouts_total", "team.d") == 1
+        assert len(lifecycle_lines(caplog, "rollout_started", deployment="team.d", version="v2", previous="v1")) == 1
+        assert len(lifecycle_lines(caplog, "rollout_finished", deployment="team.d", version="v2")) == 1
+        assert metric(core, replicas, "team.d", state="READY") == 2
+
+        core.delete_deployment("team.d")
+        await settle(core, lambda: core.get_deployment("team.d") is None, "team.d forgotten")
+        rendered = [s for m in core.metrics.collect() for s in m.samples if s.labels.get("deployment") == "d"]
+        assert rendered == []  # every series of a deleted deployment goes with it
+
+    run(test)
+
+
+def test_each_replica_transition_logs_one_line_however_many_reconciles_see_it(caplog, monkeypatch):
+    monkeypatch.setattr(deployment_state, "PROBE_INTERVAL_S", 0.0)  # probe on every reconcile
+    caplog.set_level(logging.INFO, "rayfleet.controller")
+
+    async def test(core: ControllerCore, backend: FakeBackend):
+        core.put_deployment("d", desired(replicas=1, health_check=HealthCheck(period_seconds=0.05,
+                                                                              failure_threshold=3)))
+        await settle(core, lambda: states(core) == {"d-0": "READY"}, "d-0 ready")
+        for _ in range(20):
+            core.reconcile_once()
+            await asyncio.sleep(0.01)
+        assert lifecycle_lines(caplog, "replica_started", replica="d-0") == [
+            "event=replica_started deployment=d replica=d-0 version=v1 restarts=0"]
+        port = backend.replicas["d-0"].port  # the fake's pid too
+        assert lifecycle_lines(caplog, "replica_ready", replica="d-0") == [
+            f"event=replica_ready deployment=d replica=d-0 version=v1 node=127.0.0.1 port={port} pid={port}"]
+
+        backend.replicas["d-0"].sick = "database unreachable"
+        await settle(core, lambda: states(core) == {"d-1": "READY"}, "the unhealthy d-0 replaced by d-1")
+        assert lifecycle_lines(caplog, "replica_unhealthy", replica="d-0") == [
+            'event=replica_unhealthy deployment=d replica=d-0 version=v1 message="database unreachable"']
+        assert metric(core, "rayfleet_controller_health_check_failures_total") == 3  # failureThreshold
+        assert metric(core, "rayfleet_controller_replica_restarts_total", reason="unhealthy") == 1
+        replaced = lifecycle_lines(caplog, "replica_replaced", replica="d-0")
+        assert replaced == ["event=replica_replaced deployment=d replica=d-0 replacement=d-1 reason=unhealthy"]
+        assert [r.levelno for r in caplog.records if r.getMessage() in replaced] == [logging.WARNING]
+        assert len(lifecycle_lines(caplog, "replica_stopped", replica="d-0", reason="unhealthy")) == 1
+
+        core.put_deployment("d", desired(replicas=0))
+        await settle(core, lambda: states(core) == {}, "d-1 stopped")
+        assert lifecycle_lines(caplog, "replica_draining", replica="d-1") == [
+            "event=replica_draining deployment=d replica=d-1 version=v1 reason=scale-down grace_s=5"]
+        assert lifecycle_lines(caplog, "replica_stopped", replica="d-1") == [
+            "event=replica_stopped deployment=d replica=d-1 version=v1 reason=scale-down drained=True"]
+
+    run(test)
+
+
+def test_load_above_the_target_adds_replicas_once_it_held_for_the_upscale_delay(caplog):
+    caplog.set_level(logging.INFO, "rayfleet.controller")
+
+    async def test(core: ControllerCore, backend: FakeBackend):
+        core.put_deployment("d", autoscaled(replicas=1))
+        await settle(core, lambda: ("routes", {"d": ["d-0"]}) in backend.events, "d-0 routed")
+        backend.replicas["d-0"].in_flight, backend.ingress.queue = 3, {"d": 2}  # load 5: 3 replicas at 2 each
+        loaded = time.monotonic()
+        await sample(core, lambda: core.get_deployment("d")["desiredReplicas"] == 3, "scaled to 3")
+        assert time.monotonic() - loaded >= 0.3  # not before the load held that long
+        await settle(core, lambda: core.get_deployment("d")["readyReplicas"] == 3, "3 ready replicas")
+
+        obs = json.loads(json.dumps(core.get_deployment("d")))  # as the HTTP API sends it
+        assert obs["targetReplicas"] == 3 and obs["status"] == DeploymentStatus.RUNNING
+        scaling = obs["autoscaling"]
+        assert scaling["load"] == 5 and scaling["lastScaleTime"] <= time.time()
+        assert scaling["lastScaleReason"] == "load 5 over 1 replica (target 2 each); at least 5 for 0.3s -> 3 replicas"
+        assert lifecycle_lines(caplog, "scaled") == [
+            'event=scaled deployment=d replicas_from=1 replicas_to=3 '
+            'reason="load 5 over 1 replica (target 2 each); at least 5 for 0.3s -> 3 replicas"']
+        assert metric(core, "rayfleet_controller_autoscaler_decisions_total", direction="up") == 1
+        assert metric(core, "rayfleet_controller_desired_replicas") == 3
+        assert metric(core, "rayfleet_controller_observed_load") == 5
+        assert json.loads(backend.checkpoints["d"])["autoscaler"]["replicas"] == 3
+
+    run(test)
+
+
+def test_no_load_removes_replicas_after_the_downscale_delay_and_the_autoscaler_keeps_its_count():
+    async def test(core: ControllerCore, backend: FakeBackend):
+        core.put_deployment("d", autoscaled(replicas=3))
+        await settle(core, lambda: core.get_deployment("d")["readyReplicas"] == 3, "3 ready replicas")
+        idle = time.monotonic()
+        await sample(core, lambda: states(core) == {"d-0": "READY"}, "scaled down to d-0")
+        assert time.monotonic() - idle >= 0.3
+        assert core.get_deployment("d")["autoscaling"]["lastScaleReason"] == (
+            "load 0 over 3 replicas (target 2 each); at most 0 for 0.3s -> 1 replica")
+        assert metric(core, "rayfleet_controller_autoscaler_decisions_total", direction="down") == 1
+        for rid in ("d-1", "d-2"):  # drained like any scale-down
+            assert backend.index(("drain", rid)) < backend.index(("kill", rid))
+
+        core.put_deployment("d", autoscaled(replicas=3))  # the operator's resync, or kubectl scale: not the count
+        for _ in range(5):
+            await core.autoscale_once()
+            core.reconcile_once()
+        assert core.get_deployment("d")["desiredReplicas"] == 1 and len(backend.created()) == 3
+        core.put_deployment("d", autoscaled(replicas=3, min_replicas=2))  # a new range: inside it at once
+        assert core.get_deployment("d")["desiredReplicas"] == 2
+        await sample(core, lambda: states(core) == {"d-0": "READY", "d-3": "READY"}, "2 replicas, the minimum")
+        core.put_deployment("d", desired(replicas=3))  # autoscaling off: spec.replicas is the count again
+        obs = await settle(core, lambda: core.get_deployment("d")["readyReplicas"] == 3 and core.get_deployment("d"),
+                           "3 ready replicas")
+        assert obs["desiredReplicas"] == 3 and "autoscaling" not in obs
+
+    run(test)
+
+
+def test_min_zero_stops_the_last_replica_and_routes_the_deployment_for_scale_from_zero():
+    async def test(core: ControllerCore, backend: FakeBackend):
+        core.put_deployment("d", autoscaled(replicas=1, min_replicas=0))
+        await settle(core, lambda: core.get_deployment("d")["readyReplicas"] == 1, "1 ready replica")
+        await sample(core, lambda: states(core) == {}, "no replica left")
+        obs = core.get_deployment("d")
+        assert (obs["desiredReplicas"], obs["status"]) == (0, DeploymentStatus.RUNNING)
+        assert obs["autoscaling"]["lastScaleReason"] == "no load for 0.3s -> 0 replicas"
+        route = core.routing_table()["deployments"]["d"]
+        assert route["scaleFromZero"] is True and route["replicas"] == []
+        core.put_deployment("d", autoscaled(replicas=1, min_replicas=1))
+        assert "scaleFromZero" not in core.routing_table()["deployments"]["d"]
+
+    run(test)
+
+
+def test_requests_held_at_zero_replicas_start_them_at_once_whatever_the_upscale_delay():
+    async def test(core: ControllerCore, backend: FakeBackend):
+        core.put_deployment("d", autoscaled(replicas=0, min_replicas=0, upscale_delay_seconds=60))
+        await sample(core, lambda: core.get_deployment("d")["autoscaling"]["load"] == 0, "a first sample")
+        assert backend.created() == []
+        backend.ingress.held = {"d": 3}  # the ingress holds 3 requests for d
+        await sample(core, lambda: len(backend.created()) == 2, "2 replicas started", timeout=1.0)
+        assert core.get_deployment("d")["autoscaling"]["lastScaleReason"] == (
+            "3 requests held at 0 replicas -> 2 replicas at once")
+        backend.ingress.held = {}
+        await settle(core, lambda: core.get_deployment("d")["readyReplicas"] == 2, "2 ready replicas")
+
+    run(test)
+
+
+def test_a_restarted_controller_resumes_the_autoscalers_count_from_the_checkpoint():
+    backend = FakeBackend()
+
+    async def test(core: ControllerCore, backend: FakeBackend):
+        core.put_deployment("d", autoscaled(replicas=1, upscale_delay_seconds=0))
+        await settle(core, lambda: core.get_deployment("d")["readyReplicas"] == 1, "1 ready replica")
+        backend.replicas["d-0"].in_flight = 6
+        await sample(core, lambda: core.get_deployment("d")["readyReplicas"] == 3, "scaled up to 3")
+        reason = core.get_deployment("d")["autoscaling"]["lastScaleReason"]
+
+        restarted = ControllerCore(backend, drain_settle_s=0.0)  # the same cluster, a new controller
+        await restarted.recover()
+        backend.replicas["d-0"].in_flight = 5  # still load for 3, so the window starting over changes nothing
+        for _ in range(5):
+            await restarted.autoscale_once()
+            restarted.reconcile_once()
+            await asyncio.sleep(0.01)
+        obs = restarted.get_deployment("d")
+        assert (obs["desiredReplicas"], obs["readyReplicas"]) == (3, 3)
+        assert obs["autoscaling"]["lastScaleReason"] == reason
+        assert backend.created() == ["d-0", "d-1", "d-2"]  # nothing started or stopped again
+
+    run(test, backend)
+
+
+def test_without_a_checkpointed_count_a_restarted_controller_starts_from_the_replicas_it_adopts():
+    backend = FakeBackend()
+    backend.checkpoints["d"] = DeploymentRecord("d", autoscaled(replicas=1, min_replicas=1)).checkpoint()
+    backend.checkpoints["e"] = DeploymentRecord("e", dataclasses.replace(
+        autoscaled(replicas=1, min_replicas=3), route_prefix="/e")).checkpoint()
+    for rid in ("d-0", "d-1"):
+        backend.plant("d", rid, "v1")
+
+    async def test(core: ControllerCore, backend: FakeBackend):
+        await core.recover()
+        assert core.get_deployment("d")["desiredReplicas"] == 2  # what runs, not spec.replicas
+        assert core.get_deployment("e")["desiredReplicas"] == 3  # within minReplicas..maxReplicas
+
+    run(test, backend)

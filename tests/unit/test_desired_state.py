@@ -4,10 +4,10 @@ import dataclasses
 import pytest
 
 from rayfleet.manifest import crd_schema
-from rayfleet_api.desired import (MAXIMUM, ROUTE_PREFIX_MAX_LENGTH, ROUTE_PREFIX_PATTERN, ActorOptions, DesiredState,
-                                  HealthCheck, validate_name)
+from rayfleet_api.desired import (MAXIMUM, ROUTE_PREFIX_MAX_LENGTH, ROUTE_PREFIX_PATTERN, ActorOptions, Autoscaling,
+                                  DesiredState, HealthCheck, validate_name)
 from rayfleet_api.errors import SpecError
-from rayfleet_api.spec import desired_state
+from rayfleet_api.spec import desired_state, spec_version
 
 
 def validate_desired(body):
@@ -19,6 +19,9 @@ def test_defaults_and_version():
     assert d["replicas"] == 1 and d["maxConcurrency"] == 100 and d["syncThreads"] == 1
     assert d["healthCheck"] == {"periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3}
     assert d["rayActorOptions"] == {"numCpus": 1, "numGpus": 0, "memory": None}
+    assert "autoscaling" not in d  # off unless asked for (`replicas` is the count), and then not sent
+    assert validate_desired({"handler": "a:b", "autoscaling": {"maxReplicas": 4}})["autoscaling"] == {
+        "minReplicas": 1, "maxReplicas": 4, "targetInFlight": 2, "upscaleDelaySeconds": 3, "downscaleDelaySeconds": 60}
     assert isinstance(d["version"], str) and d["version"]
     assert validate_desired({"handler": "a:b", "version": "x"})["version"] == "x"
     assert validate_desired({"handler": "a:b", "healthCheck": {"periodSeconds": 2}})["healthCheck"]["failureThreshold"] == 3
@@ -47,6 +50,19 @@ def test_defaults_and_version():
     ([], "<body>"),
     ({"handler": "a:b", "maxQueued": 5}, "maxQueued"),  # a knob this controller doesn't know is refused
     ({"handler": "a:b", "rayActorOptions": {"resources": {"x": 1}}}, "rayActorOptions.resources"),
+    ({"handler": "a:b", "autoscaling": 4}, "autoscaling"),
+    ({"handler": "a:b", "autoscaling": {"minReplicas": 1}}, "autoscaling.maxReplicas"),  # the bound on cost: required
+    ({"handler": "a:b", "autoscaling": {"maxReplicas": 0}}, "autoscaling.maxReplicas"),
+    ({"handler": "a:b", "autoscaling": {"maxReplicas": 2.5}}, "autoscaling.maxReplicas"),
+    ({"handler": "a:b", "autoscaling": {"maxReplicas": 2, "minReplicas": 3}}, "autoscaling.minReplicas"),
+    ({"handler": "a:b", "autoscaling": {"maxReplicas": 2, "minReplicas": -1}}, "autoscaling.minReplicas"),
+    ({"handler": "a:b", "autoscaling": {"maxReplicas": 2, "targetInFlight": 0}}, "autoscaling.targetInFlight"),
+    ({"handler": "a:b", "autoscaling": {"maxReplicas": 2, "targetInFlight": "2"}}, "autoscaling.targetInFlight"),
+    ({"handler": "a:b", "autoscaling": {"maxReplicas": 2, "upscaleDelaySeconds": -1}},
+     "autoscaling.upscaleDelaySeconds"),
+    ({"handler": "a:b", "autoscaling": {"maxReplicas": 2, "downscaleDelaySeconds": float("nan")}},
+     "autoscaling.downscaleDelaySeconds"),
+    ({"handler": "a:b", "autoscaling": {"maxReplicas": 2, "panicWindow": 6}}, "autoscaling.panicWindow"),
 ])
 def test_invalid_fields_are_named(body, field):
     with pytest.raises(SpecError) as err:
@@ -67,6 +83,30 @@ def test_wire_form_round_trips():
                                     "rayActorOptions": {"numCpus": 0.5, "memory": 1024}, "version": "v7"})
     assert DesiredState.from_json(state.to_json()) == state
     assert state.health_check == HealthCheck(period_seconds=2) and state.ray_actor_options == ActorOptions(0.5, 0, 1024)
+    scaled = DesiredState.from_json({"handler": "a:b", "autoscaling": {
+        "minReplicas": 0, "maxReplicas": 8, "targetInFlight": 0.5, "downscaleDelaySeconds": 5}})
+    assert DesiredState.from_json(scaled.to_json()) == scaled
+    assert scaled.autoscaling == Autoscaling(max_replicas=8, min_replicas=0, target_in_flight=0.5,
+                                             downscale_delay_seconds=5)
+
+
+def test_autoscaling_does_not_roll_replicas():
+    """Autoscaling moves the count only: like `replicas`, it stays out of the version hash."""
+    spec = {"handler": "a:b"}
+    scaled = {**spec, "autoscaling": {"minReplicas": 0, "maxReplicas": 8, "targetInFlight": 4, "upscaleDelaySeconds": 1,
+                                      "downscaleDelaySeconds": 30}}
+    assert spec_version(scaled) == spec_version(spec)
+    assert (DesiredState.from_json({"handler": "a:b", "autoscaling": {"maxReplicas": 8}}).version
+            == DesiredState.from_json({"handler": "a:b"}).version)
+    assert desired_state(scaled).autoscaling == Autoscaling(max_replicas=8, min_replicas=0, target_in_flight=4,
+                                                            upscale_delay_seconds=1, downscale_delay_seconds=30)
+    assert desired_state({**spec, "autoscaling": {"maxReplicas": 8}}).autoscaling == Autoscaling(max_replicas=8)
+    assert desired_state(spec).autoscaling is None
+
+
+def test_autoscaling_clamps_a_count_into_its_range():
+    scaling = Autoscaling(min_replicas=2, max_replicas=5)
+    assert [scaling.clamp(n) for n in (0, 2, 4, 5, 9)] == [2, 2, 4, 5, 5]
 
 
 def crd_default(schema, path):
@@ -82,17 +122,23 @@ def test_crd_defaults_are_the_desired_state_defaults():
     for attr, field in (("replicas", "replicas"), ("max_concurrency", "maxConcurrency"), ("sync_threads", "syncThreads"),
                         ("max_request_body_bytes", "maxRequestBodyBytes"),
                         ("route_prefix", "routePrefix"), ("request_timeout_seconds", "requestTimeoutSeconds"),
-                        ("graceful_shutdown_seconds", "gracefulShutdownSeconds")):
+                        ("graceful_shutdown_seconds", "gracefulShutdownSeconds"), ("access_log", "accessLog")):
         assert crd_default(spec, field) == wire[attr], field
     assert crd_default(spec, "rayActorOptions.numCpus") == ActorOptions.num_cpus
     assert crd_default(spec, "rayActorOptions.numGpus") == ActorOptions.num_gpus
     assert crd_default(spec, "healthCheck") == DesiredState(handler="a:b").to_json()["healthCheck"]
+    for attr, field in (("min_replicas", "minReplicas"), ("target_in_flight", "targetInFlight"),
+                        ("upscale_delay_seconds", "upscaleDelaySeconds"),
+                        ("downscale_delay_seconds", "downscaleDelaySeconds")):
+        assert crd_default(spec, f"autoscaling.{field}") == getattr(Autoscaling, attr), field
+    assert spec["properties"]["autoscaling"]["required"] == ["maxReplicas"]  # the one field without a default
     # And a spec with nothing but a handler means the same before and after the API server defaults it
     # (but for the version: it hashes the spec as the API server stored it).
     assert dataclasses.replace(desired_state({"handler": "a:b"}), version="") == dataclasses.replace(desired_state(
         {"handler": "a:b", **{k: crd_default(spec, k) for k in ("replicas", "maxConcurrency", "syncThreads", "maxRequestBodyBytes",
                                                                 "routePrefix", "requestTimeoutSeconds",
-                                                                "gracefulShutdownSeconds", "healthCheck")}}), version="")
+                                                                "gracefulShutdownSeconds", "accessLog", "healthCheck")}}),
+                                                                version="")
 
 
 def test_one_route_prefix_rule_for_the_crd_the_controller_and_the_proxy():
@@ -103,12 +149,14 @@ def test_one_route_prefix_rule_for_the_crd_the_controller_and_the_proxy():
 def test_the_crds_maximums_are_the_controllers():
     """One set of upper bounds: the controller's API takes no more than Kubernetes would."""
     spec = crd_schema()["properties"]["spec"]
+    assert MAXIMUM["autoscaling.maxReplicas"] == MAXIMUM["autoscaling.minReplicas"] == MAXIMUM["replicas"]
     for path, maximum in MAXIMUM.items():
         schema = spec
         for key in path.split("."):
             schema = schema["properties"][key]
         assert schema["maximum"] == maximum, path
-        body: dict = {"handler": "a:b"}
+        # maxReplicas is required and bounds minReplicas: at its maximum, each autoscaling bound is tested alone.
+        body: dict = {"handler": "a:b", "autoscaling": {"maxReplicas": MAXIMUM["autoscaling.maxReplicas"]}}
         *parents, key = path.split(".")
         (body.setdefault(parents[0], {}) if parents else body)[key] = maximum
         DesiredState.from_json(body)

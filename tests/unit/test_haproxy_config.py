@@ -195,6 +195,41 @@ def test_normalize_prefix():
         hc.normalize_prefix("no-slash")
 
 
+ACTIVATOR = "/tmp/rayfleet-test/activator.sock"
+
+
+def test_a_deployment_scaled_to_zero_is_served_by_the_activator_alone():
+    table = {"deployments": {
+        "cold": {"routePrefix": "/cold", "scaleFromZero": True, "requestTimeoutSeconds": 2.5,
+                 "maxRequestBodyBytes": 1024, "replicas": []},
+        "warm": {"routePrefix": "/warm", "scaleFromZero": True, "replicas": [rep("warm-0", 9001)]},
+        "fixed": {"routePrefix": "/fixed", "replicas": []},
+    }}
+    cfg = render(table, activator_socket=ACTIVATOR)
+    cold = section(cfg, "backend be_cold").splitlines()
+    assert cold[-1] == f"server {hc.ACTIVATOR_SERVER} unix@{ACTIVATOR}"  # its only server: no check, no maxconn
+    assert f"http-request set-header {hc.ACTIVATOR_BACKEND_HEADER} be_cold" in cold
+    assert "timeout server 3500ms" in cold  # requestTimeoutSeconds + the margin: the activator's own 504 comes first
+    assert "retry-on conn-failure" in cold  # its 503s and 504s are final
+    too_large = [i for i, line in enumerate(cold) if line.startswith("http-request return status 413")]
+    assert too_large and "gt 1024" in cold[too_large[0]] and too_large[0] < len(cold) - 1  # refused before it
+    assert not any("status 503" in line or "check" in line for line in cold)
+    # With a replica, or without scaleFromZero, as before: HAProxy routes to replicas or answers 503 itself.
+    assert re.findall(r"^server (\S+) (\S+)", section(cfg, "backend be_warm"), re.M) == [("warm-0", "127.0.0.1:9001")]
+    assert section(cfg, "backend be_fixed") == section(render(table), "backend be_fixed")
+    assert cfg.count(f"server {hc.ACTIVATOR_SERVER} ") == 1 and cfg.count(hc.ACTIVATOR_BACKEND_HEADER) == 1
+    # An ingress without an activator answers 503 for all three as any deployment with no replica.
+    assert f"server {hc.ACTIVATOR_SERVER} " not in render(table)
+    assert "http-request return status 503" in section(render(table), "backend be_cold")
+    # A replica shows up under its id in show stat; the activator is no replica.
+    assert hc.plan_table(table).names()["be_cold"] == {"deployment": "cold", "servers": {}}
+
+
+def test_scale_from_zero_must_be_true_itself():
+    table = {"deployments": {"x": {"routePrefix": "/x", "scaleFromZero": "yes", "replicas": []}}}
+    assert f"server {hc.ACTIVATOR_SERVER} " not in render(table, activator_socket=ACTIVATOR)
+
+
 @pytest.fixture(scope="module")
 def haproxy():
     from rayfleet_runtime.haproxy_bin import HAProxyNotFound, find_haproxy
@@ -213,13 +248,17 @@ def haproxy():
         None,
         {"deployments": {"v6": {"routePrefix": "/v6", "replicas": [rep("v6-0", 9, host="::1"), rep("h", 8, host="localhost")]}}},
         {"deployments": {"x y": {"routePrefix": "/x", "maxQueuedRequests": 0, "replicas": [rep("x y#1", 1)]}}},
+        {"deployments": {"cold x": {"routePrefix": "/", "scaleFromZero": True, "maxRequestBodyBytes": 10,
+                                    "replicas": []},
+                         "warm": {"routePrefix": "/w", "scaleFromZero": True, "replicas": [rep("w-0", 2)]}}},
     ],
 )
 def test_config_passes_haproxy_check(haproxy, tmp_path, table):
     from rayfleet_runtime.haproxy_bin import check_config
 
     path = tmp_path / "haproxy.cfg"
-    path.write_text(render(table, runtime_socket=str(tmp_path / "admin.sock"), bind_host="0.0.0.0"))
+    path.write_text(render(table, runtime_socket=str(tmp_path / "admin.sock"), bind_host="0.0.0.0",
+                           activator_socket=str(tmp_path / "activator.sock")))
     ok, out = check_config(haproxy, str(path))
     assert ok, out
 
@@ -228,3 +267,15 @@ def test_haproxy_version(haproxy):
     from rayfleet_runtime.haproxy_bin import haproxy_version
 
     assert re.match(r"\d+\.\d+", haproxy_version(haproxy))
+
+
+def test_an_autoscaled_deployment_queues_what_its_max_replicas_could_run():
+    from rayfleet_runtime.haproxy_config import plan_table
+
+    table = {"deployments": {"d": {"routePrefix": "/d", "maxConcurrency": 10, "maxQueued": 80, "queueTimeoutSeconds": 60,
+                                   "replicas": [{"id": "d-0", "host": "127.0.0.1", "port": 9000}]},
+                             "e": {"routePrefix": "/e", "maxConcurrency": 10, "maxQueued": True,
+                                   "replicas": [{"id": "e-0", "host": "127.0.0.1", "port": 9001}]}}}
+    backends = {b.deployment: b for b in plan_table(table).backends}
+    assert (backends["d"].max_queued, backends["d"].queue_timeout_s) == (80, 60)
+    assert backends["e"].max_queued == 10  # not a count: maxConcurrency x replicas, as without autoscaling

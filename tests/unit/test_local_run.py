@@ -24,3 +24,12 @@ def test_the_status_line_says_why_a_replica_waits():
            "restarts": 0, "replicas": [{"unschedulable": "waiting for resources: needs CPU 1 (0 of 2 free)"}]}
     assert _status_line(obs) == ("echo: 1/2 ready (Updating) - 1 replica(s) waiting for resources: needs CPU 1 "
                                  "(0 of 2 free)")
+
+
+def test_the_status_line_shows_the_autoscalers_count_and_load():
+    obs = {"name": "echo", "readyReplicas": 3, "targetReplicas": 3, "desiredReplicas": 3, "status": "Running",
+           "error": None, "restarts": 0, "replicas": [],
+           "autoscaling": {"load": 5.2345, "lastScaleTime": None, "lastScaleReason": None}}
+    assert _status_line(obs) == "echo: 3/3 ready (Running), autoscaling 3 (load 5.2)"
+    assert _status_line({**obs, "autoscaling": {**obs["autoscaling"], "load": None}}) == (
+        "echo: 3/3 ready (Running), autoscaling 3")  # not sampled yet

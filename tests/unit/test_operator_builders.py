@@ -1,18 +1,21 @@
 """The operator's pure builders and decisions: RayCluster, Service, worker sizing, spec problems."""
+import asyncio
 import copy
 
 import pytest
 
 from rayfleet.manifest import validate
+from rayfleet_operator import reconcile
 from rayfleet_operator.config import OperatorConfig
 from rayfleet_operator.credentials import control_token, ray_token
 from rayfleet_operator.networkpolicy import build_network_policy
-from rayfleet_api.constants import CONTROL_PORT_NAME
+from rayfleet_api.constants import CONTROL_PORT_NAME, METRICS_PORT, METRICS_PORT_NAME
 from rayfleet_operator.naming import ANNOTATION_SPEC_HASH
 from rayfleet_operator.raycluster import (build_auth_secret, build_raycluster, controller_url, plan_workers,
                                           readiness, should_update_cluster, shrink_workers, spec_problems,
                                           worker_replicas)
 from rayfleet_operator.service import build_service, endpoint, service_needs_update
+from rayfleet_operator.status import Observation
 
 CONFIG = OperatorConfig()
 
@@ -37,6 +40,14 @@ def test_raycluster_shape_and_owner():
     group = rc["spec"]["workerGroupSpecs"][0]
     assert group["replicas"] == 2 and group["template"]["spec"]["containers"][0]["image"] == "example/replica:1"
     assert rc["spec"]["enableInTreeAutoscaling"] is False
+
+
+def test_every_ray_pod_declares_its_metrics_port_and_the_label_the_pod_monitor_selects():
+    rc = build_raycluster(body(), CONFIG)
+    for group in [rc["spec"]["headGroupSpec"], *rc["spec"]["workerGroupSpecs"]]:
+        (container,) = group["template"]["spec"]["containers"]
+        assert {"containerPort": METRICS_PORT, "name": METRICS_PORT_NAME, "protocol": "TCP"} in container["ports"]
+        assert group["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "rayfleet"
 
 
 def test_pods_are_ready_only_with_their_ingress_and_drain_before_stopping():
@@ -190,6 +201,13 @@ def test_config_refuses_to_start_without_a_control_key(monkeypatch):
     monkeypatch.setenv("RAYFLEET_HTTP_NAMESPACES", "ingress-nginx,,gw ")
     config = OperatorConfig.from_env()
     assert config.operator_pod_labels == {"a": "1", "b.io/c": "x=y"} and config.http_namespaces == ("ingress-nginx", "gw")
+    assert config.metrics_port == METRICS_PORT
+    monkeypatch.setenv("RAYFLEET_METRICS_PORT", "0")
+    assert OperatorConfig.from_env().metrics_port == 0  # not served
+    for bad in ("-1", "65536", "metrics"):
+        monkeypatch.setenv("RAYFLEET_METRICS_PORT", bad)
+        with pytest.raises(SystemExit, match="RAYFLEET_METRICS_PORT must be a TCP port"):
+            OperatorConfig.from_env()
 
 
 def test_ray_pods_meet_the_restricted_pod_security_standard():
@@ -204,25 +222,55 @@ def test_ray_pods_meet_the_restricted_pod_security_standard():
         assert not pod.get("volumes") and "hostNetwork" not in pod
 
 
-def test_network_policy_admits_http_from_peers_the_controller_from_the_operator_and_ray_from_its_own_pods():
+def test_network_policy_admits_http_from_peers_the_controller_from_the_operator_metrics_from_any_pod_and_ray_from_its_own_pods():
     config = OperatorConfig(operator_namespace="rayfleet-system", http_namespaces=("ingress-nginx",),
                             operator_pod_labels={"app.kubernetes.io/component": "operator"})
     policy = build_network_policy(body(), config)
     assert policy["metadata"]["name"] == "echo" and policy["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     spec = policy["spec"]
     assert spec["podSelector"] == {"matchLabels": {"ray.io/cluster": "echo"}} and spec["policyTypes"] == ["Ingress"]
-    http, control, ray = spec["ingress"]
+    http, control, metrics, ray = spec["ingress"]
     assert http == {"from": [{"podSelector": {}}, {"namespaceSelector": {"matchExpressions": [
         {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["ingress-nginx"]}]}}],
         "ports": [{"protocol": "TCP", "port": "rayfleet-http"}]}
     assert control == {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "rayfleet-system"}},
                                  "podSelector": {"matchLabels": {"app.kubernetes.io/component": "operator"}}}],
                        "ports": [{"protocol": "TCP", "port": "rayfleet-ctl"}]}
+    # Read-only metrics: any pod of any namespace (wherever Prometheus runs), never the world.
+    assert metrics == {"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": "metrics"}]}
     assert ray == {"from": [{"podSelector": {"matchLabels": {"ray.io/cluster": "echo"}}}]}  # every port, own pods only
     # The spec's httpFrom replaces the default peers; every rule names its peers (an empty `from` admits all).
     peers = [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
     assert build_network_policy(body(httpFrom=peers), config)["spec"]["ingress"][0]["from"] == peers
     # An operator of unknown whereabouts (run outside the cluster): no rule for the controller's port at all.
     assert [rule["from"] for rule in build_network_policy(body(), CONFIG)["spec"]["ingress"]] == [
-        [{"podSelector": {}}], [{"podSelector": {"matchLabels": {"ray.io/cluster": "echo"}}}]]
+        [{"podSelector": {}}], [{"namespaceSelector": {}}], [{"podSelector": {"matchLabels": {"ray.io/cluster": "echo"}}}]]
     assert all(rule["from"] for rule in spec["ingress"])
+
+
+def test_with_autoscaling_the_workers_follow_the_autoscalers_count_not_spec_replicas():
+    b = body(replicas=1, rayActorOptions={"numCpus": 1}, autoscaling={"maxReplicas": 8},
+             rayCluster={"workers": {"minReplicas": 1, "maxReplicas": 4, "resources": {"limits": {"cpu": "1"}}}})
+    pods = [pod("w-a", "10.0.0.5"), pod("w-b", "10.0.0.6"), pod("w-c", "10.0.0.7"), pod("w-d", "10.0.0.8")]
+
+    class Kube:
+        async def list_pods(self, namespace, selector):
+            return pods
+
+    def workers(desired, cluster, serving=()):
+        ctl = {"desiredReplicas": desired, "replicas": [{"nodeIp": ip} for ip in serving]}
+        obs = Observation(1, b["spec"], "echo", "sel", "url", controller=ctl)
+        return asyncio.run(reconcile._workers(b, CONFIG, Kube(), obs, cluster))
+
+    assert workers(3, None) == (3, [])  # a new cluster: room for the autoscaler's 3, not spec.replicas' 1
+    grown = build_raycluster(b, CONFIG, workers(6, build_raycluster(b, CONFIG, (3, []))))
+    assert worker_replicas(grown) == (4, [])  # within rayCluster.workers.maxReplicas
+    # Scaled down to 2: the controller drained the others; only pods that host no replica go.
+    assert workers(2, grown, serving={"10.0.0.5", "10.0.0.7"}) == (2, ["w-b", "w-d"])
+
+
+@pytest.mark.parametrize("replicas, expected", [(1, 1), (6, 4), (0, 1)])
+def test_worker_sizing_for_a_count_other_than_spec_replicas(replicas, expected):
+    spec = body(replicas=2, rayCluster={"workers": {"minReplicas": 1, "maxReplicas": 4,
+                                                    "resources": {"limits": {"cpu": "1"}}}})["spec"]
+    assert plan_workers(spec, CONFIG, replicas).replicas == expected

@@ -1,6 +1,7 @@
 """Status and conditions computed from observations: each typed reason and transition rule."""
 from rayfleet_operator.conditions import merge_conditions, Condition
-from rayfleet_operator.status import Observation, compute_status, conditions_for, status_patch, transition_events
+from rayfleet_operator.status import (Observation, compute_status, conditions_for, desired_replicas, status_patch,
+                                      transition_events)
 
 
 def obs(**kw):
@@ -90,3 +91,58 @@ def test_events_for_readiness_changes_and_for_a_replica_ray_cant_place():
     # A blocked state is one Event, not one per condition that names it.
     invalid = compute_status(obs(problems=["spec.x: bad"]), None, "t")
     assert [e[1] for e in transition_events(running, invalid)] == ["InvalidSpec"]
+
+
+AUTOSCALED = {"replicas": 2, "maxConcurrency": 10, "autoscaling": {"minReplicas": 1, "maxReplicas": 5}}
+
+
+def autoscaled(*replicas, desired, load=None, when=None, reason=None):
+    """The controller's observed state of an autoscaled deployment."""
+    return {**controller(*replicas), "desiredReplicas": desired,
+            "autoscaling": {"load": load, "lastScaleTime": when, "lastScaleReason": reason}}
+
+
+def test_with_autoscaling_the_desired_count_is_the_autoscalers_and_readiness_is_judged_by_it():
+    o = obs(spec=AUTOSCALED, controller=autoscaled(replica("a"), replica("b"), replica("c", "STARTING"), desired=3,
+                                                   load=5.25, when=1767225600.4, reason="load 5.25 ... -> 3 replicas"))
+    status = compute_status(o, None, "t")
+    assert status["desiredReplicas"] == 3
+    assert status["autoscaling"] == {"load": 5.25, "lastScaleTime": "2026-01-01T00:00:00Z",
+                                     "lastScaleReason": "load 5.25 ... -> 3 replicas"}
+    conds = {c.type: (c.status, c.reason, c.message) for c in conditions_for(o)}
+    assert conds["Ready"] == (False, "ReplicasNotReady", "2/3 replicas ready")
+    assert conds["Progressing"][:2] == (True, "Scaling")
+    # Scaled to zero: nothing to wait for; a request is held until a replica is up.
+    zero = obs(spec={**AUTOSCALED, "autoscaling": {"minReplicas": 0, "maxReplicas": 5}},
+               controller=autoscaled(desired=0, load=0))
+    assert by_type(conditions_for(zero))["Ready"] == (True, "AllReplicasReady")
+    assert compute_status(zero, None, "t")["autoscaling"] == {"load": 0}  # not scaled yet: no time, no reason
+
+
+def test_the_desired_count_falls_back_to_the_last_reported_then_the_spec_within_the_range():
+    assert desired_replicas({"replicas": 2}, None, None) == 2  # no autoscaling: spec.replicas, known without asking
+    assert desired_replicas({"replicas": 2}, {"desiredReplicas": 2}, {"desiredReplicas": 7}) == 2
+    assert desired_replicas(AUTOSCALED, {"desiredReplicas": 4}, None) == 4
+    last = {"desiredReplicas": 4, "autoscaling": {"load": 7}}
+    assert desired_replicas(AUTOSCALED, None, last) == 4  # the controller unreachable: the last one reported
+    assert desired_replicas(AUTOSCALED, None, {"desiredReplicas": 9}) == 2  # spec.replicas' then, not the autoscaler's
+    assert desired_replicas({**AUTOSCALED, "replicas": 9}, None, None) == 5  # where the autoscaler starts
+    unreachable = compute_status(obs(spec=AUTOSCALED, controller_error="refused"), last, "t")
+    assert (unreachable["desiredReplicas"], unreachable["autoscaling"]) == (4, {"load": 7})
+    turned_off = status_patch(last, compute_status(obs(controller=controller(replica("a"), replica("b"))), last, "t"))
+    assert (turned_off["desiredReplicas"], turned_off["autoscaling"]) == (2, None)  # None clears the field
+
+
+def test_an_event_says_when_and_why_the_autoscaler_changed_the_count():
+    def status(desired, when, reason, old=None):
+        return compute_status(obs(spec=AUTOSCALED, controller=autoscaled(
+            *[replica(f"r{i}") for i in range(desired)], desired=desired, load=1, when=when, reason=reason)), old, "t")
+
+    before = status(2, 100.0, "scaled up")
+    after = status(4, 200.0, "load 7 over 2 replicas (target 2 each); at least 7 for 3s -> 4 replicas", before)
+    scaled = [e for e in transition_events(before, after) if e[1] == "Scaled"]
+    assert scaled == [("Normal", "Scaled", "replicas 2 -> 4: load 7 over 2 replicas (target 2 each); "
+                                           "at least 7 for 3s -> 4 replicas")]
+    assert [e for e in transition_events(after, status(4, 200.0, "same", after)) if e[1] == "Scaled"] == []
+    # An operator meeting a status without desiredReplicas (written before it had one) says nothing.
+    assert [e for e in transition_events({}, after) if e[1] == "Scaled"] == []

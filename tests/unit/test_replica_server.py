@@ -136,3 +136,49 @@ def test_an_async_generator_streams_chunk_by_chunk_holding_its_slot(module):
         assert server.stats()["cancelled"] == 1
 
     serve(module, test)
+
+
+def test_requests_are_counted_by_status_with_their_handler_time_and_body_bytes(module):
+    from rayfleet_runtime.replica_metrics import ReplicaMetrics
+
+    async def test(url, server):
+        metrics = ReplicaMetrics("team.web", "web-0", lambda: server.runner)
+        metrics.attach(server.runner)
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            for _ in range(3):
+                assert (await client.post("/", content=b"abcd")).status_code == 200
+            assert (await client.post("/", content=b"x" * 101)).status_code == 413
+            async with client.stream("GET", "/stream", params={"n": 2, "interval": 0}) as r:
+                assert await r.aread() == b"chunk 0\nchunk 1\n"
+        await eventually_async(lambda: server.stats()["inFlight"] == 0, what="the stream's slot to be freed")
+        samples = {(s.name, s.labels.get("code")): s.value for f in metrics.families() for s in f.samples}
+        labels = {s.labels["replica"] for f in metrics.families() for s in f.samples}
+        assert labels == {"web-0"}
+        assert samples[("rayfleet_replica_requests_total", "200")] == 4  # 3 posts + the stream, at its end
+        assert samples[("rayfleet_replica_requests_total", "413")] == 1
+        assert samples[("rayfleet_replica_request_body_bytes_total", None)] == 12  # the 413's body is never read
+        assert samples[("rayfleet_replica_request_duration_seconds_count", None)] == 5
+        assert samples[("rayfleet_replica_in_flight", None)] == 0
+        assert samples[("rayfleet_replica_rejected_total", None)] == 0
+
+    serve(module, test, max_request_body_bytes=100)
+
+
+@pytest.mark.parametrize("access_log", [True, False])
+def test_one_access_log_line_per_request_when_the_deployment_asks(module, caplog, access_log):
+    async def test(url, server):
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            assert (await client.get("/hello", params={"q": "1"})).status_code == 200
+            async with client.stream("GET", "/stream", params={"n": 2, "interval": 0}) as r:
+                await r.aread()
+        await eventually_async(lambda: server.stats()["inFlight"] == 0, what="the stream to end")
+
+    with caplog.at_level("INFO", logger="rayfleet.access"):
+        serve(module, test, access_log=access_log)
+    lines = [r.getMessage() for r in caplog.records if r.name == "rayfleet.access"]
+    if not access_log:
+        assert lines == []
+        return
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("method=GET path=/hello status=200 ms=") and lines[0].endswith("client=127.0.0.1")
+    assert lines[1].startswith("method=GET path=/stream status=200 ms=")

@@ -5,6 +5,7 @@ import asyncio
 
 from rayfleet_api.desired import DesiredState
 from rayfleet_api.states import ReplicaState
+from rayfleet_runtime.controller_metrics import ControllerMetrics
 from rayfleet_runtime.deployment_state import ControllerCore, DeploymentRecord, ReplicaRecord
 from rayfleet_runtime.planning import StopIntent
 from rayfleet_runtime.route_publisher import RoutePublisher
@@ -25,14 +26,14 @@ class FakeIngress:
         return asyncio.ensure_future(apply())
 
 
-def publisher(table, ingress: FakeIngress) -> RoutePublisher:
+def publisher(table, ingress: FakeIngress, pushed=lambda outcome, seconds: None) -> RoutePublisher:
     async def ensure_ingress(node_id, port, bind_host):
         return ingress
 
     async def node_ids(head_only):
         return ["node-a"]
 
-    return RoutePublisher(table, ensure_ingress, node_ids)
+    return RoutePublisher(table, ensure_ingress, node_ids, pushed)
 
 
 def test_wait_applied_only_after_the_ingress_applied_the_table():
@@ -63,6 +64,29 @@ def test_a_table_the_ingress_kept_out_is_not_acknowledged_and_is_retried():
         ingress.result = {"applied": True}
         await pub.push()  # not recorded as pushed, so sent again
         assert len(ingress.tables) == 2 and await pub.wait_applied(v, 0)
+
+    asyncio.run(main())
+
+
+def test_each_push_that_sends_a_table_is_counted_by_outcome_with_its_duration():
+    async def main():
+        metrics = ControllerMetrics(lambda: {})
+        ingress, table = FakeIngress(delay=0.1), {"deployments": {}}
+        pub = publisher(lambda: table, ingress, metrics.route_pushed)
+        pushes = metrics.registry.get_sample_value
+        pub.changed()
+        await pub.push()
+        assert pushes("rayfleet_controller_route_pushes_total", {"outcome": "ok"}) == 1
+        assert pushes("rayfleet_controller_route_push_duration_seconds_count") == 1
+        assert pushes("rayfleet_controller_route_push_duration_seconds_sum") >= 0.1
+        await pub.push()  # the same table: nothing sent, nothing counted
+        assert pushes("rayfleet_controller_route_push_duration_seconds_count") == 1
+
+        ingress.result = {"applied": False, "error": "reload failed"}
+        table["deployments"]["d"] = {}
+        await pub.push()
+        assert pushes("rayfleet_controller_route_pushes_total", {"outcome": "error"}) == 1
+        assert pushes("rayfleet_controller_route_pushes_total", {"outcome": "ok"}) == 1
 
     asyncio.run(main())
 
@@ -129,7 +153,7 @@ def test_a_failing_ingress_is_retried_with_backoff_not_in_a_loop():
         async def node_ids(head_only):
             return ["node-a"]
 
-        pub = RoutePublisher(lambda: {"deployments": {}}, ensure_ingress, node_ids)
+        pub = RoutePublisher(lambda: {"deployments": {}}, ensure_ingress, node_ids, lambda outcome, seconds: None)
         runner = asyncio.ensure_future(pub.run())
         v = pub.changed()
         assert not await pub.wait_applied(v, 2.0)  # never applied: it keeps failing
@@ -138,5 +162,51 @@ def test_a_failing_ingress_is_retried_with_backoff_not_in_a_loop():
         assert 2 <= len(attempts) <= 4, attempts
         gaps = [b - a for a, b in zip(attempts, attempts[1:])]
         assert all(later > earlier for earlier, later in zip(gaps, gaps[1:])), gaps
+
+    asyncio.run(main())
+
+
+def test_requests_waiting_in_the_ingresses_are_summed_per_deployment_and_a_slow_one_keeps_its_last_answer():
+    class CountingIngress:
+        """A node's ingress whose stats() answers ``stats`` after ``delay``; counts the calls."""
+
+        def __init__(self, stats, delay=0.0):
+            self.stats_answer, self.delay, self.calls = stats, delay, 0
+
+        def update(self, table):
+            return asyncio.ensure_future(asyncio.sleep(0, {"applied": True}))
+
+        def stats(self):
+            self.calls += 1
+
+            async def answer():
+                await asyncio.sleep(self.delay)
+                return self.stats_answer
+
+            return asyncio.ensure_future(answer())
+
+    async def main():
+        nodes = {"node-a": CountingIngress({"deployments": {"d": {"queue": 2}, "e": {"queue": 0}}, "held": {"d": 1}}),
+                 # an ingress that reports no held requests at all (no "held" key)
+                 "node-b": CountingIngress({"deployments": {"d": {"queue": 3}}})}
+
+        async def ensure_ingress(node_id, port, bind_host):
+            return nodes[node_id]
+
+        async def node_ids(head_only):
+            return list(nodes)
+
+        pub = RoutePublisher(lambda: {"deployments": {}}, ensure_ingress, node_ids, lambda outcome, seconds: None)
+        assert await pub.waiting_requests(0.5) == {}  # no ingress pushed to yet: none asked
+        pub.changed()
+        await pub.push()
+        assert await pub.waiting_requests(0.5) == {"d": 6, "e": 0}
+
+        slow = nodes["node-b"]
+        slow.stats_answer, slow.delay = {"deployments": {"d": {"queue": 10}}}, 0.3
+        assert await pub.waiting_requests(0.05) == {"d": 6, "e": 0}  # its previous answer, for now
+        assert await pub.waiting_requests(0.05) == {"d": 6, "e": 0}
+        assert slow.calls == 2  # the call in flight is awaited again, not sent twice
+        assert await pub.waiting_requests(0.5) == {"d": 13, "e": 0}
 
     asyncio.run(main())
