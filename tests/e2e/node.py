@@ -48,6 +48,8 @@ CLUSTER_DOMAIN = "cluster.local"
 STATE_ROOT = Path(os.environ.get("RAYFLEET_E2E_STATE", "/var/lib/rayfleet-e2e"))  # containerd's images, the kubelet's dir
 RUN_ROOT = Path("/run/rayfleet-e2e")  # containerd's socket and state
 CNI_BIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
+CNI_NETWORK = "rayfleet-e2e"
+CNI_CACHE = Path("/var/lib/cni/results")  # libcni's cache of each sandbox's result (containerd's default)
 CGROUP_ROOT = "rayfleet-e2e"  # the kubelet's cgroupRoot: our pods, and nobody else's, live below it
 HERE = Path(__file__).resolve().parent
 
@@ -155,6 +157,12 @@ class NodeCluster:
         for netns in Path("/run/netns").glob("cni-*"):
             run("ip", "netns", "delete", netns.name, check=False)
         _delete_iptables_chains("KUBE-", "CNI-")
+        # containerd keeps a killed run's pod sandboxes in its store, and the kubelet tears them down a few
+        # minutes into the next run: with the CNI results cached for them, that teardown removes the
+        # firewall rules of their IPs, which host-local has since given to this run's pods (pod-to-pod
+        # traffic then stops). Without a cached result the teardown leaves the rules alone.
+        for cached in CNI_CACHE.glob(f"{CNI_NETWORK}-*"):
+            cached.unlink(missing_ok=True)
         run("ip", "link", "delete", BRIDGE, check=False)
         _remove_cgroups(CGROUP_ROOT)
         shutil.rmtree(STATE_ROOT / "kubelet", ignore_errors=True)
@@ -175,7 +183,7 @@ class NodeCluster:
         cni = self.workdir / "cni"
         cni.mkdir(parents=True, exist_ok=True)
         (cni / "10-rayfleet-e2e.conflist").write_text(json.dumps({
-            "cniVersion": "1.0.0", "name": "rayfleet-e2e",
+            "cniVersion": "1.0.0", "name": CNI_NETWORK,
             "plugins": [
                 {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": True, "hairpinMode": True,
                  "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET, "gateway": NODE_IP}]],

@@ -172,6 +172,28 @@ def test_handler_import_typo_reports_handler_import_error(env):
     env.cp.kubectl("delete", "sd/broken", "-n", env.ns, "--timeout=60s")
 
 
+def test_an_autoscaled_deployment_idles_to_zero_and_serves_its_next_request(env):
+    """Through kubectl apply: the autoscaler owns the count (status.desiredReplicas, the DESIRED column),
+    stops the last replica of an idle deployment with minReplicas 0, and the next request is held by the
+    ingress, not refused, until a replica serves it."""
+    env.apply(sd("scaled", routePrefix="/scaled", rayCluster={"existing": {"name": NAME}},
+                 autoscaling={"minReplicas": 0, "maxReplicas": 2, "targetInFlight": 1, "downscaleDelaySeconds": 2}))
+    status = eventually(lambda: (s := env.status("scaled")).get("desiredReplicas") == 0 and s.get("replicas") == 0 and s,
+                        timeout=WAIT_S, what="scaled to zero while idle",
+                        diagnostics=lambda: f"{env.status('scaled')}\n{env.operator.log_tail(40)}")
+    assert status["autoscaling"]["lastScaleReason"] and env.condition("Ready", "scaled")["status"] == "True"
+    printed = env.cp.kubectl("get", "sd", "scaled", "-n", env.ns).stdout.splitlines()[1].split()
+    assert printed[:3] == ["scaled", "0", "0"]  # NAME DESIRED READY
+    rc = env.get("raycluster", NAME)
+    code, body = fetch(f"http://127.0.0.1:{rc['status']['endpoints']['rayfleet-http']}/scaled/wake", timeout=60)
+    assert code == 200 and body["path"] == "/scaled/wake"
+    eventually(lambda: env.status("scaled").get("desiredReplicas") == 1, timeout=WAIT_S, what="desiredReplicas 1")
+    eventually(lambda: json.loads(env.cp.kubectl("get", "events", "-n", env.ns, "--field-selector",
+                                                 "involvedObject.name=scaled,reason=Scaled", "-o", "json").stdout)["items"],
+               timeout=WAIT_S, what="a Scaled event")
+    env.cp.kubectl("delete", "sd/scaled", "-n", env.ns, "--timeout=60s")
+
+
 def test_delete_drains_replicas_and_collects_the_raycluster(env):
     pids = [r["pid"] for r in env.status()["replicaStatuses"]]
     env.cp.kubectl("delete", f"sd/{NAME}", "-n", env.ns, "--timeout=90s")
