@@ -82,7 +82,9 @@ def test_raycluster_service_status_and_printer_columns(control_plane, namespace,
     policy = eventually(lambda: get(control_plane, namespace, "networkpolicy", "echo"), what="NetworkPolicy")
     assert policy["metadata"]["ownerReferences"][0]["uid"] == owner_uid
     assert policy["spec"]["podSelector"] == {"matchLabels": {"ray.io/cluster": "echo"}}
-    assert [sorted(rule) for rule in policy["spec"]["ingress"]] == [["from", "ports"], ["from"]]  # no operator pod here
+    # HTTP from the allowed peers, metrics from any pod (no operator pod here), every port from the cluster's own
+    assert [(sorted(rule), [p["port"] for p in rule.get("ports", [])]) for rule in policy["spec"]["ingress"]] == [
+        (["from", "ports"], ["rayfleet-http"]), (["from", "ports"], ["metrics"]), (["from"], [])]
     status = eventually(lambda: (get(control_plane, namespace, "sd", "echo").get("status") or {}).get("conditions") and
                         get(control_plane, namespace, "sd", "echo")["status"], what="status")
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
