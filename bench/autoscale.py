@@ -26,6 +26,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +155,26 @@ class Rayfleet:
     def ready(self, name: str) -> int:
         return int((self.base.api.get_deployment(name) or {}).get("readyReplicas") or 0)
 
+    def alive(self, name: str) -> int:
+        """Replicas in any state (a draining one still serves what its proxies send it)."""
+        return len((self.base.api.get_deployment(name) or {}).get("replicas") or [])
+
+    def refused(self, name: str) -> dict[str, float]:
+        """Who answered 503: the replicas at maxConcurrency, or the ingress (from the node's metrics)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.base.metrics_port}/metrics", timeout=10).read().decode()
+        out = {"replicas_rejected": 0.0, "ingress_5xx": 0.0}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.labels.get("deployment") != name:
+                    continue
+                if sample.name == "rayfleet_replica_rejected_total":
+                    out["replicas_rejected"] += sample.value
+                elif sample.name == "haproxy_backend_http_responses_total" and sample.labels.get("code") == "5xx":
+                    out["ingress_5xx"] += sample.value
+        return out
+
 
 class Serve:
     def start(self) -> None:
@@ -181,10 +203,17 @@ class Serve:
         return url
 
     def ready(self, name: str) -> int:
+        return self._replicas(name, ("RUNNING",))
+
+    def alive(self, name: str) -> int:
+        return self._replicas(name, None)
+
+    def _replicas(self, name: str, states: tuple[str, ...] | None) -> int:
         app = self.serve.status().applications.get(name)
         if app is None:
             return 0
-        return sum(int(d.replica_states.get("RUNNING", 0)) for d in app.deployments.values())
+        return sum(int(n) for d in app.deployments.values() for state, n in d.replica_states.items()
+                   if states is None or state in states)
 
 
 def _wait(check, timeout: float, what: str) -> None:
@@ -220,6 +249,8 @@ def run_system(name: str) -> dict[str, Any]:
         out.update(phases={k: v - t0 for k, v in phases.items()},
                    requests=[(a - t0, b - t0, s) for a, b, s in rec.requests],
                    replicas=[(t - t0, n) for t, n in replicas])
+        if isinstance(system, Rayfleet):
+            out["refused"] = system.refused("step")
         out["zero"] = scale_to_zero(system)
     finally:
         out["loadavg_after"] = os.getloadavg()
@@ -232,13 +263,10 @@ def scale_to_zero(system) -> dict[str, Any]:
     url = system.deploy("zero", 0, ZERO_DOWNSCALE_S)
     t = time.monotonic()
     try:
-        _wait(lambda: system.ready("zero") == 0, 180, "zero replicas")
+        _wait(lambda: system.alive("zero") == 0, 180, "no replica left")
     except TimeoutError as exc:
         return {"error": str(exc)}
     idle_s = time.monotonic() - t
-    import urllib.error
-    import urllib.request
-
     t = time.monotonic()
     try:
         with urllib.request.urlopen(url, timeout=120) as resp:  # noqa: S310 - 127.0.0.1 only

@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable
 
 from rayfleet_api.constants import REPLICA_READY_PATH
 from rayfleet_api.desired import DesiredState
-from rayfleet_runtime.handler import Admission, HandlerLoadError, PayloadTooLarge, default_max_queued, log_access
+from rayfleet_runtime.handler import Admission, HandlerLoadError, PayloadTooLarge, log_access, replica_max_queued
 
 logger = logging.getLogger("rayfleet.replica")
 
@@ -123,7 +123,7 @@ class AsgiRunner(Admission):
     """The ASGI app behind rayfleet's admission rules and counters (``HandlerRunner``'s, for ASGI)."""
 
     def __init__(self, app: Any, desired: DesiredState, is_draining: Callable[[], bool]):
-        super().__init__(desired.max_concurrency, default_max_queued(desired.max_concurrency))
+        super().__init__(desired.max_concurrency, replica_max_queued(desired))
         self.app = app
         self.root_path = "" if desired.route_prefix == "/" else desired.route_prefix
         self.max_body = desired.max_request_body_bytes

@@ -252,6 +252,14 @@ def default_max_queued(max_concurrency: int) -> int:
     return max(1, min(int(max_concurrency), 16))
 
 
+def replica_max_queued(desired: DesiredState) -> int:
+    """The replica's wait queue. Autoscaled, it is as long as maxConcurrency, twice over: the ingress
+    reloads at every scale step, and while the old HAProxy worker finishes its requests the new one sends
+    up to maxConcurrency more, requests the ingress would have queued rather than refused."""
+    queued = default_max_queued(desired.max_concurrency)
+    return max(queued, 2 * desired.max_concurrency) if desired.autoscaling else queued
+
+
 # (status, headers, body): bytes, or for a stream an async iterator of bytes chunks
 HTTPResult = tuple[int, dict[str, str], Any]
 

@@ -27,7 +27,8 @@ from rayfleet_api.constants import RAY_NAMESPACE, REPLICA_PREFIX, REPLICA_READY_
 from rayfleet_api.desired import DesiredState
 from rayfleet_runtime.asgi import AsgiRunner, AsgiServer, is_asgi_app
 from rayfleet_runtime.log_setup import configure_logging
-from rayfleet_runtime.handler import HandlerLoadError, HandlerRunner, PayloadTooLarge, Request, load_handler, log_access
+from rayfleet_runtime.handler import (HandlerLoadError, HandlerRunner, PayloadTooLarge, Request, load_handler, log_access,
+                                     replica_max_queued)
 from rayfleet_runtime.replica_metrics import ReplicaMetrics
 
 logger = logging.getLogger("rayfleet.replica")
@@ -83,7 +84,8 @@ class ReplicaServer:
                 return
         else:
             self.runner = HandlerRunner(handler, max_concurrency=self.desired.max_concurrency,
-                                        sync_threads=self.desired.sync_threads)
+                                        sync_threads=self.desired.sync_threads,
+                                        max_queued=replica_max_queued(self.desired))
             # handler_cancellation: a client that disconnects cancels its handler (CancelledError in it)
             server = web.Server(self._on_request, access_log=None, handler_cancellation=True)
             self._site_runner = web.ServerRunner(server, access_log=None)

@@ -483,3 +483,13 @@ def test_a_stream_yielding_something_else_than_text_or_bytes_is_a_counted_handle
 
     assert run(main()) == [b"fine"]
     assert runner.errors == 1 and "TypeError" in runner.last_error and runner.cancelled == 0 and runner.in_flight == 0
+
+
+def test_an_autoscaled_replica_queues_what_an_overlapping_reload_sends():
+    from rayfleet_api.desired import Autoscaling, DesiredState
+    from rayfleet_runtime.handler import replica_max_queued
+
+    fixed = DesiredState(handler="a:b", max_concurrency=10)
+    assert replica_max_queued(fixed) == 10  # min(maxConcurrency, 16), as before
+    scaled = DesiredState(handler="a:b", max_concurrency=10, autoscaling=Autoscaling(max_replicas=4))
+    assert replica_max_queued(scaled) == 20
