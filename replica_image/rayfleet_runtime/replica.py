@@ -23,7 +23,7 @@ import ray
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
-from rayfleet_api.constants import RAY_NAMESPACE, REPLICA_PREFIX, REPLICA_READY_PATH
+from rayfleet_api.constants import REPLICA_PREFIX, REPLICA_READY_PATH
 from rayfleet_api.desired import DesiredState
 from rayfleet_runtime.asgi import AsgiRunner, AsgiServer, is_asgi_app
 from rayfleet_runtime.log_setup import configure_logging
