@@ -29,6 +29,7 @@ import pytest
 from rayfleet.ports import free_port
 from rayfleet.procs import cmdline, descendants
 from tests.dashboard import DASHBOARD, dashboard_queries, empty_panel_queries, operator_panels
+from tests.processes import processes_mentioning, start_time
 from tests.prometheus import Prometheus, require_prometheus
 from tests.waiting import eventually
 
@@ -87,21 +88,6 @@ UP_SERVERS = 'haproxy_server_status{state="UP"}'
 
 # ------------------------------------------------------------------------------------------- the live run
 
-def _start_time(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot), or None if it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().decode(errors="replace").rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
-def _processes_mentioning(text: str) -> dict[int, str]:
-    return {int(e): cmdline(int(e))[:160] for e in os.listdir("/proc")
-            if e.isdigit() and int(e) != os.getpid() and text in cmdline(int(e)) and _start_time(int(e)) is not None}
-
-
 class RayfleetRun:
     """`rayfleet run FILE --port P --metrics-port M` in its own session and RAY_TMPDIR; ``stop()`` leaves nothing
     of it running (its Ray, HAProxy included), and says so."""
@@ -126,7 +112,7 @@ class RayfleetRun:
     def record(self) -> None:
         if self.proc is not None:
             for pid in descendants(self.proc.pid):
-                st = _start_time(pid)
+                st = start_time(pid)
                 if st is not None:
                     self.seen.setdefault(pid, st)
 
@@ -151,8 +137,8 @@ class RayfleetRun:
         return printed[0]
 
     def alive(self) -> dict[int, str]:
-        left = {pid: cmdline(pid)[:120] for pid, st in self.seen.items() if _start_time(pid) == st}
-        left.update(_processes_mentioning(self.ray_tmpdir))
+        left = {pid: cmdline(pid)[:120] for pid, st in self.seen.items() if start_time(pid) == st}
+        left.update(processes_mentioning(self.ray_tmpdir))
         return left
 
     def stop(self) -> None:
@@ -173,7 +159,7 @@ class RayfleetRun:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
             for pid, st in self.seen.items():  # never leave a stray cluster for the next test
-                if _start_time(pid) == st:
+                if start_time(pid) == st:
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except OSError:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from rayfleet.ports import free_port
 from rayfleet.procs import cmdline, descendants
+from tests.processes import processes_mentioning, start_time
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.ray
@@ -56,32 +57,6 @@ metadata: {name: broken
 spec:
   handler: examples.echo:Echo
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_time(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot), or None if it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().decode(errors="replace").rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
-def processes_mentioning(text: str) -> dict[int, str]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and entry != str(os.getpid()):
-            cmd = cmdline(int(entry))
-            if text in cmd and start_time(int(entry)) is not None:
-                out[int(entry)] = cmd[:160]
-    return out
 
 
 @pytest.fixture
