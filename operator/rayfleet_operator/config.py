@@ -8,6 +8,9 @@ from typing import Any
 from rayfleet_api.constants import CONTROL_KEY_ENV, CONTROL_PORT, INGRESS_PORT, METRICS_PORT
 
 DEFAULT_REPLICA_IMAGE = "ghcr.io/rayfleet/replica:0.1.0"
+# The CRD's defaults of the fields only the operator reads (a unit test holds them together).
+SPREAD_PODS = 2  # spec.rayCluster.workers.spreadPods
+DRAIN_TIMEOUT_S = 120  # spec.rayCluster.drainTimeoutSeconds
 
 
 def _resources(prefix: str, cpu: str, memory: str) -> dict[str, Any]:
@@ -48,6 +51,11 @@ class OperatorConfig:
     http_namespaces: tuple[str, ...] = ()  # may reach every ServeDeployment's HTTP port (an ingress controller's)
     head_resources: dict[str, Any] = field(default_factory=lambda: _resources("RAYFLEET_HEAD", "1", "2Gi"))
     worker_resources: dict[str, Any] = field(default_factory=lambda: _resources("RAYFLEET_WORKER", "1", "2Gi"))
+    # spec.rayCluster.gcsFaultTolerance for the RayClusters that set none (the chart's value; None: no Redis).
+    gcs_fault_tolerance: dict[str, Any] | None = None
+    # The PodDisruptionBudget of each RayCluster the operator makes: voluntary evictions take at most this
+    # many of its pods at a time (None: no budget).
+    pdb_max_unavailable: int | str | None = 1
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
@@ -68,4 +76,34 @@ class OperatorConfig:
             autoscaled_resync_seconds=float(env.get("RAYFLEET_AUTOSCALED_RESYNC_SECONDS",
                                                     cls.autoscaled_resync_seconds)),
             metrics_port=_port("RAYFLEET_METRICS_PORT", METRICS_PORT),
+            gcs_fault_tolerance=_gcs_fault_tolerance(env.get("RAYFLEET_GCS_REDIS_ADDRESS", ""),
+                                                     env.get("RAYFLEET_GCS_REDIS_PASSWORD_SECRET", "")),
+            pdb_max_unavailable=_max_unavailable(env.get("RAYFLEET_PDB_MAX_UNAVAILABLE", "1")),
         )
+
+
+def _gcs_fault_tolerance(address: str, secret: str) -> dict[str, Any] | None:
+    """The chart's rayCluster.gcsFaultTolerance: a Redis address and "secret-name/key" of its password."""
+    if not address:
+        if secret:
+            raise SystemExit("rayfleet operator: $RAYFLEET_GCS_REDIS_PASSWORD_SECRET needs $RAYFLEET_GCS_REDIS_ADDRESS")
+        return None
+    options: dict[str, Any] = {"redisAddress": address}
+    if secret:
+        name, _, key = secret.partition("/")
+        if not name or not key:
+            raise SystemExit(f"rayfleet operator: $RAYFLEET_GCS_REDIS_PASSWORD_SECRET must be NAME/KEY, not {secret!r}")
+        options["redisPasswordSecret"] = {"name": name, "key": key}
+    return options
+
+
+def _max_unavailable(value: str) -> int | str | None:
+    """"" (no budget), a count ("1") or a percentage ("25%"), as a PodDisruptionBudget takes it."""
+    value = value.strip()
+    if not value:
+        return None
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    if value.endswith("%") and value[:-1].isdigit() and 0 < int(value[:-1]) <= 100:
+        return value
+    raise SystemExit(f"rayfleet operator: $RAYFLEET_PDB_MAX_UNAVAILABLE must be a count > 0 or a percentage, not {value!r}")

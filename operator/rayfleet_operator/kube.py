@@ -60,6 +60,7 @@ class Kube:
         self.custom = kubernetes.client.CustomObjectsApi()
         self.core = kubernetes.client.CoreV1Api()
         self.networking = kubernetes.client.NetworkingV1Api()
+        self.policy = kubernetes.client.PolicyV1Api()
 
     async def get_raycluster(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await _call(self.custom.get_namespaced_custom_object, RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, name)
@@ -89,6 +90,17 @@ class Kube:
     async def replace_network_policy(self, obj: dict[str, Any], resource_version: str) -> dict[str, Any]:
         obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": resource_version}}
         return await _call(self.networking.replace_namespaced_network_policy, obj["metadata"]["name"],
+                           obj["metadata"]["namespace"], obj)
+
+    async def get_pdb(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await _call(self.policy.read_namespaced_pod_disruption_budget, name, namespace)
+
+    async def create_pdb(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return await _call(self.policy.create_namespaced_pod_disruption_budget, obj["metadata"]["namespace"], obj)
+
+    async def replace_pdb(self, obj: dict[str, Any], resource_version: str) -> dict[str, Any]:
+        obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": resource_version}}
+        return await _call(self.policy.replace_namespaced_pod_disruption_budget, obj["metadata"]["name"],
                            obj["metadata"]["namespace"], obj)
 
     async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:

@@ -14,16 +14,20 @@ from typing import Any
 
 from rayfleet_api.constants import (CONTROL_PORT_NAME, CONTROL_TOKEN_ENV, INGRESS_PORT_NAME, INGRESS_READY_PATH,
                                     LOG_FILE_ENV, METRICS_PORT, METRICS_PORT_NAME, POD_STDOUT, RAY_GROUP, RAY_VERSION)
+from rayfleet_api.desired import DesiredState
 from rayfleet_api.errors import SpecError
 from rayfleet_api.spec import parse_quantity
 
-from .config import OperatorConfig
+from .config import DRAIN_TIMEOUT_S, SPREAD_PODS, OperatorConfig
 from .naming import (ANNOTATION_SPEC_HASH, CONTROL_TOKEN_KEY, RAY_AUTH_TOKEN_KEY, auth_secret_name, labels,
                      owner_reference)
 
 GPU_RESOURCE = "nvidia.com/gpu"
 HEAD_CONTAINER, WORKER_CONTAINER = "ray-head", "ray-worker"
-PRESTOP_SLEEP_S = 5
+PRESTOP_MIN_S = 5  # a terminating pod leaves the Service's endpoints: the proxies learn it within this
+# Past the drain, a terminating pod's replicas get gracefulShutdownSeconds for what is in flight, after the
+# proxies' keep-alive settle (6 s), and the hook its own minimum: the grace period covers all of it.
+TERMINATION_MARGIN_S = 15
 RAY_UID, RAY_GID = 1000, 100  # user `ray`, group `users` in rayproject/ray (and the e2e stand-in)
 
 
@@ -50,15 +54,18 @@ def plan_workers(spec: dict[str, Any], config: OperatorConfig, replicas: int | N
     ``replicas``: the count the controller runs towards (the autoscaler's); default spec.replicas."""
     workers = (spec.get("rayCluster") or {}).get("workers") or {}
     low, high = workers.get("minReplicas", 1), workers.get("maxReplicas", 10)
+    spread = workers.get("spreadPods", SPREAD_PODS)
     cpu = _resource(worker_resources(spec, config), "cpu")
     cpus_per_worker = max(1, math.floor(parse_quantity(cpu, "spec.rayCluster.workers.resources.cpu"))) if cpu else 1
     if replicas is None:
         replicas = spec.get("replicas", 1)
     per_replica = (spec.get("rayActorOptions") or {}).get("numCpus", 1)
-    # Replicas are packed by whole replicas per worker, as Ray's scheduler does.
+    # Replicas are packed by whole replicas per worker, as Ray's scheduler does, over at least `spread`
+    # pods (never more pods than replicas) so that no one pod's loss takes them all.
     per_worker = math.floor(cpus_per_worker / per_replica + 1e-9) if per_replica else replicas or 1
-    needed = math.ceil(replicas / per_worker) if replicas and per_worker else 0
-    return WorkerPlan(max(low, min(needed, high)), low, high, cpus_per_worker, needed > high)
+    packed = math.ceil(replicas / per_worker) if replicas and per_worker else 0
+    needed = max(packed, min(spread, replicas))
+    return WorkerPlan(max(low, min(needed, high)), low, high, cpus_per_worker, packed > high)
 
 
 def worker_replicas(cluster: dict[str, Any] | None) -> tuple[int, list[str]] | None:
@@ -118,33 +125,33 @@ def spec_problems(spec: dict[str, Any], config: OperatorConfig) -> list[str]:
 
 
 def _container(name: str, image: str, resources: dict[str, Any], ports: list[dict[str, Any]], env: list[dict[str, str]],
-               ingress_port: int) -> dict[str, Any]:
+               ingress_port: int, drain_timeout_s: int) -> dict[str, Any]:
     # KubeRay's own readiness check (what it injects when a container declares none: the raylet, and on
-    # the head the GCS) plus our ingress: a worker joins the Service only once its HAProxy routes, so it
-    # never takes requests it would refuse, or answer 404 for want of routes. The head can't wait for
-    # routes (the operator sends the deployment only once the head is ready), so it waits for its HAProxy
-    # to listen, which the controller starts on its own. KubeRay still injects its liveness probe.
+    # the head the GCS) plus our ingress: a pod joins the Service only once its HAProxy routes, so it
+    # never takes requests it would refuse, or answer 404 for want of routes; a new head too (the operator
+    # talks to the controller by the head's pod IP, ready or not). KubeRay still injects its liveness probe.
     checks = ["wget --tries 1 -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"]
     if name == HEAD_CONTAINER:
-        checks += ["wget --tries 1 -T 2 -q -O- http://localhost:8265/api/gcs_healthz | grep success",
-                   f"(exec 3<>/dev/tcp/127.0.0.1/{ingress_port})"]
-    else:
-        checks.append(f"wget --tries 1 -T 2 -q -O /dev/null http://localhost:{ingress_port}{INGRESS_READY_PATH}")
+        checks.append("wget --tries 1 -T 2 -q -O- http://localhost:8265/api/gcs_healthz | grep success")
+    checks.append(f"wget --tries 1 -T 2 -q -O /dev/null http://localhost:{ingress_port}{INGRESS_READY_PATH}")
     return {
         "name": name, "image": image, "resources": copy.deepcopy(resources), "ports": ports, "env": env,
         "readinessProbe": {"exec": {"command": ["bash", "-c", " && ".join(checks)]},
                            "initialDelaySeconds": 10, "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 10},
-        # The pod leaves the Service's endpoints as it starts terminating; its HAProxy keeps serving
-        # what is already in flight (and what proxies have not yet stopped sending) meanwhile.
-        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
+        # Deleted, evicted or drained, the pod first gives its replicas away (node_drain: new ones serve
+        # elsewhere before these drain) while it leaves the Service's endpoints; its HAProxy keeps serving
+        # what is in flight (and what proxies have not yet stopped sending) meanwhile.
+        "lifecycle": {"preStop": {"exec": {"command": [
+            "rayfleet-node-drain", "--timeout", str(drain_timeout_s), "--min-seconds", str(PRESTOP_MIN_S)]}}},
         # The `restricted` Pod Security Standard; KubeRay copies this to the init containers it adds.
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
 
 
-def _pod_spec(container: dict[str, Any]) -> dict[str, Any]:
+def _pod_spec(container: dict[str, Any], grace_s: int) -> dict[str, Any]:
     return {
         "containers": [container],
+        "terminationGracePeriodSeconds": grace_s,  # the preStop drain, then the replicas' own grace
         # Ray's user in the replica image (rayproject/ray's): numeric, so the kubelet can check runAsNonRoot.
         "securityContext": {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID, "fsGroup": RAY_GID,
                             "seccompProfile": {"type": "RuntimeDefault"}},
@@ -161,6 +168,9 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
     meta, spec = body["metadata"], body["spec"]
     cluster = spec.get("rayCluster") or {}
     image = spec.get("image") or config.replica_image
+    drain_s = cluster.get("drainTimeoutSeconds", DRAIN_TIMEOUT_S)
+    grace_s = drain_s + math.ceil(spec.get("gracefulShutdownSeconds", DesiredState.graceful_shutdown_seconds)) \
+        + TERMINATION_MARGIN_S
     plan = plan_workers(spec, config)
     worker_count, workers_to_delete = workers or (plan.replicas, [])
     pod_labels = labels(meta["name"])
@@ -186,11 +196,11 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
         http_port,
         metrics_port,
     ], env + [{"name": CONTROL_TOKEN_ENV, "valueFrom": {"secretKeyRef": {  # the controller's API credential
-        "name": auth_secret_name(body), "key": CONTROL_TOKEN_KEY}}}], config.ingress_port)
+        "name": auth_secret_name(body), "key": CONTROL_TOKEN_KEY}}}], config.ingress_port, drain_s)
     # The replica image starts the rayfleet controller once Ray is up on the head (see replica_image/).
     head["lifecycle"]["postStart"] = {"exec": {"command": ["/bin/sh", "-c", "rayfleet-head-start"]}}
     worker = _container(WORKER_CONTAINER, image, worker_resources(spec, config), [http_port, metrics_port], env,
-                        config.ingress_port)
+                        config.ingress_port, drain_s)
     spec_out = {
         "rayVersion": cluster.get("rayVersion", "2.60.0"),
         "enableInTreeAutoscaling": False,
@@ -200,7 +210,7 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
             # The dashboard (and its Jobs API, which runs code) listens inside the pod only: KubeRay's probes
             # reach it there, and so does `kubectl port-forward`.
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "127.0.0.1"},
-            "template": {"metadata": {"labels": dict(pod_labels)}, "spec": _pod_spec(head)},
+            "template": {"metadata": {"labels": dict(pod_labels)}, "spec": _pod_spec(head, grace_s)},
         },
         "workerGroupSpecs": [{
             "groupName": "replicas",
@@ -210,9 +220,12 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
             "maxReplicas": max(plan.max_replicas, worker_count),
             **({"scaleStrategy": {"workersToDelete": workers_to_delete}} if workers_to_delete else {}),
             "rayStartParams": {"num-cpus": str(plan.cpus_per_worker)},
-            "template": {"metadata": {"labels": dict(pod_labels)}, "spec": _pod_spec(worker)},
+            "template": {"metadata": {"labels": dict(pod_labels)}, "spec": _pod_spec(worker, grace_s)},
         }],
     }
+    fault_tolerance = gcs_fault_tolerance(spec, config)
+    if fault_tolerance:
+        spec_out["gcsFaultToleranceOptions"] = fault_tolerance
     return {
         "apiVersion": f"{RAY_GROUP}/{RAY_VERSION}",
         "kind": "RayCluster",
@@ -225,6 +238,23 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
         },
         "spec": spec_out,
     }
+
+
+NO_FAULT_TOLERANCE = ("the RayCluster has no GCS fault tolerance (spec.rayCluster.gcsFaultTolerance, or the chart's "
+                      "rayCluster.gcsFaultTolerance, names a Redis): losing its head pod restarts every replica")
+
+
+def gcs_fault_tolerance(spec: dict[str, Any], config: OperatorConfig) -> dict[str, Any] | None:
+    """KubeRay's gcsFaultToleranceOptions from spec.rayCluster.gcsFaultTolerance, else the chart's default
+    (None: no Redis, and a head loss costs every replica)."""
+    wanted = (spec.get("rayCluster") or {}).get("gcsFaultTolerance") or config.gcs_fault_tolerance
+    if not wanted:
+        return None
+    options: dict[str, Any] = {"redisAddress": wanted["redisAddress"]}
+    secret = wanted.get("redisPasswordSecret")
+    if secret:
+        options["redisPassword"] = {"valueFrom": {"secretKeyRef": {"name": secret["name"], "key": secret["key"]}}}
+    return options
 
 
 def build_auth_secret(body: dict[str, Any], ray_token: str, control_token: str) -> dict[str, Any]:
@@ -268,6 +298,12 @@ def ownership_conflict(existing: dict[str, Any] | None, uid: str) -> str | None:
 
 def owned_by(obj: dict[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def head_pod_ip(cluster: dict[str, Any] | None) -> str | None:
+    """The head pod's address as KubeRay reports it, ready or not (a new head is ready only once it routes,
+    which needs the operator to have reached its controller)."""
+    return (((cluster or {}).get("status") or {}).get("head") or {}).get("podIP")
 
 
 def readiness(cluster: dict[str, Any] | None) -> tuple[bool, str]:

@@ -14,7 +14,7 @@ from rayfleet_api.controller_client import ControllerClient, ControllerRejected,
 from rayfleet_api.spec import desired_state
 from rayfleet_api.states import DeploymentStatus
 
-from . import networkpolicy, raycluster, service
+from . import disruption, networkpolicy, raycluster, service
 from .credentials import control_token, ray_token
 from .config import OperatorConfig
 from .kube import Kube
@@ -50,6 +50,8 @@ async def _ensure_cluster(body: dict[str, Any], config: OperatorConfig, kube: Ku
     if update and existing is None:
         existing = await kube.create_raycluster(desired)
         events.append(("Normal", "RayClusterCreated", f"created RayCluster {obs.cluster_name}"))
+        if "gcsFaultToleranceOptions" not in desired["spec"]:
+            events.append(("Warning", "NoHeadFaultTolerance", raycluster.NO_FAULT_TOLERANCE))
     elif update:
         existing = await kube.replace_raycluster(desired, existing["metadata"]["resourceVersion"])
         events.append(("Normal", "RayClusterUpdated", f"updated RayCluster {obs.cluster_name}: {reason}"))
@@ -83,6 +85,15 @@ async def _ensure_network_policy(body: dict[str, Any], config: OperatorConfig, k
         await kube.create_network_policy(desired)
     elif networkpolicy.policy_needs_update(existing, desired):
         await kube.replace_network_policy(desired, existing["metadata"]["resourceVersion"])
+
+
+async def _ensure_pdb(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> None:
+    desired = disruption.build_pdb(body, config.pdb_max_unavailable)
+    existing = await kube.get_pdb(desired["metadata"]["namespace"], desired["metadata"]["name"])
+    if existing is None:
+        await kube.create_pdb(desired)
+    elif disruption.pdb_needs_update(existing, desired):
+        await kube.replace_pdb(desired, existing["metadata"]["resourceVersion"])
 
 
 async def _ensure_service(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> None:
@@ -138,13 +149,18 @@ async def reconcile(body: dict[str, Any], config: OperatorConfig, kube: Kube) ->
         obs.cluster_conflict = None if shared else raycluster.ownership_conflict(existing, meta["uid"])
         if not obs.cluster_conflict:
             # The controller hears of a change first: on scale-down it drains replicas, and only then
-            # can the workers they ran on go (see _workers).
-            if raycluster.readiness(existing)[0]:
+            # can the workers they ran on go (see _workers). A head that is up but not ready yet (it is
+            # ready once it routes, which takes the deployment sent here) is reached by its pod IP.
+            if raycluster.readiness(existing)[0] or raycluster.head_pod_ip(existing):
                 await _observe_controller(body, existing, config, obs)
             cluster = existing if shared else await _ensure_cluster(body, config, kube, obs, existing, events)
             if not shared and config.network_policy:
                 await _ensure_network_policy(body, config, kube)
-            obs.cluster_ready, obs.cluster_state = raycluster.readiness(cluster)
+            if not shared and config.pdb_max_unavailable is not None:
+                await _ensure_pdb(body, config, kube)
+            ready, obs.cluster_state = raycluster.readiness(cluster)
+            obs.cluster_ready = ready or obs.controller is not None
+            obs.head_fault_tolerant = bool(((cluster or {}).get("spec") or {}).get("gcsFaultToleranceOptions"))
         await _ensure_service(body, config, kube)
 
     old_status = body.get("status") or {}

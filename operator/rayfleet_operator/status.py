@@ -48,6 +48,7 @@ class Observation:
     cluster_state: str = "missing"
     controller: dict[str, Any] | None = None  # observed state from the rayfleet controller
     controller_error: str | None = None
+    head_fault_tolerant: bool = False  # the RayCluster keeps its GCS state in Redis (gcsFaultToleranceOptions)
 
 
 def timestamp(seconds: float) -> str:
@@ -153,6 +154,7 @@ def compute_status(obs: Observation, old_status: dict[str, Any] | None, now: str
         "selector": obs.selector,
         "endpoint": obs.endpoint,
         "rayCluster": obs.cluster_name,
+        "headFaultTolerant": obs.head_fault_tolerant,
         "replicaStatuses": [_replica_entry(r) for r in replicas],
         "autoscaling": _autoscaling_status(obs, old_status),
         "conditions": merge_conditions((old_status or {}).get("conditions"), conditions_for(obs), obs.generation, now),

@@ -60,6 +60,11 @@ class Controller:
                 "nodeId": ray.get_runtime_context().get_node_id(), "ingressPort": self.core.ingress_port,
                 "ingressNodes": self.core.ingress_nodes, "metricsPort": self.core.backend.metrics_port}
 
+    async def drain_node(self, node_id: str, timeout_s: float) -> int:
+        """A node's pod is terminating (its preStop hook asks, through the node's ingress): move its
+        replicas away; how many are still there."""
+        return self.core.drain_node(node_id, timeout_s)
+
     async def metrics(self) -> list[Any]:
         """The controller's Prometheus metrics (``prometheus_client`` ``Metric`` objects), for the head node's
         ingress to serve. Async, so it reads the controller's state on the loop that changes it."""
@@ -81,21 +86,28 @@ def ensure_controller(token: str, control_port: int = CONTROL_PORT, ingress_port
     ``metrics_port``: where every node's ingress serves that node's Prometheus metrics (None: nowhere)."""
     if ingress_nodes not in ("all", "head"):
         raise ValueError(f"ingress_nodes must be 'all' or 'head', got {ingress_nodes!r}")
-    try:
-        handle = ray.get_actor(CONTROLLER_NAME, namespace=RAY_NAMESPACE)
-    except ValueError:
+    for attempt in range(2):
         try:
-            handle = Controller.options(
-                name=CONTROLLER_NAME, namespace=RAY_NAMESPACE, lifetime="detached", num_cpus=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(head_node_id(), soft=False),
-            ).remote(token, control_port, ingress_port, ingress_nodes, bind_host, metrics_port)
-        except ValueError:  # somebody else created it just now
             handle = ray.get_actor(CONTROLLER_NAME, namespace=RAY_NAMESPACE)
-    try:
-        info = ray.get(handle.ready.remote(), timeout=timeout_s)
-    except ray.exceptions.RayActorError:
-        RayBackend().kill(handle)  # e.g. port in use: don't let Ray restart it forever
-        raise
+            found = True
+        except ValueError:
+            found = False
+            try:
+                handle = Controller.options(
+                    name=CONTROLLER_NAME, namespace=RAY_NAMESPACE, lifetime="detached", num_cpus=0,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(head_node_id(), soft=False),
+                ).remote(token, control_port, ingress_port, ingress_nodes, bind_host, metrics_port)
+            except ValueError:  # somebody else created it just now
+                handle = ray.get_actor(CONTROLLER_NAME, namespace=RAY_NAMESPACE)
+        try:
+            info = ray.get(handle.ready.remote(), timeout=timeout_s)
+            break
+        except ray.exceptions.RayActorError:
+            RayBackend().kill(handle)  # e.g. port in use: don't let Ray restart it forever
+            # One found under its name may be the controller of a head that is gone (its GCS state kept
+            # in Redis, its node dead): it can't come back, a new one on this head takes its place.
+            if not found or attempt:
+                raise
     if info["controlPort"] != control_port:
         logger.warning("controller already runs with control port %s (asked for %s)", info["controlPort"], control_port)
     return handle

@@ -26,6 +26,7 @@ exponential back-off instead of hot-looping. Each transition of a replica or a r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -37,7 +38,7 @@ from rayfleet_api.desired import DesiredState
 from rayfleet_api.errors import SpecError
 from rayfleet_api.states import DeploymentStatus, ReplicaState
 
-from rayfleet_runtime import planning
+from rayfleet_runtime import placement, planning
 from rayfleet_runtime.autoscaler import SAMPLE_INTERVAL_S, SAMPLE_WAIT_S, Autoscaler, follow_spec, replica_load
 from rayfleet_runtime.autoscaling import LoadSample
 from rayfleet_runtime.controller_metrics import ControllerMetrics
@@ -79,10 +80,15 @@ class ReplicaRecord:
     watch_task: asyncio.Task | None = None  # learns of the process's death the moment Ray does
     failure: str | None = None  # why FAILED/UNHEALTHY (died | start_failed | unhealthy): a replacement's reason
     load_task: asyncio.Task | None = None  # the autoscaler's info() call in flight
+    sent_to: str | None = None  # the node the controller placed it on (until it tells its own)
 
-    def view(self) -> ReplicaView:
+    @property
+    def node(self) -> str | None:
+        return self.info.get("nodeId") or self.sent_to
+
+    def view(self, evict: str | None = None) -> ReplicaView:
         return ReplicaView(self.id, self.version, self.state, self.health_failures, self.restarts, self.created_at,
-                           unplaced=self.unschedulable is not None)
+                           unplaced=self.unschedulable is not None, node=self.node, evict=evict)
 
     def observed(self, now: float | None = None) -> dict[str, Any]:
         i = self.info
@@ -116,6 +122,7 @@ class DeploymentRecord:
     rolling_out: bool = False  # a new version was put and not every replica runs it yet
     replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
     autoscaler: Autoscaler | None = None  # set while desired.autoscaling is
+    moving: str | None = None  # the replica being moved to spread the deployment again (placement.to_rebalance)
 
     @property
     def target(self) -> int:
@@ -128,7 +135,7 @@ class DeploymentRecord:
                            "nextIndex": self.next_index, **scaling}).encode()
 
 
-def _needs(desired: DesiredState) -> dict[str, float]:
+def needs(desired: DesiredState) -> dict[str, float]:
     options = desired.ray_actor_options
     return {"CPU": options.num_cpus, "GPU": options.num_gpus, "memory": options.memory or 0}
 
@@ -136,16 +143,15 @@ def _needs(desired: DesiredState) -> dict[str, float]:
 def fits(desired: DesiredState, available: dict[str, float]) -> bool:
     """Whether the free resources (the cluster's) cover one replica: if so, an unplaced replica is a worker
     process slow to start (a busy machine), not one waiting for resources."""
-    return all(available.get(resource, 0) >= amount for resource, amount in _needs(desired).items() if amount)
+    return all(available.get(resource, 0) >= amount for resource, amount in needs(desired).items() if amount)
 
 
 def unschedulable_reason(desired: DesiredState, available: dict[str, float], total: dict[str, float],
                          held: dict[str, tuple[int, float]] | None = None) -> str:
     """Why Ray can't place a replica, like Ray Serve's scheduling warning: what it needs, what is free,
     and which deployments' replicas hold the CPUs (``held``: deployment -> (replicas, CPUs))."""
-    needs = _needs(desired)
     parts = []
-    for resource, amount in needs.items():
+    for resource, amount in needs(desired).items():
         if amount:
             unit = 2**30 if resource == "memory" else 1
             parts.append(f"{resource} {amount / unit:g}{' GiB' if unit > 1 else ''} "
@@ -171,6 +177,64 @@ class ControllerCore:
         self.routes = RoutePublisher(self.routing_table, backend.ensure_ingress, backend.node_ids,
                                      self.metrics.route_pushed, ingress_port, ingress_nodes, bind_host)
         self._tasks: list[asyncio.Task] = []
+        self.nodes: list[placement.NodeView] = []  # the alive Ray nodes, refreshed every PROBE_INTERVAL_S
+        self._nodes_task: asyncio.Task | None = None
+        self._next_nodes_at = 0.0
+        self.draining: dict[str, float] = {}  # node id -> when its drain gives up (time.time()); see drain_node
+
+    # ---------- nodes: spread and drain ----------
+    def drain_node(self, node_id: str, timeout_s: float) -> int:
+        """The node's pod is terminating: move its replicas elsewhere (new ones first, the old drained once
+        those serve) and place nothing new there. Returns how many replicas still run there; the caller
+        (the node's preStop hook, through its ingress) asks again until none do."""
+        if node_id not in self.draining:
+            logger.info("node %s is draining: moving its replicas", node_id)
+            lifecycle("node_draining", node=node_id, timeout_s=timeout_s)
+        self.draining[node_id] = max(self.draining.get(node_id, 0.0), time.time() + timeout_s)
+        return sum(1 for dep in self.deployments.values() for r in dep.replicas.values()
+                   if r.node == node_id and r.state != ReplicaState.STOPPED)
+
+    async def _refresh_nodes(self) -> None:
+        try:
+            nodes = await self.backend.nodes()
+        except Exception:  # noqa: BLE001 - the GCS is busy or restarting: keep the last view
+            logger.debug("listing nodes failed", exc_info=True)
+            return
+        alive, now = {n.id for n in nodes}, time.time()
+        self.draining = {node: until for node, until in self.draining.items() if node in alive and until > now}
+        self.nodes = nodes
+
+    def _node_views(self) -> list[placement.NodeView]:
+        """The nodes as placement sees them: draining ones, and those where a replica stopped answering."""
+        suspect = {r.node for dep in self.deployments.values() for r in dep.replicas.values()
+                   if r.state == ReplicaState.UNHEALTHY}
+        return [dataclasses.replace(n, draining=n.id in self.draining, suspect=n.id in suspect) for n in self.nodes]
+
+    def _placed(self) -> list[placement.Placed]:
+        return [placement.Placed(r.node, dep.name, needs(dep.desired)) for dep in self.deployments.values()
+                for r in dep.replicas.values() if r.node and r.state != ReplicaState.STOPPED]
+
+    def _evictions(self, dep: DeploymentRecord) -> dict[str, str]:
+        """The replicas of ``dep`` to move, and why: those on draining nodes, else one the spread asks for."""
+        out = {r.id: "node-drain" for r in dep.replicas.values() if r.node in self.draining}
+        if dep.moving is not None and dep.moving not in out:
+            rec = dep.replicas.get(dep.moving)
+            if rec is None or rec.state != ReplicaState.READY:
+                dep.moving = None  # moved (or gone some other way)
+            else:
+                out[dep.moving] = "rebalance"
+        if out or dep.deleting or dep.rolling_out:
+            return out
+        live = sorted((r for r in dep.replicas.values() if r.state != ReplicaState.STOPPED), key=lambda r: r.created_at)
+        if len(live) != dep.target or any(r.state != ReplicaState.READY or not r.node for r in live):
+            return out  # only a settled deployment is rebalanced: one move at a time
+        moving = placement.to_rebalance(self._node_views(), self._placed(), needs(dep.desired),
+                                        [(r.id, r.node) for r in live])
+        if moving is not None:
+            dep.moving = moving
+            out[moving] = "rebalance"
+            lifecycle("replica_rebalancing", deployment=dep.name, replica=moving, node=dep.replicas[moving].node)
+        return out
 
     # ---------- persistence and re-discovery ----------
     def _save(self, dep: DeploymentRecord) -> None:
@@ -344,6 +408,9 @@ class ControllerCore:
                 logger.exception("reconciling %s failed; continuing", dep.name)
 
     def _reconcile(self, dep: DeploymentRecord, now: float) -> None:
+        if now >= self._next_nodes_at and (self._nodes_task is None or self._nodes_task.done()):
+            self._next_nodes_at = now + PROBE_INTERVAL_S
+            self._nodes_task = asyncio.get_running_loop().create_task(self._refresh_nodes())
         # Drop replicas whose stop finished.
         for rid in [rid for rid, r in dep.replicas.items()
                     if r.state == ReplicaState.STOPPED and (r.task is None or r.task.done())]:
@@ -371,7 +438,8 @@ class ControllerCore:
                     and (rec.placement_task is None or rec.placement_task.done())):
                 rec.next_placement_at = now + PROBE_INTERVAL_S
                 rec.placement_task = asyncio.get_running_loop().create_task(self._check_placement(dep, rec))
-        views = [r.view() for r in dep.replicas.values()]
+        evict = self._evictions(dep)
+        views = [r.view(evict.get(r.id)) for r in dep.replicas.values()]
         if dep.rolling_out and planning.deployment_status(dep.target, dep.desired.version, views,
                                                           deleting=dep.deleting) == DeploymentStatus.RUNNING:
             dep.rolling_out = False
@@ -385,10 +453,9 @@ class ControllerCore:
             rec = dep.replicas.get(stop.replica_id)
             if rec is not None:
                 self._begin_stop(dep, rec, stop)
-        for start in p.start:
-            self._start_replica(dep, start)
-        dep.restarts += p.restarts
-        if p.start:  # checkpoint the restart count and next_index (replica names stay unique after a restart)
+        started = [start for start in p.start if self._start_replica(dep, start)]
+        dep.restarts += sum(1 for s in started if s.replaces is not None)
+        if started:  # checkpoint the restart count and next_index (replica names stay unique after a restart)
             self._save(dep)
         self.routes.changed()
 
@@ -475,23 +542,30 @@ class ControllerCore:
             lifecycle("replica_unschedulable", deployment=dep.name, replica=rec.id, version=rec.version, reason=note)
         rec.unschedulable = note  # kept current in the observed state; logged once per replica
 
-    def _start_replica(self, dep: DeploymentRecord, intent: planning.StartIntent) -> None:
+    def _start_replica(self, dep: DeploymentRecord, intent: planning.StartIntent) -> bool:
+        """Start one replica on the node placement picks; False if it must wait for room (a node is draining
+        and no other has room: left to Ray, the replica could land on the pod that is going)."""
+        desired = dep.desired
+        node = placement.choose_node(self._node_views(), self._placed(), dep.name, needs(desired))
+        if node is None and self.draining:
+            return False
         rid = f"{dep.name}-{dep.next_index}"
         dep.next_index += 1
-        desired = dep.desired
         if intent.replaces is not None:
             reason = dep.replicas[intent.replaces].failure or "failed"  # stopped just now, still listed
             self.metrics.restarted(dep.name, reason)
             lifecycle("replica_replaced", deployment=dep.name, replica=intent.replaces, replacement=rid, reason=reason)
-        rec = ReplicaRecord(rid, desired.version, None, restarts=intent.restarts)
+        rec = ReplicaRecord(rid, desired.version, None, restarts=intent.restarts, sent_to=node)
         dep.replicas[rid] = rec
         try:
-            rec.actor = self.backend.create_replica(dep.name, rid, desired, self.bind_host)
+            rec.actor = self.backend.create_replica(dep.name, rid, desired, self.bind_host, node)
         except ReplicaCallError as exc:  # e.g. invalid runtime_env or name clash
             self._start_failed(dep, rec, {"reason": "ReplicaCreateError", "message": f"{exc.ray_error}: {exc}"})
-            return
-        lifecycle("replica_started", deployment=dep.name, replica=rid, version=rec.version, restarts=rec.restarts)
+            return True
+        lifecycle("replica_started", deployment=dep.name, replica=rid, version=rec.version, restarts=rec.restarts,
+                  node=node)
         rec.task = asyncio.get_running_loop().create_task(self._await_start(dep, rec))
+        return True
 
     async def _await_start(self, dep: DeploymentRecord, rec: ReplicaRecord) -> None:
         try:

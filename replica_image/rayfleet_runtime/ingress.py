@@ -55,7 +55,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from rayfleet_api.constants import CONTROLLER_NAME, INGRESS_PORT, METRICS_PATH, RAY_NAMESPACE
 from rayfleet_api.metrics_labels import split_deployment
 
-from . import ingress_metrics
+from . import ingress_metrics, node_drain
 from .activator import Activator
 from .log_setup import configure_logging
 from .haproxy_bin import HAProxyBinary, check_config, find_haproxy, haproxy_version
@@ -223,7 +223,11 @@ class Ingress:
         if self._spawn_error is not None:
             raise RuntimeError(f"could not start HAProxy: {self._spawn_error}")
         atexit.register(self._terminate)
+        self._ray = _RaySources.for_this_actor()
         self._metrics_server = self._serve_metrics(metrics_port) if metrics_port is not None else None
+        # The pod's preStop hook (node_drain) asks here for this node's replicas to move before it stops.
+        self._drain_server = (node_drain.serve(node_drain.socket_path(self.port), self._ray.drain)
+                              if self._ray is not None and workdir is None else None)
 
     # ----------------------------------------------------------------- process
 
@@ -400,7 +404,7 @@ class Ingress:
         """This node's scrape endpoint (``ingress_metrics``); None if the port can't be had: the node
         still routes, and the error says why nothing answers there."""
         sources = {"ingress": self._own_metrics, "haproxy": self._haproxy_metrics}
-        ray_sources = _RaySources.for_this_actor()
+        ray_sources = self._ray
         if ray_sources is not None:
             sources.update(replicas=lambda: ray_sources.replicas(self._table), controller=ray_sources.controller)
         try:
@@ -593,9 +597,10 @@ class Ingress:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop HAProxy: soft stop (finish in-flight requests) for up to ``grace_s``, then hard."""
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+        for server in (self._metrics_server, self._drain_server):
+            if server is not None:
+                server.shutdown()
+                server.server_close()
         await asyncio.to_thread(self._terminate, grace_s)
         await asyncio.to_thread(self._activator.stop)  # after HAProxy, which waited for the requests held there
         self._listener.close()  # after: the supervisor restarts no HAProxy once stopping, so none needs it
@@ -650,6 +655,13 @@ class _RaySources:
             except ray.exceptions.RayError:
                 pass
         return out
+
+    def drain(self, timeout_s: float) -> int:
+        """Have the controller move this node's replicas away; how many are still here."""
+        import ray
+
+        handle = ray.get_actor(CONTROLLER_NAME, namespace=RAY_NAMESPACE)
+        return ray.get(handle.drain_node.remote(self.node_id, timeout_s), timeout=ingress_metrics.SOURCE_TIMEOUT_S)
 
     def controller(self) -> list[Any]:
         import ray

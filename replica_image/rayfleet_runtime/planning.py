@@ -15,12 +15,17 @@ executes the returned ``ReplicaPlan`` (like Ray Serve's deployment_state.py, but
   ``min(target, READY count)``; but when a new replica can't be placed (no node has room for a surge),
   one old READY replica at a time is drained to make room, as a Deployment with ``maxUnavailable: 1``
   would: the READY count then dips by one, never more, and a rollout never deadlocks;
+* a replica to be moved (``evict``: its pod is terminating, or its node holds too many of the deployment's
+  replicas) is replaced like an old version: a new replica first, the old one drained once enough new ones
+  are READY; one that isn't serving is stopped at once and replaced;
+* scale-down stops replicas on the node with the most of them first, so the rest stay spread;
 * stopping a READY replica is graceful (``StopIntent.graceful``): the controller marks it DRAINING, which
   takes it out of the routing table *before* it asks the replica to drain and finally kills it.
 """
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 from rayfleet_api.states import DeploymentStatus, ReplicaState
@@ -38,6 +43,8 @@ class ReplicaView:
     restarts: int = 0  # how often this slot was restarted
     created_at: float = 0.0
     unplaced: bool = False  # STARTING, and no Ray node has the resources it asks for
+    node: str | None = None  # the Ray node it runs on (or was sent to)
+    evict: str | None = None  # why it must move: node-drain | rebalance (None: it stays)
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ class StartIntent:
 class StopIntent:
     replica_id: str
     graceful: bool  # True: unroute, drain in-flight requests (grace period), then kill
-    reason: str  # scale-down | rollout | unhealthy | failed | delete
+    reason: str  # scale-down | rollout | node-drain | rebalance | unhealthy | failed | delete
 
 
 @dataclass
@@ -97,11 +104,11 @@ def plan(target: int, version: str, replicas: list[ReplicaView], *, failure_thre
     old_ready: list[ReplicaView] = []
     replacements: list[StartIntent] = []
     for r in active:
-        if r.version != version:
+        if r.version != version or r.evict:
             if r.state == ReplicaState.READY:
-                old_ready.append(r)
-            else:  # old and not serving: nothing to protect
-                out.stop.append(StopIntent(r.id, graceful=False, reason="rollout"))
+                old_ready.append(r)  # leaving: it serves until what replaces it does
+            else:  # not serving: nothing to protect
+                out.stop.append(StopIntent(r.id, graceful=False, reason=r.evict or "rollout"))
         elif r.state == ReplicaState.FAILED:
             if can_start:
                 out.stop.append(StopIntent(r.id, graceful=False, reason="failed"))
@@ -120,15 +127,20 @@ def plan(target: int, version: str, replicas: list[ReplicaView], *, failure_thre
         drop_replacements = min(excess, len(replacements))
         replacements = replacements[: len(replacements) - drop_replacements]
         excess -= drop_replacements
-        for r in sorted(current, key=lambda r: (_STOP_ORDER.get(r.state, 9), -r.created_at))[:excess]:
+        crowd = Counter(r.node for r in current)
+        for _ in range(min(excess, len(current))):  # one at a time: each stop thins the node it came from
+            r = min(current, key=lambda r: (_STOP_ORDER.get(r.state, 9), -crowd[r.node], -r.created_at))
             out.stop.append(_stop(r, "scale-down"))
             current.remove(r)
+            crowd[r.node] -= 1
 
     # Start what is missing (replacements first: they carry the slot's restart count).
     missing = target - len(current)
     starts = replacements + [StartIntent() for _ in range(max(0, missing - len(replacements)))]
     if old_ready:
         surge = default_max_surge(target) if max_surge is None else max(0, max_surge)
+        # Replicas that move are replaced all at once: their pod is going, whatever the surge allows.
+        surge += sum(1 for r in old_ready if r.version == version)
         room = target + surge - len(current) - len(old_ready)
         if room < len(starts):
             starts = starts[: max(0, room)] if room > 0 else []
@@ -141,12 +153,14 @@ def plan(target: int, version: str, replicas: list[ReplicaView], *, failure_thre
     excess_old = max(0, ready_current + len(old_ready) - target)
     # No room for the new version: make room in place, one replica at a time, and only while nothing is
     # missing otherwise (so an unplaceable new version costs one READY replica, not all of them).
+    # A replica that only moves is never stopped early: it serves until the pod it is on goes.
     freeing = any(r.version != version and r.state in (ReplicaState.DRAINING, ReplicaState.STOPPED) for r in replicas)
-    if (not excess_old and old_ready and not freeing and ready_current + len(old_ready) >= target
-            and any(r.unplaced for r in current)):
+    if (not excess_old and any(r.version != version for r in old_ready) and not freeing
+            and ready_current + len(old_ready) >= target and any(r.unplaced for r in current)):
         excess_old = 1
-    for r in sorted(old_ready, key=lambda r: r.created_at)[:excess_old]:
-        out.stop.append(StopIntent(r.id, graceful=True, reason="rollout"))
+    leaving = sorted(old_ready, key=lambda r: (r.version == version, r.created_at))  # old versions first
+    for r in leaving[:excess_old]:
+        out.stop.append(StopIntent(r.id, graceful=True, reason=r.evict or "rollout"))
     return out
 
 

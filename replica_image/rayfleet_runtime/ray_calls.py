@@ -17,10 +17,12 @@ from typing import Any, Awaitable, Callable
 import ray
 from ray._private import state as ray_state
 from ray.experimental import internal_kv
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rayfleet_api.constants import METRICS_PORT, RAY_NAMESPACE
 from rayfleet_api.desired import DesiredState
 from rayfleet_runtime.ingress import ensure_ingress
+from rayfleet_runtime.placement import NodeView
 from rayfleet_runtime.replica import Replica, parse_replica_actor_name, replica_actor_name
 
 # Where the deployments' checkpoints live in the GCS KV: one key per deployment.
@@ -69,8 +71,9 @@ async def _call(method: Callable[[], Any], timeout_s: float | None) -> Any:
         raise ReplicaCallError(str(exc), type(exc).__name__) from exc
 
 
-def replica_actor_options(name: str, replica_id: str, desired: DesiredState) -> dict[str, Any]:
-    """Ray actor options for one replica of a deployment."""
+def replica_actor_options(name: str, replica_id: str, desired: DesiredState, node_id: str | None = None) -> dict[str, Any]:
+    """Ray actor options for one replica of a deployment, on ``node_id`` (placement.choose_node's pick:
+    soft, so a node that died meanwhile costs nothing) or, with none, wherever Ray spreads it."""
     opts = desired.ray_actor_options
     runtime_env = dict(desired.runtime_env or {})
     env_vars = {**(runtime_env.get("env_vars") or {}), **desired.env}
@@ -82,7 +85,7 @@ def replica_actor_options(name: str, replica_id: str, desired: DesiredState) -> 
         "lifetime": "detached",
         "num_cpus": opts.num_cpus,
         "num_gpus": opts.num_gpus,
-        "scheduling_strategy": "SPREAD",
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True) if node_id else "SPREAD",
         "max_restarts": 0,
     }
     if opts.memory:
@@ -90,6 +93,13 @@ def replica_actor_options(name: str, replica_id: str, desired: DesiredState) -> 
     if runtime_env:
         options["runtime_env"] = runtime_env
     return options
+
+
+def alive_nodes() -> list[NodeView]:
+    """The alive Ray nodes and their total resources (blocking)."""
+    return [NodeView(n["NodeID"], {k: float(v) for k, v in (n.get("Resources") or {}).items()
+                                   if k in ("CPU", "GPU", "memory")})
+            for n in ray.nodes() if n.get("Alive")]
 
 
 def alive_node_ids(head_only: bool = False) -> list[str]:
@@ -126,11 +136,13 @@ class RayBackend:
         self.metrics_port = metrics_port
 
     # ---------- replica actors ----------
-    def create_replica(self, deployment: str, replica_id: str, desired: DesiredState, bind_host: str) -> Any:
-        """Start a named detached ``Replica`` actor; its constructor runs in the background (await ``info``).
-        ``ReplicaCallError`` if Ray refuses it (e.g. an invalid ``runtime_env``, or the name is taken)."""
+    def create_replica(self, deployment: str, replica_id: str, desired: DesiredState, bind_host: str,
+                       node_id: str | None = None) -> Any:
+        """Start a named detached ``Replica`` actor (on ``node_id`` if given); its constructor runs in the
+        background (await ``info``). ``ReplicaCallError`` if Ray refuses it (e.g. an invalid ``runtime_env``,
+        or the name is taken)."""
         try:
-            return Replica.options(**replica_actor_options(deployment, replica_id, desired)).remote(
+            return Replica.options(**replica_actor_options(deployment, replica_id, desired, node_id)).remote(
                 deployment, replica_id, desired, bind_host)
         except Exception as exc:  # noqa: BLE001
             raise ReplicaCallError(str(exc), type(exc).__name__) from exc
@@ -206,6 +218,10 @@ class RayBackend:
         internal_kv._internal_kv_del(KV_PREFIX + name, namespace=KV_NAMESPACE)
 
     # ---------- nodes and their ingress ----------
+    async def nodes(self) -> list[NodeView]:
+        """The alive nodes, with their total resources."""
+        return await asyncio.to_thread(alive_nodes)
+
     async def node_ids(self, head_only: bool = False) -> list[str]:
         """IDs of the alive nodes, or only the head node's."""
         return await asyncio.to_thread(alive_node_ids, head_only)

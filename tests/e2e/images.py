@@ -40,9 +40,10 @@ class Images:
     kuberay: str
     coredns: str
     pause: str
+    redis: str  # the head's GCS fault tolerance keeps its state there
 
     def all(self) -> list[str]:
-        return [self.operator, self.replica, self.kuberay, self.coredns, self.pause]
+        return [self.operator, self.replica, self.kuberay, self.coredns, self.pause, self.redis]
 
 
 def docker(*args: str, input: bytes | None = None, timeout: float = 1800) -> str:
@@ -133,6 +134,8 @@ def build_all() -> Images:
         kuberay=static_image("kuberay-operator", kuberay_binary()),
         coredns=static_image("coredns", e2e_go_binary("coredns")),
         pause=static_image("pause", e2e_go_binary("pause"), entrypoint=True),
+        redis=build(HERE / "images" / "redis.Dockerfile", f"rayfleet-e2e/redis:{TAG}", HERE / "images",
+                    DEBIAN_IMAGE=debian),
     )
 
 

@@ -31,6 +31,7 @@ NAMESPACED_RULES = {
     ("", "pods"): {"list"},
     ("", "secrets"): {"create"},
     ("networking.k8s.io", "networkpolicies"): {"get", "create", "update"},
+    ("policy", "poddisruptionbudgets"): {"get", "create", "update"},
     ("", "events"): {"create"},
 }
 SCANNING_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
@@ -174,6 +175,7 @@ def test_render_defaults(helm):
     operator_labels = dict(item.split("=") for item in env["RAYFLEET_OPERATOR_POD_LABELS"].split(","))
     assert operator_labels.items() <= pod_labels.items() and "app.kubernetes.io/component" in operator_labels
     assert (env["RAYFLEET_NETWORK_POLICY"], env["RAYFLEET_HTTP_NAMESPACES"]) == ("true", "")
+    assert env["RAYFLEET_PDB_MAX_UNAVAILABLE"] == "1" and "RAYFLEET_GCS_REDIS_ADDRESS" not in env
     (policy,) = of_kind(docs, "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert policy["spec"]["policyTypes"] == ["Ingress"]
@@ -215,6 +217,18 @@ def test_network_policies_can_be_turned_off(helm):
     docs = render(helm, {"networkPolicy.enabled": "false"})
     assert not of_kind(docs, "NetworkPolicy")
     assert env_of(operator_container(docs)[1])["RAYFLEET_NETWORK_POLICY"] == "false"
+
+
+def test_disruption_budget_and_head_fault_tolerance_values_reach_the_operator(helm):
+    env = env_of(operator_container(render(helm, {
+        "podDisruptionBudget.maxUnavailable": "25%", "rayCluster.gcsFaultTolerance.redisAddress": "redis.db:6379",
+        "rayCluster.gcsFaultTolerance.redisPasswordSecret.name": "redis-auth",
+        "rayCluster.gcsFaultTolerance.redisPasswordSecret.key": "password"}))[1])
+    assert env["RAYFLEET_PDB_MAX_UNAVAILABLE"] == "25%"
+    assert (env["RAYFLEET_GCS_REDIS_ADDRESS"], env["RAYFLEET_GCS_REDIS_PASSWORD_SECRET"]) == (
+        "redis.db:6379", "redis-auth/password")
+    assert env_of(operator_container(render(helm, {"podDisruptionBudget.enabled": "false"}))[1])[
+        "RAYFLEET_PDB_MAX_UNAVAILABLE"] == ""
 
 
 def test_pod_monitor_and_dashboard_are_off_by_default_and_render_when_on(helm):

@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 import ray.exceptions
 
-from rayfleet_api.desired import Autoscaling, DesiredState, HealthCheck
+from rayfleet_api.desired import ActorOptions, Autoscaling, DesiredState, HealthCheck
 from rayfleet_api.metrics_labels import split_deployment
 from rayfleet_api.states import DeploymentStatus, ReplicaState
 from rayfleet_runtime import deployment_state
 from rayfleet_runtime.deployment_state import ControllerCore, DeploymentRecord
+from rayfleet_runtime.placement import NodeView
 from rayfleet_runtime.ray_calls import (RayBackend, ReplicaCallError, ReplicaDied, ReplicaTimeout, ReplicaUnavailable,
                                         RuntimeEnvFailed)
 
@@ -27,8 +28,10 @@ from rayfleet_runtime.ray_calls import (RayBackend, ReplicaCallError, ReplicaDie
 class FakeReplica:
     """A replica actor. Its constructor finishes when ``up`` is set; a killed or ``dead`` one answers nothing."""
 
-    def __init__(self, deployment: str, replica_id: str, version: str, port: int, error: dict | None = None):
+    def __init__(self, deployment: str, replica_id: str, version: str, port: int, error: dict | None = None,
+                 node: str = "node-a"):
         self.deployment, self.id, self.version, self.port, self.error = deployment, replica_id, version, port, error
+        self.node = node
         self.up = asyncio.Event()
         self.start_error: ReplicaCallError | None = None  # raised by info() instead of an answer
         self.dead = self.killed = self.draining = False
@@ -40,7 +43,7 @@ class FakeReplica:
 
     def info(self) -> dict[str, Any]:
         return {"deployment": self.deployment, "id": self.id, "version": self.version, "host": "127.0.0.1",
-                "port": self.port, "pid": self.port, "nodeId": "node-a", "nodeIp": "127.0.0.1",
+                "port": self.port, "pid": self.port, "nodeId": self.node, "nodeIp": "127.0.0.1",
                 "inFlight": self.in_flight, "queued": self.queued,
                 "totalRequests": 0, "errors": 0, "lastError": None, "draining": self.draining,
                 "startedAt": self.started_at, "error": self.error}
@@ -88,6 +91,7 @@ class FakeBackend:
         self.created_at: dict[str, float] = {}
         self.slots: int | None = None  # replicas the cluster has room for (None: any number)
         self.ingress = FakeIngress(self.events)
+        self.nodes_up = [NodeView("node-a", {"CPU": 1000.0})]  # what ray.nodes() lists as alive
 
     def _place(self) -> None:
         """Ray's scheduler: the oldest live replicas get the slots; a placed one comes up (if auto_up)."""
@@ -113,8 +117,10 @@ class FakeBackend:
         return self.events.index(event)
 
     # ---------- the backend interface ----------
-    def create_replica(self, deployment: str, replica_id: str, desired: DesiredState, bind_host: str) -> FakeReplica:
-        rep = FakeReplica(deployment, replica_id, desired.version, 10_000 + len(self.replicas), self.handler_error)
+    def create_replica(self, deployment: str, replica_id: str, desired: DesiredState, bind_host: str,
+                       node_id: str | None = None) -> FakeReplica:
+        rep = FakeReplica(deployment, replica_id, desired.version, 10_000 + len(self.replicas), self.handler_error,
+                          node=node_id or self.nodes_up[0].id)
         self.replicas[replica_id] = rep
         self.created_at[replica_id] = time.time()
         self.events.append(("create", replica_id))
@@ -179,6 +185,9 @@ class FakeBackend:
     def delete_checkpoint(self, name: str) -> None:
         self.checkpoints.pop(name, None)
         self.events.append(("forget", name))
+
+    async def nodes(self) -> list[NodeView]:
+        return list(self.nodes_up)
 
     async def node_ids(self, head_only: bool = False) -> list[str]:
         return ["node-a"]
@@ -733,3 +742,85 @@ def test_without_a_checkpointed_count_a_restarted_controller_starts_from_the_rep
         assert core.get_deployment("e")["desiredReplicas"] == 3  # within minReplicas..maxReplicas
 
     run(test, backend)
+
+
+def two_nodes(backend: FakeBackend, cpu: float = 1.0, *more: str) -> None:
+    backend.nodes_up = [NodeView(node, {"CPU": cpu}) for node in ("node-a", "node-b", *more)]
+
+
+def placed_on(backend: FakeBackend, core: ControllerCore) -> dict[str, str]:
+    return {r["id"]: backend.replicas[r["id"]].node for r in core.get_deployment("d")["replicas"]
+            if r["state"] != ReplicaState.STOPPED}
+
+
+def half_cpu(replicas: int = 2) -> DesiredState:
+    return desired(replicas, ray_actor_options=ActorOptions(num_cpus=0.5))
+
+
+def test_replicas_are_spread_over_the_nodes_not_packed_on_one():
+    async def test(core: ControllerCore, backend: FakeBackend):
+        two_nodes(backend)
+        await core._refresh_nodes()
+        core.put_deployment("d", half_cpu(2))  # both would fit node-a
+        await settle(core, lambda: core.get_deployment("d")["readyReplicas"] == 2, "2 ready replicas")
+        assert sorted(placed_on(backend, core).values()) == ["node-a", "node-b"]
+
+    run(test)
+
+
+def test_a_draining_node_gives_its_replica_away_before_it_stops_serving():
+    async def test(core: ControllerCore, backend: FakeBackend):
+        two_nodes(backend)
+        await core._refresh_nodes()
+        core.put_deployment("d", half_cpu(2))
+        await settle(core, lambda: core.get_deployment("d")["readyReplicas"] == 2, "2 ready replicas")
+        leaving = next(rid for rid, node in placed_on(backend, core).items() if node == "node-a")
+        assert core.drain_node("node-a", 60) == 1
+        await settle(core, lambda: core.drain_node("node-a", 60) == 0, "node-a drained")
+        assert set(placed_on(backend, core).values()) == {"node-b"}
+        # the replacement was up and routed before the leaving replica was drained; routes never ran dry
+        assert backend.index(("create", "d-2")) < backend.index(("drain", leaving))
+        routed = [ids for kind, ids in backend.events if kind == "routes" and "d" in ids]
+        assert all(ids["d"] for ids in routed[1:]), routed
+        assert core.get_deployment("d")["restarts"] == 0  # a move is not a failure
+
+    run(test)
+
+
+def test_with_no_room_elsewhere_the_move_waits_for_a_new_node_and_the_replica_keeps_serving():
+    async def test(core: ControllerCore, backend: FakeBackend):
+        two_nodes(backend, 0.5)  # one replica per node: no room for a replacement
+        await core._refresh_nodes()
+        core.put_deployment("d", half_cpu(2))
+        await settle(core, lambda: core.get_deployment("d")["readyReplicas"] == 2, "2 ready replicas")
+        core.drain_node("node-a", 60)
+        for _ in range(20):
+            core.reconcile_once()
+            await asyncio.sleep(0.01)
+        assert len(backend.created()) == 2 and core.get_deployment("d")["readyReplicas"] == 2  # nowhere to go yet
+        backend.nodes_up.append(NodeView("node-c", {"CPU": 0.5}))  # the pod that replaces the terminating one
+        await core._refresh_nodes()
+        await settle(core, lambda: core.drain_node("node-a", 60) == 0, "node-a drained")
+        assert sorted(placed_on(backend, core).values()) == ["node-b", "node-c"]
+
+    run(test)
+
+
+def test_a_deployment_crowded_on_one_node_is_spread_again_when_another_can_take_a_replica():
+    async def test(core: ControllerCore, backend: FakeBackend):
+        backend.nodes_up = [NodeView("node-b", {"CPU": 1.0})]
+        await core._refresh_nodes()
+        core.put_deployment("d", half_cpu(2))
+        await settle(core, lambda: core.get_deployment("d")["readyReplicas"] == 2, "2 ready replicas")
+        assert set(placed_on(backend, core).values()) == {"node-b"}
+        backend.nodes_up.append(NodeView("node-c", {"CPU": 1.0}))
+        await core._refresh_nodes()
+        await settle(core, lambda: sorted(placed_on(backend, core).values()) == ["node-b", "node-c"]
+                     and core.get_deployment("d")["readyReplicas"] == 2, "spread over node-b and node-c")
+        assert backend.index(("create", "d-2")) < backend.index(("drain", "d-1"))  # surge first: the newest moved
+        for _ in range(20):  # and it stays put
+            core.reconcile_once()
+            await asyncio.sleep(0.01)
+        assert len(backend.created()) == 3
+
+    run(test)

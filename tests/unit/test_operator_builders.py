@@ -1,12 +1,15 @@
 """The operator's pure builders and decisions: RayCluster, Service, worker sizing, spec problems."""
 import asyncio
 import copy
+from pathlib import Path
 
 import pytest
+import yaml
 
 from rayfleet.manifest import validate
 from rayfleet_operator import reconcile
-from rayfleet_operator.config import OperatorConfig
+from rayfleet_operator.config import DRAIN_TIMEOUT_S, SPREAD_PODS, OperatorConfig
+from rayfleet_operator.disruption import build_pdb, pdb_needs_update
 from rayfleet_operator.credentials import control_token, ray_token
 from rayfleet_operator.networkpolicy import build_network_policy
 from rayfleet_api.constants import CONTROL_PORT_NAME, METRICS_PORT, METRICS_PORT_NAME
@@ -18,6 +21,8 @@ from rayfleet_operator.service import build_service, endpoint, service_needs_upd
 from rayfleet_operator.status import Observation
 
 CONFIG = OperatorConfig()
+CRD_SPEC = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds" / "rayfleet.io_servedeployments.yaml").read_text())[
+    "spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
 
 
 def body(**spec):
@@ -56,10 +61,20 @@ def test_pods_are_ready_only_with_their_ingress_and_drain_before_stopping():
     worker = rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     probes = {c["name"]: c["readinessProbe"]["exec"]["command"][-1] for c in (head, worker)}
     assert all("local_raylet_healthz" in probe for probe in probes.values())
-    # Workers wait for routes; the head (whose readiness lets the operator send the routes) for HAProxy.
-    assert f"localhost:{CONFIG.ingress_port}/-/ingress/ready" in probes["ray-worker"]
-    assert "gcs_healthz" in probes["ray-head"] and f"/dev/tcp/127.0.0.1/{CONFIG.ingress_port}" in probes["ray-head"]
-    assert all(c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"] for c in (head, worker))
+    # Every pod, a new head too, joins the Service only once its HAProxy routes (no 404 from a routeless head).
+    assert all(f"localhost:{CONFIG.ingress_port}/-/ingress/ready" in probe for probe in probes.values())
+    assert "gcs_healthz" in probes["ray-head"]
+    # A terminating pod first gives its replicas away, within its grace period.
+    assert all(c["lifecycle"]["preStop"]["exec"]["command"] == [
+        "rayfleet-node-drain", "--timeout", "120", "--min-seconds", "5"] for c in (head, worker))
+    assert {g["template"]["spec"]["terminationGracePeriodSeconds"]
+            for g in (rc["spec"]["headGroupSpec"], *rc["spec"]["workerGroupSpecs"])} == {120 + 30 + 15}
+    sd = body()
+    sd["spec"].update(gracefulShutdownSeconds=10, rayCluster={"drainTimeoutSeconds": 60})
+    rc = build_raycluster(sd, CONFIG)
+    assert rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["terminationGracePeriodSeconds"] == 60 + 10 + 15
+    assert "60" in rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"][
+        "exec"]["command"]
     assert "rayfleet-head-start" in head["lifecycle"]["postStart"]["exec"]["command"][-1]
 
 
@@ -120,17 +135,24 @@ def test_controller_token_is_per_cluster_and_needs_the_operator_key():
                 control_token("j" * 32, "team", "echo"), ray_token("k" * 32, "team", "echo")}) == 5
 
 
-@pytest.mark.parametrize("replicas, num_cpus, worker_cpu, low, high, expected, capped", [
-    (2, 1, "1", 1, 10, 2, False),     # one replica per 1-CPU worker
-    (4, 0.5, "2", 1, 10, 1, False),   # four half-CPU replicas pack onto one 2-CPU worker
-    (3, 1, "2", 1, 10, 2, False),
-    (0, 1, "1", 1, 10, 1, False),     # minReplicas holds
-    (20, 1, "1", 0, 4, 4, True),      # capped by maxReplicas
-    (3, 0, "1", 1, 10, 1, False),     # zero-CPU replicas need no extra workers
+@pytest.mark.parametrize("replicas, num_cpus, worker_cpu, low, high, expected, capped, spread", [
+    (2, 1, "1", 1, 10, 2, False, None),     # one replica per 1-CPU worker
+    (4, 0.5, "2", 1, 10, 2, False, None),   # four half-CPU replicas would pack onto one 2-CPU worker: spread over 2
+    (8, 0.5, "2", 1, 10, 2, False, None),   # past the spread, packed
+    (2, 0.5, "1", 1, 10, 2, False, None),   # two replicas never share a pod by default
+    (2, 0.5, "1", 1, 1, 1, False, None),    # unless maxReplicas says so
+    (1, 0.5, "1", 1, 10, 1, False, None),   # never more pods than replicas
+    (3, 1, "2", 1, 10, 2, False, None),
+    (0, 1, "1", 1, 10, 1, False, None),     # minReplicas holds
+    (20, 1, "1", 0, 4, 4, True, None),      # capped by maxReplicas
+    (3, 0, "1", 1, 10, 2, False, None),     # zero-CPU replicas need no room, only the spread
+    (4, 0.5, "2", 1, 10, 1, False, 1),  # spreadPods 1: packed
+    (4, 0.5, "2", 1, 10, 3, False, 3),
 ])
-def test_worker_sizing(replicas, num_cpus, worker_cpu, low, high, expected, capped):
-    spec = body(replicas=replicas, rayActorOptions={"numCpus": num_cpus},
-                rayCluster={"workers": {"minReplicas": low, "maxReplicas": high, "resources": {"limits": {"cpu": worker_cpu}}}})["spec"]
+def test_worker_sizing(replicas, num_cpus, worker_cpu, low, high, expected, capped, spread):
+    workers = {"minReplicas": low, "maxReplicas": high, "resources": {"limits": {"cpu": worker_cpu}},
+               **({"spreadPods": spread} if spread else {})}
+    spec = body(replicas=replicas, rayActorOptions={"numCpus": num_cpus}, rayCluster={"workers": workers})["spec"]
     plan = plan_workers(spec, CONFIG)
     assert (plan.replicas, plan.capped) == (expected, capped)
 
@@ -274,3 +296,72 @@ def test_worker_sizing_for_a_count_other_than_spec_replicas(replicas, expected):
     spec = body(replicas=2, rayCluster={"workers": {"minReplicas": 1, "maxReplicas": 4,
                                                     "resources": {"limits": {"cpu": "1"}}}})["spec"]
     assert plan_workers(spec, CONFIG, replicas).replicas == expected
+
+
+def test_head_fault_tolerance_names_the_redis_kuberay_keeps_the_gcs_in():
+    assert "gcsFaultToleranceOptions" not in build_raycluster(body(), CONFIG)["spec"]
+    redis = {"redisAddress": "redis.db:6379", "redisPasswordSecret": {"name": "redis-auth", "key": "password"}}
+    expected = {"redisAddress": "redis.db:6379",
+                "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "redis-auth", "key": "password"}}}}
+    assert build_raycluster(body(rayCluster={"gcsFaultTolerance": redis}), CONFIG)["spec"][
+        "gcsFaultToleranceOptions"] == expected
+    # the chart's default, for ServeDeployments that name none
+    chart = OperatorConfig(gcs_fault_tolerance={"redisAddress": "redis.db:6379"})
+    assert build_raycluster(body(), chart)["spec"]["gcsFaultToleranceOptions"] == {"redisAddress": "redis.db:6379"}
+
+
+def test_config_reads_the_charts_redis_and_disruption_budget(monkeypatch):
+    monkeypatch.setenv("RAYFLEET_CONTROL_KEY", "k" * 32)
+    config = OperatorConfig.from_env()
+    assert config.gcs_fault_tolerance is None and config.pdb_max_unavailable == 1
+    monkeypatch.setenv("RAYFLEET_GCS_REDIS_ADDRESS", "redis.db:6379")
+    monkeypatch.setenv("RAYFLEET_GCS_REDIS_PASSWORD_SECRET", "redis-auth/password")
+    monkeypatch.setenv("RAYFLEET_PDB_MAX_UNAVAILABLE", "25%")
+    config = OperatorConfig.from_env()
+    assert config.gcs_fault_tolerance == {"redisAddress": "redis.db:6379",
+                                          "redisPasswordSecret": {"name": "redis-auth", "key": "password"}}
+    assert config.pdb_max_unavailable == "25%"
+    monkeypatch.setenv("RAYFLEET_PDB_MAX_UNAVAILABLE", "")
+    assert OperatorConfig.from_env().pdb_max_unavailable is None
+    for name, bad, message in (("RAYFLEET_PDB_MAX_UNAVAILABLE", "0", "count > 0"),
+                               ("RAYFLEET_GCS_REDIS_PASSWORD_SECRET", "no-key", "NAME/KEY")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(SystemExit, match=message):
+            OperatorConfig.from_env()
+        monkeypatch.delenv(name)
+
+
+def test_the_disruption_budget_covers_every_pod_of_the_cluster():
+    pdb = build_pdb(body(), 1)
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": {"ray.io/cluster": "echo"}}}
+    assert pdb["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert not pdb_needs_update({"spec": {**pdb["spec"], "unhealthyPodEvictionPolicy": "IfHealthyBudget"}}, pdb)
+    assert pdb_needs_update({"spec": {**pdb["spec"], "maxUnavailable": 2}}, pdb)
+
+
+def test_the_operator_only_defaults_match_the_crds():
+    workers = CRD_SPEC["rayCluster"]["properties"]["workers"]["properties"]
+    assert workers["spreadPods"]["default"] == SPREAD_PODS
+    assert CRD_SPEC["rayCluster"]["properties"]["drainTimeoutSeconds"]["default"] == DRAIN_TIMEOUT_S
+
+
+def test_a_new_cluster_without_redis_says_what_a_head_loss_costs():
+    class Kube:
+        async def get_raycluster(self, namespace, name):
+            return None
+
+        async def create_raycluster(self, obj):
+            return obj
+
+        async def create_secret_unless_present(self, obj):
+            return True
+
+    events = []
+    obs = Observation(1, body()["spec"], "echo", "sel", "url")
+    asyncio.run(reconcile._ensure_cluster(body(), CONFIG, Kube(), obs, None, events))
+    assert [e[:2] for e in events] == [("Normal", "RayClusterCreated"), ("Warning", "NoHeadFaultTolerance")]
+    assert "restarts every replica" in events[1][2]
+    events.clear()
+    asyncio.run(reconcile._ensure_cluster(body(rayCluster={"gcsFaultTolerance": {"redisAddress": "r:6379"}}), CONFIG,
+                                          Kube(), obs, None, events))
+    assert [e[1] for e in events] == ["RayClusterCreated"]

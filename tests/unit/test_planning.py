@@ -151,3 +151,39 @@ def test_status():
     assert P.deployment_status(2, "v2", [rv(0), rv(1)]) == DeploymentStatus.UPDATING
     assert P.deployment_status(1, "v1", [rv(0, FAILED)], error=True) == DeploymentStatus.FAILED
     assert P.deployment_status(1, "v1", [rv(0)], deleting=True) == DeploymentStatus.DELETING
+
+
+def test_a_replica_on_a_draining_node_serves_until_its_replacement_does():
+    moving = replace(rv(0), evict="node-drain")
+    p = plan(2, "v1", [moving, rv(1)])
+    assert p.start == [StartIntent()] and p.stop == []  # surge first: r0 keeps serving
+    p = plan(2, "v1", [moving, rv(1), rv(2, STARTING)])
+    assert not p  # nothing to drain until the replacement is READY
+    p = plan(2, "v1", [moving, rv(1), rv(2)])
+    assert [(s.replica_id, s.graceful, s.reason) for s in p.stop] == [("r0", True, "node-drain")] and not p.start
+
+
+def test_every_replica_of_a_draining_node_is_replaced_at_once_whatever_the_surge():
+    leaving = [replace(rv(i), evict="node-drain") for i in range(3)]
+    p = plan(4, "v1", [*leaving, rv(3)], max_surge=1)
+    assert len(p.start) == 3 and not p.stop
+
+
+def test_a_moving_replica_that_is_not_serving_is_stopped_and_replaced_at_once():
+    p = plan(2, "v1", [replace(rv(0, STARTING), evict="node-drain"), rv(1)])
+    assert [(s.replica_id, s.graceful, s.reason) for s in p.stop] == [("r0", False, "node-drain")]
+    assert p.start == [StartIntent()]
+
+
+def test_a_move_that_cannot_be_placed_never_drains_the_replica_early():
+    p = plan(2, "v1", [replace(rv(0), evict="node-drain"), rv(1), replace(rv(2, STARTING), unplaced=True)])
+    assert not p.stop  # unlike a rollout without room: the replica serves until its pod goes
+
+
+def test_scale_down_stops_replicas_on_the_most_crowded_node_first():
+    views = [replace(rv(0), node="a"), replace(rv(1), node="a"), replace(rv(2), node="b"), replace(rv(3), node="b"),
+             replace(rv(4), node="b")]
+    p = plan(3, "v1", views)
+    assert ids(p.stop) == ["r3", "r4"]  # b held three: its newest goes, then the newest of a tie
+    p = plan(2, "v1", views)
+    assert ids(p.stop) == ["r1", "r3", "r4"]
