@@ -78,6 +78,15 @@ async def _workers(body: dict[str, Any], config: OperatorConfig, kube: Kube, obs
     return raycluster.shrink_workers(current, wanted, pods, serving, named)
 
 
+def _serving_pods(pods: list[dict[str, Any]]) -> int | None:
+    """How many of the cluster's pods are in its Service's endpoints: Ready (their HAProxy routes) and not
+    terminating. None when there are no Pod objects at all (the local provider's clusters)."""
+    if not pods:
+        return None
+    return sum(1 for p in pods if not p["metadata"].get("deletionTimestamp") and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in (p.get("status") or {}).get("conditions") or []))
+
+
 async def _ensure_network_policy(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> None:
     desired = networkpolicy.build_network_policy(body, config)
     existing = await kube.get_network_policy(desired["metadata"]["namespace"], desired["metadata"]["name"])
@@ -87,8 +96,9 @@ async def _ensure_network_policy(body: dict[str, Any], config: OperatorConfig, k
         await kube.replace_network_policy(desired, existing["metadata"]["resourceVersion"])
 
 
-async def _ensure_pdb(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> None:
-    desired = disruption.build_pdb(body, config.pdb_max_unavailable)
+async def _ensure_pdb(body: dict[str, Any], config: OperatorConfig, kube: Kube, cluster: dict[str, Any]) -> None:
+    workers, _ = raycluster.worker_replicas(cluster)
+    desired = disruption.build_pdb(body, config.pdb_max_unavailable, 1 + workers)
     existing = await kube.get_pdb(desired["metadata"]["namespace"], desired["metadata"]["name"])
     if existing is None:
         await kube.create_pdb(desired)
@@ -157,10 +167,12 @@ async def reconcile(body: dict[str, Any], config: OperatorConfig, kube: Kube) ->
             if not shared and config.network_policy:
                 await _ensure_network_policy(body, config, kube)
             if not shared and config.pdb_max_unavailable is not None:
-                await _ensure_pdb(body, config, kube)
+                await _ensure_pdb(body, config, kube, cluster)
             ready, obs.cluster_state = raycluster.readiness(cluster)
             obs.cluster_ready = ready or obs.controller is not None
             obs.head_fault_tolerant = bool(((cluster or {}).get("spec") or {}).get("gcsFaultToleranceOptions"))
+            if obs.controller is not None:
+                obs.serving_pods = _serving_pods(await kube.list_pods(meta["namespace"], obs.selector))
         await _ensure_service(body, config, kube)
 
     old_status = body.get("status") or {}

@@ -22,6 +22,7 @@ class Reason:
     CLUSTER_CONFLICT = "RayClusterConflict"
     CLUSTER_NOT_READY = "RayClusterNotReady"
     CONTROLLER_UNREACHABLE = "ControllerUnreachable"
+    INGRESS_NOT_READY = "IngressNotReady"
     REPLICAS_NOT_READY = "ReplicasNotReady"
     REPLICAS_UNHEALTHY = "ReplicasUnhealthy"
     ROLLING_UPDATE = "RollingUpdate"
@@ -49,6 +50,9 @@ class Observation:
     controller: dict[str, Any] | None = None  # observed state from the rayfleet controller
     controller_error: str | None = None
     head_fault_tolerant: bool = False  # the RayCluster keeps its GCS state in Redis (gcsFaultToleranceOptions)
+    # Ray pods in the Service's endpoints (Ready: their HAProxy routes); None: the cluster has no Pod
+    # objects to count (`rayfleet dev`'s provider runs Ray as local processes)
+    serving_pods: int | None = None
 
 
 def timestamp(seconds: float) -> str:
@@ -115,7 +119,13 @@ def conditions_for(obs: Observation) -> list[Condition]:
     replicas = ctl.get("replicas") or []
     ready, updated = ctl.get("readyReplicas", 0), ctl.get("updatedReplicas", 0)
     ready_msg = f"{ready}/{desired} replicas ready"
-    conds = [Condition(READY, ready >= desired, Reason.ALL_READY if ready >= desired else Reason.REPLICAS_NOT_READY, ready_msg)]
+    if ready >= desired and obs.serving_pods == 0:  # replicas up, but the Service reaches none of them yet
+        conds = [Condition(READY, False, Reason.INGRESS_NOT_READY,
+                           f"{ready_msg}; no pod of RayCluster {obs.cluster_name} is in the Service's endpoints yet "
+                           "(a pod joins once its HAProxy routes)")]
+    else:
+        conds = [Condition(READY, ready >= desired, Reason.ALL_READY if ready >= desired else Reason.REPLICAS_NOT_READY,
+                           ready_msg)]
 
     waiting = [r for r in replicas if r.get("unschedulable")]
     if waiting:  # progress needs resources Ray doesn't have: say so now, not after a deadline

@@ -199,6 +199,33 @@ def test_operator_restart_keeps_replicas(cluster, echo):
     assert {p["metadata"]["uid"]: p["status"]["containerStatuses"][0]["restartCount"] for p in cluster.pods(name)} == pods
 
 
+def test_a_head_loss_without_redis_is_announced_and_recovered_from(cluster, echo):
+    """Without GCS fault tolerance the head's loss costs every replica: the Event and the status say so
+    beforehand, and the deployment comes back by itself. What it costs is measured here, not promised."""
+    name, prefix = echo["metadata"]["name"], echo["spec"]["routePrefix"]
+    events = cluster.get("events", "-n", NAMESPACE, "--field-selector",
+                         f"involvedObject.kind=ServeDeployment,involvedObject.name={name}")["items"]
+    assert any(e["reason"] == "NoHeadFaultTolerance" and e["type"] == "Warning" for e in events), events
+    sd = cluster.wait_ready(name, 2)
+    assert sd["status"]["headFaultTolerant"] is False
+    pids = set(replica_pids(sd).values())
+    (head,) = [p for p in cluster.pods(name) if p["metadata"]["labels"]["ray.io/node-type"] == "head"]
+    with Traffic(f"{cluster.service_url(name)}{prefix}/head-loss") as traffic:
+        eventually(lambda: traffic.answers >= 20, timeout=60, what="traffic before the fault")
+        started = time.monotonic()
+        cluster.kubectl("delete", "pod", head["metadata"]["name"], "-n", NAMESPACE, "--wait=false")
+        def recovered():  # every replica was replaced (their raylets died without a GCS), and all serve
+            status = cluster.sd(name).get("status") or {}
+            return status.get("readyReplicas") == 2 and not set(replica_pids({"status": status}).values()) & pids
+        eventually(recovered, timeout=600, interval=1, what="new replicas serving after the head's loss",
+                   diagnostics=lambda: cluster.diagnostics(name))
+        seconds = time.monotonic() - started
+        answered = traffic.answers
+        eventually(lambda: traffic.answers >= answered + 20, timeout=120, what="traffic after the fault")
+    print(f"\n[e2e] fault 'head pod deleted (no Redis)': {len(traffic.failures)} failed of "
+          f"{traffic.answers + len(traffic.failures)} GETs; full strength after {seconds:.1f} s", flush=True)
+
+
 def test_delete_removes_everything(cluster, echo):
     name = echo["metadata"]["name"]
     owned = [("raycluster", name), ("service", name), ("networkpolicy", name), ("poddisruptionbudget", name),

@@ -70,16 +70,26 @@ def ray_cluster():
     because both put an ingress actor on the head node under the same detached name."""
     import ray
 
-    pythonpath = os.pathsep.join(dict.fromkeys([str(REPO), str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    os.environ["PYTHONPATH"] = pythonpath
-    sys.path[:0] = [p for p in (str(REPO), str(HERE)) if p not in sys.path]
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", namespace="rayfleet",
-             log_to_driver=os.environ.get("RAYFLEET_TEST_LOGS") == "1",
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    _connect_ray(ray, address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def connect_ray():
+    """``connect_ray(ray, **init)``: for a module that starts a Ray cluster of its own."""
+    return _connect_ray
+
+
+def _connect_ray(ray, **init) -> None:
+    """``ray.init(**init)`` with this repository's handlers importable in every worker."""
+    pythonpath = os.pathsep.join(dict.fromkeys([str(REPO), str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    os.environ["PYTHONPATH"] = pythonpath
+    sys.path[:0] = [p for p in (str(REPO), str(HERE)) if p not in sys.path]
+    ray.init(namespace="rayfleet", log_to_driver=os.environ.get("RAYFLEET_TEST_LOGS") == "1",
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init)
 
 
 @pytest.fixture(scope="module")

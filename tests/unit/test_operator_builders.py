@@ -331,12 +331,15 @@ def test_config_reads_the_charts_redis_and_disruption_budget(monkeypatch):
         monkeypatch.delenv(name)
 
 
-def test_the_disruption_budget_covers_every_pod_of_the_cluster():
-    pdb = build_pdb(body(), 1)
-    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": {"ray.io/cluster": "echo"}}}
+def test_the_disruption_budget_covers_every_pod_of_the_cluster_and_lets_one_go_at_a_time():
+    pdb = build_pdb(body(), 1, pods=3)  # the head and two workers
+    # minAvailable, not maxUnavailable: a RayCluster has no scale subresource for the disruption controller
+    assert pdb["spec"] == {"minAvailable": 2, "selector": {"matchLabels": {"ray.io/cluster": "echo"}}}
     assert pdb["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert build_pdb(body(), "25%", pods=5)["spec"]["minAvailable"] == 3  # 25 % of 5, rounded up, may go
+    assert build_pdb(body(), 2, pods=1)["spec"]["minAvailable"] == 0
     assert not pdb_needs_update({"spec": {**pdb["spec"], "unhealthyPodEvictionPolicy": "IfHealthyBudget"}}, pdb)
-    assert pdb_needs_update({"spec": {**pdb["spec"], "maxUnavailable": 2}}, pdb)
+    assert pdb_needs_update({"spec": {**pdb["spec"], "minAvailable": 3}}, pdb)  # the workers changed
 
 
 def test_the_operator_only_defaults_match_the_crds():

@@ -39,6 +39,26 @@ def test_all_ready():
     assert conds == {"Ready": (True, "AllReplicasReady"), "Progressing": (False, "Complete"), "Degraded": (False, "AsExpected")}
 
 
+def test_ready_replicas_the_service_reaches_through_no_pod_yet_are_not_ready():
+    ready = controller(replica("a"), replica("b"))
+    conds = conditions_for(obs(controller=ready, serving_pods=0))
+    assert by_type(conds)["Ready"] == (False, "IngressNotReady") and "endpoints" in conds[0].message
+    assert by_type(conditions_for(obs(controller=ready, serving_pods=1)))["Ready"] == (True, "AllReplicasReady")
+    # a cluster without Pod objects (rayfleet dev's provider) is judged by its replicas alone
+    assert by_type(conditions_for(obs(controller=ready, serving_pods=None)))["Ready"] == (True, "AllReplicasReady")
+
+
+def test_serving_pods_are_ready_and_not_terminating():
+    from rayfleet_operator.reconcile import _serving_pods
+
+    def pod(ready: bool, deleting: bool = False) -> dict:
+        meta = {"deletionTimestamp": "2026-12-02T00:00:00Z"} if deleting else {}
+        return {"metadata": meta, "status": {"conditions": [{"type": "Ready", "status": str(ready)}]}}
+
+    assert _serving_pods([pod(True), pod(False), pod(True, deleting=True)]) == 1
+    assert _serving_pods([]) is None
+
+
 def test_scaling_rolling_unhealthy_overloaded():
     scaling = by_type(conditions_for(obs(controller=controller(replica("a"), replica("b", "STARTING")))))
     assert scaling["Ready"] == (False, "ReplicasNotReady") and scaling["Progressing"] == (True, "Scaling")
