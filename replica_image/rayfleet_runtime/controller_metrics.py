@@ -89,6 +89,11 @@ class ControllerMetrics:
             "rayfleet_controller_replica_restarts_total",
             "Replicas replaced because they died, failed to start or stayed unhealthy.",
             [*_DEPLOYMENT_LABELS, "reason"], registry=self.registry)
+        self._moves = Counter(
+            "rayfleet_controller_replica_moves_total",
+            "Replicas replaced on another node while they still served: their pod was terminating (node-drain) "
+            "or their node held too many of the deployment's replicas (rebalance).",
+            [*_DEPLOYMENT_LABELS, "reason"], registry=self.registry)
         self._rollouts = Counter("rayfleet_controller_rollouts_total", "Rollouts of a new version started.",
                                  _DEPLOYMENT_LABELS, registry=self.registry)
         self._health_check_failures = Counter("rayfleet_controller_health_check_failures_total",
@@ -106,7 +111,7 @@ class ControllerMetrics:
         self._scaling_decisions = Counter("rayfleet_controller_autoscaler_decisions_total",
                                           "Changes of the replica count the autoscaler made, by direction (up | down).",
                                           [*_DEPLOYMENT_LABELS, "direction"], registry=self.registry)
-        self._per_deployment = (self._restarts, self._rollouts, self._health_check_failures, self._scheduling_waits,
+        self._per_deployment = (self._restarts, self._moves, self._rollouts, self._health_check_failures, self._scheduling_waits,
                                 self._scaling_decisions)
 
     def collect(self) -> list[Metric]:
@@ -115,6 +120,9 @@ class ControllerMetrics:
 
     def restarted(self, deployment: str, reason: str) -> None:
         self._restarts.labels(*split_deployment(deployment), reason).inc()
+
+    def moved(self, deployment: str, reason: str) -> None:
+        self._moves.labels(*split_deployment(deployment), reason).inc()
 
     def rollout_started(self, deployment: str) -> None:
         self._rollouts.labels(*split_deployment(deployment)).inc()

@@ -675,6 +675,8 @@ class ControllerCore:
         graceful = stop.graceful and rec.actor is not None and grace > 0  # 0: stop at once, as asked
         rec.state = ReplicaState.DRAINING if graceful else ReplicaState.STOPPED
         unrouted = self.routes.changed()  # routes version without this replica
+        if stop.reason in ("node-drain", "rebalance"):
+            self.metrics.moved(dep.name, stop.reason)
         if graceful:
             lifecycle("replica_draining", deployment=dep.name, replica=rec.id, version=rec.version, reason=stop.reason,
                       grace_s=grace)

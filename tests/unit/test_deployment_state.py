@@ -783,6 +783,8 @@ def test_a_draining_node_gives_its_replica_away_before_it_stops_serving():
         routed = [ids for kind, ids in backend.events if kind == "routes" and "d" in ids]
         assert all(ids["d"] for ids in routed[1:]), routed
         assert core.get_deployment("d")["restarts"] == 0  # a move is not a failure
+        assert metric(core, "rayfleet_controller_replica_moves_total", reason="node-drain") == 1
+        assert metric(core, "rayfleet_controller_replica_restarts_total", reason="died") is None
 
     run(test)
 
@@ -818,6 +820,7 @@ def test_a_deployment_crowded_on_one_node_is_spread_again_when_another_can_take_
         await settle(core, lambda: sorted(placed_on(backend, core).values()) == ["node-b", "node-c"]
                      and core.get_deployment("d")["readyReplicas"] == 2, "spread over node-b and node-c")
         assert backend.index(("create", "d-2")) < backend.index(("drain", "d-1"))  # surge first: the newest moved
+        assert metric(core, "rayfleet_controller_replica_moves_total", reason="rebalance") == 1
         for _ in range(20):  # and it stays put
             core.reconcile_once()
             await asyncio.sleep(0.01)
