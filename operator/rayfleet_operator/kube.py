@@ -53,6 +53,12 @@ async def _call(fn, *args, answers: tuple[int, ...] = (404,), **kwargs) -> dict[
     return await asyncio.to_thread(run)
 
 
+async def _replace(fn, obj: dict[str, Any], resource_version: str) -> dict[str, Any]:
+    """Replace a namespaced object whole, at ``resource_version`` (409 if it moved on)."""
+    obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": resource_version}}
+    return await _call(fn, obj["metadata"]["name"], obj["metadata"]["namespace"], obj)
+
+
 class Kube:
     """The few operations the operator needs, namespaced, returning dicts."""
 
@@ -88,9 +94,7 @@ class Kube:
         return await _call(self.networking.create_namespaced_network_policy, obj["metadata"]["namespace"], obj)
 
     async def replace_network_policy(self, obj: dict[str, Any], resource_version: str) -> dict[str, Any]:
-        obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": resource_version}}
-        return await _call(self.networking.replace_namespaced_network_policy, obj["metadata"]["name"],
-                           obj["metadata"]["namespace"], obj)
+        return await _replace(self.networking.replace_namespaced_network_policy, obj, resource_version)
 
     async def get_pdb(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await _call(self.policy.read_namespaced_pod_disruption_budget, name, namespace)
@@ -99,9 +103,7 @@ class Kube:
         return await _call(self.policy.create_namespaced_pod_disruption_budget, obj["metadata"]["namespace"], obj)
 
     async def replace_pdb(self, obj: dict[str, Any], resource_version: str) -> dict[str, Any]:
-        obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": resource_version}}
-        return await _call(self.policy.replace_namespaced_pod_disruption_budget, obj["metadata"]["name"],
-                           obj["metadata"]["namespace"], obj)
+        return await _replace(self.policy.replace_namespaced_pod_disruption_budget, obj, resource_version)
 
     async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         return (await _call(self.core.list_namespaced_pod, namespace, label_selector=selector) or {}).get("items", [])

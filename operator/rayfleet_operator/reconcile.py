@@ -87,23 +87,24 @@ def _serving_pods(pods: list[dict[str, Any]]) -> int | None:
         c.get("type") == "Ready" and c.get("status") == "True" for c in (p.get("status") or {}).get("conditions") or []))
 
 
-async def _ensure_network_policy(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> None:
-    desired = networkpolicy.build_network_policy(body, config)
-    existing = await kube.get_network_policy(desired["metadata"]["namespace"], desired["metadata"]["name"])
+async def _ensure(desired: dict[str, Any], get, create, replace, needs_update) -> None:
+    """Create ``desired``, or replace the existing object (at its resourceVersion) when it differs."""
+    existing = await get(desired["metadata"]["namespace"], desired["metadata"]["name"])
     if existing is None:
-        await kube.create_network_policy(desired)
-    elif networkpolicy.policy_needs_update(existing, desired):
-        await kube.replace_network_policy(desired, existing["metadata"]["resourceVersion"])
+        await create(desired)
+    elif needs_update(existing, desired):
+        await replace(desired, existing["metadata"]["resourceVersion"])
+
+
+async def _ensure_network_policy(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> None:
+    await _ensure(networkpolicy.build_network_policy(body, config), kube.get_network_policy,
+                  kube.create_network_policy, kube.replace_network_policy, networkpolicy.policy_needs_update)
 
 
 async def _ensure_pdb(body: dict[str, Any], config: OperatorConfig, kube: Kube, cluster: dict[str, Any]) -> None:
     workers, _ = raycluster.worker_replicas(cluster)
-    desired = disruption.build_pdb(body, config.pdb_max_unavailable, 1 + workers)
-    existing = await kube.get_pdb(desired["metadata"]["namespace"], desired["metadata"]["name"])
-    if existing is None:
-        await kube.create_pdb(desired)
-    elif disruption.pdb_needs_update(existing, desired):
-        await kube.replace_pdb(desired, existing["metadata"]["resourceVersion"])
+    await _ensure(disruption.build_pdb(body, config.pdb_max_unavailable, 1 + workers), kube.get_pdb,
+                  kube.create_pdb, kube.replace_pdb, disruption.pdb_needs_update)
 
 
 async def _ensure_service(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> None:

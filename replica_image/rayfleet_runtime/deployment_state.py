@@ -401,6 +401,9 @@ class ControllerCore:
 
     def reconcile_once(self) -> None:
         now = time.time()
+        if now >= self._next_nodes_at and (self._nodes_task is None or self._nodes_task.done()):
+            self._next_nodes_at = now + PROBE_INTERVAL_S
+            self._nodes_task = asyncio.get_running_loop().create_task(self._refresh_nodes())
         for dep in list(self.deployments.values()):
             try:
                 self._reconcile(dep, now)
@@ -408,9 +411,6 @@ class ControllerCore:
                 logger.exception("reconciling %s failed; continuing", dep.name)
 
     def _reconcile(self, dep: DeploymentRecord, now: float) -> None:
-        if now >= self._next_nodes_at and (self._nodes_task is None or self._nodes_task.done()):
-            self._next_nodes_at = now + PROBE_INTERVAL_S
-            self._nodes_task = asyncio.get_running_loop().create_task(self._refresh_nodes())
         # Drop replicas whose stop finished.
         for rid in [rid for rid, r in dep.replicas.items()
                     if r.state == ReplicaState.STOPPED and (r.task is None or r.task.done())]:

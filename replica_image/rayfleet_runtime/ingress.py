@@ -44,7 +44,6 @@ import resource
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 import warnings
@@ -171,8 +170,7 @@ class Ingress:
         self.version = haproxy_version(self.binary)
         self.nbthread = nbthread or max(1, min(2, os.cpu_count() or 1))
         self.maxconn = default_maxconn(maxconn or 20000)
-        # Unix socket paths must stay short (108 bytes): keep the dir under /tmp.
-        self.workdir = workdir or os.path.join(tempfile.gettempdir(), f"rayfleet-ingress-{self.port}")
+        self.workdir = workdir or node_drain.ingress_workdir(self.port)
         os.makedirs(self.workdir, mode=0o700, exist_ok=True)
         self.cfg_path = os.path.join(self.workdir, "haproxy.cfg")
         self.pid_path = os.path.join(self.workdir, "haproxy.pid")
@@ -226,8 +224,8 @@ class Ingress:
         self._ray = _RaySources.for_this_actor()
         self._metrics_server = self._serve_metrics(metrics_port) if metrics_port is not None else None
         # The pod's preStop hook (node_drain) asks here for this node's replicas to move before it stops.
-        self._drain_server = (node_drain.serve(node_drain.socket_path(self.port), self._ray.drain)
-                              if self._ray is not None and workdir is None else None)
+        self._drain_server = (node_drain.serve(os.path.join(self.workdir, node_drain.SOCKET_NAME), self._ray.drain)
+                              if self._ray is not None else None)
 
     # ----------------------------------------------------------------- process
 

@@ -33,9 +33,19 @@ DEFAULT_TIMEOUT_S = 120.0
 ENDPOINTS_SETTLE_S = 5.0  # a terminating pod leaves the Service's endpoints; the proxies learn it within this
 
 
+SOCKET_NAME = "drain.sock"
+
+
+def ingress_workdir(ingress_port: int) -> str:
+    """The working directory of the ingress serving ``ingress_port`` (its HAProxy's sockets and config, and
+    the drain socket): the hook finds the socket there without asking anyone. Unix socket paths must stay
+    short (108 bytes), hence under /tmp."""
+    return os.path.join(tempfile.gettempdir(), f"rayfleet-ingress-{ingress_port}")
+
+
 def socket_path(ingress_port: int) -> str:
     """Where the ingress of the node serving ``ingress_port`` listens for drain requests."""
-    return os.path.join(tempfile.gettempdir(), f"rayfleet-ingress-{ingress_port}", "drain.sock")
+    return os.path.join(ingress_workdir(ingress_port), SOCKET_NAME)
 
 
 def drain(ask: Callable[[float], int], timeout_s: float, poll_s: float = POLL_S,

@@ -49,9 +49,9 @@ def _fits(room: Mapping[str, float], needs: Mapping[str, float]) -> bool:
     return all(room.get(resource, 0.0) >= amount - 1e-9 for resource, amount in needs.items() if amount)
 
 
-def eligible(nodes: Iterable[NodeView], placed: list[Placed], needs: Mapping[str, float]) -> list[NodeView]:
-    """Nodes a new replica with ``needs`` may go to now."""
-    room = free(nodes, placed)
+def eligible(nodes: Iterable[NodeView], room: Mapping[str, Mapping[str, float]],
+             needs: Mapping[str, float]) -> list[NodeView]:
+    """Nodes a new replica with ``needs`` may go to now (``room``: ``free()``'s answer)."""
     return [n for n in nodes if not n.draining and not n.suspect and _fits(room[n.id], needs)]
 
 
@@ -60,7 +60,7 @@ def choose_node(nodes: list[NodeView], placed: list[Placed], deployment: str, ne
     None: no node has room (Ray then waits for one, e.g. a pod that is being created)."""
     room = free(nodes, placed)
     mine = Counter(p.node for p in placed if p.deployment == deployment)
-    candidates = eligible(nodes, placed, needs)
+    candidates = eligible(nodes, room, needs)
     if not candidates:
         return None
     return min(candidates, key=lambda n: (mine[n.id], -room[n.id].get("CPU", 0.0), n.id)).id
@@ -73,7 +73,7 @@ def to_rebalance(nodes: list[NodeView], placed: list[Placed], needs: Mapping[str
     A move is worth it when the node with the most of them holds at least two more than a node that can
     take one: afterwards the loss of either costs fewer of them. The newest on the crowded node moves."""
     mine = Counter(node for _, node in replicas)
-    targets = eligible(nodes, placed, needs)
+    targets = eligible(nodes, free(nodes, placed), needs)
     if not mine or not targets:
         return None
     crowded, most = max(sorted(mine.items()), key=lambda item: item[1])

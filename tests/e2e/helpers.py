@@ -1,29 +1,16 @@
-"""What the e2e tests share: requests through a Service, traffic that counts its failures, examples."""
+"""What the e2e tests share: examples applied and served, the objects they own, replica PIDs."""
 from __future__ import annotations
 
 import contextlib
-import json
-import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import yaml
 
+from tests.traffic import Traffic, http_get  # noqa: F401 - the e2e tests take them from here
+
 from .conftest import NAMESPACE
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def http_get(url: str, timeout: float = 30, headers: dict[str, str] | None = None) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, {"error": exc.read().decode(errors="replace")}
-    except OSError as exc:  # refused, reset, timed out: the client saw no HTTP answer
-        return 0, {"error": repr(exc)}
 
 
 def example(name: str) -> dict:
@@ -62,30 +49,3 @@ def auth_secret(cluster, name: str) -> str:
 
 def replica_pids(sd: dict) -> dict[str, int]:
     return {r["id"]: r["pid"] for r in sd["status"]["replicaStatuses"]}
-
-
-class Traffic:
-    """GETs in a loop on a background thread (a new connection each), counting what failed."""
-
-    def __init__(self, url: str):
-        self.url, self.answers, self.failures = url, 0, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set() and self.answers + len(self.failures) < 100_000:
-            code, body = http_get(self.url, timeout=30)
-            if code == 200:
-                self.answers += 1
-                self.last = body
-            else:
-                self.failures.append((code, body))
-            time.sleep(0.02)
-
-    def __enter__(self) -> "Traffic":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(60)

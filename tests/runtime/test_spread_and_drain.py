@@ -2,13 +2,11 @@
 a head with no CPUs, as on Kubernetes, and workers of 1 CPU each)."""
 from __future__ import annotations
 
-import threading
-import time
-
 import httpx
 import pytest
 
 from rayfleet_api.constants import CONTROLLER_NAME, RAY_NAMESPACE
+from tests.traffic import Traffic
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -27,35 +25,6 @@ def ray_cluster(connect_ray):
     finally:
         ray.shutdown()
         cluster.shutdown()
-
-
-class Traffic:
-    """GETs one after another through the ingress until stopped; every non-200 answer or error kept."""
-
-    def __init__(self, url: str):
-        self.url, self.answers, self.failures = url, 0, []
-        self.stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=30) as client:
-            while not self.stopping.is_set():
-                try:
-                    response = client.get(self.url)
-                    if response.status_code == 200:
-                        self.answers += 1
-                    else:
-                        self.failures.append((time.monotonic(), response.status_code, response.text[:200]))
-                except httpx.HTTPError as exc:
-                    self.failures.append(repr(exc))
-
-    def __enter__(self) -> "Traffic":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        self._thread.join(30)
 
 
 def nodes(obs) -> list[str]:
