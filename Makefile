@@ -6,7 +6,8 @@ REPLICA_IMAGE ?= ghcr.io/rayfleet/replica:0.1.0
 
 .PHONY: setup test e2e images chart-check bench bench-faults bench-autoscale
 
-# A fresh machine needs Python 3.10+ and Go >= 1.26; everything else is installed here.
+# A fresh machine needs Python 3.10+ (for `rayfleet run`); the targets that build Kubernetes components
+# (test, e2e, `rayfleet dev`) need Go >= 1.26 too and say so when it is missing.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
@@ -14,23 +15,26 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
-	@command -v go >/dev/null || { echo "Go >= 1.26 is needed to build the local control plane"; exit 1; }
+	@command -v go >/dev/null || echo "note: Go >= 1.26 is missing; make test, make e2e and rayfleet dev build Kubernetes with it"
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } \
 		|| echo "note: wrk is missing (apt-get install wrk); the benchmark smoke test will be skipped"
 	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
 		|| echo "note: prometheus is missing (apt-get install prometheus); the tests that scrape with a real Prometheus need it (they skip unless root)"
 
 # The whole suite: unit, runtime (real Ray + HAProxy), integration (real kube-apiserver), bench smoke,
-# and e2e (a real kubelet, our images, KubeRay's operator). As root with apt-get the e2e host is
-# prepared and e2e must pass; elsewhere it skips with the reason.
+# and e2e (kind, our images, KubeRay's operator). As root with apt-get Docker is installed and started
+# and e2e must pass; elsewhere it skips with the reason.
 test: setup
+	@command -v go >/dev/null || { echo "make test needs Go >= 1.26 (it builds Kubernetes, kind and KubeRay)"; exit 1; }
 	@bash tests/e2e/prepare-host.sh && strict=1 || { rc=$$?; [ $$rc = 10 ] || exit $$rc; strict=0; }; \
 	RAYFLEET_E2E_STRICT=$$strict $(PYTHON) -m pytest -q -rs
 
-# Only the e2e suite (tests/e2e): builds every image without a registry, starts a real single-node cluster on this
-# host, installs KubeRay and the chart, runs the examples, tears it all down. Root; FAILS where it can't run.
+# Only the e2e suite (tests/e2e): builds every image without a registry, starts a 3-node kind cluster (nodes
+# are Docker containers; nothing changes on the host), installs KubeRay and the chart, runs the examples,
+# deletes the cluster. Needs Docker and Go; FAILS where it can't run.
 e2e: setup
-	bash tests/e2e/prepare-host.sh
+	@command -v go >/dev/null || { echo "make e2e needs Go >= 1.26 (it builds kind and Kubernetes)"; exit 1; }
+	@docker info >/dev/null 2>&1 || bash tests/e2e/prepare-host.sh
 	RAYFLEET_E2E_STRICT=1 $(PYTHON) -m pytest tests/e2e -v -rs
 
 # With registry access. Offline, `python -m tests.e2e.images` builds both from a bootstrapped Debian.

@@ -8,8 +8,9 @@
 //	go build k8s.io/kubernetes/cmd/kube-controller-manager
 //	go build ./cmd/etcd
 //
-// The node of the e2e cluster (a real kubelet running real containers):
+// The kind nodes of the e2e cluster (kubeadm's control plane, a real kubelet running real containers):
 //
+//	go build k8s.io/kubernetes/cmd/kubeadm
 //	go build k8s.io/kubernetes/cmd/kube-scheduler
 //	go build k8s.io/kubernetes/cmd/kubelet
 //	go build k8s.io/kubernetes/cmd/kube-proxy
@@ -17,6 +18,7 @@ package tools
 
 import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kubeadm"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-proxy"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"

@@ -26,6 +26,7 @@ class Traffic:
 
     def __init__(self, url: str):
         self.url, self.answers, self.failures = url, 0, []
+        self.failed_at: list[float] = []  # time.monotonic() of each failure
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -37,6 +38,7 @@ class Traffic:
                 self.last = body
             else:
                 self.failures.append((code, body))
+                self.failed_at.append(time.monotonic())
             time.sleep(0.02)
 
     def __enter__(self) -> "Traffic":

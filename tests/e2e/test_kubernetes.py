@@ -15,10 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from rayfleet_api.constants import CONTROL_PORT, INGRESS_PORT, METRICS_PORT
 from tests.waiting import eventually
 
 from .conftest import NAMESPACE, OPERATOR_NAMESPACE
-from .helpers import Traffic, apply, auth_secret, example, http_get, replica_pids, serving, workers
+from .helpers import (Traffic, apply, auth_secret, client_pod, connects, example, from_operator, http_get, replica_pids,
+                      serving, workers)
 
 # Image builds (cold: minutes) happen in the session fixture's setup, which this budget covers.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
@@ -70,12 +72,38 @@ def test_ray_and_the_controller_need_the_clusters_tokens(cluster, echo):
     assert jobs_status(None) == 401
     assert jobs_status("not-the-token") in (401, 403)
     assert jobs_status(token) == 200
-    # So does the rayfleet controller's API (it deploys code too), with a token of its own.
+    # So does the rayfleet controller's API (it deploys code too), with a token of its own; only the
+    # operator's pod may reach it at all (the NetworkPolicy), so ask from there.
     control = f"http://{head['status']['podIP']}:8090/v1/deployments"
-    assert http_get(control)[0] == 401
-    assert http_get(control, headers={"Authorization": f"Bearer {token}"})[0] == 401  # Ray's token is not it
     control_token = base64.b64decode(data["control-token"]).decode()
-    assert http_get(control, headers={"Authorization": f"Bearer {control_token}"})[0] == 200
+    assert from_operator(cluster, control) == 401
+    assert from_operator(cluster, control, token) == 401  # Ray's token is not it
+    assert from_operator(cluster, control, control_token) == 200
+
+
+def test_the_network_policy_refuses_other_namespaces(cluster, echo):
+    """Enforced by the cluster's network plugin (kube-router), not only written: a pod of another namespace
+    can't open a connection to the HTTP port, the controller's or Ray's; a pod of the deployment's own
+    namespace reaches HTTP but not the controller (only the operator's pod does: the test above); every pod
+    reaches the metrics port."""
+    name = echo["metadata"]["name"]
+    (head,) = [p for p in cluster.pods(name) if p["metadata"]["labels"].get("ray.io/node-type") == "head"]
+    ip = head["status"]["podIP"]
+    ray_ports = [p["containerPort"] for p in head["spec"]["containers"][0]["ports"] if p["name"] in ("gcs-server", "client")]
+    assert len(ray_ports) == 2
+    outsider_namespace = "outsider-e2e"
+    cluster.kubectl("create", "namespace", outsider_namespace)
+    try:
+        outsider = client_pod(cluster, outsider_namespace, "outsider")
+        insider = client_pod(cluster, NAMESPACE, "insider")
+        assert connects(cluster, NAMESPACE, insider, ip, INGRESS_PORT)
+        assert not connects(cluster, NAMESPACE, insider, ip, CONTROL_PORT)
+        assert connects(cluster, outsider_namespace, outsider, ip, METRICS_PORT)
+        for port in (INGRESS_PORT, CONTROL_PORT, *ray_ports):
+            assert not connects(cluster, outsider_namespace, outsider, ip, port), port
+    finally:
+        cluster.kubectl("delete", "pod", "insider", "-n", NAMESPACE, "--wait=false", check=False)
+        cluster.kubectl("delete", "namespace", outsider_namespace, "--wait=false", check=False)
 
 
 def test_kubectl_get_and_events_read_well(cluster, echo):
@@ -96,12 +124,12 @@ def test_kubectl_get_and_events_read_well(cluster, echo):
     assert "Handler 'apply' succeeded" in cluster.kubectl("logs", "-n", OPERATOR_NAMESPACE, "deployment/rayfleet").stdout
 
 
-def test_prometheus_scrapes_every_pod_and_kubectl_logs_shows_lifecycle_events(cluster, echo, tmp_path):
-    """What a PodMonitor would scrape: each Ray pod's and the operator's `metrics` port, by pod IP. Exactly
+def test_prometheus_scrapes_every_pod_and_kubectl_logs_shows_lifecycle_events(cluster, echo):
+    """What a PodMonitor would scrape: each Ray pod's and the operator's `metrics` port, by pod IP, from a
+    Prometheus pod in a namespace of its own (the NetworkPolicies admit every pod to those ports). Exactly
     the requests sent through the Service are counted, by the replicas and by HAProxy."""
-    from tests.prometheus import Prometheus, require_prometheus
+    from .prometheus_pod import PrometheusPod
 
-    require_prometheus()
     name, replicas = echo["metadata"]["name"], echo["spec"]["replicas"]
     cluster.wait_ready(name, replicas)
     ray_pods = [p for p in cluster.pods(name) if not p["metadata"].get("deletionTimestamp")]
@@ -119,7 +147,7 @@ def test_prometheus_scrapes_every_pod_and_kubectl_logs_shows_lifecycle_events(cl
     mine = f'namespace="{NAMESPACE}",deployment="{name}"'
     served = f'sum(rayfleet_replica_requests_total{{{mine},code="200"}})'
     proxied = f'sum(haproxy_backend_http_responses_total{{{mine},code="2xx"}})'
-    with Prometheus(tmp_path / "prometheus", targets) as prom:
+    with PrometheusPod(cluster, targets) as prom:
         prom.wait_up("ray")
         prom.wait_up("operator")
         prom.wait_scraped_after("ray", time.time())

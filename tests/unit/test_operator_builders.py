@@ -47,6 +47,16 @@ def test_raycluster_shape_and_owner():
     assert rc["spec"]["enableInTreeAutoscaling"] is False
 
 
+def test_the_clusters_pods_prefer_distinct_kubernetes_nodes():
+    """The controller spreads replicas over pods; spreading the pods over nodes (softly: never Pending for
+    it) is what keeps one lost node from taking every replica."""
+    rc = build_raycluster(body(replicas=2), CONFIG)
+    for template in (rc["spec"]["headGroupSpec"]["template"], rc["spec"]["workerGroupSpecs"][0]["template"]):
+        assert template["spec"]["topologySpreadConstraints"] == [{
+            "maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": {"ray.io/cluster": "echo"}}}]
+
+
 def test_every_ray_pod_declares_its_metrics_port_and_the_label_the_pod_monitor_selects():
     rc = build_raycluster(body(), CONFIG)
     for group in [rc["spec"]["headGroupSpec"], *rc["spec"]["workerGroupSpecs"]]:

@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# One statically linked Go binary (pause, CoreDNS, KubeRay's manager) and nothing else.
+# One statically linked Go binary (KubeRay's manager) and nothing else.
 FROM scratch
 ARG BINARY
 COPY ${BINARY} /${BINARY}

@@ -1,0 +1,134 @@
+"""Faults at the level of nodes, on the kind cluster's two workers, under continuous GETs through the
+Service (the NodePort twin on the control-plane node), every failed request counted.
+
+- `docker stop` of the worker node that hosts a replica but not the head: the node is gone without a
+  word. Until Kubernetes marks it NotReady (the node controller's grace period) and takes its pods out
+  of the Service's endpoints, kube-proxy still sends some connections there, and those fail; from then
+  on none does, while the deployment's other replica serves. `docker start` brings the node back and
+  the deployment to full strength.
+- `kubectl drain` of that node: the eviction goes through the PodDisruptionBudget and the pod's preStop
+  drain, so it fails no GET, as a pod eviction doesn't.
+
+The counts are printed as `[e2e] fault ...` lines (bench/README.md).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.waiting import eventually
+
+from .conftest import NAMESPACE
+from .helpers import Traffic, apply, example, run_docker, workers
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
+
+NAME = "hardy"
+
+
+@pytest.fixture(scope="module")
+def hardy(cluster):
+    sd = example("echo")
+    sd["metadata"]["name"] = NAME
+    sd["spec"]["routePrefix"] = "/hardy"
+    apply(cluster, sd)
+    cluster.wait_ready(NAME, 2)
+    yield sd
+    cluster.kubectl("delete", "sd", NAME, "-n", NAMESPACE, "--timeout=300s", check=False, timeout=330)
+
+
+def url(cluster) -> str:
+    return f"{cluster.service_url(NAME)}/hardy/traffic"
+
+
+def replica_node(cluster) -> str:
+    """The worker node that hosts a replica's pod and not the head (the operator's spread puts the head
+    and the two worker pods on both nodes)."""
+    sd = cluster.wait_ready(NAME, 2)
+    pods = {p["status"].get("podIP"): p for p in cluster.pods(NAME)}
+    head_node = next(p["spec"]["nodeName"] for p in pods.values() if p["metadata"]["labels"]["ray.io/node-type"] == "head")
+    nodes = {pods[r["node"]]["spec"]["nodeName"] for r in sd["status"]["replicaStatuses"]}
+    assert len(nodes) == 2, nodes  # one replica on each worker node: a lost node leaves one serving
+    (node,) = nodes - {head_node}
+    return node
+
+
+def full_strength(cluster, lost_node: str, started: float) -> float:
+    """Seconds from the fault until 2 READY replicas serve again, on live pods not on `lost_node`."""
+    def back():
+        sd = cluster.sd(NAME)
+        live = {p["status"].get("podIP"): p["spec"]["nodeName"] for p in workers(cluster, NAME)}
+        ready = [r["node"] for r in sd.get("status", {}).get("replicaStatuses") or [] if r["state"] == "READY"]
+        return len(ready) == 2 and all(ip in live and live[ip] != lost_node for ip in ready)
+    eventually(back, timeout=600, interval=1, what=f"sd/{NAME} at full strength off {lost_node}",
+               diagnostics=lambda: cluster.diagnostics(NAME))
+    return time.monotonic() - started
+
+
+def report(fault: str, traffic: Traffic, seconds: float) -> None:
+    print(f"\n[e2e] fault {fault!r}: {len(traffic.failures)} failed of {traffic.answers + len(traffic.failures)} GETs; "
+          f"full strength after {seconds:.1f} s", flush=True)
+
+
+def more_traffic(traffic: Traffic, n: int = 20) -> None:
+    answered = traffic.answers
+    eventually(lambda: traffic.answers >= answered + n, timeout=120, what=f"{n} more answers")
+
+
+def test_a_stopped_worker_node_fails_requests_only_until_kubernetes_notices(cluster, hardy):
+    node = replica_node(cluster)
+    lost_pods = {p["metadata"]["name"] for p in cluster.pods(NAME) if p["spec"]["nodeName"] == node}
+    try:
+        with Traffic(url(cluster)) as traffic:
+            more_traffic(traffic)
+            started = time.monotonic()
+            run_docker("stop", node)
+
+            def out_of_endpoints():  # the node controller marks the pods not ready; the endpoints drop them
+                ready = {a.get("targetRef", {}).get("name")
+                         for s in (cluster.get("endpointslices", "-n", NAMESPACE, "-l",
+                                               f"kubernetes.io/service-name={NAME}") or {}).get("items", [])
+                         for a in s.get("endpoints") or [] if (a.get("conditions") or {}).get("ready")}
+                return not (ready & lost_pods)
+            eventually(out_of_endpoints, timeout=300, interval=1, what=f"the pods of {node} out of the endpoints")
+            noticed = time.monotonic()
+            more_traffic(traffic, 100)  # the other replica serves everything meanwhile
+            during = len(traffic.failures)
+            run_docker("start", node)
+            cluster.kubectl("wait", "--for=condition=Ready", f"node/{node}", "--timeout=300s", timeout=330)
+            seconds = full_strength(cluster, "", started)
+            more_traffic(traffic)
+    finally:
+        run_docker("start", node, check=False)
+    report("worker node stopped", traffic, seconds)
+    print(f"[e2e] {node}'s pods left the endpoints after {noticed - started:.1f} s; {during} failed until then",
+          flush=True)
+    late = [t - noticed for t in traffic.failed_at if t > noticed + 5]  # a request sent just before may still time out
+    assert not late, (late, traffic.failures[-5:])
+    assert traffic.answers > 120
+
+
+def test_draining_a_worker_node_fails_no_request(cluster, hardy):
+    # The stopped node's pods came back with it (their containers restarted where they were).
+    node = eventually(lambda: _spread_node(cluster), timeout=600, interval=5, what="replicas on both worker nodes",
+                      diagnostics=lambda: cluster.diagnostics(NAME))
+    try:
+        with Traffic(url(cluster)) as traffic:
+            more_traffic(traffic)
+            started = time.monotonic()
+            cluster.kubectl("drain", node, "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=600s",
+                            timeout=630)
+            seconds = full_strength(cluster, node, started)
+            more_traffic(traffic)
+    finally:
+        cluster.kubectl("uncordon", node)
+    report("worker node drained", traffic, seconds)
+    assert not traffic.failures, traffic.failures[:5]
+
+
+def _spread_node(cluster) -> str | None:
+    try:
+        return replica_node(cluster)
+    except (AssertionError, ValueError):
+        return None
