@@ -84,13 +84,17 @@ class Prometheus:
         def ready() -> bool:
             if self.popen.poll() is not None:
                 raise AssertionError(f"prometheus exited with {self.popen.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
+            return self.answers_ready()
         eventually(ready, timeout, 0.2, what=f"prometheus ready at {self.url}", diagnostics=self.log_tail)
         return self
+
+    def answers_ready(self) -> bool:
+        """Whether Prometheus at `url` says it is ready (/-/ready)."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.popen is not None and self.popen.poll() is None:

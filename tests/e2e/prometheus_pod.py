@@ -4,7 +4,6 @@ NodePort, like the ServeDeployments."""
 from __future__ import annotations
 
 import json
-import urllib.request
 from typing import Any, Mapping, Sequence
 
 from tests.prometheus import Prometheus
@@ -44,14 +43,7 @@ class PrometheusPod(Prometheus):
             self.cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
         svc = self.cluster.get("service", "prometheus", "-n", NAMESPACE)
         self.url = f"http://{self.cluster.entry_ip}:{svc['spec']['ports'][0]['nodePort']}"
-
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-        eventually(ready, timeout, 1, what=f"prometheus ready at {self.url}", diagnostics=self.log_tail)
+        eventually(self.answers_ready, timeout, 1, what=f"prometheus ready at {self.url}", diagnostics=self.log_tail)
         return self
 
     def stop(self) -> None:
