@@ -19,8 +19,8 @@ from rayfleet_api.errors import SpecError
 from rayfleet_api.spec import parse_quantity
 
 from .config import DRAIN_TIMEOUT_S, SPREAD_PODS, OperatorConfig
-from .naming import (ANNOTATION_SPEC_HASH, CONTROL_TOKEN_KEY, LABEL_RAY_CLUSTER, RAY_AUTH_TOKEN_KEY, auth_secret_name,
-                     labels, owner_reference)
+from .naming import (ANNOTATION_SPEC_HASH, CONTROL_TOKEN_KEY, LABEL_RAY_CLUSTER, LABEL_RAY_NODE_TYPE, RAY_AUTH_TOKEN_KEY,
+                     auth_secret_name, labels, owner_reference)
 
 GPU_RESOURCE = "nvidia.com/gpu"
 HEAD_CONTAINER, WORKER_CONTAINER = "ray-head", "ray-worker"
@@ -148,15 +148,15 @@ def _container(name: str, image: str, resources: dict[str, Any], ports: list[dic
     }
 
 
-def _pod_spec(container: dict[str, Any], grace_s: int, cluster: str) -> dict[str, Any]:
+def _pod_spec(container: dict[str, Any], grace_s: int, spread_among: dict[str, str]) -> dict[str, Any]:
     return {
         "containers": [container],
-        # The cluster's pods on as many Kubernetes nodes as there are (a preference, never a reason to stay
-        # Pending): the controller spreads replicas over pods, so this is what keeps a lost node from taking
-        # every replica with it.
+        # Pods matching `spread_among` on as many Kubernetes nodes as there are (a preference, never a
+        # reason to stay Pending): the controller spreads replicas over pods, so this is what keeps a lost
+        # node from taking every replica with it.
         "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
                                        "whenUnsatisfiable": "ScheduleAnyway",
-                                       "labelSelector": {"matchLabels": {LABEL_RAY_CLUSTER: cluster}}}],
+                                       "labelSelector": {"matchLabels": spread_among}}],
         "terminationGracePeriodSeconds": grace_s,  # the preStop drain, then the replicas' own grace
         # Ray's user in the replica image (rayproject/ray's): numeric, so the kubelet can check runAsNonRoot.
         "securityContext": {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID, "fsGroup": RAY_GID,
@@ -216,7 +216,8 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
             # The dashboard (and its Jobs API, which runs code) listens inside the pod only: KubeRay's probes
             # reach it there, and so does `kubectl port-forward`.
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "127.0.0.1"},
-            "template": {"metadata": {"labels": dict(pod_labels)}, "spec": _pod_spec(head, grace_s, meta["name"])},
+            "template": {"metadata": {"labels": dict(pod_labels)},
+                         "spec": _pod_spec(head, grace_s, {LABEL_RAY_CLUSTER: meta["name"]})},
         },
         "workerGroupSpecs": [{
             "groupName": "replicas",
@@ -226,7 +227,10 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
             "maxReplicas": max(plan.max_replicas, worker_count),
             **({"scaleStrategy": {"workersToDelete": workers_to_delete}} if workers_to_delete else {}),
             "rayStartParams": {"num-cpus": str(plan.cpus_per_worker)},
-            "template": {"metadata": {"labels": dict(pod_labels)}, "spec": _pod_spec(worker, grace_s, meta["name"])},
+            # The workers among themselves: spread over the cluster's pods, both workers could share a
+            # node (the head alone on the other is as even), and with them every replica.
+            "template": {"metadata": {"labels": dict(pod_labels)},
+                         "spec": _pod_spec(worker, grace_s, {LABEL_RAY_CLUSTER: meta["name"], LABEL_RAY_NODE_TYPE: "worker"})},
         }],
     }
     fault_tolerance = gcs_fault_tolerance(spec, config)

@@ -51,10 +51,17 @@ def test_the_clusters_pods_prefer_distinct_kubernetes_nodes():
     """The controller spreads replicas over pods; spreading the pods over nodes (softly: never Pending for
     it) is what keeps one lost node from taking every replica."""
     rc = build_raycluster(body(replicas=2), CONFIG)
-    for template in (rc["spec"]["headGroupSpec"]["template"], rc["spec"]["workerGroupSpecs"][0]["template"]):
-        assert template["spec"]["topologySpreadConstraints"] == [{
-            "maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
-            "labelSelector": {"matchLabels": {"ray.io/cluster": "echo"}}}]
+
+    def spread_among(template):
+        (constraint,) = template["spec"]["topologySpreadConstraints"]
+        assert constraint["maxSkew"] == 1 and constraint["whenUnsatisfiable"] == "ScheduleAnyway"
+        assert constraint["topologyKey"] == "kubernetes.io/hostname"
+        return constraint["labelSelector"]["matchLabels"]
+    # The workers hold the replicas: spread among themselves, or the head alone on one node and both
+    # workers on the other would count as even.
+    assert spread_among(rc["spec"]["workerGroupSpecs"][0]["template"]) == {"ray.io/cluster": "echo",
+                                                                            "ray.io/node-type": "worker"}
+    assert spread_among(rc["spec"]["headGroupSpec"]["template"]) == {"ray.io/cluster": "echo"}
 
 
 def test_every_ray_pod_declares_its_metrics_port_and_the_label_the_pod_monitor_selects():
