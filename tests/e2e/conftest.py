@@ -190,3 +190,12 @@ def cluster(tmp_path_factory):
         raise
     finally:
         kind.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The faults' counts, also when pytest keeps the tests' output to itself (`make test` in CI)."""
+    from .helpers import FAULT_REPORTS  # helpers imports this module
+    if FAULT_REPORTS:
+        terminalreporter.section("faults measured (bench/README.md)")
+        for line in FAULT_REPORTS:
+            terminalreporter.write_line(line)

@@ -1,12 +1,15 @@
-"""What the e2e tests share: examples applied and served, the objects they own, replica PIDs."""
+"""What the e2e tests share: examples applied and served, the objects they own, replica PIDs, faults
+measured and reported."""
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 import yaml
 
 from tests.traffic import Traffic, http_get  # noqa: F401 - the e2e tests take them from here
+from tests.waiting import eventually
 
 from .conftest import NAMESPACE, OPERATOR_NAMESPACE
 from .images import TAG
@@ -14,6 +17,9 @@ from .kind import run
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_IMAGE = f"rayfleet/operator:{TAG}"
+# The `[e2e] fault ...` lines of this session, repeated in pytest's summary (conftest) so that CI's log
+# keeps the figures bench/README.md quotes.
+FAULT_REPORTS: list[str] = []
 
 
 def example(name: str) -> dict:
@@ -42,6 +48,29 @@ def serving(cluster, example_name: str):
 def workers(cluster, name: str) -> list[dict]:
     return [p for p in cluster.pods(name) if p["metadata"]["labels"].get("ray.io/node-type") == "worker"
             and not p["metadata"].get("deletionTimestamp")]
+
+
+def full_strength(cluster, name: str, started: float, *, gone_pod: str = "", off_node: str = "",
+                  replicas: int = 2) -> float:
+    """Seconds from a fault until `replicas` READY replicas serve on as many distinct live worker pods,
+    `gone_pod` no longer exists and no replica is on `off_node` (a Kubernetes node)."""
+    def back():
+        status = cluster.sd(name).get("status") or {}
+        ready = [r.get("node") for r in status.get("replicaStatuses") or [] if r["state"] == "READY"]
+        live = {p["status"].get("podIP"): p["spec"].get("nodeName") for p in workers(cluster, name)}
+        return (status.get("readyReplicas") == replicas and len(set(ready)) == replicas
+                and all(ip in live and live[ip] != off_node for ip in ready)
+                and not (gone_pod and gone_pod in {p["metadata"]["name"] for p in cluster.pods(name)}))
+    eventually(back, timeout=600, interval=1, what=f"sd/{name} at full strength (gone: {gone_pod or '-'}, "
+               f"off node: {off_node or '-'})", diagnostics=lambda: cluster.diagnostics(name))
+    return time.monotonic() - started
+
+
+def report_fault(fault: str, traffic: Traffic, seconds: float, detail: str = "") -> None:
+    line = (f"[e2e] fault {fault!r}: {len(traffic.failures)} failed of {traffic.answers + len(traffic.failures)} "
+            f"GETs; full strength after {seconds:.1f} s{'; ' + detail if detail else ''}")
+    FAULT_REPORTS.append(line)
+    print("\n" + line, flush=True)
 
 
 def auth_secret(cluster, name: str) -> str:

@@ -20,7 +20,7 @@ from tests.waiting import eventually
 
 from .conftest import NAMESPACE, OPERATOR_NAMESPACE
 from .helpers import (Traffic, apply, auth_secret, client_pod, connects, example, from_operator, http_get, replica_pids,
-                      serving, workers)
+                      report_fault, serving, workers)
 
 # Image builds (cold: minutes) happen in the session fixture's setup, which this budget covers.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
@@ -251,8 +251,7 @@ def test_a_head_loss_without_redis_is_announced_and_recovered_from(cluster, echo
         seconds = time.monotonic() - started
         answered = traffic.answers
         eventually(lambda: traffic.answers >= answered + 20, timeout=120, what="traffic after the fault")
-    print(f"\n[e2e] fault 'head pod deleted (no Redis)': {len(traffic.failures)} failed of "
-          f"{traffic.answers + len(traffic.failures)} GETs; full strength after {seconds:.1f} s", flush=True)
+    report_fault("head pod deleted (no Redis)", traffic, seconds)
 
 
 def test_delete_removes_everything(cluster, echo):

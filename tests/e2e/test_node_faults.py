@@ -20,7 +20,7 @@ import pytest
 from tests.waiting import eventually
 
 from .conftest import NAMESPACE
-from .helpers import Traffic, apply, example, run_docker, workers
+from .helpers import Traffic, apply, example, full_strength, report_fault, run_docker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 
@@ -54,23 +54,6 @@ def replica_node(cluster) -> str:
     return node
 
 
-def full_strength(cluster, lost_node: str, started: float) -> float:
-    """Seconds from the fault until 2 READY replicas serve again, on live pods not on `lost_node`."""
-    def back():
-        sd = cluster.sd(NAME)
-        live = {p["status"].get("podIP"): p["spec"]["nodeName"] for p in workers(cluster, NAME)}
-        ready = [r["node"] for r in sd.get("status", {}).get("replicaStatuses") or [] if r["state"] == "READY"]
-        return len(ready) == 2 and all(ip in live and live[ip] != lost_node for ip in ready)
-    eventually(back, timeout=600, interval=1, what=f"sd/{NAME} at full strength off {lost_node}",
-               diagnostics=lambda: cluster.diagnostics(NAME))
-    return time.monotonic() - started
-
-
-def report(fault: str, traffic: Traffic, seconds: float) -> None:
-    print(f"\n[e2e] fault {fault!r}: {len(traffic.failures)} failed of {traffic.answers + len(traffic.failures)} GETs; "
-          f"full strength after {seconds:.1f} s", flush=True)
-
-
 def more_traffic(traffic: Traffic, n: int = 20) -> None:
     answered = traffic.answers
     eventually(lambda: traffic.answers >= answered + n, timeout=120, what=f"{n} more answers")
@@ -97,13 +80,12 @@ def test_a_stopped_worker_node_fails_requests_only_until_kubernetes_notices(clus
             during = len(traffic.failures)
             run_docker("start", node)
             cluster.kubectl("wait", "--for=condition=Ready", f"node/{node}", "--timeout=300s", timeout=330)
-            seconds = full_strength(cluster, "", started)
+            seconds = full_strength(cluster, NAME, started)
             more_traffic(traffic)
     finally:
         run_docker("start", node, check=False)
-    report("worker node stopped", traffic, seconds)
-    print(f"[e2e] {node}'s pods left the endpoints after {noticed - started:.1f} s; {during} failed until then",
-          flush=True)
+    report_fault("worker node stopped", traffic, seconds,
+                 f"its pods left the endpoints after {noticed - started:.1f} s, {during} failed until then")
     late = [t - noticed for t in traffic.failed_at if t > noticed + 5]  # a request sent just before may still time out
     assert not late, (late, traffic.failures[-5:])
     assert traffic.answers > 120
@@ -119,11 +101,11 @@ def test_draining_a_worker_node_fails_no_request(cluster, hardy):
             started = time.monotonic()
             cluster.kubectl("drain", node, "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=600s",
                             timeout=630)
-            seconds = full_strength(cluster, node, started)
+            seconds = full_strength(cluster, NAME, started, off_node=node)
             more_traffic(traffic)
     finally:
         cluster.kubectl("uncordon", node)
-    report("worker node drained", traffic, seconds)
+    report_fault("worker node drained", traffic, seconds)
     assert not traffic.failures, traffic.failures[:5]
 
 

@@ -18,7 +18,7 @@ import pytest
 from tests.waiting import eventually
 
 from .conftest import NAMESPACE
-from .helpers import Traffic, apply, example, replica_pids, workers
+from .helpers import Traffic, apply, example, full_strength, replica_pids, report_fault, workers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 
@@ -79,26 +79,6 @@ def pod_of(cluster, node_ip: str) -> dict:
     return pod
 
 
-def full_strength(cluster, replaced_pod: str, started: float) -> float:
-    """Seconds from the fault until the deployment serves 2 READY replicas on 2 distinct live worker pods
-    again, the lost pod gone."""
-    def spread():
-        sd = cluster.sd(NAME)
-        nodes = {r.get("node") for r in sd.get("status", {}).get("replicaStatuses") or [] if r["state"] == "READY"}
-        live = {p["status"].get("podIP") for p in workers(cluster, NAME)}
-        pods = {p["metadata"]["name"] for p in cluster.pods(NAME)}
-        return (sd["status"].get("readyReplicas") == 2 and len(nodes) == 2 and nodes <= live
-                and replaced_pod not in pods)
-    eventually(spread, timeout=300, interval=1, what=f"sd/{NAME} at full strength, spread, without {replaced_pod}",
-               diagnostics=lambda: cluster.diagnostics(NAME))
-    return time.monotonic() - started
-
-
-def report(fault: str, traffic: Traffic, seconds: float) -> None:
-    print(f"\n[e2e] fault {fault!r}: {len(traffic.failures)} failed of {traffic.answers + len(traffic.failures)} GETs; "
-          f"full strength after {seconds:.1f} s", flush=True)
-
-
 def a_replica_pod(cluster) -> tuple[dict, dict[str, int]]:
     sd = cluster.wait_ready(NAME, 2)
     replicas = sd["status"]["replicaStatuses"]
@@ -126,10 +106,10 @@ def test_deleting_a_worker_pod_moves_its_replica_first_and_fails_no_request(clus
         eventually(lambda: traffic.answers >= 20, timeout=60, what="traffic before the fault")
         started = time.monotonic()
         cluster.kubectl("delete", "pod", pod["metadata"]["name"], "-n", NAMESPACE, "--wait=false")
-        seconds = full_strength(cluster, pod["metadata"]["name"], started)
+        seconds = full_strength(cluster, NAME, started, gone_pod=pod["metadata"]["name"])
         answered = traffic.answers
         eventually(lambda: traffic.answers >= answered + 20, timeout=60, what="traffic after the fault")
-    report("worker pod deleted", traffic, seconds)
+    report_fault("worker pod deleted", traffic, seconds)
     assert not traffic.failures, traffic.failures[:5]
     after = replica_pids(cluster.sd(NAME))
     assert len(set(after) & set(pids)) == 1, (pids, after)  # the other replica served throughout
@@ -154,10 +134,10 @@ def test_an_eviction_honours_the_budget_and_fails_no_request(cluster, sturdy):
         # While that pod moves its replica, the budget refuses a second eviction (429 from the API server).
         refused = evict(other["metadata"]["name"])
         assert refused.returncode != 0 and "disruption budget" in refused.stderr, refused.stderr
-        seconds = full_strength(cluster, pod["metadata"]["name"], started)
+        seconds = full_strength(cluster, NAME, started, gone_pod=pod["metadata"]["name"])
         answered = traffic.answers
         eventually(lambda: traffic.answers >= answered + 20, timeout=60, what="traffic after the fault")
-    report("worker pod evicted", traffic, seconds)
+    report_fault("worker pod evicted", traffic, seconds)
     assert not traffic.failures, traffic.failures[:5]
     assert len(set(replica_pids(cluster.sd(NAME))) & set(pids)) == 1
 
@@ -175,10 +155,10 @@ def test_a_force_deleted_worker_pod_costs_at_most_what_was_in_flight_on_it(clust
             return pod["status"]["podIP"] not in {r["node"] for r in status["replicaStatuses"] if r["state"] == "READY"}
         eventually(lost_replica_unready, timeout=60, interval=0.5, what="the lost replica no longer counted ready")
         noticed = time.monotonic() - started
-        seconds = full_strength(cluster, pod["metadata"]["name"], started)
+        seconds = full_strength(cluster, NAME, started, gone_pod=pod["metadata"]["name"])
         answered = traffic.answers
         eventually(lambda: traffic.answers >= answered + 20, timeout=60, what="traffic after the fault")
-    report("worker pod force-deleted", traffic, seconds)
+    report_fault("worker pod force-deleted", traffic, seconds)
     print(f"[e2e] the lost replica left the ready count after {noticed:.1f} s", flush=True)
     assert len(traffic.failures) <= FORCED_LOSS_BOUND, traffic.failures
     assert len(set(replica_pids(cluster.sd(NAME))) & set(pids)) == 1
@@ -211,7 +191,7 @@ def test_deleting_the_head_replaces_no_replica_and_fails_no_request(cluster, stu
                    diagnostics=lambda: cluster.diagnostics(NAME))
         answered = traffic.answers
         eventually(lambda: traffic.answers >= answered + 20, timeout=60, what="traffic after the fault")
-    report("head pod deleted (GCS in Redis)", traffic, seconds)
+    report_fault("head pod deleted (GCS in Redis)", traffic, seconds)
     assert not traffic.failures, traffic.failures[:5]
     sd = cluster.sd(NAME)
     assert all(r["restarts"] == 0 for r in sd["status"]["replicaStatuses"]), sd["status"]["replicaStatuses"]
