@@ -12,6 +12,7 @@ import concurrent.futures
 import json
 import os
 import secrets
+import subprocess
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.cpu import Accounting
 from bench.wrk import run_wrk
 from rayfleet.ports import free_port
 from rayfleet.procs import Leftovers, cmdline, descendants
@@ -31,7 +33,10 @@ from rayfleet_api.http_probe import wait_http
 from rayfleet_api.states import DeploymentStatus
 
 REPO = Path(__file__).resolve().parents[1]
-SYSTEMS = ("rayfleet", "serve-default", "serve-tuned", "serve-haproxy")
+SYSTEMS = ("rayfleet", "serve-default", "serve-tuned", "serve-haproxy", "uvicorn-bare")
+# The limit for the per-request cost: a bare Python server (no Ray, no proxy) with the same answer.
+BARE = "uvicorn-bare"
+BARE_SCENARIOS = ("trivial",)
 SCENARIOS = ("trivial", "overhead", "memory", "sleep", "cpu", "seed", "asgi", "stream", "metrics")
 ASGI_CONNS = 32
 ASGI_APPS = {"asgi_bare": "bench.asgi_app:bare", "asgi": "bench.asgi_app:app"}
@@ -180,12 +185,50 @@ class Serve:
         pass  # no serve.shutdown(): it waits ~30 s for a graceful controller stop; ray.shutdown() ends this throwaway cluster
 
 
+class BareUvicorn:
+    """uvicorn with as many workers as replicas elsewhere, httptools + uvloop, the raw ASGI app that
+    answers "ok" (``bench.asgi_app:bare``): what one request costs a Python server with nothing else."""
+
+    name = BARE
+
+    def start(self) -> None:
+        self.config = {"workers": REPLICAS, "http": "httptools", "loop": "uvloop"}
+        self.proc: subprocess.Popen | None = None
+
+    def deploy(self, name: str, handler: str, replicas: int) -> str:
+        assert handler == "trivial" and self.proc is None, "the bare server runs the trivial answer only"
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", ASGI_APPS["asgi_bare"], "--workers", str(replicas), "--http", "httptools",
+             "--loop", "uvloop", "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
+            cwd=REPO)
+        url = f"http://127.0.0.1:{port}/{name}"
+        wait_serving(url)
+        return url
+
+    def replica_pids(self, name: str) -> list[int]:
+        return sorted(p for p in descendants(self.proc.pid) if "multiprocessing" in cmdline(p)) if self.proc else []
+
+    def undeploy(self, name: str) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+            self.proc = None
+
+
 # ---------------------------------------------------------------- scenarios
 
 def measure(url: str, conns: int, duration: float, warmup: float) -> dict[str, Any]:
+    """One wrk point, with the CPU each kind of process spent per request during it (``bench.cpu``)."""
     if warmup > 0:
         run_wrk(url, conns, warmup)
-    return run_wrk(url, conns, duration)
+    with Accounting() as cpu:
+        r = run_wrk(url, conns, duration)
+    r["cpu_us_per_request"] = cpu.per_request(r["requests"])
+    return r
 
 
 def in_process_us(n: int = 200_000) -> dict[str, float]:
@@ -440,14 +483,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PYTHONPATH"] = pythonpath
     import ray
 
+    if args.system == BARE:
+        scenarios = [s for s in scenarios if s in BARE_SCENARIOS]
     out: dict[str, Any] = {"system": args.system, "scenarios": scenarios, "duration_s": args.duration,
                            "loadavg_before": os.getloadavg()}
-    system = Rayfleet() if args.system == "rayfleet" else Serve(args.system)
+    system = {"rayfleet": Rayfleet, BARE: BareUvicorn}.get(args.system, lambda: Serve(args.system))()
     t0 = time.monotonic()
-    # address="local": always a fresh cluster of our own, never a Ray someone else started on this machine
-    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
-             namespace=RAY_NAMESPACE if args.system == "rayfleet" else "bench-serve", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    if args.system != BARE:  # the bare server runs without Ray
+        # address="local": always a fresh cluster of our own, never a Ray someone else started on this machine
+        ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 namespace=RAY_NAMESPACE if args.system == "rayfleet" else "bench-serve", log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     code = 0
     try:
         system.start()

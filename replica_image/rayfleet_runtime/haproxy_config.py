@@ -388,7 +388,7 @@ def render_config(
     # small body ties up HAProxy's buffer, not one of the replica's maxConcurrency slots.
     w("    option http-buffer-request")
     # A client that goes away takes its request with it: queued, it is dropped; sent, the replica's
-    # connection is closed, which cancels the handler (the replica serves with handler_cancellation).
+    # connection is closed, which cancels the handler (the replica's server does on a disconnect).
     w("    option abortonclose")
     # Each chunk of a streamed response goes out as it arrives: without this HAProxy sends with MSG_MORE
     # while it expects more, and the kernel holds a small first chunk up to 200 ms (measured: first byte

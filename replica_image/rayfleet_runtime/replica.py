@@ -1,8 +1,8 @@
 """The replica: a Ray actor (its own OS process) that serves one deployment's handler over HTTP itself.
 
 No Python process stands between the client and a replica: HAProxy connects straight to the HTTP
-server that runs on the actor's own event loop (uvloop inside Ray workers): aiohttp's for the plain
-contract, uvicorn's protocol for an ASGI app (``asgi.py``). Ray method calls are only
+server that runs on the actor's own event loop (uvloop inside Ray workers): an httptools protocol of
+our own for the plain contract (``http_server.py``), uvicorn's for an ASGI app (``asgi.py``). Ray method calls are only
 for the controller: ``info()``, ``health()`` and ``drain()`` run in the ``control`` concurrency group,
 which has its own thread and event loop, so a replica whose handler keeps the data-plane loop busy still
 answers them (and a wedged loop shows up as a failed health check instead of a hung controller).
@@ -20,15 +20,13 @@ import time
 from typing import Any
 
 import ray
-from aiohttp import web
-from aiohttp.web_request import BaseRequest
 
 from rayfleet_api.constants import REPLICA_PREFIX, REPLICA_READY_PATH
 from rayfleet_api.desired import DesiredState
 from rayfleet_runtime.asgi import AsgiRunner, AsgiServer, is_asgi_app
+from rayfleet_runtime.handler import HandlerLoadError, HandlerRunner, load_handler, replica_max_queued
+from rayfleet_runtime.http_server import PlainServer
 from rayfleet_runtime.log_setup import configure_logging
-from rayfleet_runtime.handler import (HandlerLoadError, HandlerRunner, PayloadTooLarge, Request, load_handler, log_access,
-                                     replica_max_queued)
 from rayfleet_runtime.replica_metrics import ReplicaMetrics
 
 logger = logging.getLogger("rayfleet.replica")
@@ -49,7 +47,7 @@ def parse_replica_actor_name(name: str) -> tuple[str, str] | None:
 
 
 class ReplicaServer:
-    """Handler + aiohttp server, independent of Ray (the actor below wraps it)."""
+    """Handler + HTTP server, independent of Ray (the actor below wraps it)."""
 
     def __init__(self, desired: DesiredState):
         self.desired = desired
@@ -60,8 +58,7 @@ class ReplicaServer:
         self.host: str | None = None
         self.port: int | None = None
         self.started_at = time.time()
-        self._site_runner: web.BaseRunner | None = None
-        self._asgi: AsgiServer | None = None
+        self._http: PlainServer | AsgiServer | None = None
 
     async def start(self, bind_host: str = "0.0.0.0", port: int = 0, advertise_host: str | None = None) -> None:
         try:
@@ -74,11 +71,11 @@ class ReplicaServer:
         sock.bind((bind_host, port))
         if is_asgi_app(handler):
             self.runner = AsgiRunner(handler, self.desired, lambda: self.draining)
-            self._asgi = AsgiServer(self.runner)
+            self._http = AsgiServer(self.runner)
             try:
-                await self._asgi.start(sock)  # the app's lifespan startup, before the replica is ready
+                await self._http.start(sock)  # the app's lifespan startup, before the replica is ready
             except HandlerLoadError as exc:
-                self.runner, self._asgi = None, None
+                self.runner, self._http = None, None
                 sock.close()
                 self._failed(exc)
                 return
@@ -86,11 +83,9 @@ class ReplicaServer:
             self.runner = HandlerRunner(handler, max_concurrency=self.desired.max_concurrency,
                                         sync_threads=self.desired.sync_threads,
                                         max_queued=replica_max_queued(self.desired))
-            # handler_cancellation: a client that disconnects cancels its handler (CancelledError in it)
-            server = web.Server(self._on_request, access_log=None, handler_cancellation=True)
-            self._site_runner = web.ServerRunner(server, access_log=None)
-            await self._site_runner.setup()
-            await web.SockSite(self._site_runner, sock, backlog=1024).start()
+            self._http = PlainServer(self.runner, self.desired.max_request_body_bytes, self.desired.access_log,
+                                     lambda: self.draining)
+            await self._http.start(sock)
         self.port = sock.getsockname()[1]
         wildcard = bind_host in ("0.0.0.0", "::", "")
         self.host = (advertise_host or "127.0.0.1") if wildcard else bind_host
@@ -98,54 +93,6 @@ class ReplicaServer:
     def _failed(self, exc: HandlerLoadError) -> None:
         self.error = exc.as_dict()
         logger.error("%s: %s\n%s", exc.reason, exc.message, exc.traceback)
-
-    async def _on_request(self, req: BaseRequest) -> web.StreamResponse:
-        if req.path == REPLICA_READY_PATH:
-            if self.draining:
-                return web.Response(status=503, text="draining\n")
-            return web.Response(status=200, text="ready\n")
-        assert self.runner is not None
-        started = time.perf_counter()
-        status, headers, data = await self.runner.handle(lambda: self._read(req))
-        if not isinstance(data, bytes):
-            return await self._stream(req, status, headers, data, started)
-        response = web.Response(status=status, headers=headers, body=data)
-        if status == 413:
-            response.force_close()  # the rest of that body is never read
-        if self.desired.access_log:
-            log_access(req.method, req.path, status, started, req.remote)
-        return response
-
-    async def _stream(self, req: BaseRequest, status: int, headers: dict[str, str], chunks: Any,
-                      started: float) -> web.StreamResponse:
-        """Send each chunk as the handler yields it (chunked encoding; HAProxy passes them on as they come)."""
-        response = web.StreamResponse(status=status, headers=headers)
-        complete = False
-        try:
-            await response.prepare(req)
-            async for chunk in chunks:
-                await response.write(chunk)
-            await response.write_eof()
-            complete = True
-        finally:
-            await chunks.aclose()  # releases the request's slot, whatever happened
-            if self.desired.access_log:
-                log_access(req.method, req.path, status if complete else 499, started, req.remote)
-        return response
-
-    async def _read(self, req: BaseRequest) -> Request:
-        """The whole request, read once it has been admitted; PayloadTooLarge past the body limit."""
-        limit = self.desired.max_request_body_bytes
-        if req.content_length is not None and req.content_length > limit:
-            raise PayloadTooLarge.over(limit)  # before a byte of it is read
-        chunks, size = [], 0
-        async for chunk in req.content.iter_any():  # a chunked body is counted as it arrives
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge.over(limit)
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        return Request(req.method, req.path, req.query, req.headers, body, req.remote)
 
     def stats(self) -> dict[str, Any]:
         r = self.runner
@@ -168,10 +115,8 @@ class ReplicaServer:
 
     async def stop(self) -> None:
         """Stop serving; an ASGI app's lifespan shutdown runs here."""
-        if self._asgi is not None:
-            await self._asgi.stop()
-        if self._site_runner is not None:
-            await self._site_runner.cleanup()
+        if self._http is not None:
+            await self._http.stop()
         if self.runner is not None:
             self.runner.close()
 

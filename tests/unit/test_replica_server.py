@@ -1,4 +1,5 @@
-"""The replica's own HTTP server (no Ray): body limits, and a client's disconnect cancelling its handler."""
+"""The replica's own HTTP server (no Ray): HTTP/1.1 on the wire, body limits, admission before the body,
+and a client's disconnect cancelling its handler."""
 from __future__ import annotations
 
 import asyncio
@@ -18,6 +19,7 @@ HANDLER = '''
 import asyncio
 
 EVENTS = []
+GATE = asyncio.Event()
 
 async def chunks(n, interval):
     try:
@@ -29,6 +31,15 @@ async def chunks(n, interval):
 
 
 async def handler(request):
+    if request.path == "/echo":
+        from rayfleet_runtime import Response
+        return Response(request.body, headers={"x-query": ",".join(request.query.getall("q", [])),
+                                               "x-agent": request.headers.get("USER-AGENT", "")})
+    if request.path == "/inject":
+        from rayfleet_runtime import Response
+        return Response("x", headers={"x-bad": "a\\r\\nset-cookie: evil"})
+    if request.path == "/gate":
+        await GATE.wait()
     if request.path == "/stream":
         return chunks(int(request.query.get("n", "3")), float(request.query.get("interval", "0.3")))
     if request.path == "/slow":
@@ -182,3 +193,95 @@ def test_one_access_log_line_per_request_when_the_deployment_asks(module, caplog
     assert len(lines) == 2, lines
     assert lines[0].startswith("method=GET path=/hello status=200 ms=") and lines[0].endswith("client=127.0.0.1")
     assert lines[1].startswith("method=GET path=/stream status=200 ms=")
+
+
+async def exchange(url: str, raw: bytes, *, close: bool = True) -> bytes:
+    """Send raw bytes, read until the server closes (or 2 s of silence): what came back."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(raw)
+    await writer.drain()
+    data = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), 2):
+            data += chunk
+    except asyncio.TimeoutError:
+        assert not close, ("the server kept the connection open", data)
+    writer.close()
+    return data
+
+
+def test_keep_alive_pipelining_head_and_http_1_0_on_the_wire(module):
+    async def test(url, server):
+        # Two pipelined requests on one connection: both answered, in order, and the connection stays open.
+        data = await exchange(url, b"POST /echo?q=a&q=b%20c HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\n"
+                                   b"Content-Length: 3\r\n\r\nabc"
+                                   b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n", close=False)
+        first, _, second = data.partition(b"abcHTTP/1.1")
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nx-query: a,b c\r\n" in first
+        assert b"\r\nx-agent: t\r\n" in first and b"content-length: 3\r\n" in first and b"date: " in first
+        assert second.startswith(b" 200 OK") and second.endswith(b"content-length: 0\r\n\r\n")
+        # HEAD: the headers of a GET, no body.
+        head = await exchange(url, b"HEAD /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"\r\n\r\n") and b"connection: close" in head
+        # HTTP/1.0 closes unless it asks to keep the connection.
+        assert b"connection: close" in await exchange(url, b"GET /echo HTTP/1.0\r\n\r\n")
+        kept = await exchange(url, b"GET /echo HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", close=False)
+        assert b"connection: keep-alive" in kept
+        # A streamed answer to HTTP/1.0 is not chunked: it ends with the connection.
+        streamed = await exchange(url, b"GET /stream?n=2&interval=0 HTTP/1.0\r\n\r\n")
+        assert b"transfer-encoding" not in streamed and streamed.endswith(b"chunk 0\nchunk 1\n")
+
+    serve(module, test)
+
+
+def test_what_is_not_http_is_a_400_and_a_header_that_would_split_the_response_a_500(module):
+    async def test(url, server):
+        bad = await exchange(url, b"GARBAGE\r\n\r\n")
+        assert bad.startswith(b"HTTP/1.1 400") and b"connection: close" in bad
+        injected = await exchange(url, b"GET /inject HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert injected.startswith(b"HTTP/1.1 500") and b"set-cookie" not in injected.lower()
+        assert server.stats()["errors"] == 1 and "newline" in server.stats()["lastError"]
+        assert (await exchange(url, b"GET /-/ready HTTP/1.1\r\nHost: x\r\n\r\n", close=False)).endswith(b"ready\n")
+
+    serve(module, test)
+
+
+def test_a_refused_request_closes_its_connection_only_if_its_body_is_still_coming(module):
+    async def test(url, server):
+        events = sys.modules[module]
+        host, port = url.removeprefix("http://").split(":")
+        busy = await asyncio.open_connection(host, int(port))
+        busy[1].write(b"GET /gate HTTP/1.1\r\nHost: x\r\n\r\n")  # holds the one slot
+        await eventually_async(lambda: server.stats()["inFlight"] == 1, what="the slot taken")
+        queued = await asyncio.open_connection(host, int(port))
+        queued[1].write(b"GET /gate HTTP/1.1\r\nHost: x\r\n\r\n")  # waits in the queue of one
+        await eventually_async(lambda: server.stats()["queued"] == 1, what="the queue full")
+        # Past the queue: 503 at once; with its whole body sent, the connection stays open.
+        whole = await exchange(url, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab", close=False)
+        assert whole.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in whole.lower()
+        assert b"connection: close" not in whole
+        # A body still on its way is never read: 503, and the connection closes.
+        partial = await exchange(url, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+        assert partial.startswith(b"HTTP/1.1 503") and b"connection: close" in partial
+        assert server.stats()["rejected"] == 2
+        events.GATE.set()
+        for reader, writer in (busy, queued):
+            assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200")
+            writer.close()
+
+    serve(module, test, max_concurrency=1)
+
+
+def test_a_client_that_expects_100_continue_gets_it_once_admitted(module):
+    async def test(url, server):
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"body")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200") and await reader.readexactly(4) == b"body"
+        writer.close()
+
+    serve(module, test)
