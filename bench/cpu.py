@@ -20,8 +20,8 @@ _REPLICA_ACTORS = ("ray::Replica", "ray::ServeReplica")
 
 
 def process_kind(pid: int, cmd: str) -> str:
-    """haproxy; a Python proxy (Serve's ProxyActor); a replica (either system's, or a bare server's
-    worker); another Ray actor (controllers, rayfleet's ingress); Ray's daemons; the driver (this
+    """haproxy; a Python proxy (Serve's ProxyActor); a replica (either system's, a replica server
+    without Ray, or a bare server's worker); another Ray actor (controllers, rayfleet's ingress); Ray's daemons; the driver (this
     worker process)."""
     if pid == os.getpid():
         return "driver"
@@ -31,7 +31,7 @@ def process_kind(pid: int, cmd: str) -> str:
         exe = ""
     if exe.startswith("haproxy") or cmd.split(" ", 1)[0].endswith("haproxy"):
         return "haproxy"
-    if cmd.startswith(_REPLICA_ACTORS) or "uvicorn" in cmd or "multiprocessing.spawn" in cmd:
+    if cmd.startswith(_REPLICA_ACTORS) or any(word in cmd for word in ("ReplicaServer", "uvicorn", "multiprocessing.spawn")):
         return "replica"
     if cmd.startswith("ray::ProxyActor"):
         return "proxy"
