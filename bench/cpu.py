@@ -11,7 +11,7 @@ import os
 import resource
 from typing import Any
 
-from rayfleet.procs import cmdline, descendants
+from rayfleet.procs import cmdline, descendants, stat_fields
 
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 # What the benchmark tables show, in this order.
@@ -41,12 +41,8 @@ def process_kind(pid: int, cmd: str) -> str:
 
 
 def _cpu_seconds(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().decode(errors="replace").rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) * _TICK_S  # utime + stime
+    fields = stat_fields(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) * _TICK_S  # utime + stime
 
 
 def _snapshot(root: int) -> dict[int, tuple[str, float]]:
@@ -56,6 +52,13 @@ def _snapshot(root: int) -> dict[int, tuple[str, float]]:
         if seconds is not None:
             out[pid] = (process_kind(pid, cmdline(pid)), seconds)
     return out
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(all, steal) jiffies of the whole machine: time the hypervisor gave to someone else shows as steal."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return sum(fields[:8]), fields[7]
 
 
 def _children_seconds() -> float:
@@ -70,7 +73,7 @@ class Accounting:
         self.root = root or os.getpid()
 
     def __enter__(self) -> "Accounting":
-        self._before, self._children = _snapshot(self.root), _children_seconds()
+        self._before, self._children, self._ticks = _snapshot(self.root), _children_seconds(), _machine_ticks()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -79,6 +82,10 @@ class Accounting:
         for pid, (kind, seconds) in after.items():
             self.seconds[kind] += seconds - self._before.get(pid, (kind, 0.0))[1]
         self.seconds["load generator"] = _children_seconds() - self._children  # wrk, waited for meanwhile
+        ticks = _machine_ticks()
+        elapsed = ticks[0] - self._ticks[0]
+        # The share of the machine's CPU time its hypervisor took: a point at 50 % steal ran on half a machine.
+        self.steal = round((ticks[1] - self._ticks[1]) / elapsed, 3) if elapsed else 0.0
 
     def per_request(self, requests: int) -> dict[str, float]:
         """Microseconds of CPU per request for each kind, and their total."""

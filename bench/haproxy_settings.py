@@ -4,7 +4,9 @@ The ingress's own configuration (``render_config``, one deployment of two replic
 replica servers (``ReplicaServer`` with ``bench.handlers:trivial``, each its own process, no Ray), and
 variants that each change one thing in it. For every variant and connection count: wrk's req/s and
 p99, and the CPU per request of HAProxy and of the replicas (``bench.cpu``), so a setting is kept only
-where it pays. Prints a markdown table; writes ``bench/results/haproxy_settings.{json,md}``.
+where it pays. The configuration as rendered is measured again right before each variant and the
+variant judged against that run: on a VM whose speed drifts by half within minutes, a baseline from
+the start of the run says nothing about a variant measured later. Prints a markdown table; writes ``bench/results/haproxy_settings.{json,md}``.
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def measure_variant(name: str, cfg: str, port: int, duration: float, warmup: flo
                 run_wrk(url, conns, warmup)
                 with Accounting() as cpu:
                     r = run_wrk(url, conns, duration)
-                r["cpu_us_per_request"] = cpu.per_request(r["requests"])
+                r["cpu_us_per_request"], r["steal"] = cpu.per_request(r["requests"]), cpu.steal
                 r["variant"] = name
                 points.append(r)
                 print(f"[haproxy] {name} c={conns}: {r['rps']:.0f} req/s p99 {r['p99_ms']:.2f} ms, haproxy "
@@ -108,15 +110,18 @@ def render(report: dict) -> str:
     lines = [f"# HAProxy settings one by one ({report['started']})", "",
              f"{REPLICAS} replica servers (no Ray), the trivial handler, wrk -t1, {report['duration']:g} s per point; "
              "CPU in us per request from /proc.", "",
-             "| variant | conns | req/s | vs as rendered | p99 ms | HAProxy us/req | replicas us/req | wrk us/req | non-2xx |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    base = {p["connections"]: p for p in report["points"] if p["variant"] == "as rendered"}
+             "| variant | conns | req/s | vs as rendered just before | p99 ms | HAProxy us/req | replicas us/req | wrk us/req | "
+             "non-2xx | steal |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base: dict[int, dict] = {}
     for p in report["points"]:
+        if p["variant"] == "as rendered":
+            base[p["connections"]] = p
         b = base.get(p["connections"])
         cpu = p["cpu_us_per_request"]
         ratio = f"{p['rps'] / b['rps']:.2f}x" if b else "-"
         lines.append(f"| {p['variant']} | {p['connections']} | {p['rps']:.0f} | {ratio} | {p['p99_ms']:.2f} | {cpu['haproxy']:.1f} | "
-                     f"{cpu['replica']:.1f} | {cpu['load generator']:.1f} | {p['non2xx'] + p['socket_errors']} |")
+                     f"{cpu['replica']:.1f} | {cpu['load generator']:.1f} | {p['non2xx'] + p['socket_errors']} | "
+                     f"{p.get('steal', 0):.0%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -142,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         replicas = _start_replicas(ports)
         try:
             for name in variants:
+                if name != "as rendered":
+                    report["points"] += measure_variant("as rendered", cfg, port, args.duration, args.warmup)
                 report["points"] += measure_variant(name, VARIANTS[name](cfg), port, args.duration, args.warmup)
         finally:
             for proc in replicas:

@@ -179,13 +179,15 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.extend([hdr, sep, *rows, ""])
 
     wrk_rows("trivial", "trivial", [8, 32, 128])
-    cpu_rows = [f"| {s} | {c} | " + " | ".join(f"{cpu.get(k, 0):.1f}" for k in (*KINDS, "total")) + " |"
-                for c in (32, 128) for s in systems
-                for cpu in [(_get(runs, s, "trivial", c) or {}).get("cpu_us_per_request")] if cpu]
+    cpu_rows = [f"| {s} | {c} | " + " | ".join(f"{cpu.get(k, 0):.1f}" for k in (*KINDS, "total"))
+                + f" | {point.get('steal', 0):.0%} |"
+                for c in (32, 128) for s in systems for point in [_get(runs, s, "trivial", c) or {}]
+                for cpu in [point.get("cpu_us_per_request")] if cpu]
     if cpu_rows:
         lines += ["CPU per request (us of CPU time per request during the trivial point, from /proc, by kind of process; "
-                  "`bench.cpu`):", "", "| system | conns | " + " | ".join(KINDS) + " | total |",
-                  "|---|---:|" + "---:|" * (len(KINDS) + 1), *cpu_rows, ""]
+                  "`bench.cpu`; steal: the share of the machine's CPU time its hypervisor gave to others meanwhile):", "",
+                  "| system | conns | " + " | ".join(KINDS) + " | total | steal |",
+                  "|---|---:|" + "---:|" * (len(KINDS) + 2), *cpu_rows, ""]
     wrk_rows("sleep 50 ms", "sleep", [100, 400], extra=True)
     wrk_rows("trivial as a bare ASGI app", ("asgi", "asgi_bare"), [ASGI_CONNS])
     wrk_rows("trivial as a FastAPI app", ("asgi", "asgi"), [ASGI_CONNS])

@@ -227,7 +227,7 @@ def measure(url: str, conns: int, duration: float, warmup: float) -> dict[str, A
         run_wrk(url, conns, warmup)
     with Accounting() as cpu:
         r = run_wrk(url, conns, duration)
-    r["cpu_us_per_request"] = cpu.per_request(r["requests"])
+    r["cpu_us_per_request"], r["steal"] = cpu.per_request(r["requests"]), cpu.steal
     return r
 
 

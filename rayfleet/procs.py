@@ -18,18 +18,23 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command's name (state, ppid, ...: field 3 of proc(5) is index 0), or None
+    once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().decode(errors="replace").rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def descendants(pid: int) -> set[int]:
     """All live descendant PIDs of ``pid``."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                ppid = int(f.read().decode(errors="replace").rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
+        fields = stat_fields(int(entry)) if entry.isdigit() else None
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(entry))
     out: set[int] = set()
     todo = [pid]
     while todo:

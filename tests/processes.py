@@ -3,17 +3,13 @@ from __future__ import annotations
 
 import os
 
-from rayfleet.procs import cmdline
+from rayfleet.procs import cmdline, stat_fields
 
 
 def start_time(pid: int) -> int | None:
     """The process's start time (clock ticks since boot), or None if it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().decode(errors="replace").rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+    fields = stat_fields(pid)
+    return None if fields is None or fields[0] in ("Z", "X") else int(fields[19])
 
 
 def processes_mentioning(text: str) -> dict[int, str]:

@@ -171,8 +171,12 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
         ex.size += len(body)
-        if ex.too_large or ex.size > self.server.max_body:
-            ex.too_large, ex.chunks = True, []  # counted, not kept: the client gets 413
+        if ex.too_large:
+            return
+        if ex.size > self.server.max_body:  # counted, not kept: the client gets 413 now, not at the end
+            ex.too_large, ex.chunks = True, []
+            if ex.arrived is not None:
+                ex.arrived.set()
             return
         ex.chunks.append(body)
         if not ex.reading and ex.size > BODY_HIGH_WATER:
@@ -239,7 +243,7 @@ class _Connection(asyncio.Protocol):
         length = next((v for k, v in ex.headers if k.lower() == b"content-length"), None)
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
             raise PayloadTooLarge.over(self.server.max_body)  # before a byte of it is read
-        if not ex.complete:
+        if not ex.complete and not ex.too_large:
             if any(k.lower() == b"expect" and v.lower() == b"100-continue" for k, v in ex.headers):
                 self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
             ex.arrived = asyncio.Event()

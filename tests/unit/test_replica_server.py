@@ -85,6 +85,17 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(module):
                     yield b"x" * 60
 
             assert (await client.post("/", content=chunked())).status_code == 413
+        # A chunked body is refused as soon as it passes the limit, not once the client has sent it all:
+        # in the packet with the headers, or while the handler waits for the rest.
+        chunked_over = await exchange(url, b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                           b"c8\r\n" + b"x" * 200 + b"\r\n")  # no last chunk: still sending
+        assert chunked_over.startswith(b"HTTP/1.1 413") and b"connection: close" in chunked_over
+        reader, writer = await asyncio.open_connection(*url.removeprefix("http://").split(":"))
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n32\r\n" + b"x" * 50 + b"\r\n")
+        await eventually_async(lambda: server.stats()["inFlight"] == 1, what="the request admitted, its body awaited")
+        writer.write(b"64\r\n" + b"x" * 100 + b"\r\n")
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 413")
+        writer.close()
         # A client that announces a huge body gets its 413 without sending any of it.
         host, port = url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
