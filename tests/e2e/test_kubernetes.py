@@ -97,7 +97,9 @@ def test_the_network_policy_refuses_other_namespaces(cluster, echo):
     try:
         outsider = client_pod(cluster, outsider_namespace, "outsider")
         insider = client_pod(cluster, NAMESPACE, "insider")
-        assert connects(cluster, NAMESPACE, insider, ip, INGRESS_PORT)
+        # kube-router admits a new pod once it has put its IP in the policy's sets, a moment after it runs
+        eventually(lambda: connects(cluster, NAMESPACE, insider, ip, INGRESS_PORT), timeout=60, interval=2,
+                   what="the insider admitted to the HTTP port")
         assert not connects(cluster, NAMESPACE, insider, ip, CONTROL_PORT)
         assert connects(cluster, outsider_namespace, outsider, ip, METRICS_PORT)
         for port in (INGRESS_PORT, CONTROL_PORT, *ray_ports):
