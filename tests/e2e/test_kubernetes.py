@@ -88,6 +88,7 @@ def test_the_network_policy_refuses_other_namespaces(cluster, echo):
     namespace reaches HTTP but not the controller (only the operator's pod does: the test above); every pod
     reaches the metrics port."""
     name = echo["metadata"]["name"]
+    cluster.wait_ready(name, echo["spec"]["replicas"])
     (head,) = [p for p in cluster.pods(name) if p["metadata"]["labels"].get("ray.io/node-type") == "head"]
     ip = head["status"]["podIP"]
     ray_ports = [p["containerPort"] for p in head["spec"]["containers"][0]["ports"] if p["name"] in ("gcs-server", "client")]
