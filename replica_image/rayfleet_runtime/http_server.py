@@ -215,7 +215,7 @@ class _Connection(asyncio.Protocol):
                 try:
                     head = _head(status, headers, self._framing(ex, len(data)))
                 except (ValueError, UnicodeEncodeError) as exc:
-                    status, head, data = 500, *self._bad_headers(ex, exc)
+                    status, (head, data) = 500, self._bad_headers(ex, exc)
                 self._write(head if ex.method == "HEAD" else head + data)
             else:
                 status = await self._stream(ex, status, headers, data)
@@ -234,8 +234,12 @@ class _Connection(asyncio.Protocol):
             self._done(ex)
 
     def _write_text(self, ex: _Exchange, status: int, text: str) -> None:
+        self._write(b"".join(self._text(ex, status, text)))
+
+    def _text(self, ex: _Exchange, status: int, text: str) -> tuple[bytes, bytes]:
+        """A text/plain answer of ours: its headers and its body."""
         body = (text + "\n").encode()
-        self._write(_head(status, {"content-type": "text/plain; charset=utf-8"}, self._framing(ex, len(body))) + body)
+        return _head(status, {"content-type": "text/plain; charset=utf-8"}, self._framing(ex, len(body))), body
 
     async def _read(self, ex: _Exchange, path: str, query: bytes | None) -> Request:
         """The whole request, once admitted; PayloadTooLarge past the body limit."""
@@ -268,9 +272,8 @@ class _Connection(asyncio.Protocol):
             try:
                 head = _head(status, headers, b"transfer-encoding: chunked\r\n\r\n" if chunked else self._framing(ex))
             except (ValueError, UnicodeEncodeError) as exc:
-                status, head, body = 500, *self._bad_headers(ex, exc)
-                self._write(head + body)
-                return status
+                self._write(b"".join(self._bad_headers(ex, exc)))
+                return 500
             self._write(head)
             if ex.method != "HEAD":
                 async for chunk in chunks:
@@ -288,12 +291,12 @@ class _Connection(asyncio.Protocol):
         return status if complete else 499
 
     def _bad_headers(self, ex: _Exchange, exc: Exception) -> tuple[bytes, bytes]:
+        """The 500 (headers and body) for a response whose headers HTTP can't carry."""
         self.runner.errors += 1
         self.runner.last_error = f"response headers: {exc}"[:500]
         logger.error("the handler's response headers can't be sent: %s", exc)
-        body = b"500 Internal Server Error: the handler's response headers can't be sent\n"
         ex.keep_alive = False
-        return _head(500, {"content-type": "text/plain; charset=utf-8"}, self._framing(ex, len(body))), body
+        return self._text(ex, 500, "500 Internal Server Error: the handler's response headers can't be sent")
 
     def _framing(self, ex: _Exchange, length: int | None = None) -> bytes:
         """Content-Length (none: the body ends with the connection) and the connection's fate."""
