@@ -26,19 +26,20 @@ class Traffic:
 
     def __init__(self, url: str):
         self.url, self.answers, self.failures = url, 0, []
-        self.failed_at: list[float] = []  # time.monotonic() of each failure
+        self.sent_failed: list[float] = []  # time.monotonic() at which each failed request was sent
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set() and self.answers + len(self.failures) < 100_000:
+            sent = time.monotonic()
             code, body = http_get(self.url, timeout=30)
             if code == 200:
                 self.answers += 1
                 self.last = body
             else:
                 self.failures.append((code, body))
-                self.failed_at.append(time.monotonic())
+                self.sent_failed.append(sent)
             time.sleep(0.02)
 
     def __enter__(self) -> "Traffic":

@@ -93,7 +93,9 @@ def test_a_stopped_worker_node_fails_requests_only_until_kubernetes_notices(clus
         run_docker("start", node, check=False)
     report_fault("worker node stopped", traffic, seconds,
                  f"its pods left the endpoints after {noticed - started:.1f} s, {during} failed until then")
-    late = [t - noticed for t in traffic.failed_at if t > noticed + 5]  # a request sent just before may still time out
+    # A request sent before may fail long after (its connect to the lost node times out at 30 s); one sent
+    # once kube-proxy has applied the new endpoints (a second or two) may not.
+    late = [t - noticed for t in traffic.sent_failed if t > noticed + 2]
     assert not late, (late, traffic.failures[-5:])
     assert traffic.answers > 120
 
