@@ -2,17 +2,20 @@
 
 The counters and gauges are the ints the runner (``handler.Admission``) keeps anyway, turned into
 families at collect time, so they cost the request path nothing. Only the handler-time histogram is
-observed per request; ``RAYFLEET_METRICS=0`` in a replica's environment turns that off (the benchmark's
-baseline for what metrics cost). The node's ingress collects every local replica's families through
+observed per request, into a bucket list of its own (``LatencyHistogram``: a fifth of what
+``prometheus_client``'s locked histogram costs); ``RAYFLEET_METRICS=0`` in a replica's environment turns
+that off (the benchmark's baseline for what metrics cost). The node's ingress collects every local replica's families through
 ``Replica.metrics()`` and serves them with the rest of the node's (``ingress_metrics``).
 """
 from __future__ import annotations
 
+import bisect
 import os
 from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, disable_created_metrics, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from rayfleet_api.metrics_labels import split_deployment
 from rayfleet_runtime.handler import Admission
@@ -28,6 +31,30 @@ def per_request_metrics_on() -> bool:
     return os.environ.get(METRICS_ENV, "1") not in ("0", "false", "off")
 
 
+class LatencyHistogram:
+    """Seconds counted into ``LATENCY_BUCKETS`` with no lock: its only writer is the replica's data-plane
+    loop, and a scrape (another thread) copies the counts in one step, so they add up to the count it
+    reports; the sum may be a request apart from them."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: above every bound
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # le: a bound's own value counts in it
+        self.sum += seconds
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """Prometheus' buckets: (le, observations at or below it), ending with +Inf (the count)."""
+        total, buckets = 0, []
+        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), list(self.counts)):
+            total += n
+            buckets.append((floatToGoString(bound), total))
+        return buckets
+
+
 class ReplicaMetrics:
     """One replica's registry: the latency histogram, plus a collector over ``runner()``'s counters."""
 
@@ -37,10 +64,7 @@ class ReplicaMetrics:
         self.label_values = [namespace, name, replica_id]
         self._runner = runner
         self.registry = CollectorRegistry(auto_describe=False)
-        self.latency = Histogram("rayfleet_replica_request_duration_seconds",
-                                 "Handler time of admitted requests (a stream: until its last chunk)",
-                                 self.label_names, buckets=LATENCY_BUCKETS, registry=self.registry
-                                 ).labels(*self.label_values)
+        self.latency = LatencyHistogram()
         self.registry.register(self)
 
     def attach(self, runner: Admission) -> None:
@@ -63,6 +87,11 @@ class ReplicaMetrics:
         for code, n in sorted(codes.items()):
             requests.add_metric([*self.label_values, str(code)], n)
         yield requests
+        latency = HistogramMetricFamily("rayfleet_replica_request_duration_seconds",
+                                        "Handler time of admitted requests (a stream: until its last chunk)",
+                                        labels=self.label_names)
+        latency.add_metric(self.label_values, self.latency.cumulative(), self.latency.sum)
+        yield latency
         for name, doc, value in (
                 ("rayfleet_replica_rejected", "Requests refused with 503 at maxConcurrency", runner.rejected),
                 ("rayfleet_replica_handler_exceptions", "Requests whose handler raised", runner.exceptions),
