@@ -142,14 +142,13 @@ def test_overload_answers_503_quickly(api, ray_cluster):
             slow = [asyncio.ensure_future(client.get(url + "/?s=2")) for _ in range(2)]  # 1 runs, 1 waits
             # The replica's own counters say so (within the 2 s the first one runs).
             await asyncio.to_thread(eventually, one_runs_one_waits, 1.5, 0.02, "1 request running and 1 queued on the replica")
-            t = time.monotonic()
             rejected = await client.get(url + "/?s=2")
-            took = time.monotonic() - t
-            return rejected, took, await asyncio.gather(*slow)
+            unfinished = not any(r.done() for r in slow)  # refused at once, not once a slot freed
+            return rejected, unfinished, await asyncio.gather(*slow)
 
-    rejected, took, slow = asyncio.run(main())
+    rejected, unfinished, slow = asyncio.run(main())
     assert rejected.status_code == 503 and rejected.headers["Retry-After"] == "1"
-    assert took < 0.5
+    assert unfinished
     assert [r.status_code for r in slow] == [200, 200]
     api.delete("tight", wait=False)
 
