@@ -23,10 +23,12 @@ from typing import Callable
 from bench.cpu import Accounting
 from bench.wrk import run_wrk
 from rayfleet.ports import free_port
+from rayfleet_api.desired import DesiredState
 from rayfleet_api.http_probe import wait_http
-from rayfleet_runtime.haproxy_bin import find_haproxy
-from rayfleet_runtime.haproxy_config import render_config
-from rayfleet_runtime.ingress import default_maxconn
+from rayfleet_runtime.ingress.haproxy_bin import find_haproxy
+from rayfleet_runtime.ingress.actor import default_maxconn
+from rayfleet_runtime.ingress.haproxy_config import render_config
+from rayfleet_runtime.routing import Route, build_table
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -35,7 +37,7 @@ CONNS = (32, 128)
 _REPLICA = """
 import asyncio, sys, uvloop
 from rayfleet_api.desired import DesiredState
-from rayfleet_runtime.replica import ReplicaServer
+from rayfleet_runtime.replica.actor import ReplicaServer
 async def main():
     server = ReplicaServer(DesiredState(handler="bench.handlers:trivial", version="v", max_concurrency=1000))
     await server.start("127.0.0.1", int(sys.argv[1]))
@@ -138,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown variant: {', '.join(unknown)}")
     ports = [free_port() for _ in range(REPLICAS)]
     port = free_port()
-    table = {"deployments": {"bench": {"routePrefix": "/bench", "maxConcurrency": 1000, "replicas": [
-        {"id": f"bench-{i}", "host": "127.0.0.1", "port": rp} for i, rp in enumerate(ports)]}}}
+    desired = DesiredState(handler="bench.handlers:trivial", route_prefix="/bench", max_concurrency=1000)
+    table = build_table([Route("bench", desired, tuple((f"bench-{i}", "127.0.0.1", rp, None)
+                                                       for i, rp in enumerate(ports)))])  # as the controller does
     with tempfile.TemporaryDirectory() as tmp:
         cfg = render_config(table, port=port, bind_host="127.0.0.1", runtime_socket=f"{tmp}/admin.sock",
                             maxconn=default_maxconn())  # as the ingress renders it

@@ -101,7 +101,7 @@ class Rayfleet:
     name = "rayfleet"
 
     def start(self) -> None:
-        from rayfleet_runtime.controller import ensure_controller
+        from rayfleet_runtime.controller.actor import ensure_controller
 
         self.control_port, self.ingress_port, self.metrics_port = free_port(), free_port(), free_port()
         token = secrets.token_urlsafe(32)
@@ -235,8 +235,8 @@ def in_process_us(n: int = 200_000) -> dict[str, float]:
     """µs per call of the trivial handler in-process: bare, through rayfleet's HandlerRunner, and through it
     with the replica's per-request metrics on."""
     from bench.handlers import trivial
-    from rayfleet_runtime.handler import HandlerRunner, Request
-    from rayfleet_runtime.replica_metrics import ReplicaMetrics
+    from rayfleet_runtime.replica.handler import HandlerRunner, Request
+    from rayfleet_runtime.replica.metrics import ReplicaMetrics
 
     req = Request("GET", "/trivial")
 
@@ -333,7 +333,7 @@ async def stream_load(url: str, conns: int, duration: float) -> dict[str, Any]:
 def metrics_cost(system: "Rayfleet", duration: float, warmup: float, log) -> dict[str, Any]:
     """The trivial handler with per-request metrics on (and the node scraped every SCRAPE_INTERVAL_S) and
     off (``RAYFLEET_METRICS=0``: no latency histogram, no scrapes), alternated in one run."""
-    from rayfleet_runtime.replica_metrics import METRICS_ENV
+    from rayfleet_runtime.replica.metrics import METRICS_ENV
 
     urls = {"on": system.deploy("metrics-on", "trivial", REPLICAS),
             "off": system.deploy("metrics-off", "trivial", REPLICAS, env={METRICS_ENV: "0"})}

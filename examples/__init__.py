@@ -1,1 +1,1 @@
-"""Example rayfleet handlers (see rayfleet_runtime.handler for the contract)."""
+"""Example rayfleet handlers (see rayfleet_runtime.replica.handler for the contract)."""

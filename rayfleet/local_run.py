@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray  # noqa: PLC0415 - keep `rayfleet --help` and manifest errors fast
 
-    from rayfleet_runtime.controller import ensure_controller  # noqa: PLC0415
+    from rayfleet_runtime.controller.actor import ensure_controller  # noqa: PLC0415
 
     # The controller answers only to this token: yours from the environment (to script against the
     # API), else a random one that only this process knows.

@@ -1,4 +1,4 @@
-"""The client end of the controller's HTTP API (the server end is ``rayfleet_runtime.api_server``).
+"""The client end of the controller's HTTP API (the server end is ``rayfleet_runtime.controller.api_server``).
 
 Used by the operator (through a thread, so kopf's event loop never blocks), ``rayfleet run``, the
 ``rayfleet dev`` provider and the benchmarks. Blocking and stdlib-only, so the bottom layer needs no

@@ -1,4 +1,4 @@
 """rayfleet runtime: replica, controller and HAProxy ingress running inside Ray."""
-from rayfleet_runtime.handler import BadRequest, Request, Response
+from rayfleet_runtime.replica.handler import BadRequest, Request, Response
 
 __all__ = ["BadRequest", "Request", "Response"]

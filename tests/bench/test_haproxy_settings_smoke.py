@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.timeout(200)]
 
 
 def test_every_variant_changes_the_rendered_config_and_two_of_them_serve(tmp_path):
-    from rayfleet_runtime.haproxy_config import render_config
+    from rayfleet_runtime.ingress.haproxy_config import render_config
 
     cfg = render_config({"deployments": {"d": {"routePrefix": "/d", "replicas": [{"id": "d-0", "host": "127.0.0.1",
                                                                                     "port": 1}]}}},

@@ -95,7 +95,7 @@ def _connect_ray(ray, **init) -> None:
 @pytest.fixture(scope="module")
 def api(ray_cluster):
     from rayfleet_api.http_probe import wait_http
-    from rayfleet_runtime.controller import ensure_controller
+    from rayfleet_runtime.controller.actor import ensure_controller
 
     control_port, ingress_port, metrics_port, token = free_port(), free_port(), free_port(), secrets.token_urlsafe(32)
     ensure_controller(token, control_port=control_port, ingress_port=ingress_port, ingress_nodes="head",

@@ -126,7 +126,7 @@ def test_import_error_is_reported_not_hot_looped(api):
 
 def test_overload_answers_503_quickly(api, ray_cluster):
     from rayfleet_api.constants import RAY_NAMESPACE
-    from rayfleet_runtime.replica import replica_actor_name
+    from rayfleet_runtime.actor_names import replica_actor_name
 
     api.put("tight", handler="rf_test_handlers:async_sleep", maxConcurrency=1)
     obs = api.wait_ready("tight", 1)

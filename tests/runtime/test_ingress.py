@@ -20,7 +20,8 @@ ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 web = pytest.importorskip("aiohttp.web")
 
-from rayfleet_runtime.haproxy_bin import HAProxyNotFound, find_haproxy  # noqa: E402
+from rayfleet_runtime.routing import RoutingTable  # noqa: E402
+from rayfleet_runtime.ingress.haproxy_bin import HAProxyNotFound, find_haproxy  # noqa: E402
 from rayfleet.procs import cmdline  # noqa: E402
 from rayfleet.ports import free_port  # noqa: E402
 from rayfleet_api.constants import INGRESS_READY_PATH  # noqa: E402
@@ -116,7 +117,7 @@ def replicas():
 
 @pytest.fixture(scope="module")
 def ingress(ray_cluster):
-    from rayfleet_runtime.ingress import actor_name, ensure_ingress
+    from rayfleet_runtime.ingress.actor import actor_name, ensure_ingress
 
     node_id = ray.get_runtime_context().get_node_id()
     port = free_port()
@@ -143,7 +144,7 @@ def ingress(ray_cluster):
 
 
 def push(handle, table) -> dict:
-    result = ray.get(handle.update.remote(table), timeout=60)
+    result = ray.get(handle.update.remote(RoutingTable.from_wire(table)), timeout=60)
     assert result["error"] is None, result
     return result
 
@@ -394,7 +395,7 @@ def test_saturated_replica_sheds_load_quickly(ingress, replicas):
 
 
 def test_stop_kills_haproxy(ray_cluster, replicas):
-    from rayfleet_runtime.ingress import IngressManager
+    from rayfleet_runtime.ingress.actor import IngressManager
 
     port = free_port()
     h = IngressManager.options(num_cpus=0).remote(port=port, bind_host="127.0.0.1")
@@ -409,17 +410,17 @@ def test_stop_kills_haproxy(ray_cluster, replicas):
 
 def test_invalid_config_keeps_running_one(replicas, tmp_path):
     """No Ray: the Ingress class directly. A config haproxy -c rejects is not applied."""
-    from rayfleet_runtime.ingress import Ingress
+    from rayfleet_runtime.ingress.actor import Ingress
 
     port = free_port()
     ing = Ingress(port=port, bind_host="127.0.0.1", workdir=str(tmp_path / "ing"), nbthread=1)
     try:
         a = replicas.start("inv-a")
         asyncio.run(ing.ready())
-        assert asyncio.run(ing.update({"deployments": {"x": dep("/x", [a])}}))["changed"]
+        assert asyncio.run(ing.update(RoutingTable.from_wire({"deployments": {"x": dep("/x", [a])}})))["changed"]
         good = ing._config
         ing._render = lambda table: good + "\nbackend broken\n    this-is-not-a-keyword\n"
-        result = asyncio.run(ing.update({"deployments": {"x": dep("/x", [])}}))
+        result = asyncio.run(ing.update(RoutingTable.from_wire({"deployments": {"x": dep("/x", [])}})))
         assert result["applied"] is False and "this-is-not-a-keyword" in result["error"]
         assert ing._config == good
         with open(ing.cfg_path) as f:
@@ -427,15 +428,15 @@ def test_invalid_config_keeps_running_one(replicas, tmp_path):
         r = httpx.get(f"http://127.0.0.1:{port}/x/1", timeout=10)
         assert r.status_code == 200 and r.json()["replica"] == "inv-a"
     finally:
-        pid = ing._proc.pid
-        ing._terminate(1)
+        pid = ing._haproxy.pid
+        ing._haproxy.terminate(1)
     assert not pid_alive(pid)
 
 
 def test_actor_crash_kills_haproxy_and_restart_restores_table(ray_cluster, replicas):
     import signal
 
-    from rayfleet_runtime.ingress import IngressManager
+    from rayfleet_runtime.ingress.actor import IngressManager
 
     port = free_port()
     a = replicas.start("crash-a")

@@ -14,10 +14,11 @@ import pytest
 
 from rayfleet.ports import free_port
 from rayfleet_api.desired import DesiredState
-from rayfleet_runtime.haproxy_bin import HAProxyNotFound, find_haproxy
-from rayfleet_runtime.haproxy_config import ACTIVATOR_BACKEND_HEADER, ACTIVATOR_SERVER
-from rayfleet_runtime.ingress import Ingress
-from rayfleet_runtime.replica import ReplicaServer
+from rayfleet_runtime.routing import RoutingTable  # noqa: E402
+from rayfleet_runtime.ingress.haproxy_bin import HAProxyNotFound, find_haproxy
+from rayfleet_runtime.ingress.haproxy_config import ACTIVATOR_BACKEND_HEADER, ACTIVATOR_SERVER
+from rayfleet_runtime.ingress.actor import Ingress
+from rayfleet_runtime.replica.actor import ReplicaServer
 from tests.waiting import eventually_async
 
 try:
@@ -72,7 +73,7 @@ def cold(replicas=(), **fields):
 
 
 async def push(ing: Ingress, table) -> None:
-    result = await ing.update(table)
+    result = await ing.update(RoutingTable.from_wire(table))
     assert result["error"] is None, result
 
 

@@ -12,17 +12,18 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from rayfleet_runtime import activator as activator_module
-from rayfleet_runtime.activator import Activator, end_to_end
-from rayfleet_runtime.haproxy_config import ACTIVATOR_BACKEND_HEADER, backend_name
+from rayfleet_runtime.ingress import activator as activator_module
+from rayfleet_runtime.ingress.activator import Activator, end_to_end
+from rayfleet_runtime.ingress.haproxy_config import ACTIVATOR_BACKEND_HEADER
+from rayfleet_runtime.routing import RoutingTable, backend_name
 from tests.waiting import eventually_async
 
 HEADERS = {ACTIVATOR_BACKEND_HEADER: backend_name("echo")}
 
 
 def table(replicas=(), **fields):
-    return {"deployments": {"echo": {"routePrefix": "/echo", "scaleFromZero": True, "maxConcurrency": 100,
-                                     "replicas": list(replicas), **fields}}}
+    return RoutingTable.from_wire({"deployments": {"echo": {
+        "routePrefix": "/echo", "scaleFromZero": True, "maxConcurrency": 100, "replicas": list(replicas), **fields}}})
 
 
 class Replica:
@@ -225,7 +226,7 @@ def test_held_requests_get_503_when_their_deployment_stops_scaling_from_zero_or_
         await activator.apply(table())
         request = asyncio.create_task(client.get("/echo/x", headers=HEADERS))
         await held(activator, 1)
-        await activator.apply({"deployments": {}})
+        await activator.apply(RoutingTable())
         assert (await request).status_code == 503
         assert activator.outcomes() == {("echo", "unavailable"): 2}
 

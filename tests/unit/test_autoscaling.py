@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from rayfleet_api.desired import Autoscaling
-from rayfleet_runtime.autoscaling import AutoscalerState, Decision, LoadSample, ReplicaLoad, decide
+from rayfleet_runtime.controller.autoscaling import AutoscalerState, Decision, LoadSample, ReplicaLoad, decide
 
 TARGET_8 = Autoscaling(max_replicas=10, target_in_flight=8)  # delays: the defaults, 3 s up and 60 s down
 

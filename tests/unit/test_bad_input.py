@@ -35,10 +35,12 @@ from multidict import CIMultiDict
 from rayfleet_api.desired import ROUTE_PREFIX_PATTERN, DesiredState, parse_json, validate_name
 from rayfleet_api.errors import SpecError
 from rayfleet_api.states import ReplicaState
-from rayfleet_runtime import haproxy_config as hc
-from rayfleet_runtime.api_server import make_app
-from rayfleet_runtime.deployment_state import ControllerCore, ReplicaRecord
-from rayfleet_runtime.handler import HandlerRunner, Request, Response
+from rayfleet_runtime.ingress import haproxy_config as hc
+from rayfleet_runtime.routing import RoutingTable
+from rayfleet_runtime.controller.api_server import make_app
+from rayfleet_runtime.controller.deployment_state import ControllerCore
+from rayfleet_runtime.controller.records import ReplicaRecord
+from rayfleet_runtime.replica.handler import HandlerRunner, Request, Response
 
 # The fixed budget: the same examples on every run, no example database, no per-example deadline, and no
 # "too slow" health check that a loaded CI runner could trip.
@@ -398,7 +400,7 @@ class NoRay(SimpleNamespace):
         pass
 
 
-def table_the_controller_builds(candidates) -> tuple[dict[str, Any], list[str]]:
+def table_the_controller_builds(candidates) -> tuple[RoutingTable, list[str]]:
     """PUT each candidate through the controller's own checks (name, body, routePrefix in use), give the
     accepted ones READY replicas, and return ``ControllerCore.routing_table()`` and the accepted names."""
     core = ControllerCore(NoRay())
@@ -420,7 +422,7 @@ def table_the_controller_builds(candidates) -> tuple[dict[str, Any], list[str]]:
 @pytest.fixture(scope="module")
 def haproxy_check(tmp_path_factory):
     """``check(config text)`` -> (ok, haproxy's output), with the HAProxy rayfleet runs."""
-    from rayfleet_runtime.haproxy_bin import HAProxyNotFound, check_config, find_haproxy
+    from rayfleet_runtime.ingress.haproxy_bin import HAProxyNotFound, check_config, find_haproxy
 
     try:
         binary = find_haproxy()
@@ -448,7 +450,7 @@ def assert_numbers_fit_haproxy(config: str) -> None:
         assert int(value) < 2**31, value
 
 
-def render(table: Any) -> str:
+def render(table: RoutingTable) -> str:
     return hc.render_config(table, port=8000, bind_host="0.0.0.0", runtime_socket="/tmp/rayfleet-admin.sock")
 
 
@@ -486,13 +488,12 @@ def test_another_deployment_never_reroutes_echo(candidates, tail):
     alone, _ = table_the_controller_builds([(*ECHO, ECHO_REPLICAS)])
     table, accepted = table_the_controller_builds([(*ECHO, ECHO_REPLICAS)] + [c for c in candidates if c[0] != "echo"])
     assert accepted[0] == "echo"
-    echo_alone = next(b for b in hc.plan_table(alone).backends if b.deployment == "echo")
-    assert next(b for b in hc.plan_table(table).backends if b.deployment == "echo") == echo_alone
+    assert table.backend("echo") == alone.backend("echo")
 
     config, config_alone = render(table), render(alone)
     assert echo_block(config) == echo_block(config_alone)
     assert "    use_backend be_echo if { path /echo } || { path_beg /echo/ }\n" in config
-    prefixes = {d["routePrefix"]: name for name, d in table["deployments"].items()}
+    prefixes = {be.prefix: be.deployment for be in table.backends}
     for path in ("/echo", "/echo/", "/echo/" + quote(tail), *(p + "/x" for p in prefixes)):
         owner = max((p for p in prefixes if p == "/" or path == p or path.startswith(p + "/")), key=len, default=None)
         if owner == "/echo":
@@ -530,8 +531,8 @@ garbage_specs = json_values(max_leaves=4) | st.fixed_dictionaries({}, optional={
 def test_garbage_tables_still_render_a_config_haproxy_accepts(haproxy_check, deployments):
     """A table no controller would send (names, prefixes, numbers, replicas of any shape): what can't be
     used is skipped, and one bad deployment never takes the config, and every other route, down."""
-    table = {"deployments": {**deployments, "echo": {"routePrefix": "/echo", "replicas": [
-        {"id": rid, "host": host, "port": port} for rid, host, port in ECHO_REPLICAS]}}}
+    table = RoutingTable.from_wire({"deployments": {**deployments, "echo": {"routePrefix": "/echo", "replicas": [
+        {"id": rid, "host": host, "port": port} for rid, host, port in ECHO_REPLICAS]}}})
     config = render(table)
     assert render(table) == config  # deterministic, so the ingress can skip reloads
     ok, out = haproxy_check(config)

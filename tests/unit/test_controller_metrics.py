@@ -6,7 +6,7 @@ import pickle
 from prometheus_client import CollectorRegistry, generate_latest
 
 from rayfleet_api.states import ReplicaState
-from rayfleet_runtime.controller_metrics import ControllerMetrics
+from rayfleet_runtime.controller.metrics import ControllerMetrics
 
 
 def test_replicas_by_state_are_read_when_collected_with_every_state_present():

@@ -18,10 +18,12 @@ import ray.exceptions
 from rayfleet_api.desired import ActorOptions, Autoscaling, DesiredState, HealthCheck
 from rayfleet_api.metrics_labels import split_deployment
 from rayfleet_api.states import DeploymentStatus, ReplicaState
-from rayfleet_runtime import deployment_state
-from rayfleet_runtime.deployment_state import ControllerCore, DeploymentRecord
-from rayfleet_runtime.placement import NodeView
-from rayfleet_runtime.ray_calls import (RayBackend, ReplicaCallError, ReplicaDied, ReplicaTimeout, ReplicaUnavailable,
+from rayfleet_runtime.routing import RoutingTable
+from rayfleet_runtime.controller import deployment_state
+from rayfleet_runtime.controller.deployment_state import ControllerCore
+from rayfleet_runtime.controller.records import DeploymentRecord
+from rayfleet_runtime.controller.placement import NodeView
+from rayfleet_runtime.controller.ray_calls import (RayBackend, ReplicaCallError, ReplicaDied, ReplicaTimeout, ReplicaUnavailable,
                                         RuntimeEnvFailed)
 
 
@@ -63,17 +65,16 @@ class FakeIngress:
     def stats(self):
         async def read():
             stats = {"deployments": {name: {"backend": name, "queue": self.queue.get(name, 0), "servers": {}}
-                                     for name in self.tables[-1]["deployments"]}} if self.tables else {}
+                                     for name in (be.deployment for be in self.tables[-1].backends)}} if self.tables else {}
             return stats if self.held is None else {**stats, "held": dict(self.held)}
 
         return asyncio.ensure_future(read())
 
-    def update(self, table: dict[str, Any]):
+    def update(self, table: RoutingTable):
         async def apply():
             await asyncio.sleep(0.02)  # a proxy reload takes a while: a drain must wait for it
             self.tables.append(table)
-            self.events.append(("routes", {name: [r["id"] for r in d["replicas"]]
-                                           for name, d in table["deployments"].items()}))
+            self.events.append(("routes", {be.deployment: [s.replica_id for s in be.servers] for be in table.backends}))
             return {"applied": True}
 
         return asyncio.ensure_future(apply())
@@ -454,7 +455,7 @@ def test_delete_drains_every_replica_then_forgets_the_deployment():
         assert obs["status"] == DeploymentStatus.DELETING and obs["targetReplicas"] == 0
         assert json.loads(backend.checkpoints["d"])["deleting"] is True  # a restarted controller goes on deleting
         await settle(core, lambda: core.get_deployment("d") is None, "d forgotten")
-        assert "d" not in backend.checkpoints and core.routing_table() == {"deployments": {}}
+        assert "d" not in backend.checkpoints and core.routing_table() == RoutingTable()
         unrouted = backend.index(("routes", {}))
         for rid in ("d-0", "d-1"):
             assert unrouted < backend.index(("drain", rid)) < backend.index(("kill", rid)) < backend.index(("forget", "d"))
@@ -520,7 +521,7 @@ def test_a_replica_leaving_the_routes_outlives_the_proxies_keepalive_whatever_it
     """Old HAProxy workers route idle keep-alive connections by the old table for a while: a replica
     with a short gracefulShutdownSeconds is drained only after that settle, and with 0 it stops at once."""
     async def test(core: ControllerCore, backend: FakeBackend):
-        core.drain_settle_s = 0.5
+        core.actions.drain_settle_s = 0.5
         core.put_deployment("d", dataclasses.replace(desired(replicas=2), graceful_shutdown_seconds=0.1))
         await settle(core, lambda: core.get_deployment("d")["readyReplicas"] == 2, "2 ready replicas")
         core.put_deployment("d", dataclasses.replace(desired(replicas=1), graceful_shutdown_seconds=0.1))
@@ -680,10 +681,10 @@ def test_min_zero_stops_the_last_replica_and_routes_the_deployment_for_scale_fro
         obs = core.get_deployment("d")
         assert (obs["desiredReplicas"], obs["status"]) == (0, DeploymentStatus.RUNNING)
         assert obs["autoscaling"]["lastScaleReason"] == "no load for 0.3s -> 0 replicas"
-        route = core.routing_table()["deployments"]["d"]
-        assert route["scaleFromZero"] is True and route["replicas"] == []
+        route = core.routing_table().backend("d")
+        assert route.scale_from_zero is True and route.servers == ()
         core.put_deployment("d", autoscaled(replicas=1, min_replicas=1))
-        assert "scaleFromZero" not in core.routing_table()["deployments"]["d"]
+        assert core.routing_table().backend("d").scale_from_zero is False
 
     run(test)
 

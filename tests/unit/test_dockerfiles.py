@@ -42,7 +42,7 @@ def test_replica_image():
     ins = instructions(REPLICA)
     assert base_image(ins) == "rayproject/ray:2.60.0-py311"
     runs = " ".join(arg for op, arg in ins if op == "RUN")
-    assert "['runtime']" in runs and "rayfleet_runtime.haproxy_bin" in runs and "rayfleet-head-start" in runs
+    assert "['runtime']" in runs and "rayfleet_runtime.ingress.haproxy_bin" in runs and "rayfleet-head-start" in runs
     assert any(op == "ENV" and "PYTHONPATH=/home/ray/app" in arg for op, arg in ins)
 
 

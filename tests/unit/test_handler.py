@@ -13,8 +13,8 @@ import pytest
 from tests.waiting import eventually_async
 
 from rayfleet_runtime import Response
-from rayfleet_runtime.handler import (HandlerLoadError, HandlerRunner, Limiter, PayloadTooLarge, Request, load_handler,
-                                      to_http)
+from rayfleet_runtime.replica.admission import Limiter
+from rayfleet_runtime.replica.handler import HandlerLoadError, HandlerRunner, PayloadTooLarge, Request, load_handler, to_http
 
 
 @pytest.fixture
@@ -491,7 +491,7 @@ def test_a_stream_yielding_something_else_than_text_or_bytes_is_a_counted_handle
 
 def test_an_autoscaled_replica_queues_what_an_overlapping_reload_sends():
     from rayfleet_api.desired import Autoscaling, DesiredState
-    from rayfleet_runtime.handler import replica_max_queued
+    from rayfleet_runtime.replica.admission import replica_max_queued
 
     fixed = DesiredState(handler="a:b", max_concurrency=10)
     assert replica_max_queued(fixed) == 10  # min(maxConcurrency, 16), as before

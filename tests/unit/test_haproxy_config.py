@@ -1,4 +1,4 @@
-"""Pure rendering tests for rayfleet_runtime.haproxy_config (no Ray; haproxy -c when available)."""
+"""Pure rendering tests for rayfleet_runtime.ingress.haproxy_config (no Ray; haproxy -c when available)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from rayfleet_runtime import haproxy_config as hc
+from rayfleet_runtime.ingress import haproxy_config as hc
+from rayfleet_runtime.routing import RoutingTable, server_name
 
 SOCK = "/tmp/rayfleet-test/admin.sock"
 
@@ -16,7 +17,7 @@ def render(table, **kw):
     kw.setdefault("bind_host", "127.0.0.1")
     kw.setdefault("runtime_socket", SOCK)
     kw.setdefault("maxconn", 4000)
-    return hc.render_config(table, **kw)
+    return hc.render_config(RoutingTable.from_wire(table), **kw)
 
 
 def rep(rid, port, host="127.0.0.1"):
@@ -158,8 +159,8 @@ def test_sanitised_stable_server_names():
     for n in names:
         assert re.fullmatch(r"[A-Za-z0-9_.:-]+", n)
     assert "ok-1.x:y" in names
-    assert hc.server_name("my app/v1#0") in names
-    assert hc.server_name("my app/v1#0") != hc.server_name("my app/v1_0")
+    assert server_name("my app/v1#0") in names
+    assert server_name("my app/v1#0") != server_name("my app/v1_0")
     assert re.search(r"^backend be_my_app_v1-[0-9a-f]{8}$", cfg, re.M)
     # Replica order in the table doesn't matter.
     shuffled = {"deployments": {"my app/v1": dict(table["deployments"]["my app/v1"])}}
@@ -182,17 +183,9 @@ def test_invalid_and_duplicate_prefixes_are_skipped_not_fatal():
 
 
 def test_names_map_back_to_table():
-    plan = hc.plan_table(TABLE)
+    plan = RoutingTable.from_wire(TABLE)
     names = plan.names()
     assert names["be_echo"] == {"deployment": "echo", "servers": {"echo-0": "echo-0", "echo-1": "echo-1"}}
-
-
-def test_normalize_prefix():
-    assert hc.normalize_prefix("/") == "/"
-    assert hc.normalize_prefix("") == "/"
-    assert hc.normalize_prefix("/a/b/") == "/a/b"
-    with pytest.raises(ValueError):
-        hc.normalize_prefix("no-slash")
 
 
 ACTIVATOR = "/tmp/rayfleet-test/activator.sock"
@@ -222,7 +215,7 @@ def test_a_deployment_scaled_to_zero_is_served_by_the_activator_alone():
     assert f"server {hc.ACTIVATOR_SERVER} " not in render(table)
     assert "http-request return status 503" in section(render(table), "backend be_cold")
     # A replica shows up under its id in show stat; the activator is no replica.
-    assert hc.plan_table(table).names()["be_cold"] == {"deployment": "cold", "servers": {}}
+    assert RoutingTable.from_wire(table).names()["be_cold"] == {"deployment": "cold", "servers": {}}
 
 
 def test_scale_from_zero_must_be_true_itself():
@@ -232,7 +225,7 @@ def test_scale_from_zero_must_be_true_itself():
 
 @pytest.fixture(scope="module")
 def haproxy():
-    from rayfleet_runtime.haproxy_bin import HAProxyNotFound, find_haproxy
+    from rayfleet_runtime.ingress.haproxy_bin import HAProxyNotFound, find_haproxy
 
     try:
         return find_haproxy()
@@ -254,7 +247,7 @@ def haproxy():
     ],
 )
 def test_config_passes_haproxy_check(haproxy, tmp_path, table):
-    from rayfleet_runtime.haproxy_bin import check_config
+    from rayfleet_runtime.ingress.haproxy_bin import check_config
 
     path = tmp_path / "haproxy.cfg"
     path.write_text(render(table, runtime_socket=str(tmp_path / "admin.sock"), bind_host="0.0.0.0",
@@ -264,18 +257,16 @@ def test_config_passes_haproxy_check(haproxy, tmp_path, table):
 
 
 def test_haproxy_version(haproxy):
-    from rayfleet_runtime.haproxy_bin import haproxy_version
+    from rayfleet_runtime.ingress.haproxy_bin import haproxy_version
 
     assert re.match(r"\d+\.\d+", haproxy_version(haproxy))
 
 
 def test_an_autoscaled_deployment_queues_what_its_max_replicas_could_run():
-    from rayfleet_runtime.haproxy_config import plan_table
-
     table = {"deployments": {"d": {"routePrefix": "/d", "maxConcurrency": 10, "maxQueued": 80, "queueTimeoutSeconds": 60,
                                    "replicas": [{"id": "d-0", "host": "127.0.0.1", "port": 9000}]},
                              "e": {"routePrefix": "/e", "maxConcurrency": 10, "maxQueued": True,
                                    "replicas": [{"id": "e-0", "host": "127.0.0.1", "port": 9001}]}}}
-    backends = {b.deployment: b for b in plan_table(table).backends}
+    backends = {b.deployment: b for b in RoutingTable.from_wire(table).backends}
     assert (backends["d"].max_queued, backends["d"].queue_timeout_s) == (80, 60)
     assert backends["e"].max_queued == 10  # not a count: maxConcurrency x replicas, as without autoscaling

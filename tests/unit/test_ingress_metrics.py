@@ -8,8 +8,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from rayfleet.ports import free_port
-from rayfleet_runtime import ingress_metrics
-from rayfleet_runtime.haproxy_config import plan_table
+from rayfleet_runtime.ingress import metrics as ingress_metrics
+from rayfleet_runtime.routing import RoutingTable
 
 HAPROXY_TEXT = """\
 # HELP haproxy_backend_current_queue Number of queued requests.
@@ -40,7 +40,7 @@ def test_the_same_family_from_several_replicas_is_served_once_with_every_sample(
 
 
 def test_haproxy_rows_of_a_deployment_carry_its_namespace_deployment_and_replica():
-    names = plan_table({"deployments": {"team.web": {"routePrefix": "/web", "replicas": [
+    names = RoutingTable.from_wire({"deployments": {"team.web": {"routePrefix": "/web", "replicas": [
         {"id": "web-0", "host": "10.0.0.1", "port": 8000}]}}}).names()
     backend = next(iter(names))
     text = HAPROXY_TEXT.replace("be_team.web", backend).replace('server="web-0"', f'server="{next(iter(names[backend]["servers"]))}"')

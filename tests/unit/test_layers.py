@@ -53,3 +53,41 @@ def test_the_check_sees_imports():
     """The walk finds both import forms; a broken walk would pass the tests above vacuously."""
     assert "rayfleet_api" in imports("rayfleet_operator")["operator/rayfleet_operator/reconcile.py"]
     assert {"ray", "rayfleet_runtime"} <= imports("rayfleet")["rayfleet/local_run.py"]
+
+
+RUNTIME = PACKAGES["rayfleet_runtime"][0]
+PROCESSES = {  # subpackage -> the other subpackages it may import (besides the shared top-level modules)
+    "replica": set(),
+    "ingress": set(),
+    "controller": {"ingress", "replica"},  # it creates their actors (ray_calls)
+}
+
+
+def runtime_imports() -> dict[str, set[str]]:
+    """For each runtime module, the runtime subpackages (or ``shared``) it imports."""
+    out: dict[str, set[str]] = {}
+    for path in sorted(RUNTIME.rglob("*.py")):
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            for module in modules:
+                parts = module.split(".")
+                if parts[0] == "rayfleet_runtime":
+                    found.add(parts[1] if len(parts) > 1 and parts[1] in PROCESSES else "shared")
+        out[str(path.relative_to(RUNTIME))] = found
+    return out
+
+
+def test_each_runtime_process_imports_only_what_it_runs_and_what_they_share():
+    graph = runtime_imports()
+    wrong = {}
+    for module, found in graph.items():
+        home = module.split("/")[0] if "/" in module else "shared"
+        allowed = {"shared", home} | PROCESSES.get(home, set())
+        if module == "__init__.py":  # the handler contract's names, for `from rayfleet_runtime import Response`
+            allowed.add("replica")
+        if found - allowed:
+            wrong[module] = sorted(found - allowed)
+    assert not wrong, "a shared module imports a process, or a process another one's code"
+    assert "ingress" in graph["controller/ray_calls.py"] and "shared" in graph["ingress/actor.py"]

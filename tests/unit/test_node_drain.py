@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from rayfleet_runtime import node_drain
+from rayfleet_runtime.ingress import node_drain
 
 
 class Clock:

@@ -1,7 +1,7 @@
 """Where the controller puts a new replica, and which one it moves (pure: placement.py)."""
 from __future__ import annotations
 
-from rayfleet_runtime.placement import NodeView, Placed, choose_node, to_rebalance
+from rayfleet_runtime.controller.placement import NodeView, Placed, choose_node, to_rebalance
 
 ONE_CPU = {"CPU": 1.0}
 HALF = {"CPU": 0.5}

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from rayfleet_api.states import DeploymentStatus, ReplicaState
-from rayfleet_runtime import planning as P
-from rayfleet_runtime.planning import ReplicaView, StartIntent, plan
+from rayfleet_runtime.controller import planning as P
+from rayfleet_runtime.controller.planning import ReplicaView, StartIntent, plan
 
 STARTING, READY, UNHEALTHY = ReplicaState.STARTING, ReplicaState.READY, ReplicaState.UNHEALTHY
 DRAINING, FAILED = ReplicaState.DRAINING, ReplicaState.FAILED

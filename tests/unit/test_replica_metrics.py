@@ -5,8 +5,8 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rayfleet_runtime.handler import HandlerRunner
-from rayfleet_runtime.replica_metrics import LATENCY_BUCKETS, ReplicaMetrics
+from rayfleet_runtime.replica.handler import HandlerRunner
+from rayfleet_runtime.replica.metrics import LATENCY_BUCKETS, ReplicaMetrics
 
 
 async def ok(request) -> str:

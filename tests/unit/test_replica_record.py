@@ -1,6 +1,6 @@
 """What a replica reports about itself in the controller's observed state (no Ray cluster)."""
 from rayfleet_api.states import ReplicaState
-from rayfleet_runtime.deployment_state import SLOW_START_S, ReplicaRecord
+from rayfleet_runtime.controller.records import SLOW_START_S, ReplicaRecord
 
 
 def test_a_slow_start_explains_itself_and_a_real_error_wins():

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from rayfleet_api.desired import DesiredState
-from rayfleet_runtime.replica import ReplicaServer
+from rayfleet_runtime.replica.actor import ReplicaServer
 from tests.waiting import eventually_async
 
 HANDLER = '''
@@ -161,7 +161,7 @@ def test_an_async_generator_streams_chunk_by_chunk_holding_its_slot(module):
 
 
 def test_requests_are_counted_by_status_with_their_handler_time_and_body_bytes(module):
-    from rayfleet_runtime.replica_metrics import ReplicaMetrics
+    from rayfleet_runtime.replica.metrics import ReplicaMetrics
 
     async def test(url, server):
         metrics = ReplicaMetrics("team.web", "web-0", lambda: server.runner)

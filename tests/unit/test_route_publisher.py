@@ -5,10 +5,12 @@ import asyncio
 
 from rayfleet_api.desired import DesiredState
 from rayfleet_api.states import ReplicaState
-from rayfleet_runtime.controller_metrics import ControllerMetrics
-from rayfleet_runtime.deployment_state import ControllerCore, DeploymentRecord, ReplicaRecord
-from rayfleet_runtime.planning import StopIntent
-from rayfleet_runtime.route_publisher import RoutePublisher
+from rayfleet_runtime.routing import RoutingTable
+from rayfleet_runtime.controller.metrics import ControllerMetrics
+from rayfleet_runtime.controller.deployment_state import ControllerCore
+from rayfleet_runtime.controller.records import DeploymentRecord, ReplicaRecord
+from rayfleet_runtime.controller.planning import StopIntent
+from rayfleet_runtime.controller.route_publisher import RoutePublisher
 
 
 class FakeIngress:
@@ -71,8 +73,8 @@ def test_a_table_the_ingress_kept_out_is_not_acknowledged_and_is_retried():
 def test_each_push_that_sends_a_table_is_counted_by_outcome_with_its_duration():
     async def main():
         metrics = ControllerMetrics(lambda: {})
-        ingress, table = FakeIngress(delay=0.1), {"deployments": {}}
-        pub = publisher(lambda: table, ingress, metrics.route_pushed)
+        ingress, table = FakeIngress(delay=0.1), [RoutingTable()]
+        pub = publisher(lambda: table[0], ingress, metrics.route_pushed)
         pushes = metrics.registry.get_sample_value
         pub.changed()
         await pub.push()
@@ -83,7 +85,7 @@ def test_each_push_that_sends_a_table_is_counted_by_outcome_with_its_duration():
         assert pushes("rayfleet_controller_route_push_duration_seconds_count") == 1
 
         ingress.result = {"applied": False, "error": "reload failed"}
-        table["deployments"]["d"] = {}
+        table[0] = RoutingTable.from_wire({"deployments": {"d": {}}})
         await pub.push()
         assert pushes("rayfleet_controller_route_pushes_total", {"outcome": "error"}) == 1
         assert pushes("rayfleet_controller_route_pushes_total", {"outcome": "ok"}) == 1
@@ -117,20 +119,20 @@ def test_graceful_stop_drains_only_after_the_proxies_dropped_the_replica():
         ingress = FakeIngress(delay=0.3)
         core = ControllerCore(FakeBackend(ingress), drain_settle_s=0.0)
         table = core.routing_table
-        core.routes = publisher(lambda: (events.append("unrouted"), table())[1], ingress)
+        core.routes = core.actions.routes = publisher(lambda: (events.append("unrouted"), table())[1], ingress)
         dep = DeploymentRecord("d", DesiredState(handler="m:h", replicas=0, version="v", graceful_shutdown_seconds=5))
         rec = dep.replicas["d-0"] = ReplicaRecord("d-0", "v", "actor-d-0", state=ReplicaState.READY,
                                                   info={"host": "127.0.0.1", "port": 1})
         core.deployments["d"] = dep
-        core._begin_stop(dep, rec, StopIntent("d-0", True, "scale-down"))
+        core.actions.begin_stop(dep, rec, StopIntent("d-0", True, "scale-down"))
         assert rec.state == ReplicaState.DRAINING
         publish = asyncio.ensure_future(core.routes.run())
         await asyncio.wait_for(rec.task, 5)
         publish.cancel()
         assert rec.state == ReplicaState.STOPPED
-        assert ingress.tables[-1] == {"deployments": {"d": {"routePrefix": "/", "maxConcurrency": 100,
-                                                            "requestTimeoutSeconds": 60, "maxRequestBodyBytes": 16 * 2**20,
-                                                            "replicas": []}}}
+        assert ingress.tables[-1].to_wire() == {"deployments": {"d": {
+            "routePrefix": "/", "maxConcurrency": 100, "requestTimeoutSeconds": 60, "maxRequestBodyBytes": 16 * 2**20,
+            "queueTimeoutSeconds": 2.0, "maxQueued": 100, "replicas": []}}}
         assert events == ["unrouted", "drain", "kill"]
 
     asyncio.run(main())

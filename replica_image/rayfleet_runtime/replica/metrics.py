@@ -5,7 +5,7 @@ families at collect time, so they cost the request path nothing. Only the handle
 observed per request, into a bucket list of its own (``LatencyHistogram``: a fifth of what
 ``prometheus_client``'s locked histogram costs); ``RAYFLEET_METRICS=0`` in a replica's environment turns
 that off (the benchmark's baseline for what metrics cost). The node's ingress collects every local replica's families through
-``Replica.metrics()`` and serves them with the rest of the node's (``ingress_metrics``).
+``Replica.metrics()`` and serves them with the rest of the node's (``ingress.metrics``).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from rayfleet_api.metrics_labels import split_deployment
-from rayfleet_runtime.handler import Admission
+from rayfleet_runtime.replica.admission import Admission
 
 disable_created_metrics()  # no *_created series: every scrape would carry them for nothing
 METRICS_ENV = "RAYFLEET_METRICS"

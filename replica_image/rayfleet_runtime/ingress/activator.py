@@ -39,15 +39,15 @@ import logging
 import random
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Coroutine, Mapping
+from typing import Any, Coroutine
 
 import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .haproxy_config import (ACTIVATOR_BACKEND_HEADER, CONNECT_TIMEOUT_MS, RETRY_AFTER_S, Backend, RoutingPlan,
-                             Server, plan_table)
+from rayfleet_runtime.ingress.haproxy_config import ACTIVATOR_BACKEND_HEADER, CONNECT_TIMEOUT_MS, RETRY_AFTER_S
+from rayfleet_runtime.routing import Backend, RoutingTable, Server
 
 logger = logging.getLogger("rayfleet.ingress")
 
@@ -117,14 +117,14 @@ class Activator:
 
     # ---- any thread
 
-    def start(self, table: Mapping[str, Any] | None) -> None:
+    def start(self, table: RoutingTable) -> None:
         """Listen (returns once it does), serving ``table`` until the next ``apply``."""
         self._thread.start()
-        self._call(self._listen(plan_table(table)))
+        self._call(self._listen(table))
 
-    async def apply(self, table: Mapping[str, Any] | None) -> None:
+    async def apply(self, table: RoutingTable) -> None:
         """Serve ``table`` from now on: the limits of arriving requests, the replicas of held ones."""
-        await asyncio.wait_for(asyncio.wrap_future(self._submit(self._apply(plan_table(table)))), CALL_TIMEOUT_S)
+        await asyncio.wait_for(asyncio.wrap_future(self._submit(self._apply(table))), CALL_TIMEOUT_S)
 
     def stop(self) -> None:
         """Stop serving; requests still here are cut off (stop HAProxy first: it waits for them)."""
@@ -152,8 +152,8 @@ class Activator:
 
     # ---- the activator's thread
 
-    async def _listen(self, plan: RoutingPlan) -> None:
-        await self._apply(plan)
+    async def _listen(self, table: RoutingTable) -> None:
+        await self._apply(table)
         # No pool limit (each held request is bounded by its replica's slots); bodies and their encodings as
         # sent: no decompression, and none of aiohttp's default headers (Accept-Encoding would change the answer).
         self._session = aiohttp.ClientSession(
@@ -173,9 +173,9 @@ class Activator:
         if self._session is not None:
             await self._session.close()
 
-    async def _apply(self, plan: RoutingPlan) -> None:
-        self._backends = {be.name: be for be in plan.backends}
-        by_deployment = {be.deployment: be for be in plan.backends}
+    async def _apply(self, table: RoutingTable) -> None:
+        self._backends = {be.name: be for be in table.backends}
+        by_deployment = {be.deployment: be for be in table.backends}
         for name, deployment in list(self._deployments.items()):
             deployment.backend = by_deployment.get(name)
             self._dispatch(deployment)

@@ -1,15 +1,16 @@
 """The controller's state machine: every deployment's replicas, kept as desired (like Ray Serve's deployment_state.py).
 
 ``ControllerCore`` runs on the controller actor's event loop and does everything but serve HTTP and host
-the actor (``controller.py``). A reconcile tick every ``TICK_S``
+the actor (``actor.py``). A reconcile tick every ``TICK_S``
 
-1. probes every replica (``info()`` every couple of seconds, ``health()`` every
+1. has every replica probed (``info()`` every couple of seconds, ``health()`` every
    ``healthCheck.periodSeconds``; a dead actor is noticed by the next probe),
-2. asks ``planning.plan()`` what to start and stop, and executes it: starts are named detached
-   ``Replica`` actors (SPREAD across nodes, resources from ``rayActorOptions``); graceful stops mark the
-   replica DRAINING, publish the routing table without it, wait until every proxy applied it, call
-   ``drain(grace)`` and finally kill it,
-3. has the ``RoutePublisher`` push the routing table of READY replicas to the ingress proxies.
+2. asks ``planning.plan()`` what to start and stop, and has ``replica_actions.ReplicaActions`` do it: starts
+   are named detached ``Replica`` actors on the node ``placement`` picks (resources from
+   ``rayActorOptions``); graceful stops mark the replica DRAINING, publish the routing table without it,
+   wait until every proxy applied it, call ``drain(grace)`` and finally kill it,
+3. has the ``RoutePublisher`` push the routing table (``routing.build_table``) of READY replicas to the
+   ingress proxies.
 
 A deployment with ``autoscaling`` runs the count its ``Autoscaler`` (``autoscaler.py``) chose: a second
 loop samples each such deployment every ``SAMPLE_INTERVAL_S`` (its serving replicas' ``info()`` in
@@ -21,7 +22,7 @@ State lives where a restarted controller finds it again: desired state (plus res
 checkpointed in Ray's GCS KV, replicas are found by their actor names. Every error in the loop is logged
 and the loop goes on. Handler import/init failures are reported in the observed state and retried with
 exponential back-off instead of hot-looping. Each transition of a replica or a rollout is logged once
-(``lifecycle_log``) and counted where it happens (``controller_metrics``).
+(``lifecycle_log``) and counted where it happens (``metrics``).
 """
 from __future__ import annotations
 
@@ -30,140 +31,32 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from rayfleet_api.constants import INGRESS_PORT
 from rayfleet_api.desired import DesiredState
 from rayfleet_api.errors import SpecError
 from rayfleet_api.states import DeploymentStatus, ReplicaState
-
-from rayfleet_runtime import placement, planning
-from rayfleet_runtime.autoscaler import SAMPLE_INTERVAL_S, SAMPLE_WAIT_S, Autoscaler, follow_spec, replica_load
-from rayfleet_runtime.autoscaling import LoadSample
-from rayfleet_runtime.controller_metrics import ControllerMetrics
-from rayfleet_runtime.haproxy_config import KEEPALIVE_TIMEOUT_S
+from rayfleet_runtime.controller import placement, planning
+from rayfleet_runtime.controller.autoscaler import SAMPLE_INTERVAL_S, SAMPLE_WAIT_S, Autoscaler, follow_spec, replica_load
+from rayfleet_runtime.controller.autoscaling import LoadSample
+from rayfleet_runtime.controller.metrics import ControllerMetrics
+from rayfleet_runtime.controller.ray_calls import RayBackend, ReplicaCallError, ReplicaTimeout
+from rayfleet_runtime.controller.records import SERVING, DeploymentRecord, ReplicaRecord, needs
+from rayfleet_runtime.controller.replica_actions import PROBE_INTERVAL_S, ReplicaActions
+from rayfleet_runtime.controller.route_publisher import RoutePublisher
 from rayfleet_runtime.lifecycle_log import lifecycle
-from rayfleet_runtime.planning import ReplicaView
-from rayfleet_runtime.ray_calls import (RayBackend, ReplicaCallError, ReplicaDied, ReplicaTimeout, ReplicaUnavailable,
-                                        RuntimeEnvFailed)
-from rayfleet_runtime.route_publisher import RoutePublisher
+from rayfleet_runtime.routing import KEEPALIVE_TIMEOUT_S, Route, RoutingTable, build_table, prefix_taken
 
 TICK_S = 0.25
-PROBE_INTERVAL_S = 2.0
 RECOVER_PROBE_TIMEOUT_S = 10.0
-SLOW_START_S = 60.0  # a replica still starting after this says so in its lastError
 PLACEMENT_GRACE_S = 2.0  # a replica Ray hasn't placed after this is reported as waiting for resources
 
 logger = logging.getLogger("rayfleet.controller")
 
-_SERVING = (ReplicaState.READY, ReplicaState.UNHEALTHY)  # started and not being stopped: these are probed
-
-
-@dataclass
-class ReplicaRecord:
-    id: str
-    version: str
-    actor: Any  # the backend's handle; None until created
-    state: ReplicaState = ReplicaState.STARTING
-    restarts: int = 0
-    health_failures: int = 0
-    created_at: float = field(default_factory=time.time)
-    info: dict[str, Any] = field(default_factory=dict)
-    last_error: str | None = None
-    next_probe_at: float = 0.0
-    next_health_at: float = 0.0
-    task: asyncio.Task | None = None  # start / probe / stop in progress
-    unschedulable: str | None = None  # STARTING and not placed by Ray: what it needs, what is free
-    next_placement_at: float = 0.0
-    placement_task: asyncio.Task | None = None
-    watch_task: asyncio.Task | None = None  # learns of the process's death the moment Ray does
-    failure: str | None = None  # why FAILED/UNHEALTHY (died | start_failed | unhealthy): a replacement's reason
-    load_task: asyncio.Task | None = None  # the autoscaler's info() call in flight
-    sent_to: str | None = None  # the node the controller placed it on (until it tells its own)
-
-    @property
-    def node(self) -> str | None:
-        return self.info.get("nodeId") or self.sent_to
-
-    def view(self, evict: str | None = None) -> ReplicaView:
-        return ReplicaView(self.id, self.version, self.state, self.health_failures, self.restarts, self.created_at,
-                           unplaced=self.unschedulable is not None, node=self.node, evict=evict)
-
-    def observed(self, now: float | None = None) -> dict[str, Any]:
-        i = self.info
-        return {"id": self.id, "state": self.state, "version": self.version, "pid": i.get("pid"),
-                "nodeId": i.get("nodeId"), "nodeIp": i.get("nodeIp"), "host": i.get("host"), "port": i.get("port"),
-                "inFlight": i.get("inFlight", 0), "totalRequests": i.get("totalRequests", 0),
-                "errors": i.get("errors", 0), "restarts": self.restarts, "unschedulable": self.unschedulable,
-                "lastError": self.last_error or i.get("lastError") or self.unschedulable
-                or self._slow_start(now or time.time())}
-
-    def _slow_start(self, now: float) -> str | None:
-        """A start that takes long is not an error yet, but users should see why nothing is ready:
-        Ray may have no node with the resources asked for, or the handler's constructor is slow or stuck."""
-        waited = now - self.created_at
-        if self.state != ReplicaState.STARTING or waited < SLOW_START_S:
-            return None
-        return (f"still starting after {waited:.0f} s: waiting for a Ray node with the resources in "
-                "rayActorOptions, or for the handler's constructor")
-
-
-@dataclass
-class DeploymentRecord:
-    name: str
-    desired: DesiredState
-    deleting: bool = False
-    restarts: int = 0
-    next_index: int = 0
-    error: dict[str, str] | None = None
-    start_failures: int = 0
-    next_start_at: float = 0.0
-    rolling_out: bool = False  # a new version was put and not every replica runs it yet
-    replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
-    autoscaler: Autoscaler | None = None  # set while desired.autoscaling is
-    moving: str | None = None  # the replica being moved to spread the deployment again (placement.to_rebalance)
-
-    @property
-    def target(self) -> int:
-        """The replica count to run: the autoscaler's when autoscaling is on, else spec.replicas."""
-        return self.desired.replicas if self.autoscaler is None else self.autoscaler.target
-
-    def checkpoint(self) -> bytes:
-        scaling = {} if self.autoscaler is None else {"autoscaler": self.autoscaler.checkpoint()}
-        return json.dumps({"desired": self.desired.to_json(), "deleting": self.deleting, "restarts": self.restarts,
-                           "nextIndex": self.next_index, **scaling}).encode()
-
-
-def needs(desired: DesiredState) -> dict[str, float]:
-    options = desired.ray_actor_options
-    return {"CPU": options.num_cpus, "GPU": options.num_gpus, "memory": options.memory or 0}
-
-
-def fits(desired: DesiredState, available: dict[str, float]) -> bool:
-    """Whether the free resources (the cluster's) cover one replica: if so, an unplaced replica is a worker
-    process slow to start (a busy machine), not one waiting for resources."""
-    return all(available.get(resource, 0) >= amount for resource, amount in needs(desired).items() if amount)
-
-
-def unschedulable_reason(desired: DesiredState, available: dict[str, float], total: dict[str, float],
-                         held: dict[str, tuple[int, float]] | None = None) -> str:
-    """Why Ray can't place a replica, like Ray Serve's scheduling warning: what it needs, what is free,
-    and which deployments' replicas hold the CPUs (``held``: deployment -> (replicas, CPUs))."""
-    parts = []
-    for resource, amount in needs(desired).items():
-        if amount:
-            unit = 2**30 if resource == "memory" else 1
-            parts.append(f"{resource} {amount / unit:g}{' GiB' if unit > 1 else ''} "
-                         f"({available.get(resource, 0) / unit:g} of {total.get(resource, 0) / unit:g} free)")
-    holders = "; ".join(f"{name} {n} replica(s), CPU {cpus:g}" for name, (n, cpus) in sorted((held or {}).items())
-                        if n)
-    return (f"waiting for resources: needs {', '.join(parts) or 'nothing'} on one node"
-            f"{f'; held by {holders}' if holders else ''}; add nodes or lower rayActorOptions")
-
 
 class ControllerCore:
-    """Everything the controller does, on one event loop; the ``Controller`` actor (controller.py) hosts it."""
+    """Everything the controller decides, on one event loop; the ``Controller`` actor (actor.py) hosts it."""
 
     def __init__(self, backend: RayBackend, ingress_port: int = INGRESS_PORT, ingress_nodes: str = "all",
                  bind_host: str = "0.0.0.0", drain_settle_s: float = KEEPALIVE_TIMEOUT_S + 1.0):
@@ -171,11 +64,12 @@ class ControllerCore:
         self.ingress_port = ingress_port
         self.ingress_nodes = ingress_nodes
         self.bind_host = bind_host
-        self.drain_settle_s = drain_settle_s
         self.deployments: dict[str, DeploymentRecord] = {}
         self.metrics = ControllerMetrics(self.replica_states, self.scaling)
         self.routes = RoutePublisher(self.routing_table, backend.ensure_ingress, backend.node_ids,
                                      self.metrics.route_pushed, ingress_port, ingress_nodes, bind_host)
+        self.actions = ReplicaActions(backend, self.routes, self.metrics, bind_host, drain_settle_s,
+                                      self._held_resources)
         self._tasks: list[asyncio.Task] = []
         self.nodes: list[placement.NodeView] = []  # the alive Ray nodes, refreshed every PROBE_INTERVAL_S
         self._nodes_task: asyncio.Task | None = None
@@ -309,12 +203,12 @@ class ControllerCore:
             except (IndexError, ValueError):
                 pass
             if rec.state == ReplicaState.DRAINING:
-                self._begin_stop(dep, rec, planning.StopIntent(rid, True, "scale-down"))
-            elif rec.state in _SERVING:
-                self._watch(dep, rec)
+                self.actions.begin_stop(dep, rec, planning.StopIntent(rid, True, "scale-down"))
+            elif rec.state in SERVING:
+                self.actions.watch(dep, rec)
         for dep in self.deployments.values():
             if dep.desired.autoscaling is not None and dep.autoscaler is None:  # checkpointed before it had a count
-                running = sum(r.state in _SERVING for r in dep.replicas.values())
+                running = sum(r.state in SERVING for r in dep.replicas.values())
                 dep.autoscaler = Autoscaler(dep.desired.autoscaling, dep.desired.autoscaling.clamp(running))
         logger.info("recovered %d deployments, adopted %d replicas", len(self.deployments),
                     sum(len(d.replicas) for d in self.deployments.values()))
@@ -322,10 +216,10 @@ class ControllerCore:
 
     # ---------- API ----------
     def put_deployment(self, name: str, desired: DesiredState) -> None:
-        prefix = desired.route_prefix
-        for other in self.deployments.values():
-            if other.name != name and not other.deleting and other.desired.route_prefix == prefix:
-                raise SpecError("routePrefix", f"{prefix} is already used by deployment {other.name!r}")
+        owners = {d.desired.route_prefix: d.name for d in self.deployments.values() if not d.deleting}
+        taken = prefix_taken(name, desired.route_prefix, owners)
+        if taken is not None:
+            raise SpecError("routePrefix", f"{desired.route_prefix} is already used by deployment {taken!r}")
         dep = self.deployments.get(name)
         if dep is None:
             dep = self.deployments[name] = DeploymentRecord(name, desired)
@@ -376,8 +270,8 @@ class ControllerCore:
             "desiredReplicas": dep.target,
             "readyReplicas": sum(1 for r in reps if r.state == ReplicaState.READY),
             "updatedReplicas": sum(1 for r in reps if r.version == version
-                                   and r.state in (ReplicaState.STARTING, *_SERVING)),
-            "inFlight": sum(r.info.get("inFlight", 0) for r in reps if r.state in (*_SERVING, ReplicaState.DRAINING)),
+                                   and r.state in (ReplicaState.STARTING, *SERVING)),
+            "inFlight": sum(r.info.get("inFlight", 0) for r in reps if r.state in (*SERVING, ReplicaState.DRAINING)),
             "restarts": dep.restarts,
             "status": planning.deployment_status(dep.target, version, views, deleting=dep.deleting,
                                                  error=dep.error is not None),
@@ -425,19 +319,19 @@ class ControllerCore:
         hc = dep.desired.health_check
         # Probe serving replicas.
         for rec in dep.replicas.values():
-            if rec.state in _SERVING and (rec.task is None or rec.task.done()) and now >= rec.next_probe_at:
+            if rec.state in SERVING and (rec.task is None or rec.task.done()) and now >= rec.next_probe_at:
                 health = now >= rec.next_health_at
                 if health:
                     rec.next_health_at = now + hc.period_seconds
                 rec.next_probe_at = now + min(PROBE_INTERVAL_S, hc.period_seconds)
-                rec.task = asyncio.get_running_loop().create_task(self._probe(dep, rec, health, hc.timeout_seconds))
+                rec.task = asyncio.get_running_loop().create_task(self.actions.probe(dep, rec, health, hc.timeout_seconds))
         # Is what is starting waiting for room? (It then says so at once, and a rollout makes room.)
         for rec in dep.replicas.values():
             if (rec.state == ReplicaState.STARTING and rec.actor is not None and now >= rec.next_placement_at
                     and now - rec.created_at >= PLACEMENT_GRACE_S
                     and (rec.placement_task is None or rec.placement_task.done())):
                 rec.next_placement_at = now + PROBE_INTERVAL_S
-                rec.placement_task = asyncio.get_running_loop().create_task(self._check_placement(dep, rec))
+                rec.placement_task = asyncio.get_running_loop().create_task(self.actions.check_placement(dep, rec))
         evict = self._evictions(dep)
         views = [r.view(evict.get(r.id)) for r in dep.replicas.values()]
         if dep.rolling_out and planning.deployment_status(dep.target, dep.desired.version, views,
@@ -452,7 +346,7 @@ class ControllerCore:
         for stop in p.stop:
             rec = dep.replicas.get(stop.replica_id)
             if rec is not None:
-                self._begin_stop(dep, rec, stop)
+                self.actions.begin_stop(dep, rec, stop)
         started = [start for start in p.start if self._start_replica(dep, start)]
         dep.restarts += sum(1 for s in started if s.replaces is not None)
         if started:  # checkpoint the restart count and next_index (replica names stay unique after a restart)
@@ -475,7 +369,7 @@ class ControllerCore:
         if not scaled:
             return
         waiting = asyncio.ensure_future(self.routes.waiting_requests(SAMPLE_WAIT_S))
-        asks = [self._ask_load(dep, rec) for dep in scaled for rec in dep.replicas.values() if rec.state in _SERVING]
+        asks = [self._ask_load(dep, rec) for dep in scaled for rec in dep.replicas.values() if rec.state in SERVING]
         if asks:
             await asyncio.wait(asks, timeout=SAMPLE_WAIT_S)
         in_ingress = await waiting
@@ -486,7 +380,7 @@ class ControllerCore:
             # Serving and starting replicas; not the draining ones: their requests are leaving.
             sample = LoadSample(tuple(replica_load(r.info, ready=r.state != ReplicaState.STARTING)
                                       for r in dep.replicas.values()
-                                      if r.state in (ReplicaState.STARTING, *_SERVING)),
+                                      if r.state in (ReplicaState.STARTING, *SERVING)),
                                 ingress_queued=in_ingress.get(dep.name, 0))
             before = dep.autoscaler.replicas
             decision = dep.autoscaler.observe(sample, now, wall)
@@ -504,7 +398,7 @@ class ControllerCore:
             info = await self.backend.info(rec.actor, dep.desired.health_check.timeout_seconds + 1.0)
         except ReplicaCallError:
             return  # it keeps its last load; the probes and the watch judge the replica
-        if rec.state in _SERVING:
+        if rec.state in SERVING:
             rec.info = info
 
     def _scaled(self, dep: DeploymentRecord, replicas_from: int, replicas_to: int, reason: str) -> None:
@@ -521,216 +415,24 @@ class ControllerCore:
         held = {}
         for dep in self.deployments.values():
             placed = [r for r in dep.replicas.values() if r.info.get("pid")
-                      and r.state in (ReplicaState.STARTING, *_SERVING, ReplicaState.DRAINING)]
+                      and r.state in (ReplicaState.STARTING, *SERVING, ReplicaState.DRAINING)]
             held[dep.name] = (len(placed), len(placed) * dep.desired.ray_actor_options.num_cpus)
         return held
-
-    async def _check_placement(self, dep: DeploymentRecord, rec: ReplicaRecord) -> None:
-        try:
-            if await self.backend.placed(rec.actor):
-                rec.unschedulable = None
-                return
-            available, total = await self.backend.free_resources()
-        except Exception as exc:  # noqa: BLE001 - the GCS is busy: ask again next time
-            logger.debug("placement of %s unknown: %s", rec.id, exc)
-            return
-        if rec.state != ReplicaState.STARTING or fits(dep.desired, available):
-            return
-        note = unschedulable_reason(dep.desired, available, total, self._held_resources())
-        if rec.unschedulable is None:
-            self.metrics.waiting_for_resources(dep.name)
-            lifecycle("replica_unschedulable", deployment=dep.name, replica=rec.id, version=rec.version, reason=note)
-        rec.unschedulable = note  # kept current in the observed state; logged once per replica
 
     def _start_replica(self, dep: DeploymentRecord, intent: planning.StartIntent) -> bool:
         """Start one replica on the node placement picks; False if it must wait for room (a node is draining
         and no other has room: left to Ray, the replica could land on the pod that is going)."""
-        desired = dep.desired
-        node = placement.choose_node(self._node_views(), self._placed(), dep.name, needs(desired))
+        node = placement.choose_node(self._node_views(), self._placed(), dep.name, needs(dep.desired))
         if node is None and self.draining:
             return False
-        rid = f"{dep.name}-{dep.next_index}"
-        dep.next_index += 1
-        if intent.replaces is not None:
-            reason = dep.replicas[intent.replaces].failure or "failed"  # stopped just now, still listed
-            self.metrics.restarted(dep.name, reason)
-            lifecycle("replica_replaced", deployment=dep.name, replica=intent.replaces, replacement=rid, reason=reason)
-        rec = ReplicaRecord(rid, desired.version, None, restarts=intent.restarts, sent_to=node)
-        dep.replicas[rid] = rec
-        try:
-            rec.actor = self.backend.create_replica(dep.name, rid, desired, self.bind_host, node)
-        except ReplicaCallError as exc:  # e.g. invalid runtime_env or name clash
-            self._start_failed(dep, rec, {"reason": "ReplicaCreateError", "message": f"{exc.ray_error}: {exc}"})
-            return True
-        lifecycle("replica_started", deployment=dep.name, replica=rid, version=rec.version, restarts=rec.restarts,
-                  node=node)
-        rec.task = asyncio.get_running_loop().create_task(self._await_start(dep, rec))
+        self.actions.start(dep, intent, node)
         return True
 
-    async def _await_start(self, dep: DeploymentRecord, rec: ReplicaRecord) -> None:
-        try:
-            info = await self.backend.info(rec.actor)
-        except ReplicaCallError as exc:  # actor died during __init__, runtime_env failed, ...
-            if rec.state != ReplicaState.STARTING:  # we stopped it ourselves (scale-down or delete while starting)
-                return
-            reason = "RuntimeEnvSetupError" if isinstance(exc, RuntimeEnvFailed) else "ReplicaStartError"
-            self._start_failed(dep, rec, {"reason": reason, "message": f"{exc.ray_error}: {str(exc)[:2000]}"})
-            return
-        rec.info = info
-        if rec.state != ReplicaState.STARTING:  # stopped meanwhile
-            return
-        if info.get("error"):
-            self._start_failed(dep, rec, info["error"])
-            return
-        rec.state = ReplicaState.READY
-        rec.next_health_at = time.time() + dep.desired.health_check.period_seconds
-        rec.next_probe_at = time.time() + PROBE_INTERVAL_S
-        if rec.version == dep.desired.version:
-            dep.error, dep.start_failures, dep.next_start_at = None, 0, 0.0
-        self._ready(dep, rec)
-        self._watch(dep, rec)
-        self.routes.changed()
-
-    def _watch(self, dep: DeploymentRecord, rec: ReplicaRecord) -> None:
-        """Replace a replica whose process dies as soon as Ray knows (a pending call fails), not at the next
-        probe: with the start of a new process that makes ~2 s from kill -9 to a new replica serving."""
-        async def watch() -> None:
-            while rec.state in _SERVING:
-                try:
-                    await self.backend.watch(rec.actor)
-                except ReplicaDied as exc:
-                    self._died(dep, rec, exc)
-                    return
-                except ReplicaCallError as exc:  # unreachable for now (the probes judge it): watch again
-                    logger.debug("watch of %s interrupted: %s", rec.id, exc.ray_error)
-                    await asyncio.sleep(PROBE_INTERVAL_S)
-        rec.watch_task = asyncio.get_running_loop().create_task(watch())
-
-    @staticmethod
-    def _ready(dep: DeploymentRecord, rec: ReplicaRecord) -> None:
-        rec.failure, rec.unschedulable = None, None
-        lifecycle("replica_ready", deployment=dep.name, replica=rec.id, version=rec.version,
-                  node=rec.info.get("nodeIp"), port=rec.info.get("port"), pid=rec.info.get("pid"))
-
-    def _died(self, dep: DeploymentRecord, rec: ReplicaRecord, exc: ReplicaDied) -> None:
-        if rec.state in _SERVING:
-            rec.state, rec.last_error, rec.failure = ReplicaState.FAILED, "replica process died", "died"
-            lifecycle("replica_failed", deployment=dep.name, replica=rec.id, version=rec.version, reason="died",
-                      message=str(exc)[:300])
-            self.routes.changed()
-
-    def _start_failed(self, dep: DeploymentRecord, rec: ReplicaRecord, error: dict[str, str]) -> None:
-        if rec.state != ReplicaState.STARTING:
-            return
-        lifecycle("replica_failed", deployment=dep.name, replica=rec.id, version=rec.version,
-                  reason=error.get("reason"), message=error.get("message"))
-        rec.state, rec.failure = ReplicaState.FAILED, "start_failed"
-        rec.last_error = f"{error.get('reason')}: {error.get('message')}"
-        if rec.actor is not None:
-            self.backend.kill(rec.actor)
-        if rec.version == dep.desired.version:
-            dep.error = {k: error[k] for k in ("reason", "message", "traceback") if k in error}
-            dep.start_failures += 1
-            dep.next_start_at = time.time() + planning.backoff_seconds(dep.start_failures)
-
-    async def _probe(self, dep: DeploymentRecord, rec: ReplicaRecord, health: bool, timeout_s: float) -> None:
-        try:
-            if health:
-                result = await self.backend.health(rec.actor, timeout_s, timeout_s + 1.0)
-            else:
-                result = await self.backend.info(rec.actor, timeout_s + 1.0)
-        except ReplicaUnavailable as exc:
-            result = {"healthy": False, "message": f"actor unavailable: {exc}"[:300]}
-        except ReplicaDied as exc:
-            self._died(dep, rec, exc)
-            return
-        except ReplicaTimeout:
-            result = {"healthy": False, "message": f"no answer within {timeout_s}s"}
-        except ReplicaCallError as exc:
-            result = {"healthy": False, "message": f"{exc.ray_error}: {exc}"[:300]}
-        if "pid" in result:
-            rec.info = {k: v for k, v in result.items() if k not in ("healthy", "message")}
-            rec.version = result.get("version") or rec.version  # the replica knows (an adopted one may not)
-        if rec.state not in _SERVING or (not health and "healthy" not in result):
-            return
-        before = rec.state
-        rec.state, rec.health_failures = planning.next_health_state(rec.state, rec.health_failures, result["healthy"])
-        if not result["healthy"]:
-            rec.last_error = result.get("message")
-            self.metrics.health_check_failed(dep.name)
-            logger.debug("replica %s health check failed (%d): %s", rec.id, rec.health_failures, rec.last_error)
-        if rec.state == before:
-            return
-        if rec.state == ReplicaState.UNHEALTHY:
-            rec.failure = "unhealthy"
-            lifecycle("replica_unhealthy", deployment=dep.name, replica=rec.id, version=rec.version,
-                      message=rec.last_error)
-        else:
-            self._ready(dep, rec)
-        self.routes.changed()
-
-    def _begin_stop(self, dep: DeploymentRecord, rec: ReplicaRecord, stop: planning.StopIntent) -> None:
-        """Take the replica out of routing now; drain and kill it in the background."""
-        grace = dep.desired.graceful_shutdown_seconds
-        graceful = stop.graceful and rec.actor is not None and grace > 0  # 0: stop at once, as asked
-        rec.state = ReplicaState.DRAINING if graceful else ReplicaState.STOPPED
-        unrouted = self.routes.changed()  # routes version without this replica
-        if stop.reason in ("node-drain", "rebalance"):
-            self.metrics.moved(dep.name, stop.reason)
-        if graceful:
-            lifecycle("replica_draining", deployment=dep.name, replica=rec.id, version=rec.version, reason=stop.reason,
-                      grace_s=grace)
-        rec.task = asyncio.get_running_loop().create_task(self._stop(dep, rec, stop.reason, graceful, grace, unrouted))
-
-    async def _stop(self, dep: DeploymentRecord, rec: ReplicaRecord, reason: str, graceful: bool, grace: float,
-                    unrouted: int) -> None:
-        try:
-            if graceful:
-                started = time.monotonic()
-                # Unroute *before* draining: wait until every HAProxy has reloaded with a table without
-                # this replica (a fixed sleep is not enough: `haproxy -c`, a reload in progress or a
-                # recreated ingress can take longer, and drain() returning while a proxy still sends
-                # requests means they hit a killed process). Bounded by the grace period.
-                if not await self.routes.wait_applied(unrouted, grace):
-                    logger.warning("replica %s: proxies did not apply the routing table without it within %.0fs;"
-                                   " draining anyway", rec.id, grace)
-                # Old HAProxy workers still route idle keep-alive connections by the old table until
-                # they time out (KEEPALIVE_TIMEOUT_S): keep serving until then, so their next request
-                # finds this replica up (a drained one fails its health check, a killed one refuses).
-                # That is part of leaving the routes, so the grace period for in-flight requests
-                # starts after it.
-                await asyncio.sleep(self.drain_settle_s)
-                left = max(0.0, grace - (time.monotonic() - started - self.drain_settle_s))
-                try:
-                    rec.info = await self.backend.drain(rec.actor, left, left + 5)
-                except ReplicaCallError as exc:  # already dead, or too slow: kill anyway
-                    logger.info("drain of %s ended: %s", rec.id, exc.ray_error)
-        finally:
-            if rec.actor is not None:
-                self.backend.kill(rec.actor)
-            rec.state = ReplicaState.STOPPED
-            lifecycle("replica_stopped", deployment=dep.name, replica=rec.id, version=rec.version, reason=reason,
-                      drained=graceful)
-
     # ---------- routing ----------
-    def routing_table(self) -> dict[str, Any]:
-        table: dict[str, Any] = {}
-        for dep in self.deployments.values():
-            if dep.deleting:
-                continue
-            d = dep.desired
-            ready = [r for r in sorted(dep.replicas.values(), key=lambda r: r.id)
-                     if r.state == ReplicaState.READY and r.info.get("port")]
-            # With no replica the ingress holds a request (it starts one) instead of refusing it.
-            from_zero = {"scaleFromZero": True} if d.autoscaling and d.autoscaling.min_replicas == 0 else {}
-            # Autoscaled, the ingress queues what maxReplicas could run, up to the request timeout: the
-            # queue is the load that brings more replicas, and they are coming (not a 503 at once).
-            queue = ({"maxQueued": d.max_concurrency * d.autoscaling.max_replicas,
-                      "queueTimeoutSeconds": d.request_timeout_seconds} if d.autoscaling else {})
-            table[dep.name] = {"routePrefix": d.route_prefix, "maxConcurrency": d.max_concurrency,
-                               "requestTimeoutSeconds": d.request_timeout_seconds,
-                               "maxRequestBodyBytes": d.max_request_body_bytes, **from_zero, **queue,
-                               "replicas": [{"id": r.id, "host": r.info["host"], "port": r.info["port"],
-                                            "nodeId": r.info.get("nodeId")} for r in ready]}
-        return {"deployments": table}
-
+    def routing_table(self) -> RoutingTable:
+        """The table of READY replicas the ingresses route by (built here, once per change; they only read it)."""
+        return build_table(
+            Route(dep.name, dep.desired, tuple((r.id, r.info["host"], r.info["port"], r.info.get("nodeId"))
+                                               for r in dep.replicas.values()
+                                               if r.state == ReplicaState.READY and r.info.get("port")))
+            for dep in self.deployments.values() if not dep.deleting)

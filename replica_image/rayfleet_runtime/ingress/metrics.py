@@ -50,7 +50,7 @@ def merge(families: Iterable[Metric]) -> list[Metric]:
 
 def label_haproxy(text: str, names: Mapping[str, Any]) -> list[Metric]:
     """HAProxy's exporter output, with ``namespace``/``deployment`` on the rows of a deployment's backend
-    and ``replica`` on its servers' (``names`` is ``haproxy_config.RoutingPlan.names()``)."""
+    and ``replica`` on its servers' (``names`` is ``routing.RoutingTable.names()``)."""
     families = list(text_string_to_metric_families(text))
     for family in families:
         for i, sample in enumerate(family.samples):

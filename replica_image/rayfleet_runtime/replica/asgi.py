@@ -23,7 +23,8 @@ from typing import Any, Awaitable, Callable
 
 from rayfleet_api.constants import REPLICA_READY_PATH
 from rayfleet_api.desired import DesiredState
-from rayfleet_runtime.handler import Admission, HandlerLoadError, PayloadTooLarge, log_access, replica_max_queued
+from rayfleet_runtime.replica.admission import Admission, replica_max_queued
+from rayfleet_runtime.replica.handler import HandlerLoadError, PayloadTooLarge, log_access
 
 logger = logging.getLogger("rayfleet.replica")
 

@@ -21,29 +21,15 @@ from typing import Any
 
 import ray
 
-from rayfleet_api.constants import REPLICA_PREFIX, REPLICA_READY_PATH
 from rayfleet_api.desired import DesiredState
-from rayfleet_runtime.asgi import AsgiRunner, AsgiServer, is_asgi_app
-from rayfleet_runtime.handler import HandlerLoadError, HandlerRunner, load_handler, replica_max_queued
-from rayfleet_runtime.http_server import PlainServer
+from rayfleet_runtime.replica.asgi import AsgiRunner, AsgiServer, is_asgi_app
+from rayfleet_runtime.replica.admission import replica_max_queued
+from rayfleet_runtime.replica.handler import HandlerLoadError, HandlerRunner, load_handler
+from rayfleet_runtime.replica.http_server import PlainServer
 from rayfleet_runtime.log_setup import configure_logging
-from rayfleet_runtime.replica_metrics import ReplicaMetrics
+from rayfleet_runtime.replica.metrics import ReplicaMetrics
 
 logger = logging.getLogger("rayfleet.replica")
-
-
-def replica_actor_name(deployment: str, replica_id: str) -> str:
-    """Detached actor name; a restarted controller finds live replicas by it."""
-    return f"{REPLICA_PREFIX}:{deployment}:{replica_id}"
-
-
-def parse_replica_actor_name(name: str) -> tuple[str, str] | None:
-    """(deployment, replica id) for a replica actor name, else None."""
-    prefix, sep, rest = name.partition(":")
-    if prefix != REPLICA_PREFIX or not sep:
-        return None
-    deployment, sep, replica_id = rest.rpartition(":")
-    return (deployment, replica_id) if sep and deployment and replica_id else None
 
 
 class ReplicaServer:

@@ -29,8 +29,8 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from rayfleet_api.constants import REPLICA_READY_PATH
-from rayfleet_runtime.asgi import SERVER_KEEPALIVE_S
-from rayfleet_runtime.handler import HandlerRunner, PayloadTooLarge, Request, log_access
+from rayfleet_runtime.replica.asgi import SERVER_KEEPALIVE_S
+from rayfleet_runtime.replica.handler import HandlerRunner, PayloadTooLarge, Request, log_access
 
 logger = logging.getLogger("rayfleet.replica")
 

@@ -21,9 +21,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rayfleet_api.constants import METRICS_PORT, RAY_NAMESPACE
 from rayfleet_api.desired import DesiredState
-from rayfleet_runtime.ingress import ensure_ingress
-from rayfleet_runtime.placement import NodeView
-from rayfleet_runtime.replica import Replica, parse_replica_actor_name, replica_actor_name
+from rayfleet_runtime.ingress.actor import ensure_ingress
+from rayfleet_runtime.controller.placement import NodeView
+from rayfleet_runtime.actor_names import parse_replica_actor_name, replica_actor_name
+from rayfleet_runtime.replica.actor import Replica
+from rayfleet_runtime.routing import RoutingTable
 
 # Where the deployments' checkpoints live in the GCS KV: one key per deployment.
 KV_NAMESPACE = "rayfleet"
@@ -111,12 +113,12 @@ def alive_node_ids(head_only: bool = False) -> list[str]:
 
 
 class IngressActor:
-    """One node's ``IngressManager`` actor (``ingress.py``)."""
+    """One node's ``IngressManager`` actor (``ingress.actor``)."""
 
     def __init__(self, handle: Any):
         self._handle = handle
 
-    def update(self, table: dict[str, Any]) -> Awaitable[dict[str, Any]]:
+    def update(self, table: RoutingTable) -> Awaitable[dict[str, Any]]:
         """Send ``table`` now (so that several nodes apply it at once); await the answer
         (``{"applied": bool, ...}``). Raises whatever Ray raises: any failure means recreate the handle."""
         return self._handle.update.remote(table)

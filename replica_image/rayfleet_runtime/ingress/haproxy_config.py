@@ -1,27 +1,10 @@
 """Render the HAProxy configuration for one rayfleet node from the routing table.
 
-Pure: no Ray, no HAProxy, no I/O. ``render_config(table, ...)`` returns the
-text of a complete ``haproxy.cfg``; the same table always renders the same text
-(so the ingress can skip reloads when nothing changed).
-
-The routing table comes from the controller::
-
-    {"deployments": {
-        "echo": {
-            "routePrefix": "/echo",            # longest-prefix match; "/" = catch-all
-            "maxConcurrency": 100,             # per replica -> per-server maxconn; queue bound x replicas
-            "requestTimeoutSeconds": 60,       # -> timeout server (504)
-            "maxRequestBodyBytes": 16777216,   # optional; a larger Content-Length gets 413 here
-            "queueTimeoutSeconds": 2,          # optional; default QUEUE_TIMEOUT_S (503); autoscaled: the request timeout
-            "maxQueued": 800,                  # optional; default maxConcurrency x replicas; autoscaled: x maxReplicas
-            "scaleFromZero": true,             # optional; with no replicas, requests wait in the activator
-            "replicas": [{"id": "echo-0", "host": "127.0.0.1", "port": 43123}],
-        }}}
-
-Routing: a request goes to the deployment whose prefix is the longest one
-equal to the path or followed by ``/`` in it (``/echo`` matches ``/echo`` and
-``/echo/x`` but not ``/echoes``). The path is forwarded unchanged. With no
-``/`` deployment, unmatched paths get a 404 JSON body from HAProxy itself.
+Pure: no Ray, no HAProxy, no I/O. ``render_config(table, ...)`` returns the text of a complete
+``haproxy.cfg`` for a ``routing.RoutingTable`` (which holds every routing rule: prefixes, limits, names);
+the same table always renders the same text (so the ingress can skip reloads when nothing changed).
+The path is forwarded unchanged. With no ``/`` deployment, unmatched paths get a 404 JSON body from
+HAProxy itself.
 
 A deployment with no replica gets 503 from HAProxy, unless it has ``scaleFromZero`` and the ingress runs
 an activator (``activator_socket``): then the activator is the backend's only server, and holds its
@@ -30,29 +13,18 @@ requests until a replica is ready (``activator.py``).
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
 import json
-import math
 import re
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from rayfleet_api.constants import INGRESS_READY_PATH, REPLICA_READY_PATH
-from rayfleet_api.desired import ROUTE_PREFIX, DesiredState
+from rayfleet_runtime.routing import (DEFAULT_REQUEST_TIMEOUT_S, KEEPALIVE_TIMEOUT_S, QUEUE_TIMEOUT_S, Backend,
+                                      RoutingTable, join_addr)
 
-QUEUE_TIMEOUT_S = 2.0  # a request waits this long for a free replica slot, then gets 503
-DEFAULT_REQUEST_TIMEOUT_S = float(DesiredState.request_timeout_seconds)
-DEFAULT_MAX_CONCURRENCY = DesiredState.max_concurrency
 # Short: a connect in the cluster takes well under a millisecond, and HAProxy waits min(this, 1 s)
 # before it retries a refused connect elsewhere (a killed replica's GETs would stall a second).
 CONNECT_TIMEOUT_MS = 250
 HEALTH_INTER_MS = 1000
-# How long a client's keep-alive connection may sit idle. After a reload, an old worker keeps such a
-# connection, routing it by the old table, until it times out or carries one more request: a replica
-# leaving the table serves until then (deployment_state.ControllerCore's drain settle). Short, as
-# uvicorn's default, so that takes seconds, not half a minute.
-KEEPALIVE_TIMEOUT_S = 5
 # On every 503 HAProxy answers itself (no replica, queue full, queue timeout), as the replica does on its own.
 RETRY_AFTER_S = 1
 RETRY_AFTER = f" hdr Retry-After {RETRY_AFTER_S}"
@@ -66,76 +38,6 @@ ACTIVATOR_BACKEND_HEADER = "X-Rayfleet-Backend"
 # HAProxy waits this much longer than requestTimeoutSeconds for the activator, whose own 504 (counted,
 # with the deployment named) comes at requestTimeoutSeconds.
 ACTIVATOR_TIMEOUT_MARGIN_S = 1.0
-
-_NAME_OK = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # fullmatch only: "$" would admit a trailing newline
-# A replica's host: a DNS name (IP addresses are checked with ipaddress). Anything else (a space, a
-# newline) would break the `server` line, and with it the whole config.
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
-_HOSTNAME_OK = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
-# Values HAProxy can hold whatever the table says: its timers overflow at 2**31 ms (~24.8 days), and
-# `queue() ge N` refuses N past 2**63. The controller sends far less (rayfleet_api.desired.MAXIMUM).
-MAX_TIMEOUT_S = 7 * 86400.0
-MAX_SERVER_MAXCONN = 1_000_000
-
-
-def _short_hash(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
-
-
-def sanitize_name(raw: str) -> str:
-    """A stable HAProxy identifier for ``raw``.
-
-    Names that are already valid are kept verbatim (so ``echo-0`` stays
-    ``echo-0``); others have bad characters replaced and a hash of the original
-    appended, so two different raw names can't collapse onto one identifier.
-    """
-    raw = str(raw)
-    if _NAME_OK.fullmatch(raw):
-        return raw
-    cleaned = re.sub(r"[^A-Za-z0-9_.:-]", "_", raw)[:48] or "x"
-    return f"{cleaned}-{_short_hash(raw)}"
-
-
-def backend_name(deployment: str) -> str:
-    return "be_" + sanitize_name(deployment)
-
-
-def server_name(replica_id: str) -> str:
-    return sanitize_name(replica_id)
-
-
-def normalize_prefix(prefix: Any) -> str:
-    """``"/echo/"`` -> ``"/echo"``, ``""``/None -> ``"/"``; raises ValueError if unusable."""
-    if prefix is None or prefix == "":
-        return "/"
-    stripped = (prefix.rstrip("/") or "/") if isinstance(prefix, str) else ""
-    if not ROUTE_PREFIX.fullmatch(stripped):  # the controller's own rule (rayfleet_api)
-        raise ValueError(f"invalid routePrefix {prefix!r}")
-    return stripped
-
-
-def _secs(value: Any, default: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError, OverflowError):
-        return default
-    if not math.isfinite(v) or v <= 0:
-        return default
-    return min(v, MAX_TIMEOUT_S)
-
-
-def _count(value: Any, default: int) -> int:
-    """A positive int from the table, at most MAX_SERVER_MAXCONN x 1000 (HAProxy's queue is a counter); else the default."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        return default
-    return min(value, MAX_SERVER_MAXCONN * 1000)
-
-
-def _max_body(value: Any) -> int | None:
-    """The body limit HAProxy enforces on Content-Length; None (the replica alone checks) if unusable."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
-        return None
-    return value
 
 
 def _ms(seconds: float) -> str:
@@ -154,150 +56,6 @@ def _json_body(obj: Mapping[str, Any]) -> str:
 
 def _comment(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f]", " ", str(text))  # a newline ends it, a NUL fails the whole config
-
-
-def _addr(host: str, port: int) -> str:
-    host = str(host)
-    if ":" in host and not host.startswith("["):  # IPv6 literal
-        host = f"[{host}]"
-    return f"{host}:{int(port)}"
-
-
-def _server_addr(host: Any, port: Any) -> str:
-    """A replica's ``host:port``; ValueError (the replica is skipped) if haproxy.cfg can't hold it."""
-    host, port = str(host), int(port)
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} out of range")
-    try:
-        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
-    except ValueError:
-        if not _HOSTNAME_OK.fullmatch(host):
-            raise ValueError(f"invalid host {host!r}") from None
-    return _addr(host, port)
-
-
-@dataclass
-class Server:
-    name: str
-    replica_id: str
-    addr: str
-
-
-@dataclass
-class Backend:
-    deployment: str
-    name: str
-    prefix: str
-    max_concurrency: int
-    request_timeout_s: float
-    queue_timeout_s: float
-    max_queued: int
-    max_body_bytes: int | None
-    scale_from_zero: bool = False
-    servers: list[Server] = field(default_factory=list)
-
-    def held_by_activator(self, activator_socket: str | None) -> bool:
-        """Requests wait in the activator for a replica, instead of a 503 at once."""
-        return activator_socket is not None and self.scale_from_zero and not self.servers
-
-
-@dataclass
-class RoutingPlan:
-    """The parsed table, in routing order (longest prefix first, ``/`` last)."""
-
-    backends: list[Backend]
-    skipped: list[str]  # human-readable reasons deployments were left out
-
-    @property
-    def catch_all(self) -> Backend | None:
-        for be in self.backends:
-            if be.prefix == "/":
-                return be
-        return None
-
-    def names(self) -> dict[str, Any]:
-        """HAProxy names -> table names, for mapping ``show stat`` back."""
-        return {
-            be.name: {"deployment": be.deployment, "servers": {s.name: s.replica_id for s in be.servers}}
-            for be in self.backends
-        }
-
-
-def plan_table(table: Mapping[str, Any] | None) -> RoutingPlan:
-    deployments = (table or {}).get("deployments") or {}
-    backends: list[Backend] = []
-    skipped: list[str] = []
-    seen_prefix: dict[str, str] = {}
-    seen_backend: set[str] = set()
-    for dep_name in sorted(deployments):
-        spec = deployments[dep_name] or {}
-        if not isinstance(spec, Mapping):
-            skipped.append(f"deployment {dep_name!r}: not an object")
-            continue
-        try:
-            prefix = normalize_prefix(spec.get("routePrefix"))
-        except ValueError as e:
-            skipped.append(f"deployment {dep_name!r}: {e}")
-            continue
-        if prefix in seen_prefix:
-            # Deterministic: the alphabetically-first deployment keeps the prefix.
-            skipped.append(
-                f"deployment {dep_name!r}: routePrefix {prefix} already used by {seen_prefix[prefix]!r}"
-            )
-            continue
-        name = backend_name(dep_name)
-        if name in seen_backend:
-            name = f"be_{sanitize_name(dep_name)[:40]}-{_short_hash('be:' + dep_name)}"
-        seen_prefix[prefix] = dep_name
-        seen_backend.add(name)
-
-        try:
-            max_conc = int(spec.get("maxConcurrency") or DEFAULT_MAX_CONCURRENCY)
-        except (TypeError, ValueError, OverflowError):
-            max_conc = DEFAULT_MAX_CONCURRENCY
-        max_conc = min(max(1, max_conc), MAX_SERVER_MAXCONN)
-
-        servers: list[Server] = []
-        used: set[str] = set()
-        parsed: list[tuple[str, str]] = []
-        replicas = spec.get("replicas") or []
-        if not isinstance(replicas, list):
-            skipped.append(f"deployment {dep_name!r}: replicas is not a list")
-            replicas = []
-        for rep in replicas:
-            try:
-                parsed.append((str(rep["id"]), _server_addr(rep["host"], rep["port"])))
-            except (KeyError, TypeError, ValueError, OverflowError) as e:
-                skipped.append(f"deployment {dep_name!r}: bad replica {rep!r}: {e}")
-        # Sorted first, so names don't depend on the order replicas are listed in.
-        for rid, addr in sorted(set(parsed)):
-            sname = server_name(rid)
-            if sname in used:
-                sname = f"{sname[:48]}-{_short_hash('dup:' + rid + addr)}"
-            if sname in used:
-                skipped.append(f"deployment {dep_name!r}: duplicate replica id {rid!r}")
-                continue
-            used.add(sname)
-            servers.append(Server(sname, rid, addr))
-        servers.sort(key=lambda s: s.name)
-
-        backends.append(
-            Backend(
-                deployment=dep_name,
-                name=name,
-                prefix=prefix,
-                max_concurrency=max_conc,
-                request_timeout_s=_secs(spec.get("requestTimeoutSeconds"), DEFAULT_REQUEST_TIMEOUT_S),
-                queue_timeout_s=_secs(spec.get("queueTimeoutSeconds"), QUEUE_TIMEOUT_S),
-                max_queued=_count(spec.get("maxQueued"), max_conc * max(1, len(servers))),
-                max_body_bytes=_max_body(spec.get("maxRequestBodyBytes")),
-                scale_from_zero=spec.get("scaleFromZero") is True,
-                servers=servers,
-            )
-        )
-    # Longest prefix first; ties can't happen (prefixes are unique). "/" is len 1 -> last.
-    backends.sort(key=lambda b: (-len(b.prefix), b.prefix))
-    return RoutingPlan(backends, skipped)
 
 
 def _body_limit(be: Backend) -> list[str]:
@@ -325,7 +83,7 @@ def _activator_backend(be: Backend, activator_socket: str) -> list[str]:
 
 
 def render_config(
-    table: Mapping[str, Any] | None,
+    table: RoutingTable,
     *,
     port: int,
     bind_host: str,
@@ -348,17 +106,16 @@ def render_config(
     ``activator_socket``: the Unix socket of the ingress's activator, the server of every ``scaleFromZero``
     deployment with no replica (None: those answer 503 as any deployment with no replica).
     """
-    plan = plan_table(table)
-    max_req_timeout = max([b.request_timeout_s for b in plan.backends] + [DEFAULT_REQUEST_TIMEOUT_S])
+    max_req_timeout = max([b.request_timeout_s for b in table.backends] + [DEFAULT_REQUEST_TIMEOUT_S])
     if hard_stop_after_s is None:
         # Old workers left by a reload get this long to finish in-flight requests.
         hard_stop_after_s = max_req_timeout + 30
-    bind_addr = f"fd@{int(listen_fd)}" if listen_fd is not None else _addr(bind_host, port)
+    bind_addr = f"fd@{int(listen_fd)}" if listen_fd is not None else join_addr(bind_host, port)
 
     out: list[str] = []
     w = out.append
-    w("# Generated by rayfleet_runtime.haproxy_config -- do not edit.")
-    for reason in plan.skipped:
+    w("# Generated by rayfleet_runtime.ingress.haproxy_config -- do not edit.")
+    for reason in table.skipped:
         w(f"# SKIPPED {_comment(reason)}")
     w("")
     w("global")
@@ -423,14 +180,14 @@ def render_config(
     # The client's address is ours to tell (option forwardfor): a client-sent one is dropped, not extended.
     w("    http-request del-header X-Forwarded-For")
     w("    http-request disable-l7-retry unless METH_GET || METH_OPTIONS")  # METH_GET is GET and HEAD
-    if plan.backends:  # the pod's readiness: this ingress routes (else the path falls through to 404)
+    if table.backends:  # the pod's readiness: this ingress routes (else the path falls through to 404)
         w(f"    http-request return status 200 content-type text/plain string ready if {{ path {INGRESS_READY_PATH} }}")
-    for be in plan.backends:
+    for be in table.backends:
         if be.prefix == "/":
             continue
         w(f"    # deployment {_comment(be.deployment)}")
         w(f"    use_backend {be.name} if {{ path {be.prefix} }} || {{ path_beg {be.prefix}/ }}")
-    catch_all = plan.catch_all
+    catch_all = table.catch_all
     w(f"    default_backend {catch_all.name if catch_all else NOT_FOUND_BACKEND}")
     if metrics_socket is not None:
         w("")
@@ -438,7 +195,7 @@ def render_config(
         w(f"    bind unix@{metrics_socket} mode 600")
         w("    http-request use-service prometheus-exporter")
 
-    for be in plan.backends:
+    for be in table.backends:
         w("")
         if be.held_by_activator(activator_socket):
             out.extend(_activator_backend(be, activator_socket))

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from rayfleet_api.desired import Autoscaling
 
-from rayfleet_runtime.autoscaling import AutoscalerState, Decision, LoadSample, ReplicaLoad, decide
+from rayfleet_runtime.controller.autoscaling import AutoscalerState, Decision, LoadSample, ReplicaLoad, decide
 
 SAMPLE_INTERVAL_S = 1.0
 # How long one round waits for the replicas' and ingresses' answers. One that answers later keeps its

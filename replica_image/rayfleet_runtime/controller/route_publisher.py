@@ -1,7 +1,7 @@
 """Publishing the routing table: the controller's READY replicas -> one ``IngressManager`` (HAProxy) per node.
 
 ``RoutePublisher.changed()`` says the table may differ now and returns a *routes version*. A background
-loop (``run()``) renders the table with the ``table`` callback and pushes it to every ingress node that
+loop (``run()``) builds the ``routing.RoutingTable`` with the ``table`` callback and pushes it to every ingress node that
 has not yet applied that exact table (one ``IngressManager`` per alive node for ``ingress_nodes="all"``,
 only the head node for ``"head"``; the node list is refreshed every ``NODES_REFRESH_S``, which is also
 how often a failed push is retried at the latest). The ingress actors and the node list come from the
@@ -19,12 +19,12 @@ there (the autoscaler's share of the load that no replica counts yet).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any, Awaitable, Callable, Protocol
 
 from rayfleet_api.constants import INGRESS_PORT
+from rayfleet_runtime.routing import RoutingTable
 
 NODES_REFRESH_S = 5.0
 PUSH_TIMEOUT_S = 30.0
@@ -36,7 +36,7 @@ logger = logging.getLogger("rayfleet.controller")
 class NodeIngress(Protocol):
     """One node's ingress, as ``ensure_ingress`` returns it."""
 
-    def update(self, table: dict[str, Any]) -> Awaitable[dict[str, Any]]:
+    def update(self, table: RoutingTable) -> Awaitable[dict[str, Any]]:
         """Send ``table`` at once; the awaitable answers ``{"applied": bool, ...}``."""
 
     def stats(self) -> Awaitable[dict[str, Any]]:
@@ -51,7 +51,7 @@ PushObserver = Callable[[str, float], None]  # (outcome "ok" | "error", seconds)
 class RoutePublisher:
     """Pushes ``table()`` to the ingress of every node, only when it changed; tracks what was applied."""
 
-    def __init__(self, table: Callable[[], dict[str, Any]], ensure_ingress: EnsureIngress, node_ids: NodeIds,
+    def __init__(self, table: Callable[[], RoutingTable], ensure_ingress: EnsureIngress, node_ids: NodeIds,
                  pushed: PushObserver, ingress_port: int = INGRESS_PORT, ingress_nodes: str = "all",
                  bind_host: str = "0.0.0.0"):
         self._table = table
@@ -65,7 +65,7 @@ class RoutePublisher:
         self._version = 0  # bumped by every changed()
         self._applied = 0  # newest version that every ingress node has applied
         self._ingress: dict[str, NodeIngress] = {}  # node id -> its IngressManager
-        self._pushed: dict[str, str] = {}  # node id -> routing table JSON it last applied
+        self._pushed: dict[str, RoutingTable] = {}  # node id -> the routing table it last applied
         self._nodes: list[str] = []
         self._nodes_at = 0.0
         self._failures: dict[str, int] = {}  # node id -> consecutive failed pushes
@@ -154,7 +154,6 @@ class RoutePublisher:
         # change up to ``version``.
         version = self._version
         table = self._table()
-        blob = json.dumps(table, sort_keys=True)
         nodes = await self._ingress_node_ids()
         for gone in set(self._ingress) - set(nodes):
             self._ingress.pop(gone, None)
@@ -164,7 +163,7 @@ class RoutePublisher:
         sent, failed = False, False  # to any node / not applied by one of those
         started = time.monotonic()
         for node_id in nodes:
-            if self._pushed.get(node_id) == blob:
+            if self._pushed.get(node_id) == table:
                 continue
             if time.monotonic() < self._retry_at.get(node_id, 0.0):  # backing off after failures
                 everywhere = False
@@ -197,7 +196,7 @@ class RoutePublisher:
                 self._pushed.pop(node_id, None)
                 everywhere, failed = False, True
                 continue
-            self._pushed[node_id] = blob
+            self._pushed[node_id] = table
         if sent:
             self._report_push("error" if failed else "ok", time.monotonic() - started)
         if everywhere:

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import logging
 import os
-import sys
 from typing import Any
 
 import ray
@@ -27,10 +26,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rayfleet_api.constants import (CONTROL_PORT, CONTROL_TOKEN_ENV, CONTROLLER_NAME, INGRESS_PORT, METRICS_PORT,
                                     RAY_NAMESPACE)
 from rayfleet_api.http_probe import wait_http
-from rayfleet_runtime.api_server import make_app
-from rayfleet_runtime.deployment_state import ControllerCore
+from rayfleet_runtime.controller.api_server import make_app
+from rayfleet_runtime.controller.deployment_state import ControllerCore
 from rayfleet_runtime.log_setup import configure_logging
-from rayfleet_runtime.ray_calls import RayBackend, alive_node_ids
+from rayfleet_runtime.controller.ray_calls import RayBackend, alive_node_ids
 
 logger = logging.getLogger("rayfleet.controller")
 
@@ -139,6 +138,3 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The routing table: which deployment a path reaches, with what limits, on which replicas.
+
+The controller builds it (``build_table``) from each deployment's ``DesiredState`` and its READY replicas,
+once per change, and pushes it to every node's ingress; there the ingress, the HAProxy renderer
+(``ingress.haproxy_config``) and the activator (``ingress.activator``) only read it. Every rule of the
+table lives here: prefix normalisation and which deployment owns a prefix, the queue each deployment
+gets, the names HAProxy knows backends and servers by, the keep-alive that bounds how long a replica
+leaving the table still gets requests.
+
+Routing: a request goes to the deployment whose prefix is the longest one equal to the path or followed
+by ``/`` in it (``/echo`` matches ``/echo`` and ``/echo/x`` but not ``/echoes``); ``/`` catches the rest.
+
+The wire form (``to_wire``, the JSON an ingress keeps to serve again after its actor restarts) is::
+
+    {"deployments": {
+        "echo": {
+            "routePrefix": "/echo",            # normalised: "/echo/" -> "/echo"
+            "maxConcurrency": 100,             # per replica -> per-server maxconn
+            "requestTimeoutSeconds": 60,       # -> timeout server (504)
+            "maxRequestBodyBytes": 16777216,   # optional; a larger Content-Length gets 413 at the ingress
+            "queueTimeoutSeconds": 2,          # optional; default QUEUE_TIMEOUT_S (then 503)
+            "maxQueued": 800,                  # optional; default maxConcurrency x replicas
+            "scaleFromZero": true,             # optional; with no replicas, requests wait in the activator
+            "replicas": [{"id": "echo-0", "host": "127.0.0.1", "port": 43123, "nodeId": "..."}],
+        }}}
+
+``from_wire`` reads any such mapping without failing: what it can't use is left out, with the reason in
+``RoutingTable.skipped``.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from rayfleet_api.desired import ROUTE_PREFIX, DesiredState
+
+QUEUE_TIMEOUT_S = 2.0  # a request waits this long for a free replica slot, then gets 503
+# How long a client's keep-alive connection may sit idle at the ingress. After a reload, an old HAProxy
+# worker keeps such a connection, routing it by the old table, until it times out or carries one more
+# request: a replica leaving the table serves until then (the controller's drain settle). Short, as
+# uvicorn's default, so that takes seconds, not half a minute.
+KEEPALIVE_TIMEOUT_S = 5
+DEFAULT_REQUEST_TIMEOUT_S = float(DesiredState.request_timeout_seconds)
+DEFAULT_MAX_CONCURRENCY = DesiredState.max_concurrency
+# Values HAProxy can hold whatever a table says: its timers overflow at 2**31 ms (~24.8 days), and
+# `queue() ge N` refuses N past 2**63. The controller sends far less (rayfleet_api.desired.MAXIMUM).
+MAX_TIMEOUT_S = 7 * 86400.0
+MAX_SERVER_MAXCONN = 1_000_000
+
+_NAME_OK = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # fullmatch only: "$" would admit a trailing newline
+# A replica's host: a DNS name (IP addresses are checked with ipaddress). Anything else (a space, a
+# newline) would break the `server` line, and with it the whole config.
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOSTNAME_OK = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str  # HAProxy's identifier for it
+    replica_id: str
+    addr: str  # host:port, as haproxy.cfg writes it
+    node_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Backend:
+    deployment: str
+    name: str  # HAProxy's identifier; the activator learns a held request's deployment from it
+    prefix: str
+    max_concurrency: int
+    request_timeout_s: float
+    queue_timeout_s: float
+    max_queued: int
+    max_body_bytes: int | None
+    scale_from_zero: bool = False
+    servers: tuple[Server, ...] = ()
+
+    def held_by_activator(self, activator_socket: str | None) -> bool:
+        """Requests wait in the activator for a replica, instead of a 503 at once."""
+        return activator_socket is not None and self.scale_from_zero and not self.servers
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """Backends in routing order (longest prefix first, ``/`` last), each prefix owned by one."""
+
+    backends: tuple[Backend, ...] = ()
+    skipped: tuple[str, ...] = ()  # why deployments or replicas were left out (from_wire only)
+
+    @property
+    def catch_all(self) -> Backend | None:
+        return next((be for be in self.backends if be.prefix == "/"), None)
+
+    def backend(self, deployment: str) -> Backend | None:
+        return next((be for be in self.backends if be.deployment == deployment), None)
+
+    def names(self) -> dict[str, Any]:
+        """HAProxy names -> table names, for mapping ``show stat`` back."""
+        return {be.name: {"deployment": be.deployment, "servers": {s.name: s.replica_id for s in be.servers}}
+                for be in self.backends}
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"deployments": {be.deployment: {
+            "routePrefix": be.prefix, "maxConcurrency": be.max_concurrency,
+            "requestTimeoutSeconds": be.request_timeout_s, "queueTimeoutSeconds": be.queue_timeout_s,
+            "maxQueued": be.max_queued, "maxRequestBodyBytes": be.max_body_bytes,
+            **({"scaleFromZero": True} if be.scale_from_zero else {}),
+            "replicas": [{"id": s.replica_id, **_host_port(s.addr), "nodeId": s.node_id} for s in be.servers],
+        } for be in self.backends}}
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any] | None) -> "RoutingTable":
+        deployments = (wire or {}).get("deployments") or {}
+        entries, skipped = [], []
+        for name in sorted(deployments):
+            entry = _entry_from_wire(name, deployments[name] or {}, skipped)
+            if entry is not None:
+                entries.append(entry)
+        return _assemble(entries, skipped)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One deployment as the controller routes it: its desired state and its READY replicas."""
+
+    deployment: str
+    desired: DesiredState
+    replicas: tuple[tuple[str, str, int, str | None], ...]  # (replica id, host, port, node id)
+
+
+def build_table(routes: Iterable[Route]) -> RoutingTable:
+    """The table for these deployments (the controller's, once per change)."""
+    skipped: list[str] = []
+    entries = []
+    for route in sorted(routes, key=lambda r: r.deployment):
+        d, scaled = route.desired, route.desired.autoscaling
+        entries.append(_Entry(
+            route.deployment, d.route_prefix, d.max_concurrency, float(d.request_timeout_seconds),
+            # Autoscaled, the ingress queues what maxReplicas could run, up to the request timeout: the
+            # queue is the load that brings more replicas, and they are coming (not a 503 at once).
+            queue_timeout_s=float(d.request_timeout_seconds) if scaled else QUEUE_TIMEOUT_S,
+            max_queued=d.max_concurrency * scaled.max_replicas if scaled else None,
+            max_body_bytes=d.max_request_body_bytes,
+            # With no replica the ingress holds a request (it starts one) instead of refusing it.
+            scale_from_zero=bool(scaled and scaled.min_replicas == 0),
+            servers=_servers(route.deployment, route.replicas, skipped)))
+    return _assemble(entries, skipped)
+
+
+def normalize_prefix(prefix: Any) -> str:
+    """``"/echo/"`` -> ``"/echo"``, ``""``/None -> ``"/"``; raises ValueError if unusable."""
+    if prefix is None or prefix == "":
+        return "/"
+    stripped = (prefix.rstrip("/") or "/") if isinstance(prefix, str) else ""
+    if not ROUTE_PREFIX.fullmatch(stripped):  # the spec's own rule (rayfleet_api)
+        raise ValueError(f"invalid routePrefix {prefix!r}")
+    return stripped
+
+
+def prefix_taken(deployment: str, prefix: str, owners: Mapping[str, str]) -> str | None:
+    """The other deployment that owns ``prefix`` already (``owners``: prefix -> deployment), if any. A prefix
+    is its first claimant's: the controller answers a later claim with a 400, a table read from the wire
+    (by deployment name) drops it."""
+    owner = owners.get(prefix)
+    return owner if owner is not None and owner != deployment else None
+
+
+def default_max_queued(max_concurrency: int, replicas: int) -> int:
+    """The ingress's queue for a deployment: what its replicas could run at once."""
+    return max_concurrency * max(1, replicas)
+
+
+def sanitize_name(raw: str) -> str:
+    """A stable HAProxy identifier for ``raw``.
+
+    Names that are already valid are kept verbatim (so ``echo-0`` stays ``echo-0``); others have bad
+    characters replaced and a hash of the original appended, so two different raw names can't collapse
+    onto one identifier.
+    """
+    raw = str(raw)
+    if _NAME_OK.fullmatch(raw):
+        return raw
+    cleaned = re.sub(r"[^A-Za-z0-9_.:-]", "_", raw)[:48] or "x"
+    return f"{cleaned}-{_short_hash(raw)}"
+
+
+def backend_name(deployment: str) -> str:
+    return "be_" + sanitize_name(deployment)
+
+
+def server_name(replica_id: str) -> str:
+    return sanitize_name(replica_id)
+
+
+def server_addr(host: Any, port: Any) -> str:
+    """A replica's ``host:port``; ValueError (the replica is left out) if haproxy.cfg can't hold it."""
+    host, port = str(host), int(port)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    try:
+        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        if not _HOSTNAME_OK.fullmatch(host):
+            raise ValueError(f"invalid host {host!r}") from None
+    return join_addr(host, port)
+
+
+def join_addr(host: str, port: int) -> str:
+    host = str(host)
+    if ":" in host and not host.startswith("["):  # IPv6 literal
+        host = f"[{host}]"
+    return f"{host}:{int(port)}"
+
+
+def _host_port(addr: str) -> dict[str, Any]:
+    host, _, port = addr.rpartition(":")
+    return {"host": host.removeprefix("[").removesuffix("]"), "port": int(port)}
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A deployment's values, checked, before names and the queue default are settled."""
+
+    deployment: str
+    prefix: str
+    max_concurrency: int
+    request_timeout_s: float
+    queue_timeout_s: float
+    max_queued: int | None  # None: default_max_queued
+    max_body_bytes: int | None
+    scale_from_zero: bool
+    servers: tuple[tuple[str, str, str | None], ...]  # (replica id, addr, node id)
+
+
+def _servers(deployment: str, replicas: Iterable[Any], skipped: list[str]) -> tuple[tuple[str, str, str | None], ...]:
+    parsed = set()
+    for rep in replicas:
+        try:
+            rid, host, port, node = rep
+            parsed.add((str(rid), server_addr(host, port), None if node is None else str(node)))
+        except (TypeError, ValueError, OverflowError) as e:
+            skipped.append(f"deployment {deployment!r}: bad replica {rep!r}: {e}")
+    return tuple(sorted(parsed))
+
+
+def _entry_from_wire(name: str, spec: Any, skipped: list[str]) -> _Entry | None:
+    if not isinstance(spec, Mapping):
+        skipped.append(f"deployment {name!r}: not an object")
+        return None
+    try:
+        prefix = normalize_prefix(spec.get("routePrefix"))
+    except ValueError as e:
+        skipped.append(f"deployment {name!r}: {e}")
+        return None
+    try:
+        max_conc = int(spec.get("maxConcurrency") or DEFAULT_MAX_CONCURRENCY)
+    except (TypeError, ValueError, OverflowError):
+        max_conc = DEFAULT_MAX_CONCURRENCY
+    replicas = spec.get("replicas") or []
+    if not isinstance(replicas, list):
+        skipped.append(f"deployment {name!r}: replicas is not a list")
+        replicas = []
+    rows = []
+    for rep in replicas:
+        try:
+            rows.append((rep["id"], rep["host"], rep["port"], rep.get("nodeId")))
+        except (KeyError, TypeError, AttributeError) as e:
+            skipped.append(f"deployment {name!r}: bad replica {rep!r}: {e!r}")
+    return _Entry(name, prefix, max_conc, _secs(spec.get("requestTimeoutSeconds"), DEFAULT_REQUEST_TIMEOUT_S),
+                  _secs(spec.get("queueTimeoutSeconds"), QUEUE_TIMEOUT_S), _count(spec.get("maxQueued")),
+                  _max_body(spec.get("maxRequestBodyBytes")), spec.get("scaleFromZero") is True,
+                  _servers(name, rows, skipped))
+
+
+def _assemble(entries: list[_Entry], skipped: list[str]) -> RoutingTable:
+    """Names, prefix owners, the queue default and routing order: the same for both ways a table is made."""
+    owners: dict[str, str] = {}
+    backends: list[Backend] = []
+    seen_backend: set[str] = set()
+    for e in entries:
+        taken = prefix_taken(e.deployment, e.prefix, owners)
+        if taken is not None:
+            skipped.append(f"deployment {e.deployment!r}: routePrefix {e.prefix} already used by {taken!r}")
+            continue
+        owners[e.prefix] = e.deployment
+        name = backend_name(e.deployment)
+        if name in seen_backend:
+            name = f"be_{sanitize_name(e.deployment)[:40]}-{_short_hash('be:' + e.deployment)}"
+        seen_backend.add(name)
+        servers: list[Server] = []
+        used: set[str] = set()
+        for rid, addr, node in e.servers:  # sorted: names don't depend on the order replicas are listed in
+            sname = server_name(rid)
+            if sname in used:
+                sname = f"{sname[:48]}-{_short_hash('dup:' + rid + addr)}"
+            if sname in used:
+                skipped.append(f"deployment {e.deployment!r}: duplicate replica id {rid!r}")
+                continue
+            used.add(sname)
+            servers.append(Server(sname, rid, addr, node))
+        servers.sort(key=lambda s: s.name)
+        max_conc = min(max(1, e.max_concurrency), MAX_SERVER_MAXCONN)
+        backends.append(Backend(
+            e.deployment, name, e.prefix, max_conc, min(e.request_timeout_s, MAX_TIMEOUT_S),
+            min(e.queue_timeout_s, MAX_TIMEOUT_S),
+            min(e.max_queued or default_max_queued(max_conc, len(servers)), MAX_SERVER_MAXCONN * 1000),
+            e.max_body_bytes, e.scale_from_zero, tuple(servers)))
+    # Longest prefix first; ties can't happen (prefixes are unique). "/" is len 1 -> last.
+    backends.sort(key=lambda b: (-len(b.prefix), b.prefix))
+    return RoutingTable(tuple(backends), tuple(skipped))
+
+
+def _secs(value: Any, default: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    if not math.isfinite(v) or v <= 0:
+        return default
+    return min(v, MAX_TIMEOUT_S)
+
+
+def _count(value: Any) -> int | None:
+    """A positive int from the table (HAProxy's queue is a counter); else None, for the default."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return None
+    return value
+
+
+def _max_body(value: Any) -> int | None:
+    """The body limit HAProxy enforces on Content-Length; None (the replica alone checks) if unusable."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
+        return None
+    return value
