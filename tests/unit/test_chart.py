@@ -15,6 +15,7 @@ import yaml
 from rayfleet_api.constants import METRICS_PATH, METRICS_PORT, METRICS_PORT_NAME
 from rayfleet_operator.config import OperatorConfig
 from rayfleet_operator.raycluster import build_raycluster
+from rayfleet_operator.serve_spec import ServeSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "rayfleet"
@@ -242,7 +243,8 @@ def test_pod_monitor_and_dashboard_are_off_by_default_and_render_when_on(helm):
     assert spec["namespaceSelector"] == {"any": True}
     # One label on both the operator's pod (the chart's) and the Ray pods (the operator's naming.labels).
     deployment, _ = operator_container(docs)
-    rc = build_raycluster(ray_body(), OperatorConfig())
+    sd = ray_body()
+    rc = build_raycluster(sd, ServeSpec.from_spec(sd["spec"]), OperatorConfig())
     for pod_labels in (deployment["spec"]["template"]["metadata"]["labels"],
                        rc["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]):
         assert spec["selector"]["matchLabels"].items() <= pod_labels.items()
