@@ -114,9 +114,11 @@ def env_of(container: dict) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in container["env"]}
 
 
-def test_crd_copy_matches():
-    copy = CHART / "crds" / CRD.name
-    assert copy.read_bytes() == CRD.read_bytes(), f"{copy} drifted from {CRD}: cp {CRD} {copy}"
+def test_crd_copies_match():
+    makefile = (ROOT / "Makefile").read_text()
+    for copy in (CHART / "crds" / CRD.name, ROOT / "rayfleet" / "servedeployment-crd.yaml"):
+        assert str(copy.relative_to(ROOT)) in makefile, f"`make crds` does not write {copy}"
+        assert copy.read_bytes() == CRD.read_bytes(), f"{copy} drifted from {CRD}: run `make crds`"
     assert sorted(p.name for p in (CHART / "crds").iterdir()) == [CRD.name]
 
 
