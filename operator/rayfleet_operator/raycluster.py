@@ -66,8 +66,8 @@ def plan_workers(spec: ServeSpec, config: OperatorConfig, replicas: int | None =
                       cpus_per_worker, packed > workers.max_pods)
 
 
-def worker_replicas(cluster: dict[str, Any] | None) -> tuple[int, list[str]] | None:
-    """The worker count a RayCluster asks for now, and the pods it names for deletion (None: no cluster)."""
+def requested_worker_pods(cluster: dict[str, Any] | None) -> tuple[int, list[str]] | None:
+    """The worker pods a RayCluster asks for now, and those it names for deletion (None: no cluster)."""
     if cluster is None:
         return None
     group = ((cluster.get("spec") or {}).get("workerGroupSpecs") or [{}])[0]

@@ -64,7 +64,7 @@ async def _workers(body: dict[str, Any], config: OperatorConfig, kube: Kube, obs
     makes room for the replicas the controller runs towards: with autoscaling, the autoscaler's count."""
     replicas = desired_replicas(obs.spec.desired, obs.controller, body.get("status"))
     wanted = raycluster.plan_workers(obs.spec, config, replicas).pods
-    now = raycluster.worker_replicas(existing)
+    now = raycluster.requested_worker_pods(existing)
     if now is None:
         return wanted, []
     current, named = now
@@ -102,7 +102,7 @@ async def _ensure_network_policy(body: dict[str, Any], spec: ServeSpec, config: 
 
 
 async def _ensure_pdb(body: dict[str, Any], config: OperatorConfig, kube: Kube, cluster: dict[str, Any]) -> None:
-    workers, _ = raycluster.worker_replicas(cluster)
+    workers, _ = raycluster.requested_worker_pods(cluster)
     await _ensure(disruption.build_pdb(body, config.pdb_max_unavailable, 1 + workers), kube.get_pdb,
                   kube.create_pdb, kube.replace_pdb, disruption.pdb_needs_update)
 

@@ -15,8 +15,8 @@ from rayfleet_operator.networkpolicy import build_network_policy
 from rayfleet_api.constants import CONTROL_PORT_NAME, METRICS_PORT, METRICS_PORT_NAME
 from rayfleet_operator.naming import ANNOTATION_SPEC_HASH
 from rayfleet_operator.raycluster import (build_auth_secret, build_raycluster, controller_url, plan_workers,
-                                          readiness, should_update_cluster, shrink_workers, spec_problems,
-                                          worker_replicas)
+                                          readiness, requested_worker_pods, should_update_cluster, shrink_workers,
+                                          spec_problems)
 from rayfleet_operator.serve_spec import ClusterSpec, ServeSpec, WorkerGroup
 from rayfleet_operator.service import build_service, endpoint, service_needs_update
 from rayfleet_operator.status import Observation
@@ -128,7 +128,7 @@ def test_scale_down_names_the_pods_that_go():
     rc = build_raycluster(*read(body(replicas=1)), CONFIG, (2, ["echo-replicas-worker-b"]))
     group = rc["spec"]["workerGroupSpecs"][0]
     assert group["replicas"] == 2 and group["scaleStrategy"] == {"workersToDelete": ["echo-replicas-worker-b"]}
-    assert worker_replicas(rc) == (2, ["echo-replicas-worker-b"]) and worker_replicas(None) is None
+    assert requested_worker_pods(rc) == (2, ["echo-replicas-worker-b"]) and requested_worker_pods(None) is None
     assert "scaleStrategy" not in build_raycluster(*read(body(replicas=1)), CONFIG)["spec"]["workerGroupSpecs"][0]
 
 
@@ -310,7 +310,7 @@ def test_with_autoscaling_the_workers_follow_the_autoscalers_count_not_spec_repl
 
     assert workers(3, None) == (3, [])  # a new cluster: room for the autoscaler's 3, not spec.replicas' 1
     grown = build_raycluster(*read(b), CONFIG, workers(6, build_raycluster(*read(b), CONFIG, (3, []))))
-    assert worker_replicas(grown) == (4, [])  # within rayCluster.workers.maxReplicas
+    assert requested_worker_pods(grown) == (4, [])  # within rayCluster.workers.maxReplicas
     # Scaled down to 2: the controller drained the others; only pods that host no replica go.
     assert workers(2, grown, serving={"10.0.0.5", "10.0.0.7"}) == (2, ["w-b", "w-d"])
 
