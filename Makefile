@@ -4,7 +4,7 @@ PYTHON ?= $(VENV)/bin/python
 OPERATOR_IMAGE ?= ghcr.io/rayfleet/operator:0.1.0
 REPLICA_IMAGE ?= ghcr.io/rayfleet/replica:0.1.0
 
-.PHONY: setup test e2e images chart-check bench bench-faults bench-autoscale
+.PHONY: setup test e2e images chart-check crds bench bench-faults bench-autoscale
 
 # A fresh machine needs Python 3.10+ (for `rayfleet run`); the targets that build Kubernetes components
 # (test, e2e, `rayfleet dev`) need Go >= 1.26 too and say so when it is missing.
@@ -44,6 +44,14 @@ images:
 
 chart-check:
 	$(PYTHON) -m pytest tests/unit/test_chart.py -q
+
+# The CRD is written by hand in crds/; this writes every copy of it: the chart's (Helm installs
+# charts/rayfleet/crds/ as it is) and the package's (`rayfleet run` checks manifests against it), a link.
+# tests/unit/test_chart.py fails while a copy differs.
+CRD := crds/rayfleet.io_servedeployments.yaml
+crds:
+	cp $(CRD) charts/rayfleet/crds/rayfleet.io_servedeployments.yaml
+	ln -sfn ../$(CRD) rayfleet/servedeployment-crd.yaml
 
 # rayfleet vs Ray Serve (defaults, tuned, HAProxy mode) with wrk; ~15 min. BENCH_ARGS="--quick" for a smoke run.
 bench: $(VENV)/.installed

@@ -3,7 +3,9 @@
 ``DesiredState`` is what the operator and ``rayfleet run`` send (``PUT /v1/deployments/{name}``, as
 ``to_json()``), what the controller validates (``from_json``), checkpoints and acts on. Its field
 defaults are the product's defaults; the CRD's schema defaults must match them (a unit test holds them
-together). ``version`` is the hash of the fields that need new replica processes (see ``spec.py``).
+together). ``FIELDS``, below the dataclasses, is the field table: each field's camelCase name, its
+attribute, its checks and whether it is versioned, once (see ``fields.py``). ``version`` is the hash of
+the versioned fields: the ones that need new replica processes.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rayfleet_api.errors import SpecError
+from rayfleet_api.fields import Field, Nested, Number, decode, encode, walk
+from rayfleet_api.quantity import parse_quantity
 
 # A DNS label, optionally qualified by one more (the operator uses "<namespace>.<name>").
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)?")
@@ -25,15 +29,6 @@ _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9]
 ROUTE_PREFIX_PATTERN = r"^/([A-Za-z0-9._~!$&()*+,;=:@%-]+(/[A-Za-z0-9._~!$&()*+,;=:@%-]+)*)?$"
 ROUTE_PREFIX = re.compile(ROUTE_PREFIX_PATTERN)
 ROUTE_PREFIX_MAX_LENGTH = 256
-# Upper bounds: the CRD's `maximum`s (a unit test holds them together), so the controller's API takes no
-# more than Kubernetes would. Unbounded, maxConcurrency=10**30 or requestTimeoutSeconds=1e9 reached
-# haproxy.cfg, which then failed `haproxy -c`: no route of any deployment could change any more.
-MAXIMUM = {"replicas": 1000, "maxConcurrency": 100_000, "syncThreads": 256, "requestTimeoutSeconds": 3600,
-           "maxRequestBodyBytes": 2**30,
-           "gracefulShutdownSeconds": 3600, "healthCheck.periodSeconds": 3600, "healthCheck.timeoutSeconds": 3600,
-           "healthCheck.failureThreshold": 100,
-           "autoscaling.minReplicas": 1000, "autoscaling.maxReplicas": 1000, "autoscaling.targetInFlight": 100_000,
-           "autoscaling.upscaleDelaySeconds": 3600, "autoscaling.downscaleDelaySeconds": 3600}
 
 
 @dataclass(frozen=True)
@@ -90,109 +85,126 @@ class DesiredState:
     autoscaling: Autoscaling | None = None  # None: `replicas` is the count
 
     def to_json(self) -> dict[str, Any]:
-        options = self.ray_actor_options
-        actor = {"numCpus": options.num_cpus, "numGpus": options.num_gpus, "memory": options.memory}
-        hc = self.health_check
-        # Sent only when set: an older controller, which refuses unknown fields, still takes deployments without it.
-        scaling = {} if self.autoscaling is None else {"autoscaling": _autoscaling_to_json(self.autoscaling)}
-        return {
-            "handler": self.handler, "handlerArgs": self.handler_args, "replicas": self.replicas,
-            "maxConcurrency": self.max_concurrency, "syncThreads": self.sync_threads,
-            "maxRequestBodyBytes": self.max_request_body_bytes,
-            "routePrefix": self.route_prefix, "requestTimeoutSeconds": self.request_timeout_seconds,
-            "gracefulShutdownSeconds": self.graceful_shutdown_seconds, "accessLog": self.access_log,
-            "version": self.version,
-            "rayActorOptions": actor, "runtimeEnv": self.runtime_env, "env": self.env,
-            "healthCheck": {"periodSeconds": hc.period_seconds, "timeoutSeconds": hc.timeout_seconds,
-                            "failureThreshold": hc.failure_threshold},
-            **scaling,
-        }
+        return encode(self, FIELDS)
 
     @classmethod
     def from_json(cls, body: Any) -> "DesiredState":
         """A validated, defaulted DesiredState, or SpecError naming the first bad field."""
-        obj = _Object(body, "")
-        handler = obj.pop("handler", None)
-        if not isinstance(handler, str) or ":" not in handler or not all(handler.partition(":")[::2]):
-            raise SpecError("handler", f"must be 'module:attr', got {handler!r}")
-        route_prefix = obj.pop("routePrefix", cls.route_prefix)
-        if not isinstance(route_prefix, str) or len(route_prefix) > ROUTE_PREFIX_MAX_LENGTH or not ROUTE_PREFIX.fullmatch(route_prefix):
-            raise SpecError("routePrefix", f"must be '/' or a path such as /echo or /v1/echo (no trailing '/', "
-                                           f"at most {ROUTE_PREFIX_MAX_LENGTH} characters), got {route_prefix!r}")
-        runtime_env = obj.pop("runtimeEnv", None)
-        if runtime_env is not None and not isinstance(runtime_env, dict):
-            raise SpecError("runtimeEnv", "must be an object or null")
-        env = obj.pop("env", None) or {}
-        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise SpecError("env", "must map names to string values")
-        version = obj.pop("version", "") or ""
-        if not isinstance(version, str):
-            raise SpecError("version", "must be a string")
-        opts = _Object(obj.pop("rayActorOptions", None), "rayActorOptions.")
-        actor = ActorOptions(num_cpus=opts.number("numCpus", ActorOptions.num_cpus, minimum=0),
-                             num_gpus=opts.number("numGpus", ActorOptions.num_gpus, minimum=0),
-                             memory=opts.number("memory", ActorOptions.memory, minimum=0, integer=True))
-        opts.done()
-        hc = _Object(obj.pop("healthCheck", None), "healthCheck.")
-        health = HealthCheck(
-            period_seconds=hc.number("periodSeconds", HealthCheck.period_seconds, minimum=0, exclusive=True),
-            timeout_seconds=hc.number("timeoutSeconds", HealthCheck.timeout_seconds, minimum=0, exclusive=True),
-            failure_threshold=hc.number("failureThreshold", HealthCheck.failure_threshold, minimum=1, integer=True))
-        hc.done()
-        access_log = obj.pop("accessLog", cls.access_log)
-        if not isinstance(access_log, bool):
-            raise SpecError("accessLog", f"must be true or false, got {access_log!r}")
-        handler_args = obj.pop("handlerArgs", None) or {}
-        if not isinstance(handler_args, dict):
-            raise SpecError("handlerArgs", "must be an object")
-        state = cls(
-            handler=handler, version=version, handler_args=handler_args,
-            replicas=obj.number("replicas", cls.replicas, minimum=0, integer=True),
-            max_concurrency=obj.number("maxConcurrency", cls.max_concurrency, minimum=1, integer=True),
-            sync_threads=obj.number("syncThreads", cls.sync_threads, minimum=1, integer=True),
-            max_request_body_bytes=obj.number("maxRequestBodyBytes", cls.max_request_body_bytes, minimum=0,
-                                              integer=True),
-            route_prefix=route_prefix,
-            request_timeout_seconds=obj.number("requestTimeoutSeconds", cls.request_timeout_seconds, minimum=0,
-                                               exclusive=True),
-            graceful_shutdown_seconds=obj.number("gracefulShutdownSeconds", cls.graceful_shutdown_seconds, minimum=0),
-            access_log=access_log, ray_actor_options=actor, runtime_env=runtime_env, env=env, health_check=health,
-            autoscaling=_autoscaling_from_json(obj.pop("autoscaling", None)))
-        obj.done()
-        if not version:  # a client that sends none (e.g. a test or a script) gets a hash of what it sent
+        state = decode(cls, FIELDS, body)
+        if not state.version:  # a client that sends none (e.g. a test or a script) gets a hash of what it sent
             wire = state.to_json()
             state = replace(state, version=version_hash({key: wire.get(key) for key in VERSIONED_WIRE_FIELDS}))
         return state
 
 
-def _autoscaling_to_json(a: Autoscaling) -> dict[str, Any]:
-    return {"minReplicas": a.min_replicas, "maxReplicas": a.max_replicas, "targetInFlight": a.target_in_flight,
-            "upscaleDelaySeconds": a.upscale_delay_seconds, "downscaleDelaySeconds": a.downscale_delay_seconds}
+def _handler(value: Any, path: str) -> str:
+    if not isinstance(value, str) or ":" not in value or not all(value.partition(":")[::2]):
+        raise SpecError(path, f"must be 'module:attr', got {value!r}")
+    return value
 
 
-def _autoscaling_from_json(body: Any) -> Autoscaling | None:
-    if body is None:
-        return None
-    obj = _Object(body, "autoscaling.")
-    max_replicas = obj.number("maxReplicas", None, minimum=1, integer=True)
-    if max_replicas is None:
-        raise SpecError("autoscaling.maxReplicas", "is required")
-    scaling = Autoscaling(
-        max_replicas=max_replicas,
-        min_replicas=obj.number("minReplicas", Autoscaling.min_replicas, minimum=0, integer=True),
-        target_in_flight=obj.number("targetInFlight", Autoscaling.target_in_flight, minimum=0, exclusive=True),
-        upscale_delay_seconds=obj.number("upscaleDelaySeconds", Autoscaling.upscale_delay_seconds, minimum=0),
-        downscale_delay_seconds=obj.number("downscaleDelaySeconds", Autoscaling.downscale_delay_seconds, minimum=0))
-    obj.done()
+def _route_prefix(value: Any, path: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or len(value) > ROUTE_PREFIX_MAX_LENGTH
+                              or not ROUTE_PREFIX.fullmatch(value)):
+        raise SpecError(path, f"must be '/' or a path such as /echo or /v1/echo (no trailing '/', "
+                              f"at most {ROUTE_PREFIX_MAX_LENGTH} characters), got {value!r}")
+    return value
+
+
+def _flag(value: Any, path: str) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise SpecError(path, f"must be true or false, got {value!r}")
+    return value
+
+
+def _object(value: Any, path: str) -> dict[str, Any]:
+    value = value or {}
+    if not isinstance(value, dict):
+        raise SpecError(path, "must be an object")
+    return value
+
+
+def _object_or_null(value: Any, path: str) -> dict[str, Any] | None:
+    if value is not None and not isinstance(value, dict):
+        raise SpecError(path, "must be an object or null")
+    return value
+
+
+def _env(value: Any, path: str) -> dict[str, str]:
+    value = value or {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise SpecError(path, "must map names to string values")
+    return value
+
+
+def _version(value: Any, path: str) -> str:
+    value = value or ""
+    if not isinstance(value, str):
+        raise SpecError(path, "must be a string")
+    return value
+
+
+def _bounded(scaling: Autoscaling, path: str) -> None:
     if scaling.min_replicas > scaling.max_replicas:
-        raise SpecError("autoscaling.minReplicas",
-                        f"must not exceed autoscaling.maxReplicas ({max_replicas}), got {scaling.min_replicas}")
-    return scaling
+        raise SpecError(f"{path}.minReplicas", f"must not exceed {path}.maxReplicas ({scaling.max_replicas}), "
+                                               f"got {scaling.min_replicas}")
 
 
+def _env_from_spec(items: list[dict[str, str]], path: str) -> dict[str, str]:
+    return {item["name"]: item.get("value", "") for item in items}  # the spec's is a Pod's: [{name, value}]
+
+
+def _bytes_from_spec(quantity: int | str, path: str) -> int:
+    return int(parse_quantity(quantity, path))  # the spec's is a Kubernetes quantity, "512Mi"
+
+
+# The table: every field of the desired state, once. The upper bounds are the CRD's `maximum`s (a unit
+# test holds them together), so the controller's API takes no more than Kubernetes would. Unbounded,
+# maxConcurrency=10**30 or requestTimeoutSeconds=1e9 reached haproxy.cfg, which then failed `haproxy -c`:
+# no route of any deployment could change any more.
+ACTOR_OPTIONS_FIELDS = (
+    Field("numCpus", "num_cpus", Number(minimum=0), versioned=True),
+    Field("numGpus", "num_gpus", Number(minimum=0), versioned=True),
+    Field("memory", "memory", Number(minimum=0, integer=True), versioned=True, spec_form=_bytes_from_spec),
+)
+HEALTH_CHECK_FIELDS = (
+    Field("periodSeconds", "period_seconds", Number(minimum=0, exclusive=True, maximum=3600)),
+    Field("timeoutSeconds", "timeout_seconds", Number(minimum=0, exclusive=True, maximum=3600)),
+    Field("failureThreshold", "failure_threshold", Number(minimum=1, integer=True, maximum=100)),
+)
+AUTOSCALING_FIELDS = (
+    Field("minReplicas", "min_replicas", Number(minimum=0, integer=True, maximum=1000)),
+    Field("maxReplicas", "max_replicas", Number(minimum=1, integer=True, maximum=1000)),
+    Field("targetInFlight", "target_in_flight", Number(minimum=0, exclusive=True, maximum=100_000)),
+    Field("upscaleDelaySeconds", "upscale_delay_seconds", Number(minimum=0, maximum=3600)),
+    Field("downscaleDelaySeconds", "downscale_delay_seconds", Number(minimum=0, maximum=3600)),
+)
+# `versioned`: baked into a replica process (like a Deployment's pod-template hash); fields such as
+# `replicas`, `routePrefix` or `autoscaling` are applied to running replicas and stay out of the version.
+FIELDS = (
+    Field("handler", "handler", _handler, versioned=True),
+    Field("handlerArgs", "handler_args", _object, versioned=True),
+    Field("replicas", "replicas", Number(minimum=0, integer=True, maximum=1000)),
+    Field("maxConcurrency", "max_concurrency", Number(minimum=1, integer=True, maximum=100_000), versioned=True),
+    Field("syncThreads", "sync_threads", Number(minimum=1, integer=True, maximum=256), versioned=True),
+    Field("maxRequestBodyBytes", "max_request_body_bytes", Number(minimum=0, integer=True, maximum=2**30),
+          versioned=True),
+    Field("routePrefix", "route_prefix", _route_prefix),
+    Field("requestTimeoutSeconds", "request_timeout_seconds", Number(minimum=0, exclusive=True, maximum=3600)),
+    Field("gracefulShutdownSeconds", "graceful_shutdown_seconds", Number(minimum=0, maximum=3600)),
+    Field("accessLog", "access_log", _flag, versioned=True),
+    Field("version", "version", _version, in_spec=False),
+    Field("rayActorOptions", "ray_actor_options", Nested(ActorOptions, ACTOR_OPTIONS_FIELDS), versioned=True),
+    Field("runtimeEnv", "runtime_env", _object_or_null, versioned=True),
+    Field("env", "env", _env, versioned=True, spec_form=_env_from_spec),
+    Field("healthCheck", "health_check", Nested(HealthCheck, HEALTH_CHECK_FIELDS)),
+    Field("autoscaling", "autoscaling", Nested(Autoscaling, AUTOSCALING_FIELDS, check=_bounded), sent_if_none=False),
+)
 # Wire fields baked into a replica process: the hash for clients that send no version.
-VERSIONED_WIRE_FIELDS = ("handler", "handlerArgs", "maxConcurrency", "syncThreads", "maxRequestBodyBytes",
-                         "accessLog", "rayActorOptions", "runtimeEnv", "env")
+VERSIONED_WIRE_FIELDS = tuple(f.name for f in FIELDS if f.versioned)
+# Upper bounds by path ("healthCheck.periodSeconds"): what the controller's errors and the CRD name.
+MAXIMUM = {path: f.read.maximum for path, _, f in walk(DesiredState, FIELDS)
+           if isinstance(f.read, Number) and f.read.maximum is not None}
 
 
 def version_hash(fields: dict[str, Any]) -> str:
@@ -226,45 +238,3 @@ def validate_name(name: Any) -> None:
     if not isinstance(name, str) or len(name) > 127 or not _NAME.fullmatch(name):
         raise SpecError("name", f"{name!r} must be a DNS label or 'namespace.name': lowercase letters, "
                                 "digits and '-', at most 127 characters")
-
-
-class _Object:
-    """One JSON object being decoded: typed reads with the field path in every error, unknown keys refused."""
-
-    def __init__(self, value: Any, prefix: str):
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise SpecError(prefix.rstrip(".") or "<body>", "must be an object")
-        self._left = dict(value)
-        self._prefix = prefix
-
-    def pop(self, key: str, default: Any) -> Any:
-        value = self._left.pop(key, None)
-        return default if value is None else value
-
-    def number(self, key: str, default: float | None, *, minimum: float, integer: bool = False,
-               exclusive: bool = False) -> Any:
-        """The field's number, checked; ``default`` (which may be None: optional) when absent or null."""
-        field_path = self._prefix + key
-        value = self.pop(key, default)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-            raise SpecError(field_path, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
-        # Python's JSON parser accepts NaN/Infinity; NaN passes every comparison below, and either would
-        # stall timers (a NaN health period never comes due) and make the observed state invalid JSON.
-        if not math.isfinite(value):
-            raise SpecError(field_path, f"must be a finite number, got {value!r}")
-        if value < minimum or (exclusive and value == minimum):
-            raise SpecError(field_path, f"must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
-        maximum = MAXIMUM.get(field_path)
-        if maximum is not None and value > maximum:
-            raise SpecError(field_path, f"must be <= {maximum}, got {value!r}")
-        return value
-
-    def done(self) -> None:
-        """Refuse what is left: a field this controller does not know would otherwise be silently ignored."""
-        if self._left:
-            key = sorted(self._left)[0]
-            raise SpecError(self._prefix + key, "unknown field (is the replica image older than the operator?)")

@@ -8,9 +8,6 @@ from typing import Any
 from rayfleet_api.constants import CONTROL_KEY_ENV, CONTROL_PORT, INGRESS_PORT, METRICS_PORT
 
 DEFAULT_REPLICA_IMAGE = "ghcr.io/rayfleet/replica:0.1.0"
-# The CRD's defaults of the fields only the operator reads (a unit test holds them together).
-SPREAD_PODS = 2  # spec.rayCluster.workers.spreadPods
-DRAIN_TIMEOUT_S = 120  # spec.rayCluster.drainTimeoutSeconds
 
 
 def _resources(prefix: str, cpu: str, memory: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .naming import LABEL_RAY_CLUSTER, cluster_name, labels, owner_reference
+from .naming import LABEL_RAY_CLUSTER, labels, owner_reference
 
 
 def min_available(pods: int, max_unavailable: int | str) -> int:
@@ -25,15 +25,16 @@ def min_available(pods: int, max_unavailable: int | str) -> int:
 
 
 def build_pdb(body: dict[str, Any], max_unavailable: int | str, pods: int) -> dict[str, Any]:
-    """The budget of a RayCluster of ``pods`` pods (its head and the workers it asks for)."""
+    """The budget of the RayCluster rayfleet owns (named after the ServeDeployment, as build_raycluster
+    names it) of ``pods`` pods (its head and the workers it asks for)."""
     meta = body["metadata"]
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": {"name": cluster_name(body), "namespace": meta["namespace"], "labels": labels(meta["name"]),
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"], "labels": labels(meta["name"]),
                      "ownerReferences": [owner_reference(body)]},
         "spec": {"minAvailable": min_available(pods, max_unavailable),
-                 "selector": {"matchLabels": {LABEL_RAY_CLUSTER: cluster_name(body)}}},
+                 "selector": {"matchLabels": {LABEL_RAY_CLUSTER: meta["name"]}}},
     }
 
 

@@ -63,6 +63,7 @@ async def apply(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int,
 
 
 def autoscaled(spec: kopf.Spec, **_: Any) -> bool:
+    # kopf's filter, asked before any reconcile has read the spec.
     return spec.get("autoscaling") is not None
 
 

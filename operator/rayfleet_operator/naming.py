@@ -34,12 +34,6 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def cluster_name(body: dict[str, Any]) -> str:
-    """The RayCluster hosting this deployment: the referenced one, or one named after it."""
-    existing = ((body.get("spec") or {}).get("rayCluster") or {}).get("existing")
-    return existing["name"] if existing else body["metadata"]["name"]
-
-
 def auth_secret_name(body: dict[str, Any]) -> str:
     """The Secret holding the tokens of the RayCluster this ServeDeployment owns. The uid keeps a
     re-created ServeDeployment off its predecessor's Secret while the garbage collector removes it."""

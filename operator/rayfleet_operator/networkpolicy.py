@@ -16,15 +16,16 @@ from typing import Any
 from rayfleet_api.constants import CONTROL_PORT_NAME, INGRESS_PORT_NAME, METRICS_PORT_NAME
 
 from .config import OperatorConfig
-from .naming import LABEL_RAY_CLUSTER, cluster_name, labels, owner_reference
+from .naming import LABEL_RAY_CLUSTER, labels, owner_reference
+from .serve_spec import ServeSpec
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set on every namespace by the API server
 
 
-def http_peers(spec: dict[str, Any], config: OperatorConfig) -> list[dict[str, Any]]:
+def http_peers(spec: ServeSpec, config: OperatorConfig) -> list[dict[str, Any]]:
     """Who may send requests: the spec's ``httpFrom``, or this namespace plus ``config.http_namespaces``."""
-    if spec.get("httpFrom"):
-        return spec["httpFrom"]
+    if spec.http_from:
+        return spec.http_from
     peers: list[dict[str, Any]] = [{"podSelector": {}}]
     if config.http_namespaces:
         peers.append({"namespaceSelector": {"matchExpressions": [
@@ -32,10 +33,11 @@ def http_peers(spec: dict[str, Any], config: OperatorConfig) -> list[dict[str, A
     return peers
 
 
-def build_network_policy(body: dict[str, Any], config: OperatorConfig) -> dict[str, Any]:
-    meta, name = body["metadata"], cluster_name(body)
+def build_network_policy(body: dict[str, Any], spec: ServeSpec, config: OperatorConfig) -> dict[str, Any]:
+    meta = body["metadata"]
+    name = spec.cluster.name(meta["name"])
     own_pods = {"podSelector": {"matchLabels": {LABEL_RAY_CLUSTER: name}}}
-    ingress = [{"from": http_peers(body["spec"], config), "ports": [{"protocol": "TCP", "port": INGRESS_PORT_NAME}]}]
+    ingress = [{"from": http_peers(spec, config), "ports": [{"protocol": "TCP", "port": INGRESS_PORT_NAME}]}]
     if config.operator_namespace:  # unknown (an operator outside the cluster): nobody, rather than everybody
         ingress.append({"from": [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: config.operator_namespace}},
                                   "podSelector": {"matchLabels": dict(config.operator_pod_labels)}}],

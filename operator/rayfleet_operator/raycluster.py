@@ -14,13 +14,13 @@ from typing import Any
 
 from rayfleet_api.constants import (CONTROL_PORT_NAME, CONTROL_TOKEN_ENV, INGRESS_PORT_NAME, INGRESS_READY_PATH,
                                     LOG_FILE_ENV, METRICS_PORT, METRICS_PORT_NAME, POD_STDOUT, RAY_GROUP, RAY_VERSION)
-from rayfleet_api.desired import DesiredState
 from rayfleet_api.errors import SpecError
-from rayfleet_api.spec import parse_quantity
+from rayfleet_api.quantity import parse_quantity
 
-from .config import DRAIN_TIMEOUT_S, SPREAD_PODS, OperatorConfig
+from .config import OperatorConfig
 from .naming import (ANNOTATION_SPEC_HASH, CONTROL_TOKEN_KEY, LABEL_RAY_CLUSTER, LABEL_RAY_NODE_TYPE, RAY_AUTH_TOKEN_KEY,
                      auth_secret_name, labels, owner_reference)
+from .serve_spec import ClusterSpec, ServeSpec
 
 GPU_RESOURCE = "nvidia.com/gpu"
 HEAD_CONTAINER, WORKER_CONTAINER = "ray-head", "ray-worker"
@@ -33,43 +33,41 @@ RAY_UID, RAY_GID = 1000, 100  # user `ray`, group `users` in rayproject/ray (and
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    replicas: int
-    min_replicas: int
-    max_replicas: int
+    pods: int  # worker pods to ask for
+    min_pods: int
+    max_pods: int
     cpus_per_worker: int
-    capped: bool  # the replicas need more workers than maxReplicas allows
+    capped: bool  # the replicas need more worker pods than max_pods allows
 
 
 def _resource(resources: dict[str, Any], name: str) -> Any:
     return (resources.get("limits") or {}).get(name, (resources.get("requests") or {}).get(name))
 
 
-def worker_resources(spec: dict[str, Any], config: OperatorConfig) -> dict[str, Any]:
-    workers = (spec.get("rayCluster") or {}).get("workers") or {}
-    return workers.get("resources") or config.worker_resources
+def worker_resources(cluster: ClusterSpec, config: OperatorConfig) -> dict[str, Any]:
+    return cluster.workers.resources or config.worker_resources
 
 
-def plan_workers(spec: dict[str, Any], config: OperatorConfig, replicas: int | None = None) -> WorkerPlan:
-    """Size the worker group so the reserved CPUs of ``replicas`` replicas fit, within min..max.
+def plan_workers(spec: ServeSpec, config: OperatorConfig, replicas: int | None = None) -> WorkerPlan:
+    """Size the worker group so the reserved CPUs of ``replicas`` replicas fit, within min..max pods.
     ``replicas``: the count the controller runs towards (the autoscaler's); default spec.replicas."""
-    workers = (spec.get("rayCluster") or {}).get("workers") or {}
-    low, high = workers.get("minReplicas", 1), workers.get("maxReplicas", 10)
-    spread = workers.get("spreadPods", SPREAD_PODS)
-    cpu = _resource(worker_resources(spec, config), "cpu")
+    workers = spec.cluster.workers
+    cpu = _resource(worker_resources(spec.cluster, config), "cpu")
     cpus_per_worker = max(1, math.floor(parse_quantity(cpu, "spec.rayCluster.workers.resources.cpu"))) if cpu else 1
     if replicas is None:
-        replicas = spec.get("replicas", 1)
-    per_replica = (spec.get("rayActorOptions") or {}).get("numCpus", 1)
+        replicas = spec.desired.replicas
+    per_replica = spec.desired.ray_actor_options.num_cpus
     # Replicas are packed by whole replicas per worker, as Ray's scheduler does, over at least `spread`
     # pods (never more pods than replicas) so that no one pod's loss takes them all.
     per_worker = math.floor(cpus_per_worker / per_replica + 1e-9) if per_replica else replicas or 1
     packed = math.ceil(replicas / per_worker) if replicas and per_worker else 0
-    needed = max(packed, min(spread, replicas))
-    return WorkerPlan(max(low, min(needed, high)), low, high, cpus_per_worker, packed > high)
+    needed = max(packed, min(workers.spread_pods, replicas))
+    return WorkerPlan(max(workers.min_pods, min(needed, workers.max_pods)), workers.min_pods, workers.max_pods,
+                      cpus_per_worker, packed > workers.max_pods)
 
 
-def worker_replicas(cluster: dict[str, Any] | None) -> tuple[int, list[str]] | None:
-    """The worker count a RayCluster asks for now, and the pods it names for deletion (None: no cluster)."""
+def requested_worker_pods(cluster: dict[str, Any] | None) -> tuple[int, list[str]] | None:
+    """The worker pods a RayCluster asks for now, and those it names for deletion (None: no cluster)."""
     if cluster is None:
         return None
     group = ((cluster.get("spec") or {}).get("workerGroupSpecs") or [{}])[0]
@@ -99,26 +97,26 @@ def shrink_workers(current: int, wanted: int, worker_pods: list[dict[str, Any]],
     return current - free - len(going), still_named + going
 
 
-def spec_problems(spec: dict[str, Any], config: OperatorConfig) -> list[str]:
+def spec_problems(spec: ServeSpec, config: OperatorConfig) -> list[str]:
     """What the schema can't catch: replicas that could never be scheduled on the workers described."""
-    if (spec.get("rayCluster") or {}).get("existing"):
+    if spec.cluster.existing:
         return []  # the referenced cluster's shape is not ours to judge
     problems = []
-    options = spec.get("rayActorOptions") or {}
-    resources = worker_resources(spec, config)
+    options = spec.desired.ray_actor_options
+    resources = worker_resources(spec.cluster, config)
     try:
         plan = plan_workers(spec, config)
-        if options.get("numCpus", 1) > plan.cpus_per_worker:
-            problems.append(f"rayActorOptions.numCpus={options['numCpus']} exceeds the {plan.cpus_per_worker} CPU(s) of a worker "
+        if options.num_cpus > plan.cpus_per_worker:
+            problems.append(f"rayActorOptions.numCpus={options.num_cpus} exceeds the {plan.cpus_per_worker} CPU(s) of a worker "
                             "(rayCluster.workers.resources.limits.cpu); no replica could be scheduled")
         gpus = _resource(resources, GPU_RESOURCE)
-        if options.get("numGpus", 0) > (parse_quantity(gpus, "spec.rayCluster.workers.resources.nvidia.com/gpu") if gpus else 0):
-            problems.append(f"rayActorOptions.numGpus={options['numGpus']} but a worker offers "
+        if options.num_gpus > (parse_quantity(gpus, "spec.rayCluster.workers.resources.nvidia.com/gpu") if gpus else 0):
+            problems.append(f"rayActorOptions.numGpus={options.num_gpus} but a worker offers "
                             f"{gpus or 0} {GPU_RESOURCE} (rayCluster.workers.resources.limits)")
-        memory, worker_memory = options.get("memory"), _resource(resources, "memory")
-        if memory is not None and worker_memory and (parse_quantity(memory, "spec.rayActorOptions.memory")
-                                                     > parse_quantity(worker_memory, "spec.rayCluster.workers.resources.memory")):
-            problems.append(f"rayActorOptions.memory={memory} exceeds a worker's memory {worker_memory}")
+        worker_memory = _resource(resources, "memory")
+        if options.memory is not None and worker_memory and (
+                options.memory > parse_quantity(worker_memory, "spec.rayCluster.workers.resources.memory")):
+            problems.append(f"rayActorOptions.memory={options.memory} bytes exceeds a worker's memory {worker_memory}")
     except SpecError as exc:
         problems.append(str(exc))
     return problems
@@ -165,20 +163,18 @@ def _pod_spec(container: dict[str, Any], grace_s: int, spread_among: dict[str, s
     }
 
 
-def build_raycluster(body: dict[str, Any], config: OperatorConfig,
+def build_raycluster(body: dict[str, Any], spec: ServeSpec, config: OperatorConfig,
                      workers: tuple[int, list[str]] | None = None) -> dict[str, Any]:
     """The RayCluster rayfleet owns for this ServeDeployment (not called for rayCluster.existing).
 
     `workers`: the worker count and the pods to delete, from shrink_workers; default: the plan's count.
     """
-    meta, spec = body["metadata"], body["spec"]
-    cluster = spec.get("rayCluster") or {}
-    image = spec.get("image") or config.replica_image
-    drain_s = cluster.get("drainTimeoutSeconds", DRAIN_TIMEOUT_S)
-    grace_s = drain_s + math.ceil(spec.get("gracefulShutdownSeconds", DesiredState.graceful_shutdown_seconds)) \
-        + TERMINATION_MARGIN_S
+    meta, cluster = body["metadata"], spec.cluster
+    image = spec.image or config.replica_image
+    drain_s = cluster.drain_timeout_seconds
+    grace_s = drain_s + math.ceil(spec.desired.graceful_shutdown_seconds) + TERMINATION_MARGIN_S
     plan = plan_workers(spec, config)
-    worker_count, workers_to_delete = workers or (plan.replicas, [])
+    worker_count, workers_to_delete = workers or (plan.pods, [])
     pod_labels = labels(meta["name"])
     http_port = {"containerPort": config.ingress_port, "name": INGRESS_PORT_NAME, "protocol": "TCP"}
     # Every Ray pod's scrape endpoint (its node's ingress actor serves it): declared, so that a PodMonitor
@@ -194,7 +190,7 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
            {"name": "RAY_AUTH_MODE", "value": "token"},
            {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
                "name": auth_secret_name(body), "key": RAY_AUTH_TOKEN_KEY}}}]
-    head = _container(HEAD_CONTAINER, image, (cluster.get("head") or {}).get("resources") or config.head_resources, [
+    head = _container(HEAD_CONTAINER, image, cluster.head_resources or config.head_resources, [
         {"containerPort": 6379, "name": "gcs-server", "protocol": "TCP"},
         {"containerPort": 8265, "name": "dashboard", "protocol": "TCP"},
         {"containerPort": 10001, "name": "client", "protocol": "TCP"},
@@ -205,10 +201,10 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
         "name": auth_secret_name(body), "key": CONTROL_TOKEN_KEY}}}], config.ingress_port, drain_s)
     # The replica image starts the rayfleet controller once Ray is up on the head (see replica_image/).
     head["lifecycle"]["postStart"] = {"exec": {"command": ["/bin/sh", "-c", "rayfleet-head-start"]}}
-    worker = _container(WORKER_CONTAINER, image, worker_resources(spec, config), [http_port, metrics_port], env,
+    worker = _container(WORKER_CONTAINER, image, worker_resources(cluster, config), [http_port, metrics_port], env,
                         config.ingress_port, drain_s)
     spec_out = {
-        "rayVersion": cluster.get("rayVersion", "2.60.0"),
+        "rayVersion": cluster.ray_version,
         "enableInTreeAutoscaling": False,
         "headGroupSpec": {
             "serviceType": "ClusterIP",
@@ -222,9 +218,9 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
         "workerGroupSpecs": [{
             "groupName": "replicas",
             "replicas": worker_count,
-            "minReplicas": plan.min_replicas,
+            "minReplicas": plan.min_pods,
             # A lowered maxReplicas can't take down pods that still serve: they go once drained.
-            "maxReplicas": max(plan.max_replicas, worker_count),
+            "maxReplicas": max(plan.max_pods, worker_count),
             **({"scaleStrategy": {"workersToDelete": workers_to_delete}} if workers_to_delete else {}),
             "rayStartParams": {"num-cpus": str(plan.cpus_per_worker)},
             # The workers among themselves: spread over the cluster's pods, both workers could share a
@@ -233,7 +229,7 @@ def build_raycluster(body: dict[str, Any], config: OperatorConfig,
                          "spec": _pod_spec(worker, grace_s, {LABEL_RAY_CLUSTER: meta["name"], LABEL_RAY_NODE_TYPE: "worker"})},
         }],
     }
-    fault_tolerance = gcs_fault_tolerance(spec, config)
+    fault_tolerance = gcs_fault_tolerance(cluster, config)
     if fault_tolerance:
         spec_out["gcsFaultToleranceOptions"] = fault_tolerance
     return {
@@ -254,10 +250,10 @@ NO_FAULT_TOLERANCE = ("the RayCluster has no GCS fault tolerance (spec.rayCluste
                       "rayCluster.gcsFaultTolerance, names a Redis): losing its head pod restarts every replica")
 
 
-def gcs_fault_tolerance(spec: dict[str, Any], config: OperatorConfig) -> dict[str, Any] | None:
+def gcs_fault_tolerance(cluster: ClusterSpec, config: OperatorConfig) -> dict[str, Any] | None:
     """KubeRay's gcsFaultToleranceOptions from spec.rayCluster.gcsFaultTolerance, else the chart's default
     (None: no Redis, and a head loss costs every replica)."""
-    wanted = (spec.get("rayCluster") or {}).get("gcsFaultTolerance") or config.gcs_fault_tolerance
+    wanted = cluster.gcs_fault_tolerance or config.gcs_fault_tolerance
     if not wanted:
         return None
     options: dict[str, Any] = {"redisAddress": wanted["redisAddress"]}

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rayfleet_api.controller_client import ControllerClient, ControllerRejected, ControllerUnreachable
-from rayfleet_api.spec import desired_state
 from rayfleet_api.states import DeploymentStatus
 
 from . import disruption, networkpolicy, raycluster, service
@@ -19,7 +18,8 @@ from .credentials import control_token, ray_token
 from .config import OperatorConfig
 from .kube import Kube
 from .metrics import METRICS
-from .naming import LABEL_RAY_CLUSTER, LABEL_RAY_NODE_TYPE, cluster_name, deployment_key
+from .naming import LABEL_RAY_CLUSTER, LABEL_RAY_NODE_TYPE, deployment_key
+from .serve_spec import ClusterSpec, ServeSpec
 from .status import Observation, compute_status, desired_replicas, status_patch, timestamp, transition_events
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def _now() -> str:
 async def _ensure_cluster(body: dict[str, Any], config: OperatorConfig, kube: Kube, obs: Observation,
                           existing: dict[str, Any] | None, events: list) -> dict[str, Any]:
     """Create or replace the RayCluster this ServeDeployment owns."""
-    desired = raycluster.build_raycluster(body, config, await _workers(body, config, kube, obs, existing))
+    desired = raycluster.build_raycluster(body, obs.spec, config, await _workers(body, config, kube, obs, existing))
     update, reason = raycluster.should_update_cluster(existing, desired)
     # The pods read their tokens from this Secret: made before the first RayCluster that needs it, and
     # made again (with the same, derived tokens) if someone deleted it. Create-only: no right to read it.
@@ -62,9 +62,9 @@ async def _workers(body: dict[str, Any], config: OperatorConfig, kube: Kube, obs
                    existing: dict[str, Any] | None) -> tuple[int, list[str]]:
     """The worker count (and pods to delete): the plan's, except that only idle pods ever go. The plan
     makes room for the replicas the controller runs towards: with autoscaling, the autoscaler's count."""
-    replicas = desired_replicas(body["spec"], obs.controller, body.get("status"))
-    wanted = raycluster.plan_workers(body["spec"], config, replicas).replicas
-    now = raycluster.worker_replicas(existing)
+    replicas = desired_replicas(obs.spec.desired, obs.controller, body.get("status"))
+    wanted = raycluster.plan_workers(obs.spec, config, replicas).pods
+    now = raycluster.requested_worker_pods(existing)
     if now is None:
         return wanted, []
     current, named = now
@@ -96,19 +96,19 @@ async def _ensure(desired: dict[str, Any], get, create, replace, needs_update) -
         await replace(desired, existing["metadata"]["resourceVersion"])
 
 
-async def _ensure_network_policy(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> None:
-    await _ensure(networkpolicy.build_network_policy(body, config), kube.get_network_policy,
+async def _ensure_network_policy(body: dict[str, Any], spec: ServeSpec, config: OperatorConfig, kube: Kube) -> None:
+    await _ensure(networkpolicy.build_network_policy(body, spec, config), kube.get_network_policy,
                   kube.create_network_policy, kube.replace_network_policy, networkpolicy.policy_needs_update)
 
 
 async def _ensure_pdb(body: dict[str, Any], config: OperatorConfig, kube: Kube, cluster: dict[str, Any]) -> None:
-    workers, _ = raycluster.worker_replicas(cluster)
+    workers, _ = raycluster.requested_worker_pods(cluster)
     await _ensure(disruption.build_pdb(body, config.pdb_max_unavailable, 1 + workers), kube.get_pdb,
                   kube.create_pdb, kube.replace_pdb, disruption.pdb_needs_update)
 
 
-async def _ensure_service(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> None:
-    desired = service.build_service(body, config)
+async def _ensure_service(body: dict[str, Any], spec: ServeSpec, config: OperatorConfig, kube: Kube) -> None:
+    desired = service.build_service(body, spec, config)
     existing = await kube.get_service(body["metadata"]["namespace"], body["metadata"]["name"])
     if existing is None:
         await kube.create_service(desired)
@@ -116,8 +116,8 @@ async def _ensure_service(body: dict[str, Any], config: OperatorConfig, kube: Ku
         await kube.patch_service(desired)
 
 
-def _client(body: dict[str, Any], url: str, config: OperatorConfig) -> ControllerClient:
-    return ControllerClient(url, control_token(config.control_key, body["metadata"]["namespace"], cluster_name(body)))
+def _client(namespace: str, cluster: str, url: str, config: OperatorConfig) -> ControllerClient:
+    return ControllerClient(url, control_token(config.control_key, namespace, cluster))
 
 
 async def _controller_call(call, *args) -> Any:
@@ -136,9 +136,9 @@ async def _observe_controller(body: dict[str, Any], cluster: dict[str, Any], con
     if url is None:
         obs.controller_error = "the RayCluster reports no head pod address yet"
     else:
-        key, control = deployment_key(body), _client(body, url, config)
+        key, control = deployment_key(body), _client(body["metadata"]["namespace"], obs.cluster_name, url, config)
         try:
-            await _controller_call(control.put_deployment, key, desired_state(body["spec"]))
+            await _controller_call(control.put_deployment, key, obs.spec.desired)
             obs.controller = await _controller_call(control.get_deployment, key)
         except ControllerRejected as exc:
             obs.problems.append(f"the controller rejected the spec: {exc}")
@@ -148,15 +148,15 @@ async def _observe_controller(body: dict[str, Any], cluster: dict[str, Any], con
 
 
 async def reconcile(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> Outcome:
-    meta, spec = body["metadata"], body["spec"]
-    name = cluster_name(body)
+    meta, spec = body["metadata"], ServeSpec.from_spec(body["spec"])
+    name = spec.cluster.name(meta["name"])
     obs = Observation(generation=meta.get("generation", 0), spec=spec, cluster_name=name,
-                      selector=f"{LABEL_RAY_CLUSTER}={name}", endpoint=service.endpoint(body, config),
+                      selector=f"{LABEL_RAY_CLUSTER}={name}", endpoint=service.endpoint(body, spec, config),
                       problems=raycluster.spec_problems(spec, config))
     events: list[tuple[str, str, str]] = []
     if not obs.problems:
         existing = await kube.get_raycluster(meta["namespace"], name)
-        shared = bool((spec.get("rayCluster") or {}).get("existing"))
+        shared = spec.cluster.existing is not None
         obs.cluster_conflict = None if shared else raycluster.ownership_conflict(existing, meta["uid"])
         if not obs.cluster_conflict:
             # The controller hears of a change first: on scale-down it drains replicas, and only then
@@ -166,7 +166,7 @@ async def reconcile(body: dict[str, Any], config: OperatorConfig, kube: Kube) ->
                 await _observe_controller(body, existing, config, obs)
             cluster = existing if shared else await _ensure_cluster(body, config, kube, obs, existing, events)
             if not shared and config.network_policy:
-                await _ensure_network_policy(body, config, kube)
+                await _ensure_network_policy(body, spec, config, kube)
             if not shared and config.pdb_max_unavailable is not None:
                 await _ensure_pdb(body, config, kube, cluster)
             ready, obs.cluster_state = raycluster.readiness(cluster)
@@ -174,7 +174,7 @@ async def reconcile(body: dict[str, Any], config: OperatorConfig, kube: Kube) ->
             obs.head_fault_tolerant = bool(((cluster or {}).get("spec") or {}).get("gcsFaultToleranceOptions"))
             if obs.controller is not None:
                 obs.serving_pods = _serving_pods(await kube.list_pods(meta["namespace"], obs.selector))
-        await _ensure_service(body, config, kube)
+        await _ensure_service(body, spec, config, kube)
 
     old_status = body.get("status") or {}
     new_status = compute_status(obs, old_status, _now())
@@ -187,12 +187,14 @@ async def finalize(body: dict[str, Any], config: OperatorConfig, kube: Kube) -> 
 
     A missing or unready RayCluster has no replicas to drain, so deletion is never blocked by it.
     """
-    cluster = await kube.get_raycluster(body["metadata"]["namespace"], cluster_name(body))
+    meta, cluster_spec = body["metadata"], ClusterSpec.from_spec((body.get("spec") or {}).get("rayCluster") or {})
+    namespace, name = meta["namespace"], cluster_spec.name(meta["name"])
+    cluster = await kube.get_raycluster(namespace, name)
     ready, _ = raycluster.readiness(cluster)
     url = raycluster.controller_url(cluster, config) if ready else None
     if url is None:
         return True
-    key, control = deployment_key(body), _client(body, url, config)
+    key, control = deployment_key(body), _client(namespace, name, url, config)
     observed = await _controller_call(control.get_deployment, key)
     if observed is None:
         return True

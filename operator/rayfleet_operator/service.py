@@ -6,14 +6,11 @@ from typing import Any
 from rayfleet_api.constants import INGRESS_PORT_NAME
 
 from .config import OperatorConfig
-from .naming import LABEL_RAY_CLUSTER, cluster_name, labels, owner_reference
+from .naming import LABEL_RAY_CLUSTER, labels, owner_reference
+from .serve_spec import ServeSpec
 
 
-def selector(body: dict[str, Any]) -> dict[str, str]:
-    return {LABEL_RAY_CLUSTER: cluster_name(body)}
-
-
-def build_service(body: dict[str, Any], config: OperatorConfig) -> dict[str, Any]:
+def build_service(body: dict[str, Any], spec: ServeSpec, config: OperatorConfig) -> dict[str, Any]:
     meta = body["metadata"]
     return {
         "apiVersion": "v1",
@@ -22,15 +19,15 @@ def build_service(body: dict[str, Any], config: OperatorConfig) -> dict[str, Any
                      "ownerReferences": [owner_reference(body)]},
         "spec": {
             "type": "ClusterIP",
-            "selector": selector(body),
+            "selector": {LABEL_RAY_CLUSTER: spec.cluster.name(meta["name"])},
             "ports": [{"name": "http", "port": config.ingress_port, "targetPort": INGRESS_PORT_NAME, "protocol": "TCP"}],
         },
     }
 
 
-def endpoint(body: dict[str, Any], config: OperatorConfig) -> str:
-    meta, prefix = body["metadata"], body["spec"].get("routePrefix", "/")
-    return f"http://{meta['name']}.{meta['namespace']}.svc:{config.ingress_port}{prefix}"
+def endpoint(body: dict[str, Any], spec: ServeSpec, config: OperatorConfig) -> str:
+    meta = body["metadata"]
+    return f"http://{meta['name']}.{meta['namespace']}.svc:{config.ingress_port}{spec.desired.route_prefix}"
 
 
 def service_needs_update(existing: dict[str, Any], desired: dict[str, Any]) -> bool:

@@ -8,10 +8,11 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
-from rayfleet_api.desired import Autoscaling, DesiredState
+from rayfleet_api.desired import DesiredState
 from rayfleet_api.states import ReplicaState
 
 from .conditions import DEGRADED, PROGRESSING, READY, Condition, find, merge_conditions
+from .serve_spec import ServeSpec
 
 
 class Reason:
@@ -39,7 +40,7 @@ UNHEALTHY_STATES = {ReplicaState.UNHEALTHY, ReplicaState.FAILED, ReplicaState.ST
 class Observation:
     """Everything one reconcile saw; the fields after `spec` describe the world, not the wish."""
     generation: int
-    spec: dict[str, Any]
+    spec: ServeSpec
     cluster_name: str
     selector: str
     endpoint: str
@@ -60,24 +61,23 @@ def timestamp(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def desired_replicas(spec: dict[str, Any], controller: dict[str, Any] | None, old_status: dict[str, Any] | None) -> int:
+def desired_replicas(desired: DesiredState, controller: dict[str, Any] | None,
+                     old_status: dict[str, Any] | None) -> int:
     """The replica count the controller runs towards: spec.replicas, or with autoscaling the autoscaler's
     count. The spec doesn't hold that one: while the controller can't be asked, the last one reported,
     else spec.replicas within autoscaling's range (where the autoscaler starts)."""
-    replicas, scaling = spec.get("replicas", DesiredState.replicas), spec.get("autoscaling")
-    if scaling is None:
-        return replicas
+    if desired.autoscaling is None:
+        return desired.replicas
     if controller is not None and "desiredReplicas" in controller:
         return controller["desiredReplicas"]
     if (old_status or {}).get("autoscaling") and "desiredReplicas" in old_status:
         return old_status["desiredReplicas"]
-    return Autoscaling(max_replicas=scaling["maxReplicas"],
-                       min_replicas=scaling.get("minReplicas", Autoscaling.min_replicas)).clamp(replicas)
+    return desired.autoscaling.clamp(desired.replicas)
 
 
 def _autoscaling_status(obs: Observation, old_status: dict[str, Any] | None) -> dict[str, Any] | None:
     """status.autoscaling: the load the autoscaler saw last, and its last change of the count with the reason."""
-    if obs.spec.get("autoscaling") is None:
+    if obs.spec.desired.autoscaling is None:
         return None
     scaling = (obs.controller or {}).get("autoscaling")
     if scaling is None:  # not asked (or not yet autoscaled there): what was last reported stands
@@ -115,7 +115,7 @@ def conditions_for(obs: Observation) -> list[Condition]:
         err = ctl["error"]
         return blocked(err.get("reason") or "ReplicaError", err.get("message", ""), degraded=True)
 
-    desired = desired_replicas(obs.spec, ctl, None)
+    desired = desired_replicas(obs.spec.desired, ctl, None)
     replicas = ctl.get("replicas") or []
     ready, updated = ctl.get("readyReplicas", 0), ctl.get("updatedReplicas", 0)
     ready_msg = f"{ready}/{desired} replicas ready"
@@ -140,7 +140,7 @@ def conditions_for(obs: Observation) -> list[Condition]:
 
     unhealthy = [r for r in replicas if r.get("state") in UNHEALTHY_STATES
                  or (r.get("state") != ReplicaState.READY and (r.get("restarts") or 0) > 0)]
-    capacity = ready * obs.spec.get("maxConcurrency", DesiredState.max_concurrency)
+    capacity = ready * obs.spec.desired.max_concurrency
     if unhealthy:
         names = ", ".join(f"{r.get('id')} ({r.get('state')}, {r.get('restarts') or 0} restarts)" for r in unhealthy)
         conds.append(Condition(DEGRADED, True, Reason.REPLICAS_UNHEALTHY, f"replicas not serving: {names}"))
@@ -156,7 +156,7 @@ def compute_status(obs: Observation, old_status: dict[str, Any] | None, now: str
     replicas = ctl.get("replicas") or []
     return {
         "observedGeneration": obs.generation,
-        "desiredReplicas": desired_replicas(obs.spec, obs.controller, old_status),
+        "desiredReplicas": desired_replicas(obs.spec.desired, obs.controller, old_status),
         "replicas": len(replicas),
         "readyReplicas": ctl.get("readyReplicas", 0),
         "updatedReplicas": ctl.get("updatedReplicas", 0),

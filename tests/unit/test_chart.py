@@ -15,6 +15,7 @@ import yaml
 from rayfleet_api.constants import METRICS_PATH, METRICS_PORT, METRICS_PORT_NAME
 from rayfleet_operator.config import OperatorConfig
 from rayfleet_operator.raycluster import build_raycluster
+from rayfleet_operator.serve_spec import ServeSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "rayfleet"
@@ -113,9 +114,11 @@ def env_of(container: dict) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in container["env"]}
 
 
-def test_crd_copy_matches():
-    copy = CHART / "crds" / CRD.name
-    assert copy.read_bytes() == CRD.read_bytes(), f"{copy} drifted from {CRD}: cp {CRD} {copy}"
+def test_crd_copies_match():
+    makefile = (ROOT / "Makefile").read_text()
+    for copy in (CHART / "crds" / CRD.name, ROOT / "rayfleet" / "servedeployment-crd.yaml"):
+        assert str(copy.relative_to(ROOT)) in makefile, f"`make crds` does not write {copy}"
+        assert copy.read_bytes() == CRD.read_bytes(), f"{copy} drifted from {CRD}: run `make crds`"
     assert sorted(p.name for p in (CHART / "crds").iterdir()) == [CRD.name]
 
 
@@ -242,7 +245,8 @@ def test_pod_monitor_and_dashboard_are_off_by_default_and_render_when_on(helm):
     assert spec["namespaceSelector"] == {"any": True}
     # One label on both the operator's pod (the chart's) and the Ray pods (the operator's naming.labels).
     deployment, _ = operator_container(docs)
-    rc = build_raycluster(ray_body(), OperatorConfig())
+    sd = ray_body()
+    rc = build_raycluster(sd, ServeSpec.from_spec(sd["spec"]), OperatorConfig())
     for pod_labels in (deployment["spec"]["template"]["metadata"]["labels"],
                        rc["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]):
         assert spec["selector"]["matchLabels"].items() <= pod_labels.items()

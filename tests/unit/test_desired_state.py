@@ -4,9 +4,10 @@ import dataclasses
 import pytest
 
 from rayfleet.manifest import crd_schema
-from rayfleet_api.desired import (MAXIMUM, ROUTE_PREFIX_MAX_LENGTH, ROUTE_PREFIX_PATTERN, ActorOptions, Autoscaling,
+from rayfleet_api.desired import (FIELDS, MAXIMUM, ROUTE_PREFIX_MAX_LENGTH, ROUTE_PREFIX_PATTERN, ActorOptions, Autoscaling,
                                   DesiredState, HealthCheck, validate_name)
 from rayfleet_api.errors import SpecError
+from rayfleet_api.fields import Nested, default_of, encode, walk
 from rayfleet_api.spec import desired_state, spec_version
 
 
@@ -116,29 +117,38 @@ def crd_default(schema, path):
 
 
 def test_crd_defaults_are_the_desired_state_defaults():
-    """One set of defaults: the CRD's (what `kubectl get -o yaml` shows) must be DesiredState's own."""
+    """One set of defaults: the CRD's (what `kubectl get -o yaml` shows) must be DesiredState's own, for
+    every field of the table."""
     spec = crd_schema()["properties"]["spec"]
-    wire = {f.name: f.default for f in dataclasses.fields(DesiredState) if f.default is not dataclasses.MISSING}
-    for attr, field in (("replicas", "replicas"), ("max_concurrency", "maxConcurrency"), ("sync_threads", "syncThreads"),
-                        ("max_request_body_bytes", "maxRequestBodyBytes"),
-                        ("route_prefix", "routePrefix"), ("request_timeout_seconds", "requestTimeoutSeconds"),
-                        ("graceful_shutdown_seconds", "gracefulShutdownSeconds"), ("access_log", "accessLog")):
-        assert crd_default(spec, field) == wire[attr], field
-    assert crd_default(spec, "rayActorOptions.numCpus") == ActorOptions.num_cpus
-    assert crd_default(spec, "rayActorOptions.numGpus") == ActorOptions.num_gpus
-    assert crd_default(spec, "healthCheck") == DesiredState(handler="a:b").to_json()["healthCheck"]
-    for attr, field in (("min_replicas", "minReplicas"), ("target_in_flight", "targetInFlight"),
-                        ("upscale_delay_seconds", "upscaleDelaySeconds"),
-                        ("downscale_delay_seconds", "downscaleDelaySeconds")):
-        assert crd_default(spec, f"autoscaling.{field}") == getattr(Autoscaling, attr), field
+    checked = set()
+    for path, owner, f in walk(DesiredState, FIELDS):
+        if not f.in_spec:
+            continue
+        *parents, name = path.split(".")
+        parent = spec
+        for key in parents:
+            parent = parent["properties"][key]
+        schema, default = parent["properties"][name], default_of(owner, f.attr)
+        if default is dataclasses.MISSING:  # no default: the CRD requires it
+            assert name in parent.get("required", []), path
+        elif isinstance(f.read, Nested):  # an object's own default, its fields' defaults filled in
+            if "default" in schema:
+                filled = {**{k: s["default"] for k, s in schema["properties"].items() if "default" in s}, **schema["default"]}
+                assert filled == {k: v for k, v in encode(default, f.read.fields).items() if v is not None}, path
+        elif default is not None and not isinstance(default, dict):
+            assert crd_default(spec, path) == default, path
+            checked.add(path)
+        else:  # None, {}: nothing for the API server to write in
+            assert "default" not in schema or schema["default"] == {}, path
+    assert {"replicas", "maxConcurrency", "rayActorOptions.numCpus", "healthCheck.periodSeconds",
+            "autoscaling.minReplicas", "autoscaling.downscaleDelaySeconds"} <= checked
+    assert spec["required"] == ["handler"]
     assert spec["properties"]["autoscaling"]["required"] == ["maxReplicas"]  # the one field without a default
     # And a spec with nothing but a handler means the same before and after the API server defaults it
     # (but for the version: it hashes the spec as the API server stored it).
+    top = [f.name for f in FIELDS if f.in_spec and "default" in spec["properties"][f.name]]
     assert dataclasses.replace(desired_state({"handler": "a:b"}), version="") == dataclasses.replace(desired_state(
-        {"handler": "a:b", **{k: crd_default(spec, k) for k in ("replicas", "maxConcurrency", "syncThreads", "maxRequestBodyBytes",
-                                                                "routePrefix", "requestTimeoutSeconds",
-                                                                "gracefulShutdownSeconds", "accessLog", "healthCheck")}}),
-                                                                version="")
+        {"handler": "a:b", **{k: crd_default(spec, k) for k in top}}), version="")
 
 
 def test_one_route_prefix_rule_for_the_crd_the_controller_and_the_proxy():

@@ -8,15 +8,16 @@ import yaml
 
 from rayfleet.manifest import validate
 from rayfleet_operator import reconcile
-from rayfleet_operator.config import DRAIN_TIMEOUT_S, SPREAD_PODS, OperatorConfig
+from rayfleet_operator.config import OperatorConfig
 from rayfleet_operator.disruption import build_pdb, pdb_needs_update
 from rayfleet_operator.credentials import control_token, ray_token
 from rayfleet_operator.networkpolicy import build_network_policy
 from rayfleet_api.constants import CONTROL_PORT_NAME, METRICS_PORT, METRICS_PORT_NAME
 from rayfleet_operator.naming import ANNOTATION_SPEC_HASH
 from rayfleet_operator.raycluster import (build_auth_secret, build_raycluster, controller_url, plan_workers,
-                                          readiness, should_update_cluster, shrink_workers, spec_problems,
-                                          worker_replicas)
+                                          readiness, requested_worker_pods, should_update_cluster, shrink_workers,
+                                          spec_problems)
+from rayfleet_operator.serve_spec import ClusterSpec, ServeSpec, WorkerGroup
 from rayfleet_operator.service import build_service, endpoint, service_needs_update
 from rayfleet_operator.status import Observation
 
@@ -32,8 +33,13 @@ def body(**spec):
     return obj
 
 
+def read(b):
+    """The body, and its spec as the reconcile reads it (what the builders take)."""
+    return b, ServeSpec.from_spec(b["spec"])
+
+
 def test_raycluster_shape_and_owner():
-    rc = build_raycluster(body(replicas=2, image="example/replica:1"), CONFIG)
+    rc = build_raycluster(*read(body(replicas=2, image="example/replica:1")), CONFIG)
     assert rc["apiVersion"] == "ray.io/v1" and rc["kind"] == "RayCluster"
     assert rc["metadata"]["ownerReferences"] == [{"apiVersion": "rayfleet.io/v1alpha1", "kind": "ServeDeployment", "name": "echo",
                                                  "uid": "uid-1", "controller": True, "blockOwnerDeletion": True}]
@@ -50,7 +56,7 @@ def test_raycluster_shape_and_owner():
 def test_the_clusters_pods_prefer_distinct_kubernetes_nodes():
     """The controller spreads replicas over pods; spreading the pods over nodes (softly: never Pending for
     it) is what keeps one lost node from taking every replica."""
-    rc = build_raycluster(body(replicas=2), CONFIG)
+    rc = build_raycluster(*read(body(replicas=2)), CONFIG)
 
     def spread_among(template):
         (constraint,) = template["spec"]["topologySpreadConstraints"]
@@ -65,7 +71,7 @@ def test_the_clusters_pods_prefer_distinct_kubernetes_nodes():
 
 
 def test_every_ray_pod_declares_its_metrics_port_and_the_label_the_pod_monitor_selects():
-    rc = build_raycluster(body(), CONFIG)
+    rc = build_raycluster(*read(body()), CONFIG)
     for group in [rc["spec"]["headGroupSpec"], *rc["spec"]["workerGroupSpecs"]]:
         (container,) = group["template"]["spec"]["containers"]
         assert {"containerPort": METRICS_PORT, "name": METRICS_PORT_NAME, "protocol": "TCP"} in container["ports"]
@@ -73,7 +79,7 @@ def test_every_ray_pod_declares_its_metrics_port_and_the_label_the_pod_monitor_s
 
 
 def test_pods_are_ready_only_with_their_ingress_and_drain_before_stopping():
-    rc = build_raycluster(body(), CONFIG)
+    rc = build_raycluster(*read(body()), CONFIG)
     head = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     worker = rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     probes = {c["name"]: c["readinessProbe"]["exec"]["command"][-1] for c in (head, worker)}
@@ -88,7 +94,7 @@ def test_pods_are_ready_only_with_their_ingress_and_drain_before_stopping():
             for g in (rc["spec"]["headGroupSpec"], *rc["spec"]["workerGroupSpecs"])} == {120 + 30 + 15}
     sd = body()
     sd["spec"].update(gracefulShutdownSeconds=10, rayCluster={"drainTimeoutSeconds": 60})
-    rc = build_raycluster(sd, CONFIG)
+    rc = build_raycluster(*read(sd), CONFIG)
     assert rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["terminationGracePeriodSeconds"] == 60 + 10 + 15
     assert "60" in rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"][
         "exec"]["command"]
@@ -119,17 +125,17 @@ def test_shrink_workers_never_takes_a_serving_pod(current, wanted, pods, serving
 
 
 def test_scale_down_names_the_pods_that_go():
-    rc = build_raycluster(body(replicas=1), CONFIG, (2, ["echo-replicas-worker-b"]))
+    rc = build_raycluster(*read(body(replicas=1)), CONFIG, (2, ["echo-replicas-worker-b"]))
     group = rc["spec"]["workerGroupSpecs"][0]
     assert group["replicas"] == 2 and group["scaleStrategy"] == {"workersToDelete": ["echo-replicas-worker-b"]}
-    assert worker_replicas(rc) == (2, ["echo-replicas-worker-b"]) and worker_replicas(None) is None
-    assert "scaleStrategy" not in build_raycluster(body(replicas=1), CONFIG)["spec"]["workerGroupSpecs"][0]
+    assert requested_worker_pods(rc) == (2, ["echo-replicas-worker-b"]) and requested_worker_pods(None) is None
+    assert "scaleStrategy" not in build_raycluster(*read(body(replicas=1)), CONFIG)["spec"]["workerGroupSpecs"][0]
 
 
 def test_ray_and_controller_tokens_from_the_clusters_secret():
     b = body()
     token = control_token("k" * 32, "team", "echo")
-    rc, secret = build_raycluster(b, CONFIG), build_auth_secret(b, "s3cret", token)
+    rc, secret = build_raycluster(*read(b), CONFIG), build_auth_secret(b, "s3cret", token)
     assert secret["metadata"]["name"] == "echo-auth-uid-1" and secret["metadata"]["namespace"] == "team"
     assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     assert secret["stringData"] == {"ray-token": "s3cret", "control-token": token}
@@ -170,29 +176,30 @@ def test_worker_sizing(replicas, num_cpus, worker_cpu, low, high, expected, capp
     workers = {"minReplicas": low, "maxReplicas": high, "resources": {"limits": {"cpu": worker_cpu}},
                **({"spreadPods": spread} if spread else {})}
     spec = body(replicas=replicas, rayActorOptions={"numCpus": num_cpus}, rayCluster={"workers": workers})["spec"]
-    plan = plan_workers(spec, CONFIG)
-    assert (plan.replicas, plan.capped) == (expected, capped)
+    plan = plan_workers(ServeSpec.from_spec(spec), CONFIG)
+    assert (plan.pods, plan.capped) == (expected, capped)
 
 
 def test_spec_problems_the_schema_cannot_catch():
-    assert spec_problems(body()["spec"], CONFIG) == []
+    assert spec_problems(ServeSpec.from_spec(body()["spec"]), CONFIG) == []
     too_big = body(rayActorOptions={"numCpus": 4})["spec"]
-    assert "exceeds the 1 CPU(s)" in spec_problems(too_big, CONFIG)[0]
+    assert "exceeds the 1 CPU(s)" in spec_problems(ServeSpec.from_spec(too_big), CONFIG)[0]
     gpu = body(rayActorOptions={"numGpus": 1})["spec"]
-    assert "nvidia.com/gpu" in spec_problems(gpu, CONFIG)[0]
+    assert "nvidia.com/gpu" in spec_problems(ServeSpec.from_spec(gpu), CONFIG)[0]
     with_gpu = body(rayActorOptions={"numGpus": 1}, rayCluster={"workers": {"resources": {"limits": {"cpu": "2", "nvidia.com/gpu": 1}}}})["spec"]
-    assert spec_problems(with_gpu, CONFIG) == []
+    assert spec_problems(ServeSpec.from_spec(with_gpu), CONFIG) == []
     memory = body(rayActorOptions={"memory": "4Gi"})["spec"]
-    assert "exceeds a worker's memory" in spec_problems(memory, CONFIG)[0]
-    assert spec_problems(body(rayCluster={"existing": {"name": "shared"}}, rayActorOptions={"numCpus": 64})["spec"], CONFIG) == []
+    assert "exceeds a worker's memory" in spec_problems(ServeSpec.from_spec(memory), CONFIG)[0]
+    shared = body(rayCluster={"existing": {"name": "shared"}}, rayActorOptions={"numCpus": 64})["spec"]
+    assert spec_problems(ServeSpec.from_spec(shared), CONFIG) == []
 
 
 def test_should_update_cluster_reasons():
-    desired = build_raycluster(body(), CONFIG)
+    desired = build_raycluster(*read(body()), CONFIG)
     assert should_update_cluster(None, desired) == (True, "RayCluster does not exist")
     same = copy.deepcopy(desired)
     assert should_update_cluster(same, desired) == (False, "RayCluster is up to date")
-    changed = build_raycluster(body(replicas=3), CONFIG)
+    changed = build_raycluster(*read(body(replicas=3)), CONFIG)
     update, reason = should_update_cluster(same, changed)
     assert update and "spec hash changed" in reason
     foreign = copy.deepcopy(desired)
@@ -201,9 +208,9 @@ def test_should_update_cluster_reasons():
 
 
 def test_spec_hash_ignores_fields_that_do_not_shape_the_cluster():
-    a = build_raycluster(body(), CONFIG)["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
-    b = build_raycluster(body(healthCheck={"periodSeconds": 20, "timeoutSeconds": 2}), CONFIG)["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
-    c = build_raycluster(body(image="other:2"), CONFIG)["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
+    a = build_raycluster(*read(body()), CONFIG)["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
+    b = build_raycluster(*read(body(healthCheck={"periodSeconds": 20, "timeoutSeconds": 2})), CONFIG)["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
+    c = build_raycluster(*read(body(image="other:2")), CONFIG)["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
     assert a == b != c
 
 
@@ -218,13 +225,13 @@ def test_readiness_and_controller_url():
 
 
 def test_service_selects_the_cluster_pods():
-    svc = build_service(body(), CONFIG)
+    svc = build_service(*read(body()), CONFIG)
     assert svc["spec"]["selector"] == {"ray.io/cluster": "echo"}
     assert svc["spec"]["ports"][0]["port"] == CONFIG.ingress_port
-    shared = build_service(body(rayCluster={"existing": {"name": "shared"}}), CONFIG)
+    shared = build_service(*read(body(rayCluster={"existing": {"name": "shared"}})), CONFIG)
     assert shared["spec"]["selector"] == {"ray.io/cluster": "shared"}
     assert service_needs_update(svc, shared) and not service_needs_update(svc, svc)
-    assert endpoint(body(routePrefix="/echo"), CONFIG) == "http://echo.team.svc:8000/echo"
+    assert endpoint(*read(body(routePrefix="/echo")), CONFIG) == "http://echo.team.svc:8000/echo"
 
 
 def test_config_refuses_to_start_without_a_control_key(monkeypatch):
@@ -250,7 +257,7 @@ def test_config_refuses_to_start_without_a_control_key(monkeypatch):
 
 
 def test_ray_pods_meet_the_restricted_pod_security_standard():
-    rc = build_raycluster(body(), CONFIG)
+    rc = build_raycluster(*read(body()), CONFIG)
     for group in [rc["spec"]["headGroupSpec"], *rc["spec"]["workerGroupSpecs"]]:
         pod = group["template"]["spec"]
         assert pod["automountServiceAccountToken"] is False
@@ -264,7 +271,7 @@ def test_ray_pods_meet_the_restricted_pod_security_standard():
 def test_network_policy_admits_http_from_peers_the_controller_from_the_operator_metrics_from_any_pod_and_ray_from_its_own_pods():
     config = OperatorConfig(operator_namespace="rayfleet-system", http_namespaces=("ingress-nginx",),
                             operator_pod_labels={"app.kubernetes.io/component": "operator"})
-    policy = build_network_policy(body(), config)
+    policy = build_network_policy(*read(body()), config)
     assert policy["metadata"]["name"] == "echo" and policy["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     spec = policy["spec"]
     assert spec["podSelector"] == {"matchLabels": {"ray.io/cluster": "echo"}} and spec["policyTypes"] == ["Ingress"]
@@ -280,9 +287,9 @@ def test_network_policy_admits_http_from_peers_the_controller_from_the_operator_
     assert ray == {"from": [{"podSelector": {"matchLabels": {"ray.io/cluster": "echo"}}}]}  # every port, own pods only
     # The spec's httpFrom replaces the default peers; every rule names its peers (an empty `from` admits all).
     peers = [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
-    assert build_network_policy(body(httpFrom=peers), config)["spec"]["ingress"][0]["from"] == peers
+    assert build_network_policy(*read(body(httpFrom=peers)), config)["spec"]["ingress"][0]["from"] == peers
     # An operator of unknown whereabouts (run outside the cluster): no rule for the controller's port at all.
-    assert [rule["from"] for rule in build_network_policy(body(), CONFIG)["spec"]["ingress"]] == [
+    assert [rule["from"] for rule in build_network_policy(*read(body()), CONFIG)["spec"]["ingress"]] == [
         [{"podSelector": {}}], [{"namespaceSelector": {}}], [{"podSelector": {"matchLabels": {"ray.io/cluster": "echo"}}}]]
     assert all(rule["from"] for rule in spec["ingress"])
 
@@ -298,12 +305,12 @@ def test_with_autoscaling_the_workers_follow_the_autoscalers_count_not_spec_repl
 
     def workers(desired, cluster, serving=()):
         ctl = {"desiredReplicas": desired, "replicas": [{"nodeIp": ip} for ip in serving]}
-        obs = Observation(1, b["spec"], "echo", "sel", "url", controller=ctl)
+        obs = Observation(1, ServeSpec.from_spec(b["spec"]), "echo", "sel", "url", controller=ctl)
         return asyncio.run(reconcile._workers(b, CONFIG, Kube(), obs, cluster))
 
     assert workers(3, None) == (3, [])  # a new cluster: room for the autoscaler's 3, not spec.replicas' 1
-    grown = build_raycluster(b, CONFIG, workers(6, build_raycluster(b, CONFIG, (3, []))))
-    assert worker_replicas(grown) == (4, [])  # within rayCluster.workers.maxReplicas
+    grown = build_raycluster(*read(b), CONFIG, workers(6, build_raycluster(*read(b), CONFIG, (3, []))))
+    assert requested_worker_pods(grown) == (4, [])  # within rayCluster.workers.maxReplicas
     # Scaled down to 2: the controller drained the others; only pods that host no replica go.
     assert workers(2, grown, serving={"10.0.0.5", "10.0.0.7"}) == (2, ["w-b", "w-d"])
 
@@ -312,19 +319,19 @@ def test_with_autoscaling_the_workers_follow_the_autoscalers_count_not_spec_repl
 def test_worker_sizing_for_a_count_other_than_spec_replicas(replicas, expected):
     spec = body(replicas=2, rayCluster={"workers": {"minReplicas": 1, "maxReplicas": 4,
                                                     "resources": {"limits": {"cpu": "1"}}}})["spec"]
-    assert plan_workers(spec, CONFIG, replicas).replicas == expected
+    assert plan_workers(ServeSpec.from_spec(spec), CONFIG, replicas).pods == expected
 
 
 def test_head_fault_tolerance_names_the_redis_kuberay_keeps_the_gcs_in():
-    assert "gcsFaultToleranceOptions" not in build_raycluster(body(), CONFIG)["spec"]
+    assert "gcsFaultToleranceOptions" not in build_raycluster(*read(body()), CONFIG)["spec"]
     redis = {"redisAddress": "redis.db:6379", "redisPasswordSecret": {"name": "redis-auth", "key": "password"}}
     expected = {"redisAddress": "redis.db:6379",
                 "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "redis-auth", "key": "password"}}}}
-    assert build_raycluster(body(rayCluster={"gcsFaultTolerance": redis}), CONFIG)["spec"][
+    assert build_raycluster(*read(body(rayCluster={"gcsFaultTolerance": redis})), CONFIG)["spec"][
         "gcsFaultToleranceOptions"] == expected
     # the chart's default, for ServeDeployments that name none
     chart = OperatorConfig(gcs_fault_tolerance={"redisAddress": "redis.db:6379"})
-    assert build_raycluster(body(), chart)["spec"]["gcsFaultToleranceOptions"] == {"redisAddress": "redis.db:6379"}
+    assert build_raycluster(*read(body()), chart)["spec"]["gcsFaultToleranceOptions"] == {"redisAddress": "redis.db:6379"}
 
 
 def test_config_reads_the_charts_redis_and_disruption_budget(monkeypatch):
@@ -360,9 +367,13 @@ def test_the_disruption_budget_covers_every_pod_of_the_cluster_and_lets_one_go_a
 
 
 def test_the_operator_only_defaults_match_the_crds():
-    workers = CRD_SPEC["rayCluster"]["properties"]["workers"]["properties"]
-    assert workers["spreadPods"]["default"] == SPREAD_PODS
-    assert CRD_SPEC["rayCluster"]["properties"]["drainTimeoutSeconds"]["default"] == DRAIN_TIMEOUT_S
+    cluster = CRD_SPEC["rayCluster"]["properties"]
+    workers = cluster["workers"]["properties"]
+    assert workers["spreadPods"]["default"] == WorkerGroup.spread_pods
+    assert (workers["minReplicas"]["default"], workers["maxReplicas"]["default"]) == (WorkerGroup.min_pods,
+                                                                                    WorkerGroup.max_pods)
+    assert cluster["drainTimeoutSeconds"]["default"] == ClusterSpec.drain_timeout_seconds
+    assert cluster["rayVersion"]["default"] == ClusterSpec.ray_version
 
 
 def test_a_new_cluster_without_redis_says_what_a_head_loss_costs():
@@ -377,11 +388,12 @@ def test_a_new_cluster_without_redis_says_what_a_head_loss_costs():
             return True
 
     events = []
-    obs = Observation(1, body()["spec"], "echo", "sel", "url")
+    obs = Observation(1, ServeSpec.from_spec(body()["spec"]), "echo", "sel", "url")
     asyncio.run(reconcile._ensure_cluster(body(), CONFIG, Kube(), obs, None, events))
     assert [e[:2] for e in events] == [("Normal", "RayClusterCreated"), ("Warning", "NoHeadFaultTolerance")]
     assert "restarts every replica" in events[1][2]
     events.clear()
-    asyncio.run(reconcile._ensure_cluster(body(rayCluster={"gcsFaultTolerance": {"redisAddress": "r:6379"}}), CONFIG,
-                                          Kube(), obs, None, events))
+    redis = body(rayCluster={"gcsFaultTolerance": {"redisAddress": "r:6379"}})
+    obs = Observation(1, ServeSpec.from_spec(redis["spec"]), "echo", "sel", "url")
+    asyncio.run(reconcile._ensure_cluster(redis, CONFIG, Kube(), obs, None, events))
     assert [e[1] for e in events] == ["RayClusterCreated"]

@@ -16,6 +16,7 @@ from rayfleet_api.controller_client import ControllerRejected, ControllerUnreach
 from rayfleet_operator import kube, reconcile
 from rayfleet_operator.config import OperatorConfig
 from rayfleet_operator.metrics import OperatorMetrics
+from rayfleet_operator.serve_spec import ServeSpec
 
 NS, NAME = "team", "echo"
 WHO = {"namespace": NS, "deployment": NAME}
@@ -158,8 +159,8 @@ CLUSTER = {"status": {"head": {"podIP": "10.0.0.1"}}}
 
 
 def observe(monkeypatch, *answers) -> reconcile.Observation:
-    monkeypatch.setattr(reconcile, "_client", lambda body, url, config: FakeController(*answers))
-    obs = reconcile.Observation(generation=1, spec=SD["spec"], cluster_name=NAME, selector="", endpoint="")
+    monkeypatch.setattr(reconcile, "_client", lambda namespace, cluster, url, config: FakeController(*answers))
+    obs = reconcile.Observation(generation=1, spec=ServeSpec.from_spec(SD["spec"]), cluster_name=NAME, selector="", endpoint="")
     with reconcile.METRICS.handling(NS, NAME):
         asyncio.run(reconcile._observe_controller(SD, CLUSTER, OperatorConfig(), obs))
     return obs

@@ -1,14 +1,20 @@
 """Status and conditions computed from observations: each typed reason and transition rule."""
 from rayfleet_operator.conditions import merge_conditions, Condition
+from rayfleet_operator.serve_spec import ServeSpec
 from rayfleet_operator.status import (Observation, compute_status, conditions_for, desired_replicas, status_patch,
                                       transition_events)
+
+
+def typed(spec):
+    """The spec, with a handler, as the reconcile reads it."""
+    return ServeSpec.from_spec({"handler": "examples.echo:Echo", **spec})
 
 
 def obs(**kw):
     base = dict(generation=3, spec={"replicas": 2, "maxConcurrency": 10}, cluster_name="echo",
                 selector="ray.io/cluster=echo", endpoint="http://echo.ns.svc:8000/", cluster_ready=True, cluster_state="ready")
     base.update(kw)
-    return Observation(**base)
+    return Observation(**{**base, "spec": typed(base["spec"])})
 
 
 def replica(id_, state="READY", version="v1", restarts=0, in_flight=0):
@@ -140,13 +146,13 @@ def test_with_autoscaling_the_desired_count_is_the_autoscalers_and_readiness_is_
 
 
 def test_the_desired_count_falls_back_to_the_last_reported_then_the_spec_within_the_range():
-    assert desired_replicas({"replicas": 2}, None, None) == 2  # no autoscaling: spec.replicas, known without asking
-    assert desired_replicas({"replicas": 2}, {"desiredReplicas": 2}, {"desiredReplicas": 7}) == 2
-    assert desired_replicas(AUTOSCALED, {"desiredReplicas": 4}, None) == 4
+    assert desired_replicas(typed({"replicas": 2}).desired, None, None) == 2  # no autoscaling: spec.replicas, known without asking
+    assert desired_replicas(typed({"replicas": 2}).desired, {"desiredReplicas": 2}, {"desiredReplicas": 7}) == 2
+    assert desired_replicas(typed(AUTOSCALED).desired, {"desiredReplicas": 4}, None) == 4
     last = {"desiredReplicas": 4, "autoscaling": {"load": 7}}
-    assert desired_replicas(AUTOSCALED, None, last) == 4  # the controller unreachable: the last one reported
-    assert desired_replicas(AUTOSCALED, None, {"desiredReplicas": 9}) == 2  # spec.replicas' then, not the autoscaler's
-    assert desired_replicas({**AUTOSCALED, "replicas": 9}, None, None) == 5  # where the autoscaler starts
+    assert desired_replicas(typed(AUTOSCALED).desired, None, last) == 4  # the controller unreachable: the last one reported
+    assert desired_replicas(typed(AUTOSCALED).desired, None, {"desiredReplicas": 9}) == 2  # spec.replicas' then, not the autoscaler's
+    assert desired_replicas(typed({**AUTOSCALED, "replicas": 9}).desired, None, None) == 5  # where the autoscaler starts
     unreachable = compute_status(obs(spec=AUTOSCALED, controller_error="refused"), last, "t")
     assert (unreachable["desiredReplicas"], unreachable["autoscaling"]) == (4, {"load": 7})
     turned_off = status_patch(last, compute_status(obs(controller=controller(replica("a"), replica("b"))), last, "t"))

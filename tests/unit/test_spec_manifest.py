@@ -11,7 +11,8 @@ import pytest
 
 from rayfleet.manifest import UnknownFieldsError, crd_schema, load_manifests, read_documents, validate
 from rayfleet_api.errors import SpecError
-from rayfleet_api.spec import desired_state, parse_quantity, spec_version
+from rayfleet_api.quantity import parse_quantity
+from rayfleet_api.spec import desired_state, spec_version
 
 CORPUS = Path(__file__).resolve().parents[1] / "manifests"
 # The schema keywords that refuse a value; each needs an invalid manifest naming it in a `# rule:` line.
