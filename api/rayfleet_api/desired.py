@@ -65,6 +65,31 @@ class Autoscaling:
 
 
 @dataclass(frozen=True)
+class Canary:
+    """spec.rollout.canary: a new revision gets a share of the requests before it gets them all.
+
+    ``weight`` (manual) is the share it gets now, advanced by editing it (``kubectl patch``); 100 promotes it.
+    ``steps`` (automatic) are shares held ``step_seconds`` each in turn, then 100. Either way, a new revision whose
+    5xx share of its responses passes ``max_error_rate`` is rolled back.
+    """
+
+    weight: int | None = None  # percent of the requests, 0..100
+    steps: tuple[int, ...] | None = None  # percents, each 1..99
+    step_seconds: float = 60
+    max_error_rate: float = 0.05
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """spec.rollout: how a new version replaces the running one (a Deployment's progressDeadlineSeconds, and
+    rollback to the last good revision unless ``auto_rollback`` is off)."""
+
+    progress_deadline_seconds: float = 600
+    auto_rollback: bool = True
+    canary: Canary | None = None  # None: the new version's replicas replace the old (surge, then in place)
+
+
+@dataclass(frozen=True)
 class DesiredState:
     handler: str  # "module:attr"
     version: str = ""  # "" until hashed: from_json fills it in
@@ -83,6 +108,7 @@ class DesiredState:
     env: dict[str, str] = field(default_factory=dict)
     health_check: HealthCheck = field(default_factory=HealthCheck)
     autoscaling: Autoscaling | None = None  # None: `replicas` is the count
+    rollout: Rollout = field(default_factory=Rollout)
 
     def to_json(self) -> dict[str, Any]:
         return encode(self, FIELDS)
@@ -150,6 +176,20 @@ def _bounded(scaling: Autoscaling, path: str) -> None:
                                                f"got {scaling.min_replicas}")
 
 
+def _steps(value: Any, path: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or len(value) > 10
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 100 for v in value)):
+        raise SpecError(path, f"must be up to 10 percents, each 1..99, got {value!r}")
+    return tuple(value)
+
+
+def _one_way(canary: Canary, path: str) -> None:
+    if (canary.weight is None) == (canary.steps is None):
+        raise SpecError(path, "must set either weight (advanced by hand) or steps (advanced by time), not both")
+
+
 def _env_from_spec(items: list[dict[str, str]], path: str) -> dict[str, str]:
     return {item["name"]: item.get("value", "") for item in items}  # the spec's is a Pod's: [{name, value}]
 
@@ -179,6 +219,17 @@ AUTOSCALING_FIELDS = (
     Field("upscaleDelaySeconds", "upscale_delay_seconds", Number(minimum=0, maximum=3600)),
     Field("downscaleDelaySeconds", "downscale_delay_seconds", Number(minimum=0, maximum=3600)),
 )
+CANARY_FIELDS = (
+    Field("weight", "weight", Number(minimum=0, integer=True, maximum=100)),
+    Field("steps", "steps", _steps, spec_form=_steps),
+    Field("stepSeconds", "step_seconds", Number(minimum=1, maximum=86400)),
+    Field("maxErrorRate", "max_error_rate", Number(minimum=0, maximum=1)),
+)
+ROLLOUT_FIELDS = (
+    Field("progressDeadlineSeconds", "progress_deadline_seconds", Number(minimum=1, maximum=86400)),
+    Field("autoRollback", "auto_rollback", _flag),
+    Field("canary", "canary", Nested(Canary, CANARY_FIELDS, check=_one_way), sent_if_none=False),
+)
 # `versioned`: baked into a replica process (like a Deployment's pod-template hash); fields such as
 # `replicas`, `routePrefix` or `autoscaling` are applied to running replicas and stay out of the version.
 FIELDS = (
@@ -199,6 +250,7 @@ FIELDS = (
     Field("env", "env", _env, versioned=True, spec_form=_env_from_spec),
     Field("healthCheck", "health_check", Nested(HealthCheck, HEALTH_CHECK_FIELDS)),
     Field("autoscaling", "autoscaling", Nested(Autoscaling, AUTOSCALING_FIELDS, check=_bounded), sent_if_none=False),
+    Field("rollout", "rollout", Nested(Rollout, ROLLOUT_FIELDS)),
 )
 # Wire fields baked into a replica process: the hash for clients that send no version.
 VERSIONED_WIRE_FIELDS = tuple(f.name for f in FIELDS if f.versioned)

@@ -166,10 +166,15 @@ def test_the_crds_maximums_are_the_controllers():
             schema = schema["properties"][key]
         assert schema["maximum"] == maximum, path
         # maxReplicas is required and bounds minReplicas: at its maximum, each autoscaling bound is tested alone.
-        body: dict = {"handler": "a:b", "autoscaling": {"maxReplicas": MAXIMUM["autoscaling.maxReplicas"]}}
+        # A canary sets weight or steps: each other canary bound is tested beside a weight.
+        body: dict = {"handler": "a:b", "autoscaling": {"maxReplicas": MAXIMUM["autoscaling.maxReplicas"]},
+                      "rollout": {"canary": {"weight": 10}}}
         *parents, key = path.split(".")
-        (body.setdefault(parents[0], {}) if parents else body)[key] = maximum
+        owner = body
+        for name in parents:
+            owner = owner.setdefault(name, {})
+        owner[key] = maximum
         DesiredState.from_json(body)
-        (body.setdefault(parents[0], {}) if parents else body)[key] = maximum + 1
+        owner[key] = maximum + 1
         with pytest.raises(SpecError):
             DesiredState.from_json(body)
