@@ -124,12 +124,23 @@ class RoutingTable:
 
 
 @dataclass(frozen=True)
+class CanaryRoute:
+    """A deployment's canary revision: its own desired state (its limits are versioned, so they may differ
+    from the stable revision's), its READY replicas, and the percent (0..100) of the requests it gets."""
+
+    desired: DesiredState
+    replicas: tuple[tuple[str, str, int, str | None], ...]
+    weight: int
+
+
+@dataclass(frozen=True)
 class Route:
     """One deployment as the controller routes it: its desired state and its READY replicas."""
 
     deployment: str
     desired: DesiredState
     replicas: tuple[tuple[str, str, int, str | None], ...]  # (replica id, host, port, node id)
+    canary: CanaryRoute | None = None
 
 
 def build_table(routes: Iterable[Route]) -> RoutingTable:

@@ -21,3 +21,17 @@ class Flaky:
         if request.path.endswith("/boom"):
             raise ValueError("kaboom")
         return {"pid": os.getpid()}
+
+
+class BrokenInit:
+    """Fails in its constructor: a version that can't start (HandlerInitError)."""
+
+    def __init__(self, greeting: str = ""):
+        raise RuntimeError("this version cannot start")
+
+
+class Failing:
+    """Answers every request with a 500: a version that starts and then fails its clients."""
+
+    async def __call__(self, request):
+        raise RuntimeError("this version fails every request")

@@ -42,12 +42,13 @@ class FakeReplica:
         self.placed = False  # Ray found it a node (FakeBackend._place)
         self.started_at = time.time()
         self.in_flight = self.queued = 0  # its load, as info() tells the autoscaler
+        self.answered = self.answered_5xx = 0  # its responses so far, as info() counts them
 
     def info(self) -> dict[str, Any]:
         return {"deployment": self.deployment, "id": self.id, "version": self.version, "host": "127.0.0.1",
                 "port": self.port, "pid": self.port, "nodeId": self.node, "nodeIp": "127.0.0.1",
                 "inFlight": self.in_flight, "queued": self.queued,
-                "totalRequests": 0, "errors": 0, "lastError": None, "draining": self.draining,
+                "totalRequests": self.answered, "errors": self.answered_5xx, "lastError": None, "draining": self.draining,
                 "startedAt": self.started_at, "error": self.error}
 
 

@@ -44,9 +44,10 @@ from rayfleet_runtime.controller.metrics import ControllerMetrics
 from rayfleet_runtime.controller.ray_calls import RayBackend, ReplicaCallError, ReplicaTimeout
 from rayfleet_runtime.controller.records import SERVING, DeploymentRecord, ReplicaRecord, needs
 from rayfleet_runtime.controller.replica_actions import PROBE_INTERVAL_S, ReplicaActions
+from rayfleet_runtime.controller.rollouts import Revisions
 from rayfleet_runtime.controller.route_publisher import RoutePublisher
 from rayfleet_runtime.lifecycle_log import lifecycle
-from rayfleet_runtime.routing import KEEPALIVE_TIMEOUT_S, Route, RoutingTable, build_table, prefix_taken
+from rayfleet_runtime.routing import KEEPALIVE_TIMEOUT_S, CanaryRoute, Route, RoutingTable, build_table, prefix_taken
 
 TICK_S = 0.25
 RECOVER_PROBE_TIMEOUT_S = 10.0
@@ -105,7 +106,7 @@ class ControllerCore:
         return [dataclasses.replace(n, draining=n.id in self.draining, suspect=n.id in suspect) for n in self.nodes]
 
     def _placed(self) -> list[placement.Placed]:
-        return [placement.Placed(r.node, dep.name, needs(dep.desired)) for dep in self.deployments.values()
+        return [placement.Placed(r.node, dep.name, needs(dep.desired_for(r.version))) for dep in self.deployments.values()
                 for r in dep.replicas.values() if r.node and r.state != ReplicaState.STOPPED]
 
     def _evictions(self, dep: DeploymentRecord) -> dict[str, str]:
@@ -117,12 +118,12 @@ class ControllerCore:
                 dep.moving = None  # moved (or gone some other way)
             else:
                 out[dep.moving] = "rebalance"
-        if out or dep.deleting or dep.rolling_out:
+        if out or dep.deleting or dep.revisions.active is not None:
             return out
         live = sorted((r for r in dep.replicas.values() if r.state != ReplicaState.STOPPED), key=lambda r: r.created_at)
         if len(live) != dep.target or any(r.state != ReplicaState.READY or not r.node for r in live):
             return out  # only a settled deployment is rebalanced: one move at a time
-        moving = placement.to_rebalance(self._node_views(), self._placed(), needs(dep.desired),
+        moving = placement.to_rebalance(self._node_views(), self._placed(), needs(dep.goal()),
                                         [(r.id, r.node) for r in live])
         if moving is not None:
             dep.moving = moving
@@ -156,6 +157,7 @@ class ControllerCore:
                 self.deployments[name] = DeploymentRecord(
                     name, desired, deleting=data.get("deleting", False), restarts=data.get("restarts", 0),
                     next_index=data.get("nextIndex", 0),
+                    revisions=Revisions.resumed(data["revisions"]) if "revisions" in data else None,
                     autoscaler=Autoscaler.resumed(desired.autoscaling, saved) if desired.autoscaling and saved
                     else None)
             except Exception:  # noqa: BLE001 - one bad checkpoint must not keep the controller from starting
@@ -187,7 +189,7 @@ class ControllerCore:
             if slow:
                 # Alive but busy (its process answered no probe in time): adopt it unrouted, taken for
                 # the current version until it answers; its health checks decide, as for any replica.
-                rec = ReplicaRecord(rid, dep.desired.version, actor, state=ReplicaState.UNHEALTHY, health_failures=1,
+                rec = ReplicaRecord(rid, dep.goal().version, actor, state=ReplicaState.UNHEALTHY, health_failures=1,
                                     last_error=f"no answer within {RECOVER_PROBE_TIMEOUT_S:g}s after a controller restart",
                                     failure="unhealthy")
                 logger.warning("replica %s/%s did not answer yet; adopted, unrouted until healthy", dep_name, rid)
@@ -224,11 +226,16 @@ class ControllerCore:
         if dep is None:
             dep = self.deployments[name] = DeploymentRecord(name, desired)
         else:
-            if dep.desired.version != desired.version:
+            serving = dep.revisions.serving_revision
+            change = dep.revisions.put(desired, time.time())
+            if change is not None:
                 dep.error, dep.start_failures, dep.next_start_at = None, 0, 0.0  # new code: retry at once
-                dep.rolling_out = True
+            if change == "started":
                 self.metrics.rollout_started(name)
-                lifecycle("rollout_started", deployment=name, version=desired.version, previous=dep.desired.version)
+                lifecycle("rollout_started", deployment=name, version=desired.version, previous=serving.version,
+                          revision=dep.revisions.rollout.revision)
+            elif change == "reverted":
+                lifecycle("rollout_reverted", deployment=name, revision=serving.number, version=desired.version)
             dep.desired, dep.deleting = desired, False
         dep.autoscaler = follow_spec(dep.autoscaler, desired.autoscaling, desired.replicas)
         self._save(dep)
@@ -260,9 +267,12 @@ class ControllerCore:
                 for d in self.deployments.values()}
 
     def observed(self, dep: DeploymentRecord) -> dict[str, Any]:
-        version = dep.desired.version
+        version, goal = dep.desired.version, dep.goal().version
         reps = sorted(dep.replicas.values(), key=lambda r: r.created_at)
         views = [r.view() for r in reps]
+        failing = dep.error is not None and dep.error.get("version") in dep.starting_versions()
+        status = (DeploymentStatus.UPDATING if dep.canary() and not dep.deleting else
+                  planning.deployment_status(dep.target, goal, views, deleting=dep.deleting, error=failing))
         return {
             "name": dep.name,
             "version": version,
@@ -273,13 +283,13 @@ class ControllerCore:
                                    and r.state in (ReplicaState.STARTING, *SERVING)),
             "inFlight": sum(r.info.get("inFlight", 0) for r in reps if r.state in (*SERVING, ReplicaState.DRAINING)),
             "restarts": dep.restarts,
-            "status": planning.deployment_status(dep.target, version, views, deleting=dep.deleting,
-                                                 error=dep.error is not None),
-            "error": None if dep.error is None else {"reason": dep.error["reason"], "message": dep.error["message"],
-                                                     "traceback": (dep.error.get("traceback") or "")[-2000:]},
+            "status": status,
+            "error": None if not failing else {"reason": dep.error["reason"], "message": dep.error["message"],
+                                               "traceback": (dep.error.get("traceback") or "")[-2000:]},
             "routePrefix": dep.desired.route_prefix,
             "replicas": [r.observed() for r in reps],
             **({} if dep.autoscaler is None else {"autoscaling": dep.autoscaler.observed()}),
+            **dep.revisions.observed(dep.desired),
         }
 
     # ---------- reconcile ----------
@@ -334,23 +344,46 @@ class ControllerCore:
                 rec.placement_task = asyncio.get_running_loop().create_task(self.actions.check_placement(dep, rec))
         evict = self._evictions(dep)
         views = [r.view(evict.get(r.id)) for r in dep.replicas.values()]
-        if dep.rolling_out and planning.deployment_status(dep.target, dep.desired.version, views,
-                                                          deleting=dep.deleting) == DeploymentStatus.RUNNING:
-            dep.rolling_out = False
-            lifecycle("rollout_finished", deployment=dep.name, version=dep.desired.version)
-        # Decide and act.
-        p = planning.plan(dep.target, dep.desired.version, views, failure_threshold=hc.failure_threshold,
-                          deleting=dep.deleting, can_start=now >= dep.next_start_at)
-        if not p:
+        if not dep.deleting:
+            self._look_at_rollout(dep, views, now)
+        # Decide and act: the main set towards the goal, and a canary's replicas beside it.
+        goal, canary = dep.goal(), dep.canary()
+        plans = [(planning.plan(dep.target, goal.version, [v for v in views if not canary or v.version != canary[0].version],
+                                failure_threshold=hc.failure_threshold, deleting=dep.deleting,
+                                can_start=now >= dep.next_start_at), goal)]
+        if canary is not None:
+            plans.append((planning.plan(canary[1], canary[0].version, [v for v in views if v.version == canary[0].version],
+                                        failure_threshold=hc.failure_threshold, deleting=dep.deleting,
+                                        can_start=now >= dep.next_start_at), canary[0]))
+        if not any(p for p, _ in plans):
             return
-        for stop in p.stop:
-            rec = dep.replicas.get(stop.replica_id)
-            if rec is not None:
-                self.actions.begin_stop(dep, rec, stop)
-        started = [start for start in p.start if self._start_replica(dep, start)]
+        started = []
+        for p, desired in plans:
+            for stop in p.stop:
+                rec = dep.replicas.get(stop.replica_id)
+                if rec is not None:
+                    self.actions.begin_stop(dep, rec, stop)
+            started += [start for start in p.start if self._start_replica(dep, start, desired)]
         dep.restarts += sum(1 for s in started if s.replaces is not None)
         if started:  # checkpoint the restart count and next_index (replica names stay unique after a restart)
             self._save(dep)
+        self.routes.changed()
+
+    def _look_at_rollout(self, dep: DeploymentRecord, views: list[planning.ReplicaView], now: float) -> None:
+        """Show the rollout in progress what its revision's replicas did; act on what it decides."""
+        rollout = dep.revisions.rollout
+        progress = dep.progress(views)
+        change = dep.revisions.look(dep.desired, progress, now)
+        if change is None:
+            return
+        version = dep.revisions.get(rollout.revision).version
+        lifecycle(f"rollout_{change.event}", deployment=dep.name, revision=rollout.revision, version=version,
+                  reason=rollout.reason, message=change.message)
+        if change.event == "stopped":
+            self.metrics.rollout_failed(dep.name, rollout.reason)
+            if rollout.rolled_back_to is not None:  # the serving revision starts afresh, without the new one's back-off
+                dep.error, dep.start_failures, dep.next_start_at = None, 0, 0.0
+        self._save(dep)
         self.routes.changed()
 
     # ---------- autoscaling ----------
@@ -416,23 +449,32 @@ class ControllerCore:
         for dep in self.deployments.values():
             placed = [r for r in dep.replicas.values() if r.info.get("pid")
                       and r.state in (ReplicaState.STARTING, *SERVING, ReplicaState.DRAINING)]
-            held[dep.name] = (len(placed), len(placed) * dep.desired.ray_actor_options.num_cpus)
+            held[dep.name] = (len(placed), len(placed) * dep.goal().ray_actor_options.num_cpus)
         return held
 
-    def _start_replica(self, dep: DeploymentRecord, intent: planning.StartIntent) -> bool:
-        """Start one replica on the node placement picks; False if it must wait for room (a node is draining
-        and no other has room: left to Ray, the replica could land on the pod that is going)."""
-        node = placement.choose_node(self._node_views(), self._placed(), dep.name, needs(dep.desired))
+    def _start_replica(self, dep: DeploymentRecord, intent: planning.StartIntent, desired: DesiredState) -> bool:
+        """Start one replica of ``desired`` on the node placement picks; False if it must wait for room (a node
+        is draining and no other has room: left to Ray, the replica could land on the pod that is going)."""
+        node = placement.choose_node(self._node_views(), self._placed(), dep.name, needs(desired))
         if node is None and self.draining:
             return False
-        self.actions.start(dep, intent, node)
+        self.actions.start(dep, intent, node, desired)
         return True
 
     # ---------- routing ----------
     def routing_table(self) -> RoutingTable:
         """The table of READY replicas the ingresses route by (built here, once per change; they only read it)."""
-        return build_table(
-            Route(dep.name, dep.desired, tuple((r.id, r.info["host"], r.info["port"], r.info.get("nodeId"))
-                                               for r in dep.replicas.values()
-                                               if r.state == ReplicaState.READY and r.info.get("port")))
-            for dep in self.deployments.values() if not dep.deleting)
+        return build_table(self._route(dep) for dep in self.deployments.values() if not dep.deleting)
+
+    @staticmethod
+    def _route(dep: DeploymentRecord) -> Route:
+        """The deployment's READY replicas; while a canary runs, its own apart, with its weight."""
+        canary = dep.canary()
+
+        def ready(of_canary: bool) -> tuple[tuple[str, str, int, str | None], ...]:
+            return tuple((r.id, r.info["host"], r.info["port"], r.info.get("nodeId")) for r in dep.replicas.values()
+                         if r.state == ReplicaState.READY and r.info.get("port")
+                         and (canary is not None and r.version == canary[0].version) == of_canary)
+        if canary is None:
+            return Route(dep.name, dep.goal(), ready(False))
+        return Route(dep.name, dep.goal(), ready(False), CanaryRoute(canary[0], ready(True), canary[2]))

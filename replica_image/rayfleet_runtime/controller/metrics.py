@@ -96,6 +96,11 @@ class ControllerMetrics:
             [*_DEPLOYMENT_LABELS, "reason"], registry=self.registry)
         self._rollouts = Counter("rayfleet_controller_rollouts_total", "Rollouts of a new version started.",
                                  _DEPLOYMENT_LABELS, registry=self.registry)
+        self._rollouts_stopped = Counter(
+            "rayfleet_controller_rollouts_stopped_total",
+            "Rollouts stopped before they completed (new replicas failed to start, the canary answered too many "
+            "5xx, or no progress within progressDeadlineSeconds), by reason.",
+            [*_DEPLOYMENT_LABELS, "reason"], registry=self.registry)
         self._health_check_failures = Counter("rayfleet_controller_health_check_failures_total",
                                               "Failed or unanswered replica health checks.",
                                               _DEPLOYMENT_LABELS, registry=self.registry)
@@ -111,8 +116,8 @@ class ControllerMetrics:
         self._scaling_decisions = Counter("rayfleet_controller_autoscaler_decisions_total",
                                           "Changes of the replica count the autoscaler made, by direction (up | down).",
                                           [*_DEPLOYMENT_LABELS, "direction"], registry=self.registry)
-        self._per_deployment = (self._restarts, self._moves, self._rollouts, self._health_check_failures, self._scheduling_waits,
-                                self._scaling_decisions)
+        self._per_deployment = (self._restarts, self._moves, self._rollouts, self._rollouts_stopped,
+                                self._health_check_failures, self._scheduling_waits, self._scaling_decisions)
 
     def collect(self) -> list[Metric]:
         """What ``Controller.metrics()`` returns: plain ``Metric`` objects, which pickle."""
@@ -126,6 +131,9 @@ class ControllerMetrics:
 
     def rollout_started(self, deployment: str) -> None:
         self._rollouts.labels(*split_deployment(deployment)).inc()
+
+    def rollout_failed(self, deployment: str, reason: str) -> None:
+        self._rollouts_stopped.labels(*split_deployment(deployment), reason).inc()
 
     def health_check_failed(self, deployment: str) -> None:
         self._health_check_failures.labels(*split_deployment(deployment)).inc()

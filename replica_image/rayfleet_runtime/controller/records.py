@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rayfleet_api.desired import DesiredState
-from rayfleet_api.states import ReplicaState
+from rayfleet_api.states import DeploymentStatus, ReplicaState
+from rayfleet_runtime.controller import planning
 from rayfleet_runtime.controller.autoscaler import Autoscaler
 from rayfleet_runtime.controller.planning import ReplicaView
+from rayfleet_runtime.controller.rollouts import PROGRESSING, Progress, Revisions
 
 SLOW_START_S = 60.0  # a replica still starting after this says so in its lastError
 SERVING = (ReplicaState.READY, ReplicaState.UNHEALTHY)  # started and not being stopped: these are probed
@@ -69,27 +71,67 @@ class ReplicaRecord:
 @dataclass
 class DeploymentRecord:
     name: str
-    desired: DesiredState
+    desired: DesiredState  # as the spec says now
     deleting: bool = False
     restarts: int = 0
     next_index: int = 0
-    error: dict[str, str] | None = None
+    error: dict[str, str] | None = None  # the last start failure of a version being started ("version": which)
     start_failures: int = 0
     next_start_at: float = 0.0
-    rolling_out: bool = False  # a new version was put and not every replica runs it yet
     replicas: dict[str, ReplicaRecord] = field(default_factory=dict)
     autoscaler: Autoscaler | None = None  # set while desired.autoscaling is
     moving: str | None = None  # the replica being moved to spread the deployment again (placement.to_rebalance)
+    revisions: Revisions | None = None  # None: one revision, of ``desired`` (filled in at once)
+
+    def __post_init__(self) -> None:
+        if self.revisions is None:
+            self.revisions = Revisions(self.desired)
 
     @property
     def target(self) -> int:
         """The replica count to run: the autoscaler's when autoscaling is on, else spec.replicas."""
         return self.desired.replicas if self.autoscaler is None else self.autoscaler.target
 
+    def goal(self) -> DesiredState:
+        """What the main set of replicas runs: the serving revision, or the one rolling out (``rollouts``)."""
+        return self.revisions.goal(self.desired)
+
+    def canary(self) -> tuple[DesiredState, int, int] | None:
+        """(desired state, replica count, weight) of the canary while one runs."""
+        return self.revisions.canary(self.desired, self.target)
+
+    def starting_versions(self) -> set[str]:
+        """The versions new replicas are started with now (a start failure of another is no rollout's)."""
+        canary = self.canary()
+        return {self.goal().version, *([canary[0].version] if canary else [])}
+
+    def desired_for(self, version: str) -> DesiredState:
+        """The desired state a new replica of ``version`` runs."""
+        canary = self.canary()
+        return canary[0] if canary and canary[0].version == version else self.goal()
+
+    def progress(self, views: list[ReplicaView]) -> Progress:
+        """What the rollout in progress has to go by: its revision's replicas (with no rollout in progress,
+        whether the serving revision runs settled)."""
+        rollout = self.revisions.rollout
+        if rollout is None or rollout.state != PROGRESSING:
+            return Progress(0, 0, planning.deployment_status(self.target, self.goal().version, views)
+                            == DeploymentStatus.RUNNING, None, 0, {})
+        version, canary = self.revisions.get(rollout.revision).version, self.canary()
+        mine = [r for r in self.replicas.values() if r.version == version]
+        error = self.error if self.error is not None and self.error.get("version") == version else None
+        serving = self.revisions.serving_revision.version
+        return Progress(
+            ready=sum(r.state == ReplicaState.READY for r in mine), needed=canary[1] if canary else self.target,
+            settled=planning.deployment_status(self.target, version, views) == DeploymentStatus.RUNNING,
+            start_error=error, start_failures=self.start_failures if error else 0,
+            counters={r.id: (r.info.get("errors", 0), r.info.get("totalRequests", 0)) for r in mine},
+            serving_ready=sum(r.state == ReplicaState.READY and r.version == serving for r in self.replicas.values()))
+
     def checkpoint(self) -> bytes:
         scaling = {} if self.autoscaler is None else {"autoscaler": self.autoscaler.checkpoint()}
         return json.dumps({"desired": self.desired.to_json(), "deleting": self.deleting, "restarts": self.restarts,
-                           "nextIndex": self.next_index, **scaling}).encode()
+                           "nextIndex": self.next_index, "revisions": self.revisions.checkpoint(), **scaling}).encode()
 
 
 def needs(desired: DesiredState) -> dict[str, float]:

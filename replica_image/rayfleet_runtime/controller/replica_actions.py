@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Callable
 
+from rayfleet_api.desired import DesiredState
 from rayfleet_api.states import ReplicaState
 from rayfleet_runtime.controller import planning
 from rayfleet_runtime.controller.metrics import ControllerMetrics
@@ -39,9 +40,9 @@ class ReplicaActions:
         self.drain_settle_s = drain_settle_s
         self._held_resources = held_resources
 
-    def start(self, dep: DeploymentRecord, intent: planning.StartIntent, node: str | None) -> None:
-        """Create the replica's actor (on ``node``; None: where Ray likes) and await its start in the background."""
-        desired = dep.desired
+    def start(self, dep: DeploymentRecord, intent: planning.StartIntent, node: str | None,
+              desired: DesiredState) -> None:
+        """Create a replica of ``desired`` (on ``node``; None: where Ray likes); await its start in the background."""
         rid = f"{dep.name}-{dep.next_index}"
         dep.next_index += 1
         if intent.replaces is not None:
@@ -68,9 +69,9 @@ class ReplicaActions:
         except Exception as exc:  # noqa: BLE001 - the GCS is busy: ask again next time
             logger.debug("placement of %s unknown: %s", rec.id, exc)
             return
-        if rec.state != ReplicaState.STARTING or fits(dep.desired, available):
+        if rec.state != ReplicaState.STARTING or fits(dep.desired_for(rec.version), available):
             return
-        note = unschedulable_reason(dep.desired, available, total, self._held_resources())
+        note = unschedulable_reason(dep.desired_for(rec.version), available, total, self._held_resources())
         if rec.unschedulable is None:
             self.metrics.waiting_for_resources(dep.name)
             lifecycle("replica_unschedulable", deployment=dep.name, replica=rec.id, version=rec.version, reason=note)
@@ -94,7 +95,7 @@ class ReplicaActions:
         rec.state = ReplicaState.READY
         rec.next_health_at = time.time() + dep.desired.health_check.period_seconds
         rec.next_probe_at = time.time() + PROBE_INTERVAL_S
-        if rec.version == dep.desired.version:
+        if rec.version in dep.starting_versions():
             dep.error, dep.start_failures, dep.next_start_at = None, 0, 0.0
         self._ready(dep, rec)
         self.watch(dep, rec)
@@ -137,8 +138,8 @@ class ReplicaActions:
         rec.last_error = f"{error.get('reason')}: {error.get('message')}"
         if rec.actor is not None:
             self.backend.kill(rec.actor)
-        if rec.version == dep.desired.version:
-            dep.error = {k: error[k] for k in ("reason", "message", "traceback") if k in error}
+        if rec.version in dep.starting_versions():
+            dep.error = {**{k: error[k] for k in ("reason", "message", "traceback") if k in error}, "version": rec.version}
             dep.start_failures += 1
             dep.next_start_at = time.time() + planning.backoff_seconds(dep.start_failures)
 
