@@ -135,8 +135,6 @@ class Follower:
             print(f"rayfleet: {name} is no longer in {self.file.path}: deleting it", flush=True)
             self.api.delete_deployment(name)
             self.names.remove(name)
-            self._status.pop(name, None)
-            self._rollout.pop(name, None)
 
     def show(self, observed: list[dict[str, Any]]) -> None:
         for obs in observed:

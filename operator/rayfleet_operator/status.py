@@ -123,9 +123,9 @@ def _rollout_progress(rollout: dict[str, Any], updated: int, desired: int) -> Co
         return Condition(PROGRESSING, False, reason or "RolloutFailed", message or f"{revision} failed")
     if state != "Progressing":
         return None
-    if rollout.get("canaryWeight") is not None:
-        words = f"{revision} gets {rollout['canaryWeight']}% of requests"
-        return Condition(PROGRESSING, True, reason or Reason.CANARY_STEP, f"{words}: {message}" if message else words)
+    if rollout.get("canaryWeight") is not None:  # the controller's message names the weight (and how to promote)
+        return Condition(PROGRESSING, True, reason or Reason.CANARY_STEP,
+                         message or f"{revision} gets {rollout['canaryWeight']}% of requests")
     return Condition(PROGRESSING, True, ROLLOUT_REASONS.get(reason, reason or Reason.ROLLING_UPDATE),
                      f"{revision}: {updated}/{desired} replicas updated")
 

@@ -211,10 +211,13 @@ def test_a_rollout_progresses_by_revision_then_completes():
 
 def test_a_canary_says_its_weight():
     canary = rolled(replica("a"), replica("b"), replica("c", version="v2"), revisions=[(4, "Canary"), (3, "Serving")],
-                    rollout=rollout("Progressing", "CanaryStep", weight=25, message="step 2 of 4"))
+                    rollout=rollout("Progressing", "CanaryStep", weight=25, message="revision 4 gets 25 % of the requests"))
     conds = {c.type: c for c in conditions_for(obs(controller=canary))}
     assert (conds["Progressing"].status, conds["Progressing"].reason) == (True, "CanaryStep")
-    assert conds["Progressing"].message == "revision 4 (v2) gets 25% of requests: step 2 of 4"
+    assert conds["Progressing"].message == "revision 4 gets 25 % of the requests"
+    quiet = {**canary, "rollout": rollout("Progressing", "CanaryStep", weight=25)}  # no message: the weight still shows
+    assert next(c for c in conditions_for(obs(controller=quiet)) if c.type == "Progressing").message == (
+        "revision 4 (v2) gets 25% of requests")
     assert conds["Ready"].status is True  # the old revision serves meanwhile
     status = compute_status(obs(controller=canary), None, "t")
     assert (status["revision"], status["updateRevision"], status["canaryWeight"]) == (3, 4, 25)
