@@ -4,8 +4,9 @@ It validates the manifests exactly as the cluster would (``rayfleet.manifest``),
 (everything on 127.0.0.1, the working directory and ``PYTHONPATH`` passed on to Ray workers so
 ``handler: module:attr`` imports the same way as in this shell), ensures the rayfleet controller with one
 HAProxy ingress on the head node, PUTs each deployment, then prints the endpoint and a status line per
-deployment whenever readiness changes (``echo: 2/2 ready``). Ctrl-C / SIGTERM shuts everything down:
-Ray and every process it started, HAProxy included.
+deployment whenever readiness changes (``echo: 2/2 ready``). From then on it follows FILE.yaml as a
+`kubectl apply` on each save would (``rayfleet.follow``): an edit rolls out, and each rollout's progress is
+printed. Ctrl-C / SIGTERM shuts everything down: Ray and every process it started, HAProxy included.
 """
 from __future__ import annotations
 
@@ -17,31 +18,15 @@ import secrets
 import signal
 import sys
 import threading
-from typing import Any
 
+from rayfleet.follow import Follower, WatchedFile, endpoint_line
 from rayfleet.manifest import load_manifests
 from rayfleet.ports import free_port
 from rayfleet.procs import Leftovers
 from rayfleet_api.constants import (CONTROL_TOKEN_ENV, INGRESS_PORT, LOG_LEVEL_ENV, METRICS_PATH, METRICS_PORT,
                                     RAY_NAMESPACE)
-from rayfleet_api.controller_client import ControllerClient, ControllerRejected, ControllerUnreachable
+from rayfleet_api.controller_client import ControllerClient, ControllerRejected
 from rayfleet_api.errors import SpecError
-
-
-def _status_line(obs: dict[str, Any]) -> str:
-    line = f"{obs['name']}: {obs['readyReplicas']}/{obs['targetReplicas']} ready ({obs['status']})"
-    scaling = obs.get("autoscaling")
-    if scaling is not None:
-        load = scaling.get("load")
-        line += f", autoscaling {obs['desiredReplicas']}" + ("" if load is None else f" (load {round(load, 1):g})")
-    if obs.get("error"):
-        line += f" - {obs['error']['reason']}: {obs['error']['message']}"
-    if obs.get("restarts"):
-        line += f", {obs['restarts']} restarts"
-    waiting = [r for r in obs.get("replicas") or [] if r.get("unschedulable")]
-    if waiting:
-        line += f" - {len(waiting)} replica(s) {waiting[0]['unschedulable']}"
-    return line
 
 
 def local_cpus(manifests: list, asked: int | None) -> tuple[int, str | None]:
@@ -61,7 +46,7 @@ def local_cpus(manifests: list, asked: int | None) -> tuple[int, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rayfleet run", description=__doc__.splitlines()[0])
-    parser.add_argument("file", help="YAML with one or more ServeDeployment manifests")
+    parser.add_argument("file", help="YAML with one or more ServeDeployment manifests, followed: each saved edit is applied")
     parser.add_argument("--host", default="127.0.0.1", help="address HAProxy listens on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=INGRESS_PORT, help=f"HTTP port (default {INGRESS_PORT})")
     parser.add_argument("--control-port", type=int, default=0, help="controller API port (default: a free one)")
@@ -77,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     warnings: list[str] = []
+    field_validation = {"true": "strict", "false": "ignore"}.get(args.validate, args.validate)
+    watched = WatchedFile(args.file)
+    watched.changed()  # before reading it: an edit made from here on is applied once the deployments run
     try:
-        manifests = load_manifests(args.file, {"true": "strict", "false": "ignore"}.get(args.validate, args.validate), warnings)
+        manifests = load_manifests(args.file, field_validation, warnings)
     except (SpecError, OSError) as exc:
         print(f"rayfleet run: {exc}", file=sys.stderr)
         return 2
@@ -134,21 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         for m in manifests:
-            print(f"rayfleet: {m.name} -> http://{shown_host}:{args.port}{m.desired_state().route_prefix}", flush=True)
+            print(endpoint_line(m, shown_host, args.port), flush=True)
         if args.metrics_port:
             print(f"rayfleet: metrics at http://{shown_host}:{args.metrics_port}{METRICS_PATH}", flush=True)
         who = f"token from ${CONTROL_TOKEN_ENV}" if os.environ.get(CONTROL_TOKEN_ENV) else "random token"
         print(f"rayfleet: controller API at {api.base_url} ({who}); Ctrl-C to stop", flush=True)
-        last: dict[str, str] = {}
+        follower = Follower(api, watched, field_validation, manifests, shown_host, args.port)
         while not stop.is_set():
-            try:
-                for obs in api.list_deployments():
-                    line = _status_line(obs)
-                    if last.get(obs["name"]) != line:
-                        last[obs["name"]] = line
-                        print(line, flush=True)
-            except ControllerUnreachable as exc:
-                print(f"rayfleet: controller not answering: {exc}", file=sys.stderr, flush=True)
+            follower.turn()
             leftovers.note()
             stop.wait(1.0)
         print("rayfleet: shutting down ...", flush=True)

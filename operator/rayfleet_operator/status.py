@@ -17,7 +17,9 @@ from .serve_spec import ServeSpec
 
 class Reason:
     ALL_READY = "AllReplicasReady"
-    COMPLETE = "Complete"
+    COMPLETE = "Complete"  # the controller's RolloutComplete: the newest revision serves at full strength
+    CANARY_STEP = "CanaryStep"  # the controller's own reasons, as it names them
+    CANARY_WAITING = "CanaryWaiting"
     AS_EXPECTED = "AsExpected"
     INVALID_SPEC = "InvalidSpec"
     CLUSTER_CONFLICT = "RayClusterConflict"
@@ -26,7 +28,7 @@ class Reason:
     INGRESS_NOT_READY = "IngressNotReady"
     REPLICAS_NOT_READY = "ReplicasNotReady"
     REPLICAS_UNHEALTHY = "ReplicasUnhealthy"
-    ROLLING_UPDATE = "RollingUpdate"
+    ROLLING_UPDATE = "RollingUpdate"  # the controller's NewRevisionProgressing
     SCALING = "Scaling"
     INSUFFICIENT_RESOURCES = "InsufficientResources"
     OVERLOADED = "Overloaded"
@@ -34,6 +36,11 @@ class Reason:
 
 
 UNHEALTHY_STATES = {ReplicaState.UNHEALTHY, ReplicaState.FAILED, ReplicaState.STOPPED}
+# The controller's rollout reasons that mean what an existing reason already says: users match on that one.
+ROLLOUT_REASONS = {"NewRevisionProgressing": Reason.ROLLING_UPDATE, "RolloutComplete": Reason.COMPLETE}
+REVISION_FIELDS = ("revision", "updateRevision", "canaryWeight")
+# Progressing=True while a revision replaces another: Complete after one of these is a rollout that completed.
+ROLLING_REASONS = {Reason.ROLLING_UPDATE, Reason.CANARY_STEP, Reason.CANARY_WAITING}
 
 
 @dataclass
@@ -88,6 +95,17 @@ def _autoscaling_status(obs: Observation, old_status: dict[str, Any] | None) -> 
             **({} if reason is None else {"lastScaleReason": reason[:1024]})}
 
 
+def _revision_status(obs: Observation, old_status: dict[str, Any] | None) -> dict[str, Any]:
+    """status.revision (at full strength), status.updateRevision (the one rolled out last or now) and
+    status.canaryWeight (its share of requests, during a canary only)."""
+    if obs.controller is None:  # not asked: what was last reported stands
+        return {key: (old_status or {}).get(key) for key in REVISION_FIELDS}
+    serving = next((r.get("revision") for r in obs.controller.get("revisions") or [] if r.get("state") == "Serving"), None)
+    rollout = obs.controller.get("rollout") or {}
+    return {"revision": serving, "updateRevision": rollout.get("revision", serving),
+            "canaryWeight": rollout.get("canaryWeight") if rollout.get("state") == "Progressing" else None}
+
+
 def _replica_entry(r: dict[str, Any]) -> dict[str, Any]:
     entry = {"id": r.get("id", ""), "state": r.get("state", ""), "version": r.get("version", ""),
              "node": r.get("nodeIp") or "", "pid": r.get("pid") or 0, "inFlight": r.get("inFlight") or 0,
@@ -95,6 +113,42 @@ def _replica_entry(r: dict[str, Any]) -> dict[str, Any]:
     if r.get("lastError"):
         entry["lastError"] = str(r["lastError"])[:1024]
     return entry
+
+
+def _rollout_progress(rollout: dict[str, Any], updated: int, desired: int) -> Condition | None:
+    """Progressing from the controller's rollout record; None once it completed (then scaling may still show)."""
+    state, reason, message = rollout.get("state"), rollout.get("reason") or "", rollout.get("message") or ""
+    revision = f"revision {rollout.get('revision')} ({rollout.get('version')})"
+    if state == "Failed":  # message says what failed, and whether the last good revision is back
+        return Condition(PROGRESSING, False, reason or "RolloutFailed", message or f"{revision} failed")
+    if state != "Progressing":
+        return None
+    if rollout.get("canaryWeight") is not None:  # the controller's message names the weight (and how to promote)
+        return Condition(PROGRESSING, True, reason or Reason.CANARY_STEP,
+                         message or f"{revision} gets {rollout['canaryWeight']}% of requests")
+    return Condition(PROGRESSING, True, ROLLOUT_REASONS.get(reason, reason or Reason.ROLLING_UPDATE),
+                     f"{revision}: {updated}/{desired} replicas updated")
+
+
+def _progressing(ctl: dict[str, Any], desired: int, ready_msg: str) -> Condition:
+    """Progressing as a Deployment's: True while a revision rolls out or the count moves (and once done,
+    with Complete), False when it can't go on: a replica Ray can't place, or a failed rollout."""
+    replicas, updated = ctl.get("replicas") or [], ctl.get("updatedReplicas", 0)
+    rollout = ctl.get("rollout")
+    waiting = [r for r in replicas if r.get("unschedulable")]
+    if waiting:  # progress needs resources Ray doesn't have: say so now, not after a deadline
+        return Condition(PROGRESSING, False, Reason.INSUFFICIENT_RESOURCES,
+                         f"{len(waiting)} replica(s) can't be placed: {waiting[0]['unschedulable']}")
+    if rollout:
+        progress = _rollout_progress(rollout, updated, desired)
+        if progress is not None:
+            return progress
+    elif any(r.get("version") != ctl.get("version") for r in replicas):  # no rollout record: the versions tell
+        return Condition(PROGRESSING, True, Reason.ROLLING_UPDATE, f"{updated}/{desired} replicas at version {ctl.get('version')}")
+    if len(replicas) != desired or ctl.get("readyReplicas", 0) != desired:
+        return Condition(PROGRESSING, True, Reason.SCALING, f"{len(replicas)} replicas, {ready_msg}")
+    done = f"revision {rollout['revision']} rolled out; {ready_msg}" if rollout else ready_msg
+    return Condition(PROGRESSING, True, Reason.COMPLETE, done)
 
 
 def conditions_for(obs: Observation) -> list[Condition]:
@@ -117,7 +171,7 @@ def conditions_for(obs: Observation) -> list[Condition]:
 
     desired = desired_replicas(obs.spec.desired, ctl, None)
     replicas = ctl.get("replicas") or []
-    ready, updated = ctl.get("readyReplicas", 0), ctl.get("updatedReplicas", 0)
+    ready = ctl.get("readyReplicas", 0)
     ready_msg = f"{ready}/{desired} replicas ready"
     if ready >= desired and obs.serving_pods == 0:  # replicas up, but the Service reaches none of them yet
         conds = [Condition(READY, False, Reason.INGRESS_NOT_READY,
@@ -127,16 +181,7 @@ def conditions_for(obs: Observation) -> list[Condition]:
         conds = [Condition(READY, ready >= desired, Reason.ALL_READY if ready >= desired else Reason.REPLICAS_NOT_READY,
                            ready_msg)]
 
-    waiting = [r for r in replicas if r.get("unschedulable")]
-    if waiting:  # progress needs resources Ray doesn't have: say so now, not after a deadline
-        conds.append(Condition(PROGRESSING, False, Reason.INSUFFICIENT_RESOURCES,
-                               f"{len(waiting)} replica(s) can't be placed: {waiting[0]['unschedulable']}"))
-    elif any(r.get("version") != ctl.get("version") for r in replicas):
-        conds.append(Condition(PROGRESSING, True, Reason.ROLLING_UPDATE, f"{updated}/{desired} replicas at version {ctl.get('version')}"))
-    elif len(replicas) != desired or ready != desired:
-        conds.append(Condition(PROGRESSING, True, Reason.SCALING, f"{len(replicas)} replicas, {ready_msg}"))
-    else:
-        conds.append(Condition(PROGRESSING, False, Reason.COMPLETE, ready_msg))
+    conds.append(_progressing(ctl, desired, ready_msg))
 
     unhealthy = [r for r in replicas if r.get("state") in UNHEALTHY_STATES
                  or (r.get("state") != ReplicaState.READY and (r.get("restarts") or 0) > 0)]
@@ -167,6 +212,7 @@ def compute_status(obs: Observation, old_status: dict[str, Any] | None, now: str
         "headFaultTolerant": obs.head_fault_tolerant,
         "replicaStatuses": [_replica_entry(r) for r in replicas],
         "autoscaling": _autoscaling_status(obs, old_status),
+        **_revision_status(obs, old_status),
         "conditions": merge_conditions((old_status or {}).get("conditions"), conditions_for(obs), obs.generation, now),
     }
 
@@ -179,21 +225,39 @@ def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, A
 
 def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str]]:
     """Events (type, reason, message) for what changed: the autoscaler changing the count (with its
-    reason), Ready changing reason (Warning when not ready), and progress stopping for a new reason (a
-    replica Ray can't place), which Ready alone doesn't show."""
+    reason), Ready changing reason (Warning when not ready), and a rollout failing or completing or
+    progress stopping (a replica Ray can't place), which Ready alone doesn't show."""
     events = []
     scaled = (new.get("autoscaling") or {}).get("lastScaleTime")
     if (scaled and scaled != (old.get("autoscaling") or {}).get("lastScaleTime")
             and old.get("desiredReplicas", new["desiredReplicas"]) != new["desiredReplicas"]):
         events.append(("Normal", "Scaled", f"replicas {old['desiredReplicas']} -> {new['desiredReplicas']}: "
                                            f"{new['autoscaling'].get('lastScaleReason', '')}"))
-    for cond_type in (READY, PROGRESSING):
-        before, after = find(old.get("conditions"), cond_type), find(new["conditions"], cond_type)
-        if after is None or (before and (before["reason"], before["status"]) == (after["reason"], after["status"])):
-            continue
-        if cond_type == PROGRESSING and (after["status"] == "True" or after["reason"] == Reason.COMPLETE
-                                         or any(e[1] == after["reason"] for e in events)):
-            continue  # progress itself, and a blocked state Ready names too, are in Ready's events
-        kind = "Normal" if cond_type == READY and after["status"] == "True" else "Warning"
-        events.append((kind, after["reason"], after["message"] or after["reason"]))
+    before, after = find(old.get("conditions"), READY), find(new["conditions"], READY)
+    if after is not None and not _same(before, after):
+        events.append(("Normal" if after["status"] == "True" else "Warning", after["reason"],
+                       after["message"] or after["reason"]))
+    progress = _progress_event(old, new)
+    if progress is not None and not any(e[1] == progress[1] for e in events):
+        events.append(progress)  # a blocked state Ready names too is in Ready's event already
     return events
+
+
+def _same(before: dict[str, Any] | None, after: dict[str, Any]) -> bool:
+    return before is not None and (before["reason"], before["status"]) == (after["reason"], after["status"])
+
+
+def _progress_event(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, str, str] | None:
+    """Warning once when progress stops for a new reason or on a new revision (a failed rollout, rolled
+    back or not; a replica Ray can't place), Normal when a rollout completes. Progress itself is no Event."""
+    before, after = find(old.get("conditions"), PROGRESSING), find(new["conditions"], PROGRESSING)
+    if after is None:
+        return None
+    new_revision = old.get("updateRevision") != new.get("updateRevision")
+    if after["status"] == "False" and (new_revision or not _same(before, after)):
+        return "Warning", after["reason"], after["message"] or after["reason"]
+    rolled = before is not None and before["reason"] in ROLLING_REASONS
+    if (after["reason"] == Reason.COMPLETE and new.get("updateRevision") is not None
+            and (rolled or new_revision)):  # with a new revision too: its rollout may have run between reconciles
+        return "Normal", Reason.COMPLETE, after["message"]
+    return None

@@ -4,12 +4,16 @@ No KubeRay runs here, so RayClusters stay unready: these tests cover what the op
 how the API server treats ServeDeployments. The data path is covered by tests/integration/test_dev_*.
 """
 import base64
+import contextlib
+import http.server
 import json
+import threading
 
 import pytest
 import yaml
 
 from rayfleet.dev.operator import OperatorProcess
+from rayfleet_api.constants import CONTROL_PORT_NAME
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -91,7 +95,7 @@ def test_raycluster_service_status_and_printer_columns(control_plane, namespace,
     assert (ready["status"], ready["reason"]) == ("False", "RayClusterNotReady")
     assert status["observedGeneration"] == 1 and status["endpoint"] == f"http://echo.{namespace}.svc:8000/"
     table = control_plane.kubectl("get", "sd", "-n", namespace).stdout.splitlines()
-    assert table[0].split() == ["NAME", "DESIRED", "READY", "IN-FLIGHT", "STATUS", "ENDPOINT", "AGE"]
+    assert table[0].split() == ["NAME", "DESIRED", "READY", "IN-FLIGHT", "REVISION", "CANARY", "STATUS", "ENDPOINT", "AGE"]
     assert table[1].split()[:2] == ["echo", "2"] and "RayClusterNotReady" in table[1]
     events = control_plane.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
     assert "RayClusterCreated" in events
@@ -211,3 +215,114 @@ def test_namespace_scoped_operator_ignores_other_namespaces(control_plane, names
         assert get(control_plane, other, "raycluster", "echo") is None
     finally:
         client.CoreV1Api(k8s_client).delete_namespace(other)
+
+
+class StandInController(http.server.ThreadingHTTPServer):
+    """The rayfleet controller's API as the operator calls it, answering with `observed` (the controller's
+    observed state, rollout fields included); DELETE forgets the deployment, as a drained one is."""
+
+    def __init__(self):
+        self.observed: dict | None = None
+        super().__init__(("127.0.0.1", 0), _StandInHandler)
+
+    @contextlib.contextmanager
+    def serving(self):
+        thread = threading.Thread(target=self.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.shutdown()
+            self.server_close()
+
+
+class _StandInHandler(http.server.BaseHTTPRequestHandler):
+    def do_PUT(self):  # noqa: N802 - http.server's names
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer(200, {})
+
+    def do_GET(self):  # noqa: N802
+        observed = self.server.observed
+        if observed is None:
+            self._answer(404, {"error": "no such deployment"})
+        else:
+            self._answer(200, observed)
+
+    def do_DELETE(self):  # noqa: N802
+        self.server.observed = None
+        self._answer(200, {})
+
+    def _answer(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_):
+        pass
+
+
+def observed_rollout(name, revisions, rollout):
+    """One ready replica of the last good revision (v3), and the rollout record, as the controller reports them."""
+    return {"name": name, "status": "Running", "version": "v4", "servingVersion": "v3", "error": None,
+            "replicas": [{"id": "r1", "state": "READY", "version": "v3", "nodeIp": "127.0.0.1", "pid": 1}],
+            "readyReplicas": 1, "updatedReplicas": 0, "targetReplicas": 1, "inFlight": 0,
+            "revisions": [{"revision": n, "version": f"v{n}", "state": state} for n, state in revisions],
+            "rollout": {"revision": 4, "version": "v4", "canaryWeight": None, "rolledBackTo": None, **rollout}}
+
+
+def columns(cp, ns, *args):
+    """`kubectl get sd` as {column: value}, cut where the header's columns start: an empty cell stays one."""
+    header, row = cp.kubectl("get", "sd", "-n", ns, *args).stdout.splitlines()[:2]
+    starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
+    return {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, [*starts[1:], None])}
+
+
+def condition(cp, ns, type_):
+    return next((c for c in (get(cp, ns, "sd", "echo").get("status") or {}).get("conditions") or []
+                 if c["type"] == type_), None)
+
+
+def test_a_failed_rollout_rolled_back_is_progressing_false_ready_true_with_an_event(control_plane, namespace, tmp_path):
+    log = tmp_path / "operator.log"
+    with StandInController().serving() as ctl, \
+            OperatorProcess(control_plane.kubeconfig, log, namespaces=[namespace], env={"RAYFLEET_RESYNC_SECONDS": "1"}):
+        apply(control_plane, namespace, sd(replicas=1))
+        eventually(lambda: get(control_plane, namespace, "raycluster", "echo"), what="RayCluster")
+        ctl.observed = observed_rollout(f"{namespace}.echo", [(4, "Canary"), (3, "Serving")],
+                                        {"state": "Progressing", "reason": "CanaryStep", "canaryWeight": 25})
+        # KubeRay's word that the head is up, at the stand-in's address
+        control_plane.kubectl("patch", "raycluster", "echo", "-n", namespace, "--subresource=status", "--type=merge",
+                              "-p", json.dumps({"status": {"state": "ready", "head": {"podIP": "127.0.0.1"},
+                                                           "endpoints": {CONTROL_PORT_NAME: str(ctl.server_port)}}}))
+
+        def diagnostics():
+            return f"{get(control_plane, namespace, 'sd', 'echo').get('status')}\n{log.read_text()[-3000:]}"
+        eventually(lambda: (condition(control_plane, namespace, "Progressing") or {}).get("reason") == "CanaryStep",
+                   timeout=60, what="Progressing=True/CanaryStep", diagnostics=diagnostics)
+        table = columns(control_plane, namespace)
+        assert (table["REVISION"], table["CANARY"]) == ("3", "25"), table
+
+        message = "revision 4 (v4): HandlerImportError: No module named 'x'; rolled back to revision 3"
+        ctl.observed = observed_rollout(f"{namespace}.echo", [(4, "Failed"), (3, "Serving")],
+                                        {"state": "Failed", "reason": "HandlerImportError", "message": message,
+                                         "rolledBackTo": 3})
+        eventually(lambda: (condition(control_plane, namespace, "Progressing") or {}).get("status") == "False",
+                   timeout=60, what="Progressing=False", diagnostics=diagnostics)
+        progressing, ready = (condition(control_plane, namespace, t) for t in ("Progressing", "Ready"))
+        assert (progressing["reason"], progressing["message"]) == ("HandlerImportError", message)
+        assert (ready["status"], ready["reason"]) == ("True", "AllReplicasReady")  # revision 3 serves at full strength
+        status = get(control_plane, namespace, "sd", "echo")["status"]
+        assert (status["revision"], status["updateRevision"], status.get("canaryWeight")) == (3, 4, None)
+        wide = columns(control_plane, namespace, "-o", "wide")
+        assert (wide["REVISION"], wide["CANARY"], wide["ROLLOUT"]) == ("3", "", "HandlerImportError"), wide
+
+        def warnings():
+            items = json.loads(control_plane.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+            return [(e["type"], e["message"], e.get("count", 1)) for e in items if e["reason"] == "HandlerImportError"]
+        assert eventually(warnings, timeout=30, what="the Warning Event") == [("Warning", message, 1)]
+        control_plane.kubectl("delete", "sd/echo", "-n", namespace, "--timeout=60s")  # the stand-in drains at once
+        assert warnings() == [("Warning", message, 1)]  # once, though every resync saw the failure
+        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]

@@ -42,7 +42,8 @@ def test_blocked_states_have_typed_reasons():
 
 def test_all_ready():
     conds = by_type(conditions_for(obs(controller=controller(replica("a"), replica("b")))))
-    assert conds == {"Ready": (True, "AllReplicasReady"), "Progressing": (False, "Complete"), "Degraded": (False, "AsExpected")}
+    # Complete is Progressing=True, as a Deployment's: False means progress stopped
+    assert conds == {"Ready": (True, "AllReplicasReady"), "Progressing": (True, "Complete"), "Degraded": (False, "AsExpected")}
 
 
 def test_ready_replicas_the_service_reaches_through_no_pod_yet_are_not_ready():
@@ -172,3 +173,122 @@ def test_an_event_says_when_and_why_the_autoscaler_changed_the_count():
     assert [e for e in transition_events(after, status(4, 200.0, "same", after)) if e[1] == "Scaled"] == []
     # An operator meeting a status without desiredReplicas (written before it had one) says nothing.
     assert [e for e in transition_events({}, after) if e[1] == "Scaled"] == []
+
+
+def rolled(*replicas, revisions, rollout, version="v2", **kw):
+    """The controller's observed state with its revisions and rollout record (the controller's contract)."""
+    return {**controller(*replicas, version=version, **kw), "servingVersion": "v1",
+            "revisions": [{"revision": n, "version": f"v{n - 2}", "state": state} for n, state in revisions],
+            "rollout": rollout}
+
+
+def rollout(state, reason, revision=4, weight=None, message="", rolled_back_to=None):
+    return {"revision": revision, "version": f"v{revision - 2}", "state": state, "reason": reason, "message": message,
+            "canaryWeight": weight, "rolledBackTo": rolled_back_to}
+
+
+FAILED = rollout("Failed", "HandlerImportError", rolled_back_to=3,
+                 message="revision 4 (v2): HandlerImportError: No module named 'x'; rolled back to revision 3")
+
+
+def test_a_rollout_progresses_by_revision_then_completes():
+    updating = rolled(replica("a"), replica("b", version="v2"), revisions=[(4, "Updating"), (3, "Serving")],
+                      rollout=rollout("Progressing", "NewRevisionProgressing"))
+    conds = {c.type: c for c in conditions_for(obs(controller=updating))}
+    # the controller's NewRevisionProgressing is the RollingUpdate users already match on
+    assert (conds["Progressing"].status, conds["Progressing"].reason) == (True, "RollingUpdate")
+    assert conds["Progressing"].message == "revision 4 (v2): 1/2 replicas updated"
+    status = compute_status(obs(controller=updating), None, "t")
+    assert (status["revision"], status["updateRevision"], status["canaryWeight"]) == (3, 4, None)
+    done = rolled(replica("a", version="v2"), replica("b", version="v2"), revisions=[(4, "Serving"), (3, "Previous")],
+                  rollout=rollout("Complete", "RolloutComplete"))
+    conds = {c.type: c for c in conditions_for(obs(controller=done))}
+    assert (conds["Progressing"].status, conds["Progressing"].reason) == (True, "Complete")
+    assert conds["Progressing"].message == "revision 4 rolled out; 2/2 replicas ready"
+    status = compute_status(obs(controller=done), None, "t")
+    assert (status["revision"], status["updateRevision"], status["canaryWeight"]) == (4, 4, None)
+
+
+def test_a_canary_says_its_weight():
+    canary = rolled(replica("a"), replica("b"), replica("c", version="v2"), revisions=[(4, "Canary"), (3, "Serving")],
+                    rollout=rollout("Progressing", "CanaryStep", weight=25, message="revision 4 gets 25 % of the requests"))
+    conds = {c.type: c for c in conditions_for(obs(controller=canary))}
+    assert (conds["Progressing"].status, conds["Progressing"].reason) == (True, "CanaryStep")
+    assert conds["Progressing"].message == "revision 4 gets 25 % of the requests"
+    quiet = {**canary, "rollout": rollout("Progressing", "CanaryStep", weight=25)}  # no message: the weight still shows
+    assert next(c for c in conditions_for(obs(controller=quiet)) if c.type == "Progressing").message == (
+        "revision 4 (v2) gets 25% of requests")
+    assert conds["Ready"].status is True  # the old revision serves meanwhile
+    status = compute_status(obs(controller=canary), None, "t")
+    assert (status["revision"], status["updateRevision"], status["canaryWeight"]) == (3, 4, 25)
+    waiting = rolled(replica("a"), replica("b"), revisions=[(4, "Canary"), (3, "Serving")],
+                     rollout=rollout("Progressing", "CanaryWaiting", weight=0))
+    assert by_type(conditions_for(obs(controller=waiting)))["Progressing"] == (True, "CanaryWaiting")
+    assert compute_status(obs(controller=waiting), None, "t")["canaryWeight"] == 0  # 0 is a weight, not none
+
+
+def test_a_rolled_back_rollout_is_not_progressing_yet_ready():
+    back = rolled(replica("a", version="v1"), replica("b", version="v1"), revisions=[(4, "Failed"), (3, "Serving")],
+                  rollout=FAILED)
+    conds = {c.type: c for c in conditions_for(obs(controller=back))}
+    assert (conds["Progressing"].status, conds["Progressing"].reason) == (False, "HandlerImportError")
+    assert conds["Progressing"].message == FAILED["message"]
+    assert (conds["Ready"].status, conds["Ready"].reason) == (True, "AllReplicasReady")  # revision 3 at full strength
+    assert (conds["Degraded"].status, conds["Degraded"].reason) == (False, "AsExpected")
+    status = compute_status(obs(controller=back), None, "t")
+    assert (status["revision"], status["updateRevision"], status["canaryWeight"]) == (3, 4, None)
+    deadline = rolled(replica("a"), revisions=[(4, "Failed"), (3, "Serving")],
+                      rollout=rollout("Failed", "ProgressDeadlineExceeded", message="no progress in 600s"))
+    assert by_type(conditions_for(obs(controller=deadline)))["Progressing"] == (False, "ProgressDeadlineExceeded")
+
+
+def test_revisions_stand_while_the_controller_cant_be_asked():
+    back = compute_status(obs(controller=rolled(replica("a"), replica("b"), revisions=[(4, "Failed"), (3, "Serving")],
+                                                rollout=FAILED)), None, "t")
+    unreachable = compute_status(obs(controller_error="refused"), back, "t2")
+    assert (unreachable["revision"], unreachable["updateRevision"]) == (3, 4)
+    # a controller without revisions (an older one) reports none: the fields go
+    older = compute_status(obs(controller=controller(replica("a"), replica("b"))), back, "t3")
+    assert status_patch(back, older)["revision"] is None and "canaryWeight" not in status_patch(back, older)
+
+
+def test_events_once_when_a_rollout_fails_and_when_one_completes():
+    def status(ctl, old=None):
+        return compute_status(obs(controller=ctl), old, "t")
+
+    serving = status(rolled(replica("a", version="v1"), replica("b", version="v1"), version="v1",
+                            revisions=[(3, "Serving")], rollout=rollout("Complete", "RolloutComplete", revision=3)))
+    updating = status(rolled(replica("a"), replica("b"), revisions=[(4, "Updating"), (3, "Serving")],
+                             rollout=rollout("Progressing", "NewRevisionProgressing")), serving)
+    assert transition_events(serving, updating) == []  # progress itself is no Event
+    back = status(rolled(replica("a"), replica("b"), revisions=[(4, "Failed"), (3, "Serving")], rollout=FAILED), updating)
+    assert transition_events(updating, back) == [("Warning", "HandlerImportError", FAILED["message"])]
+    assert transition_events(back, back) == []  # once
+    # the next revision failing for the same reason, seen by no reconcile in between: its own Event
+    again = {**FAILED, "revision": 5, "message": "revision 5 (v3): HandlerImportError: ...; rolled back to revision 3"}
+    next_back = status(rolled(replica("a"), replica("b"), revisions=[(5, "Failed"), (4, "Failed"), (3, "Serving")],
+                              rollout=again), back)
+    assert transition_events(back, next_back) == [("Warning", "HandlerImportError", again["message"])]
+    done = status(rolled(replica("a", version="v2"), replica("b", version="v2"), revisions=[(4, "Serving"), (3, "Previous")],
+                         rollout=rollout("Complete", "RolloutComplete")), updating)
+    assert transition_events(updating, done) == [("Normal", "Complete", "revision 4 rolled out; 2/2 replicas ready")]
+    assert transition_events(done, done) == []
+    # rolled out between two reconciles: still one Event; a mere change of the count is none
+    assert transition_events(serving, done) == [("Normal", "Complete", "revision 4 rolled out; 2/2 replicas ready")]
+    scaled = status(rolled(replica("a", version="v2"), replica("b", "STARTING", version="v2"),
+                           revisions=[(4, "Serving"), (3, "Previous")], rollout=rollout("Complete", "RolloutComplete")))
+    assert [e for e in transition_events(scaled, done) if e[1] == "Complete"] == []
+
+
+def test_every_status_field_written_is_in_the_crds_status_schema():
+    """The API server prunes status fields its schema doesn't list: each one written must be declared."""
+    from pathlib import Path
+
+    import yaml
+    crd = yaml.safe_load((Path(__file__).parents[2] / "crds/rayfleet.io_servedeployments.yaml").read_text())
+    version = crd["spec"]["versions"][0]
+    declared = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    canary = rolled(replica("a"), revisions=[(4, "Canary"), (3, "Serving")], rollout=rollout("Progressing", "CanaryStep", weight=5))
+    assert set(compute_status(obs(controller=canary), None, "t")) <= set(declared)
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert (columns["Revision"], columns["Canary"]) == (".status.revision", ".status.canaryWeight")
