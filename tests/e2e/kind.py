@@ -29,8 +29,7 @@ from pathlib import Path
 import yaml
 
 from rayfleet.dev.controlplane import (_module_versions, ensure_tools, go_build, kubernetes_binaries, module_dir)
-
-from tests.waiting import eventually
+from rayfleet.waiting import eventually
 
 from . import images as e2e_images
 

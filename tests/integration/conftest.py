@@ -8,7 +8,7 @@ from kubernetes import client, config
 
 from rayfleet.dev.controlplane import ControlPlane, ensure_binaries, ensure_tools, kuberay_crds
 from rayfleet.manifest import CRD_FILE
-from tests.waiting import eventually
+from rayfleet.waiting import eventually
 
 
 def pytest_collection_finish(session):

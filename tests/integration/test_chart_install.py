@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from rayfleet.dev.controlplane import ensure_tools
-from tests.waiting import eventually
+from rayfleet.waiting import eventually
 
 pytestmark = pytest.mark.integration
 

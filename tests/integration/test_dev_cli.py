@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rayfleet.dev.controlplane import ensure_tools
-from tests.waiting import eventually
+from rayfleet.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[2]

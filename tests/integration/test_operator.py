@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from rayfleet.dev.operator import OperatorProcess
-from tests.waiting import eventually
+from rayfleet.waiting import eventually
 
 pytestmark = pytest.mark.integration
 

@@ -23,8 +23,8 @@ web = pytest.importorskip("aiohttp.web")
 from rayfleet_runtime.haproxy_bin import HAProxyNotFound, find_haproxy  # noqa: E402
 from rayfleet.procs import cmdline  # noqa: E402
 from rayfleet.ports import free_port  # noqa: E402
+from rayfleet.waiting import eventually  # noqa: E402
 from rayfleet_api.constants import INGRESS_READY_PATH  # noqa: E402
-from tests.waiting import eventually  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

@@ -12,10 +12,10 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from rayfleet.waiting import eventually_async
 from rayfleet_runtime import activator as activator_module
 from rayfleet_runtime.activator import Activator, end_to_end
 from rayfleet_runtime.haproxy_config import ACTIVATOR_BACKEND_HEADER, backend_name
-from tests.waiting import eventually_async
 
 HEADERS = {ACTIVATOR_BACKEND_HEADER: backend_name("echo")}
 

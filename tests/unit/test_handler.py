@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from tests.waiting import eventually_async
-
+from rayfleet.waiting import eventually_async
 from rayfleet_runtime import Response
 from rayfleet_runtime.handler import (HandlerLoadError, HandlerRunner, Limiter, PayloadTooLarge, Request, load_handler,
                                       to_http)
