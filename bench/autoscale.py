@@ -129,7 +129,7 @@ def poll_replicas(count, stop: threading.Event, out: list[tuple[float, int]]) ->
 
 class Rayfleet:
     def __init__(self) -> None:
-        from bench.worker import Rayfleet as Base
+        from bench.systems import Rayfleet as Base
 
         self.base = Base()
 
@@ -147,7 +147,7 @@ class Rayfleet:
             graceful_shutdown_seconds=2, autoscaling=scaling))
         url = f"http://127.0.0.1:{self.base.ingress_port}/{name}"
         _wait(lambda: self.ready(name) >= 1, 120, f"{name} ready")
-        from bench.worker import wait_serving
+        from bench.systems import wait_serving
 
         wait_serving(url)
         return url
@@ -188,7 +188,7 @@ class Serve:
 
     def deploy(self, name: str, min_replicas: int, downscale_s: float | None) -> str:
         from bench.serve_app import AsyncHandler
-        from bench.worker import wait_serving
+        from bench.systems import wait_serving
 
         config: dict[str, Any] = {"min_replicas": min_replicas, "max_replicas": MAX_REPLICAS,
                                   "target_ongoing_requests": TARGET, "initial_replicas": 1}

@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 import ray
 
-from bench.worker import RAYFLEET_MAX_CONCURRENCY, REPLICAS, Rayfleet, Serve, haproxy_procs, mem_kib, wait_serving
+from bench.processes import haproxy_procs, mem_kib
+from bench.systems import RAYFLEET_MAX_CONCURRENCY, REPLICAS, Rayfleet, Serve, wait_serving
 from bench.wrk import run_wrk
 from rayfleet.procs import Leftovers, cmdline, descendants
 from rayfleet_api.constants import CONTROLLER_NAME, RAY_NAMESPACE
