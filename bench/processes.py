@@ -1,10 +1,13 @@
-"""The processes of a system under test, read from /proc: their memory, and which of them are HAProxy."""
+"""The processes of a system under test, read from /proc: their memory, which of them is the proxy that holds
+the client connections, and a kill -9 that waits until the victim is gone."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 from typing import Any
 
-from rayfleet.procs import cmdline
+from rayfleet.procs import cmdline, stat_fields
 
 
 def mem_kib(pid: int) -> dict[str, int] | None:
@@ -33,3 +36,34 @@ def haproxy_procs(my_pids: set[int]) -> list[dict[str, Any]]:
             found.append({"pid": pid, "exe": exe, "cmdline": cmdline(pid)[:300]})
     return found
 
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: it no longer holds a socket)."""
+    fields = stat_fields(pid)
+    return fields is None or fields[0] == "Z"
+
+
+def kill9(pid: int) -> None:
+    """SIGKILL and wait until it is gone, so polling for recovery never sees the victim still answering."""
+    os.kill(pid, signal.SIGKILL)
+    while not gone(pid):
+        time.sleep(0.01)
+
+
+def proxy_pid(candidates: set[int]) -> tuple[int, str] | None:
+    """The process that holds client connections: HAProxy's worker (master-worker mode: its parent is the
+    master), or the only HAProxy (Serve runs one process, ``-db``), or else Serve's Python ProxyActor."""
+    haproxies = {p["pid"] for p in haproxy_procs(candidates)}
+    workers = [p for p in haproxies if _ppid(p) in haproxies]
+    if workers:
+        worker = max(workers)
+        return worker, f"haproxy worker (master pid {_ppid(worker)})"
+    if haproxies:
+        return max(haproxies), "haproxy (single process)"
+    proxies = [p for p in candidates if cmdline(p).startswith("ray::ProxyActor")]
+    return (max(proxies), "Serve ProxyActor") if proxies else None
+
+
+def _ppid(pid: int) -> int:
+    fields = stat_fields(pid)
+    return int(fields[1]) if fields else 0
