@@ -6,7 +6,8 @@ import uuid
 import pytest
 from kubernetes import client, config
 
-from rayfleet.dev.controlplane import ControlPlane, ensure_binaries, ensure_tools, kuberay_crds
+from rayfleet.dev.controlplane import ControlPlane
+from rayfleet.dev.toolchain import ensure_binaries, ensure_tools, kuberay_crds
 from rayfleet.manifest import CRD_FILE
 from rayfleet.waiting import eventually
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rayfleet.dev.controlplane import ensure_tools
+from rayfleet.dev.toolchain import ensure_tools
 from rayfleet.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
