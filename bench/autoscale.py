@@ -227,13 +227,9 @@ def _wait(check, timeout: float, what: str) -> None:
 def run_system(name: str) -> dict[str, Any]:
     import ray
 
-    from rayfleet_api.constants import RAY_NAMESPACE
+    from bench.systems import repo_on_pythonpath, start_local_ray
 
-    pythonpath = os.pathsep.join(dict.fromkeys([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    os.environ["PYTHONPATH"] = pythonpath
-    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
-             namespace=RAY_NAMESPACE if name == "rayfleet" else "bench-serve", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    start_local_ray(name, repo_on_pythonpath())
     system = Rayfleet() if name == "rayfleet" else Serve()
     out: dict[str, Any] = {"system": name, "loadavg_before": os.getloadavg()}
     try:

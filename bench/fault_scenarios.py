@@ -16,11 +16,11 @@ from typing import Any, Callable
 
 import ray
 
-from bench.fault_systems import CLUSTER_CPUS, Snapshot, Spec, converged
+from bench.fault_systems import Snapshot, Spec, converged
 from bench.hostile_clients import (SLOW_POSTS, SLOWLORIS, PostClients, get_after_idle, get_answer, oversized_uploads,
                                    slowloris_and_slow_posts, split_url, trickle_summary, upload_summary)
 from bench.processes import kill9, mem_kib, proxy_pid
-from bench.systems import REPLICAS, wait_serving
+from bench.systems import CLUSTER_CPUS, REPLICAS, wait_serving
 from bench.wrk import run_wrk
 from rayfleet.procs import descendants
 

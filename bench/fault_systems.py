@@ -10,7 +10,7 @@ from typing import Any
 
 import ray
 
-from bench.systems import RAYFLEET_MAX_CONCURRENCY, REPLICAS, Rayfleet, Serve
+from bench.systems import HOST, RAYFLEET_MAX_CONCURRENCY, REPLICAS, Rayfleet, Serve
 from rayfleet.procs import cmdline, descendants
 from rayfleet_api.constants import CONTROLLER_NAME, RAY_NAMESPACE
 from rayfleet_api.controller_client import ControllerUnreachable
@@ -18,8 +18,6 @@ from rayfleet_api.desired import ActorOptions, DesiredState
 from rayfleet_api.states import DeploymentStatus, ReplicaState
 
 SYSTEMS = ("rayfleet", "serve-default", "serve-haproxy")
-CLUSTER_CPUS = 8  # the local Ray's logical CPUs: rollout-full's two replicas ask for half each
-HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -19,10 +18,9 @@ from typing import Any
 import ray
 
 from bench.fault_scenarios import SCENARIO_DEFS, SCENARIOS, run_scenario
-from bench.fault_systems import CLUSTER_CPUS, HOST, SYSTEMS, FleetFaults, ServeFaults
-from bench.systems import REPO
+from bench.fault_systems import SYSTEMS, FleetFaults, ServeFaults
+from bench.systems import repo_on_pythonpath, start_local_ray
 from rayfleet.procs import Leftovers
-from rayfleet_api.constants import RAY_NAMESPACE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,15 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{args.system}] {msg}", file=sys.stderr, flush=True)
 
-    pythonpath = os.pathsep.join(dict.fromkeys([str(REPO)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x]))
-    os.environ["PYTHONPATH"] = pythonpath
+    pythonpath = repo_on_pythonpath()
     record_dir = Path(tempfile.mkdtemp(prefix="rayfleet-faults-"))
     system = FleetFaults(str(record_dir)) if args.system == "rayfleet" else ServeFaults(args.system, str(record_dir))
     out: dict[str, Any] = {"system": args.system, "results": {}}
     t0 = time.monotonic()
-    ray.init(address="local", num_cpus=CLUSTER_CPUS, include_dashboard=False, _node_ip_address=HOST,
-             namespace=RAY_NAMESPACE if args.system == "rayfleet" else "bench-serve", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    start_local_ray(args.system, pythonpath)
     leftovers = Leftovers()
     try:
         system.start()

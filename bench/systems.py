@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rayfleet.ports import free_port
 from rayfleet.procs import cmdline, descendants
+from rayfleet_api.constants import RAY_NAMESPACE
 from rayfleet_api.controller_client import ControllerClient
 from rayfleet_api.desired import ActorOptions, DesiredState
 from rayfleet_api.http_probe import wait_http
@@ -28,6 +29,26 @@ ASGI_APPS = {"asgi_bare": "bench.asgi_app:bare", "asgi": "bench.asgi_app:app"}
 REPLICAS = 2
 RAYFLEET_MAX_CONCURRENCY = 1000  # same per-replica cap as the tuned Serve peers (max_ongoing_requests=1000)
 TUNED_MAX_ONGOING = 1000
+CLUSTER_CPUS = 8  # the local Ray's logical CPUs: scheduling never limits (rollout-full asks for all of them)
+HOST = "127.0.0.1"
+
+
+def repo_on_pythonpath() -> str:
+    """This checkout first on $PYTHONPATH, for the processes started from here (Ray's workers import
+    ``bench.handlers``); returns the new value."""
+    pythonpath = os.pathsep.join(dict.fromkeys([str(REPO)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x]))
+    os.environ["PYTHONPATH"] = pythonpath
+    return pythonpath
+
+
+def start_local_ray(system: str, pythonpath: str) -> None:
+    """A fresh local Ray for ``system``, with ``pythonpath`` for every worker."""
+    import ray  # here: bench.run imports this module for its names and never starts Ray
+
+    # address="local": always a fresh cluster of our own, never a Ray someone else started on this machine
+    ray.init(address="local", num_cpus=CLUSTER_CPUS, include_dashboard=False, _node_ip_address=HOST,
+             namespace=RAY_NAMESPACE if system == "rayfleet" else "bench-serve", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
 
 
 def wait_serving(url: str) -> None:

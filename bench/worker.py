@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.load_scenarios import BARE_SCENARIOS, SCENARIOS, TRIVIAL_CONNS, run_system
-from bench.systems import BARE, REPO, SYSTEMS, BareUvicorn, Rayfleet, Serve
+from bench.systems import BARE, SYSTEMS, BareUvicorn, Rayfleet, Serve, repo_on_pythonpath, start_local_ray
 from rayfleet.procs import Leftovers
-from rayfleet_api.constants import RAY_NAMESPACE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{args.system}] {msg}", file=sys.stderr, flush=True)
 
-    pythonpath = os.pathsep.join(dict.fromkeys([str(REPO)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x]))
-    os.environ["PYTHONPATH"] = pythonpath
+    pythonpath = repo_on_pythonpath()
     import ray
 
     if args.system == BARE:
@@ -46,10 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     system = {"rayfleet": Rayfleet, BARE: BareUvicorn}.get(args.system, lambda: Serve(args.system))()
     t0 = time.monotonic()
     if args.system != BARE:  # the bare server runs without Ray
-        # address="local": always a fresh cluster of our own, never a Ray someone else started on this machine
-        ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 namespace=RAY_NAMESPACE if args.system == "rayfleet" else "bench-serve", log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+        start_local_ray(args.system, pythonpath)
     code = 0
     try:
         system.start()
