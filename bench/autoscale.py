@@ -129,7 +129,7 @@ def poll_replicas(count, stop: threading.Event, out: list[tuple[float, int]]) ->
 
 class Rayfleet:
     def __init__(self) -> None:
-        from bench.worker import Rayfleet as Base
+        from bench.systems import Rayfleet as Base
 
         self.base = Base()
 
@@ -147,7 +147,7 @@ class Rayfleet:
             graceful_shutdown_seconds=2, autoscaling=scaling))
         url = f"http://127.0.0.1:{self.base.ingress_port}/{name}"
         _wait(lambda: self.ready(name) >= 1, 120, f"{name} ready")
-        from bench.worker import wait_serving
+        from bench.systems import wait_serving
 
         wait_serving(url)
         return url
@@ -188,7 +188,7 @@ class Serve:
 
     def deploy(self, name: str, min_replicas: int, downscale_s: float | None) -> str:
         from bench.serve_app import AsyncHandler
-        from bench.worker import wait_serving
+        from bench.systems import wait_serving
 
         config: dict[str, Any] = {"min_replicas": min_replicas, "max_replicas": MAX_REPLICAS,
                                   "target_ongoing_requests": TARGET, "initial_replicas": 1}
@@ -227,13 +227,9 @@ def _wait(check, timeout: float, what: str) -> None:
 def run_system(name: str) -> dict[str, Any]:
     import ray
 
-    from rayfleet_api.constants import RAY_NAMESPACE
+    from bench.systems import repo_on_pythonpath, start_local_ray
 
-    pythonpath = os.pathsep.join(dict.fromkeys([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    os.environ["PYTHONPATH"] = pythonpath
-    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
-             namespace=RAY_NAMESPACE if name == "rayfleet" else "bench-serve", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    start_local_ray(name, repo_on_pythonpath())
     system = Rayfleet() if name == "rayfleet" else Serve()
     out: dict[str, Any] = {"system": name, "loadavg_before": os.getloadavg()}
     try:

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.fault_worker import RECOVERY_DEADLINE_S, SCENARIO_DEFS, SCENARIOS, SYSTEMS
+from bench.fault_scenarios import RECOVERY_DEADLINE_S, SCENARIO_DEFS, SCENARIOS
+from bench.fault_systems import SYSTEMS
 from bench.run import RESULTS, SYSTEM_DESC, SYSTEM_ENV, machine_info, selection
 from bench.wrk import wrk_path
 

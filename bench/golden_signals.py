@@ -2,7 +2,7 @@
 
 Starts `rayfleet run` on ``bench.handlers:sleep50`` (2 replicas, maxConcurrency 64 each: HAProxy lets 128
 requests run and queues 128 more, and answers 503 past that), a Prometheus scraping its metrics URL every
-second (Debian's ``prometheus``, as the tests use it: tests/prometheus.py), and drives wrk in steps: 8, 64 and
+second (Debian's ``prometheus``, as the tests use it: bench/prometheus.py), and drives wrk in steps: 8, 64 and
 256 connections, then a burst of 512, past what it admits, so that 503s appear. Then it asks Prometheus'
 ``query_range`` API for the golden signals and plots them, each panel titled with its PromQL:
 
@@ -32,11 +32,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.prometheus import Prometheus, prometheus_path
 from bench.wrk import run_wrk, wrk_path
 from rayfleet.ports import free_port
 from rayfleet.procs import cmdline, descendants
-from tests.prometheus import Prometheus, prometheus_path
-from tests.waiting import eventually
+from rayfleet.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[1]
 RAYFLEET = Path(sys.executable).with_name("rayfleet")

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.cpu import KINDS
-from bench.worker import ASGI_APPS, ASGI_CONNS, BARE, REPLICAS, SCENARIOS, STREAM_CONNS, SYSTEMS, TUNED_MAX_ONGOING
+from bench.load_scenarios import ASGI_CONNS, SCENARIOS, STREAM_CONNS
+from bench.systems import ASGI_APPS, BARE, REPLICAS, SYSTEMS, TUNED_MAX_ONGOING
 from bench.wrk import wrk_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +194,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     wrk_rows("trivial as a FastAPI app", ("asgi", "asgi"), [ASGI_CONNS])
     cost = _get(runs, "rayfleet", "asgi", "in_process_us")
     if cost:
-        lines += ["In-process cost of one request through each app (no server, `bench.worker.asgi_in_process_us`): "
+        lines += ["In-process cost of one request through each app (no server, `bench.load_scenarios.asgi_in_process_us`): "
                   + ", ".join(f"{kind} {cost[kind]:.1f} us" for kind in ASGI_APPS), ""]
     cost = _get(runs, "rayfleet", "metrics")
     if cost:

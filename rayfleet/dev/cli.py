@@ -14,7 +14,7 @@ from typing import Sequence
 
 from rayfleet_api.constants import INGRESS_PORT_NAME
 
-from .controlplane import cache_dir, ensure_binaries, ensure_tools, kuberay_crds
+from .toolchain import cache_dir, ensure_binaries, ensure_tools, kuberay_crds
 
 
 def state_dir() -> Path:

@@ -18,7 +18,8 @@ from typing import Sequence
 
 from rayfleet.manifest import CRD_FILE
 
-from .controlplane import ControlPlane, kuberay_crds
+from .controlplane import ControlPlane
+from .toolchain import kuberay_crds
 from .operator import OperatorProcess
 from .provider import LocalProvider
 

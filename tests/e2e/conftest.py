@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayfleet.dev.controlplane import ensure_tools, kuberay_module_dir
-from tests.waiting import eventually
+from rayfleet.dev.toolchain import ensure_tools, kuberay_module_dir
+from rayfleet.waiting import eventually
 
 from . import images as e2e_images
 from .kind import KindCluster, run

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from rayfleet.waiting import eventually
 from tests.traffic import Traffic, http_get  # noqa: F401 - the e2e tests take them from here
-from tests.waiting import eventually
 
 from .conftest import NAMESPACE, OPERATOR_NAMESPACE
 from .images import TAG

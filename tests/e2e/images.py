@@ -4,7 +4,7 @@ Base: a Debian root filesystem from `debootstrap`, imported into Docker, with Py
 (a stand-in for python:3.11-slim) and a `ray` user (a stand-in for rayproject/ray). Product: the
 repository's own operator/Dockerfile and replica_image/Dockerfile, given those bases through their
 BASE_IMAGE build argument. KubeRay's operator: its static Go binary, built from its module
-(rayfleet.dev.controlplane.go_build caches it), in a scratch image. The kind node image and the
+(rayfleet.dev.toolchain.go_build caches it), in a scratch image. The kind node image and the
 control plane's images are tests/e2e/kind.py's.
 
 Docker's own layer cache keeps a rebuild cheap; the Debian import is keyed by suite, packages and the
@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rayfleet.dev.controlplane import KUBERAY_MODULE, KUBERAY_VERSION, go_build, kuberay_module_dir
+from rayfleet.dev.toolchain import KUBERAY_MODULE, KUBERAY_VERSION, go_build, kuberay_module_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

@@ -2,7 +2,7 @@
 no container registry.
 
 - kind itself, crictl (kind reads images with it) and kube-router come from their pinned Go modules,
-  built once into the cache like every other Go binary (rayfleet.dev.controlplane.go_build).
+  built once into the cache like every other Go binary (rayfleet.dev.toolchain.go_build).
 - The node image is kind's own base recipe (its module's images/base/files) on the Debian the suite
   bootstraps, with Debian's containerd, runc and CNI plugins, kubeadm/kubelet/kubectl from the pinned
   Kubernetes module, and the control plane's images (kube-apiserver, etcd, CoreDNS, ... each one of our
@@ -28,9 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from rayfleet.dev.controlplane import (_module_versions, ensure_tools, go_build, kubernetes_binaries, module_dir)
-
-from tests.waiting import eventually
+from rayfleet.dev.toolchain import ensure_tools, go_build, kubernetes_binaries, module_dir, module_versions
+from rayfleet.waiting import eventually
 
 from . import images as e2e_images
 
@@ -98,7 +97,7 @@ def kube_router_image() -> str:
 
 def control_plane_images(bins: dict[str, Path]) -> list[str]:
     """Every image kubeadm runs (kubeadm config images list), built from our binaries under its names."""
-    k8s, _ = _module_versions()
+    k8s, _ = module_versions()
     refs = run(str(bins["kubeadm"]), "config", "images", "list", f"--kubernetes-version={k8s}").stdout.split()
     built = []
     for ref in refs:
@@ -117,7 +116,7 @@ def control_plane_images(bins: dict[str, Path]) -> list[str]:
 def node_image() -> str:
     """The kind node image (images/kind-node.Dockerfile) with the control plane's images in its containerd;
     tagged by everything it is made of, so an unchanged one is never rebuilt."""
-    k8s, _ = _module_versions()
+    k8s, _ = module_versions()
     bins = kubernetes_binaries(*NODE_BINARIES)
     debian = e2e_images.debian_image()
     preload = control_plane_images(bins)

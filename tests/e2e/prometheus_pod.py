@@ -1,4 +1,4 @@
-"""tests.prometheus.Prometheus, run as a pod of the e2e cluster: pod IPs (and the NetworkPolicies that
+"""bench.prometheus.Prometheus, run as a pod of the e2e cluster: pod IPs (and the NetworkPolicies that
 admit every pod to the metrics ports) are reachable from pods only. This host queries it through a
 NodePort, like the ServeDeployments."""
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Sequence
 
-from tests.prometheus import Prometheus
-from tests.waiting import eventually
+from bench.prometheus import Prometheus
+from rayfleet.waiting import eventually
 
 NAMESPACE = "monitoring-e2e"
 IMAGE = "rayfleet-e2e/prometheus:e2e"

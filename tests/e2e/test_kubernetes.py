@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from rayfleet.waiting import eventually
 from rayfleet_api.constants import CONTROL_PORT, INGRESS_PORT, METRICS_PORT
-from tests.waiting import eventually
 
 from .conftest import NAMESPACE, OPERATOR_NAMESPACE
 from .helpers import (Traffic, apply, auth_secret, client_pod, connects, example, from_operator, http_get, replica_pids,

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from tests.waiting import eventually
+from rayfleet.waiting import eventually
 
 from .conftest import NAMESPACE
 from .helpers import Traffic, apply, example, full_strength, report_fault, run_docker, workers

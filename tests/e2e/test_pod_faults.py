@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.waiting import eventually
+from rayfleet.waiting import eventually
 
 from .conftest import NAMESPACE
 from .helpers import Traffic, apply, example, full_strength, replica_pids, report_fault, workers

@@ -6,9 +6,10 @@ import uuid
 import pytest
 from kubernetes import client, config
 
-from rayfleet.dev.controlplane import ControlPlane, ensure_binaries, ensure_tools, kuberay_crds
+from rayfleet.dev.controlplane import ControlPlane
+from rayfleet.dev.toolchain import ensure_binaries, ensure_tools, kuberay_crds
 from rayfleet.manifest import CRD_FILE
-from tests.waiting import eventually
+from rayfleet.waiting import eventually
 
 
 def pytest_collection_finish(session):

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayfleet.dev.controlplane import ensure_tools
-from tests.waiting import eventually
+from rayfleet.dev.toolchain import ensure_tools
+from rayfleet.waiting import eventually
 
 pytestmark = pytest.mark.integration
 

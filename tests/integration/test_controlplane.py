@@ -3,7 +3,7 @@
 import pytest
 from kubernetes import client
 
-from tests.waiting import eventually
+from rayfleet.waiting import eventually
 
 pytestmark = pytest.mark.integration
 

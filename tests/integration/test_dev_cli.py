@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rayfleet.dev.controlplane import ensure_tools
-from tests.waiting import eventually
+from rayfleet.dev.toolchain import ensure_tools
+from rayfleet.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ from urllib3.exceptions import ProtocolError
 
 from rayfleet.dev.operator import OperatorProcess
 from rayfleet.dev.provider import LocalProvider
-from tests.waiting import eventually
+from rayfleet.waiting import eventually
 
 WAIT_S = 90  # Ray processes start and stop on this 2-core machine
 

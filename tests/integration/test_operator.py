@@ -14,7 +14,7 @@ import yaml
 
 from rayfleet.dev.operator import OperatorProcess
 from rayfleet_api.constants import CONTROL_PORT_NAME
-from tests.waiting import eventually
+from rayfleet.waiting import eventually
 
 pytestmark = pytest.mark.integration
 

@@ -13,12 +13,13 @@ import json
 import pytest
 import yaml
 
+from bench.prometheus import Prometheus
 from rayfleet.dev.operator import OperatorProcess
 from rayfleet.ports import free_port
+from rayfleet.waiting import eventually
 from rayfleet_api.constants import CONTROL_PORT_NAME
 from tests.dashboard import empty_panel_queries, operator_panels
-from tests.prometheus import Prometheus, require_prometheus
-from tests.waiting import eventually
+from tests.prometheus import require_prometheus
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from rayfleet.ports import free_port
-from tests.waiting import eventually
+from rayfleet.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

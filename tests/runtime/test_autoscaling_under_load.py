@@ -7,7 +7,7 @@ import threading
 import httpx
 import pytest
 
-from tests.waiting import eventually
+from rayfleet.waiting import eventually
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 

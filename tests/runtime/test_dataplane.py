@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.waiting import eventually
+from rayfleet.waiting import eventually
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 

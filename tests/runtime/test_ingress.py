@@ -24,8 +24,8 @@ from rayfleet_runtime.routing import RoutingTable  # noqa: E402
 from rayfleet_runtime.ingress.haproxy_bin import HAProxyNotFound, find_haproxy  # noqa: E402
 from rayfleet.procs import cmdline  # noqa: E402
 from rayfleet.ports import free_port  # noqa: E402
+from rayfleet.waiting import eventually  # noqa: E402
 from rayfleet_api.constants import INGRESS_READY_PATH  # noqa: E402
-from tests.waiting import eventually  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

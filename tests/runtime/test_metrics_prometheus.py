@@ -26,12 +26,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.prometheus import Prometheus
 from rayfleet.ports import free_port
 from rayfleet.procs import cmdline, descendants
+from rayfleet.waiting import eventually
 from tests.dashboard import DASHBOARD, dashboard_queries, empty_panel_queries, operator_panels
 from tests.processes import processes_mentioning, start_time
-from tests.prometheus import Prometheus, require_prometheus
-from tests.waiting import eventually
+from tests.prometheus import require_prometheus
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 

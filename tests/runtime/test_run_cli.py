@@ -21,8 +21,8 @@ import pytest
 
 from rayfleet.ports import free_port
 from rayfleet.procs import cmdline, descendants
+from rayfleet.waiting import eventually
 from tests.processes import processes_mentioning, start_time
-from tests.waiting import eventually
 
 pytestmark = pytest.mark.ray
 

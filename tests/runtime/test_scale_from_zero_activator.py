@@ -13,13 +13,13 @@ import httpx
 import pytest
 
 from rayfleet.ports import free_port
+from rayfleet.waiting import eventually_async
 from rayfleet_api.desired import DesiredState
 from rayfleet_runtime.routing import RoutingTable  # noqa: E402
 from rayfleet_runtime.ingress.haproxy_bin import HAProxyNotFound, find_haproxy
 from rayfleet_runtime.ingress.haproxy_config import ACTIVATOR_BACKEND_HEADER, ACTIVATOR_SERVER
 from rayfleet_runtime.ingress.actor import Ingress
 from rayfleet_runtime.replica.actor import ReplicaServer
-from tests.waiting import eventually_async
 
 try:
     find_haproxy()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from rayfleet.waiting import eventually
 from rayfleet_api.constants import CONTROLLER_NAME, RAY_NAMESPACE
 from tests.traffic import Traffic
-from tests.waiting import eventually
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 

@@ -16,7 +16,7 @@ from rayfleet_runtime.ingress import activator as activator_module
 from rayfleet_runtime.ingress.activator import Activator, end_to_end
 from rayfleet_runtime.ingress.haproxy_config import ACTIVATOR_BACKEND_HEADER
 from rayfleet_runtime.routing import RoutingTable, backend_name
-from tests.waiting import eventually_async
+from rayfleet.waiting import eventually_async
 
 HEADERS = {ACTIVATOR_BACKEND_HEADER: backend_name("echo")}
 

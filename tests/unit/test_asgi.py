@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from rayfleet.waiting import eventually_async  # noqa: E402
 from rayfleet_api.desired import DesiredState  # noqa: E402
 from rayfleet_runtime.replica.asgi import is_asgi_app  # noqa: E402
 from rayfleet_runtime.replica.actor import ReplicaServer  # noqa: E402
-from tests.waiting import eventually_async  # noqa: E402
 
 
 def serve(test, **fields):

@@ -1,6 +1,6 @@
 """The Helm chart, checked without a cluster: CRD copy in sync, lint, rendering, RBAC and security invariants.
 
-Uses the pinned helm from rayfleet.dev.controlplane.ensure_tools() (a PyPI wheel), or `helm` on PATH.
+Uses the pinned helm from rayfleet.dev.toolchain.ensure_tools() (a PyPI wheel), or `helm` on PATH.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ SCANNING_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list"
 @pytest.fixture(scope="module")
 def helm() -> str:
     try:
-        from rayfleet.dev.controlplane import ensure_tools
+        from rayfleet.dev.toolchain import ensure_tools
         return str(ensure_tools().helm)
     except Exception as exc:  # no network for the wheel: fall back to a helm on PATH
         found = shutil.which("helm")

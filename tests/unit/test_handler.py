@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from tests.waiting import eventually_async
-
+from rayfleet.waiting import eventually_async
 from rayfleet_runtime import Response
 from rayfleet_runtime.replica.admission import Limiter
 from rayfleet_runtime.replica.handler import HandlerLoadError, HandlerRunner, PayloadTooLarge, Request, load_handler, to_http

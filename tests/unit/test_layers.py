@@ -4,8 +4,9 @@
 
 `rayfleet dev` runs the operator as a process, never imports it.
 
-bench/ and tests/ sit above all of them; no product module imports them. Read from the source (ast),
-so a function-level import counts as much as one at the top.
+bench/ and tests/ sit above all of them; no product module imports them, and bench imports nothing from
+tests (tests may use bench's harnesses). Read from the source (ast), so a function-level import counts as
+much as one at the top.
 """
 import ast
 from pathlib import Path
@@ -18,6 +19,8 @@ PACKAGES = {  # package -> (where it lives, what of ours it may import)
     "rayfleet_operator": (REPO / "operator/rayfleet_operator", {"rayfleet_api"}),
     "rayfleet_runtime": (REPO / "replica_image/rayfleet_runtime", {"rayfleet_api"}),
     "rayfleet": (REPO / "rayfleet", {"rayfleet_api", "rayfleet_runtime"}),
+    # the benchmarks use the product and their own harnesses; the tests may use those, never the other way
+    "bench": (REPO / "bench", {"rayfleet_api", "rayfleet_operator", "rayfleet_runtime", "rayfleet"}),
 }
 OURS = set(PACKAGES) | {"bench", "tests", "examples"}
 THIRD_PARTY_BANNED = {"rayfleet_api": {"ray", "kopf", "kubernetes", "aiohttp"}, "rayfleet_operator": {"ray"}}
@@ -55,6 +58,7 @@ def test_the_check_sees_imports():
     """The walk finds both import forms; a broken walk would pass the tests above vacuously."""
     assert "rayfleet_api" in imports("rayfleet_operator")["operator/rayfleet_operator/reconcile.py"]
     assert {"ray", "rayfleet_runtime"} <= imports("rayfleet")["rayfleet/local_run.py"]
+    assert {"bench", "rayfleet"} <= imports("bench")["bench/golden_signals.py"]
 
 
 RUNTIME = PACKAGES["rayfleet_runtime"][0]

@@ -11,9 +11,9 @@ import time
 import httpx
 import pytest
 
+from rayfleet.waiting import eventually_async
 from rayfleet_api.desired import DesiredState
 from rayfleet_runtime.replica.actor import ReplicaServer
-from tests.waiting import eventually_async
 
 HANDLER = '''
 import asyncio

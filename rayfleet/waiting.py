@@ -1,4 +1,4 @@
-"""How every suite waits: poll a condition until it holds or a deadline passes, never a bare sleep."""
+"""How every suite and benchmark waits: poll a condition until it holds or a deadline passes, never a bare sleep."""
 from __future__ import annotations
 
 import asyncio
