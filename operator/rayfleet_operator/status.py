@@ -38,7 +38,7 @@ class Reason:
 UNHEALTHY_STATES = {ReplicaState.UNHEALTHY, ReplicaState.FAILED, ReplicaState.STOPPED}
 # The controller's rollout reasons that mean what an existing reason already says: users match on that one.
 ROLLOUT_REASONS = {"NewRevisionProgressing": Reason.ROLLING_UPDATE, "RolloutComplete": Reason.COMPLETE}
-REVISION_FIELDS = ("revision", "updateRevision", "canaryWeight")
+REVISION_FIELDS = ("revision", "updateRevision", "canaryWeight", "previousRevision")
 # Progressing=True while a revision replaces another: Complete after one of these is a rollout that completed.
 ROLLING_REASONS = {Reason.ROLLING_UPDATE, Reason.CANARY_STEP, Reason.CANARY_WAITING}
 
@@ -96,14 +96,19 @@ def _autoscaling_status(obs: Observation, old_status: dict[str, Any] | None) -> 
 
 
 def _revision_status(obs: Observation, old_status: dict[str, Any] | None) -> dict[str, Any]:
-    """status.revision (at full strength), status.updateRevision (the one rolled out last or now) and
-    status.canaryWeight (its share of requests, during a canary only)."""
+    """status.revision (at full strength), status.updateRevision (the one rolled out last or now),
+    status.canaryWeight (its share of requests, during a canary only) and status.previousRevision (the
+    newest good one before the serving one)."""
     if obs.controller is None:  # not asked: what was last reported stands
         return {key: (old_status or {}).get(key) for key in REVISION_FIELDS}
-    serving = next((r.get("revision") for r in obs.controller.get("revisions") or [] if r.get("state") == "Serving"), None)
+    revisions = obs.controller.get("revisions") or []
+    serving = next((r.get("revision") for r in revisions if r.get("state") == "Serving"), None)
+    previous = max((r["revision"] for r in revisions if r.get("good") and r.get("state") == "Previous"
+                    and serving is not None and r["revision"] < serving), default=None)
     rollout = obs.controller.get("rollout") or {}
     return {"revision": serving, "updateRevision": rollout.get("revision", serving),
-            "canaryWeight": rollout.get("canaryWeight") if rollout.get("state") == "Progressing" else None}
+            "canaryWeight": rollout.get("canaryWeight") if rollout.get("state") == "Progressing" else None,
+            "previousRevision": previous}
 
 
 def _replica_entry(r: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ the local RayCluster provider running real Ray, the rayfleet controller and HAPr
 One ServeDeployment lives through the module (tests run in file order): apply → Ready → traffic →
 scale → replica killed → operator restarted → a broken sibling on the same RayCluster → delete.
 """
+import asyncio
 import contextlib
 import json
 import os
@@ -192,6 +193,50 @@ def test_an_autoscaled_deployment_idles_to_zero_and_serves_its_next_request(env)
                                                  "involvedObject.name=scaled,reason=Scaled", "-o", "json").stdout)["items"],
                timeout=WAIT_S, what="a Scaled event")
     env.cp.kubectl("delete", "sd/scaled", "-n", env.ns, "--timeout=60s")
+
+
+def test_a_bad_version_applied_with_kubectl_rolls_back_and_a_canary_gets_its_share(env):
+    """Through kubectl on the real API server: a version that can't import is rolled back (Progressing=False
+    with the reason, Ready=True, an Event) while every request to the old one is answered; a canary at 10 %
+    gets 10 +- 2 % of 10,000 requests, and all of them once `kubectl patch` sets its weight to 100."""
+    from tests.runtime.test_rollouts import greetings
+    from tests.traffic import Traffic
+
+    spec = {"routePrefix": "/rolls", "rayCluster": {"existing": {"name": NAME}}, "handlerArgs": {"greeting": "old"}}
+    env.apply(sd("rolls", **spec))
+    eventually(lambda: env.ready_with(2, "rolls"), timeout=WAIT_S, what="rolls Ready with 2 replicas")
+    rc = env.get("raycluster", NAME)
+    url = f"http://127.0.0.1:{rc['status']['endpoints']['rayfleet-http']}/rolls"
+    eventually(lambda: fetch(url)[0] == 200, timeout=WAIT_S, what="rolls routed")
+    with Traffic(url + "/x") as traffic:
+        env.apply(sd("rolls", **{**spec, "handler": "examples.ecko:Echo"}))
+        progressing = eventually(lambda: (c := env.condition("Progressing", "rolls")).get("reason") == "HandlerImportError"
+                                 and c, timeout=WAIT_S, what="the rollout stopped",
+                                 diagnostics=lambda: f"{env.status('rolls')}\n{env.operator.log_tail(40)}")
+        eventually(lambda: env.ready_with(2, "rolls"), timeout=WAIT_S, what="two old replicas again")
+    assert progressing["status"] == "False" and "rolled back to revision 1" in progressing["message"]
+    assert traffic.failures == [] and traffic.answers > 0 and traffic.last["greeting"] == "old", traffic.failures[:3]
+    status = env.status("rolls")
+    assert (status["revision"], status["updateRevision"]) == (1, 2)
+    events = json.loads(env.cp.kubectl("get", "events", "-n", env.ns, "--field-selector",
+                                       "involvedObject.name=rolls,reason=HandlerImportError", "-o", "json").stdout)["items"]
+    assert events and events[0]["type"] == "Warning"
+
+    canary = {**spec, "handlerArgs": {"greeting": "new"}}
+    env.apply(sd("rolls", **canary, rollout={"canary": {"weight": 10}}))
+    eventually(lambda: env.condition("Progressing", "rolls").get("reason") == "CanaryWaiting", timeout=WAIT_S,
+               what="the canary ready", diagnostics=lambda: f"{env.status('rolls')}")
+    header, row = env.cp.kubectl("get", "sd", "rolls", "-n", env.ns).stdout.splitlines()[:2]
+    assert row[header.index("CANARY"):].split()[0] == "10"
+    seen = asyncio.run(greetings(url, 10_000))
+    share = seen.count("new") / len(seen)
+    assert 0.08 <= share <= 0.12, share
+    env.cp.kubectl("patch", "sd", "rolls", "-n", env.ns, "--type=merge",
+                   "-p", json.dumps({"spec": {"rollout": {"canary": {"weight": 100}}}}))
+    eventually(lambda: env.condition("Progressing", "rolls").get("reason") == "Complete" and env.ready_with(2, "rolls"),
+               timeout=WAIT_S, what="the canary promoted", diagnostics=lambda: f"{env.status('rolls')}")
+    assert set(asyncio.run(greetings(url, 200))) == {"new"}
+    env.cp.kubectl("delete", "sd/rolls", "-n", env.ns, "--timeout=60s")
 
 
 def test_delete_drains_replicas_and_collects_the_raycluster(env):

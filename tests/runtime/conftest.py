@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -105,3 +107,12 @@ def api(ray_cluster):
                  f"http://127.0.0.1:{metrics_port}/metrics")
     yield client
     client.http.close()
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A ``RAY_TMPDIR`` of a `rayfleet run` of its own. Short: Ray puts unix sockets under it (108-byte limit),
+    so not under pytest's long tmp_path."""
+    path = tempfile.mkdtemp(prefix="rf-run-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

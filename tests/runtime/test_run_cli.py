@@ -8,11 +8,9 @@ directory appears under it as soon as Ray starts.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,14 +55,6 @@ metadata: {name: broken
 spec:
   handler: examples.echo:Echo
 """
-
-
-@pytest.fixture
-def ray_tmpdir():
-    # Short: Ray puts unix sockets under it (108-byte limit), so not under pytest's long tmp_path.
-    path = tempfile.mkdtemp(prefix="rf-run-", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def run_env(ray_tmpdir: str) -> dict[str, str]:

@@ -178,7 +178,8 @@ def test_an_event_says_when_and_why_the_autoscaler_changed_the_count():
 def rolled(*replicas, revisions, rollout, version="v2", **kw):
     """The controller's observed state with its revisions and rollout record (the controller's contract)."""
     return {**controller(*replicas, version=version, **kw), "servingVersion": "v1",
-            "revisions": [{"revision": n, "version": f"v{n - 2}", "state": state} for n, state in revisions],
+            "revisions": [{"revision": n, "version": f"v{n - 2}", "state": state, "good": state != "Failed"}
+                          for n, state in revisions],
             "rollout": rollout}
 
 
@@ -207,6 +208,7 @@ def test_a_rollout_progresses_by_revision_then_completes():
     assert conds["Progressing"].message == "revision 4 rolled out; 2/2 replicas ready"
     status = compute_status(obs(controller=done), None, "t")
     assert (status["revision"], status["updateRevision"], status["canaryWeight"]) == (4, 4, None)
+    assert status["previousRevision"] == 3  # the last good one before it: where reverting the spec goes
 
 
 def test_a_canary_says_its_weight():

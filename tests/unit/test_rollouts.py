@@ -30,7 +30,7 @@ def test_a_new_version_is_a_new_revision_and_the_goal_once_put():
     assert revs.look(spec, progress(ready=1), 1) is None
     change = revs.look(spec, progress(ready=2, settled=True), 2)
     assert change.event == "finished" and revs.serving == 2 and revs.rollout.state == COMPLETE
-    assert [r["state"] for r in revs.observed(spec)["revisions"]] == ["Serving", "Previous"]
+    assert [(r["state"], r["good"]) for r in revs.observed(spec)["revisions"]] == [("Serving", True), ("Previous", True)]
 
 
 def test_a_handler_that_does_not_import_rolls_back_at_once():

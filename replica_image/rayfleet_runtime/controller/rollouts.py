@@ -247,7 +247,7 @@ class Revisions:
 
         return {
             "servingVersion": self.serving_revision.version,
-            "revisions": [{"revision": rev.number, "version": rev.version, "state": state(rev)}
+            "revisions": [{"revision": rev.number, "version": rev.version, "state": state(rev), "good": rev.good}
                           for rev in reversed(self.items)],
             "rollout": None if r is None else {
                 "revision": r.revision, "version": self.get(r.revision).version, "state": r.state,
