@@ -37,6 +37,25 @@ def test_versions_that_cannot_start_are_rolled_back_and_the_old_one_loses_no_req
     api.delete("bad")
 
 
+def test_without_spare_cpu_a_bad_version_costs_one_replica_at_most_and_is_rolled_back(api):
+    """4 CPUs; two replicas of 1.5 leave no room for a surge: an old replica drains to make room, the new
+    one fails, and the old version comes back at full strength; never fewer than one serving, no request lost."""
+    tight = {"replicas": 2, "rayActorOptions": {"numCpus": 1.5}}
+    api.put("tight", version="a", **OLD, **tight)
+    url = wait_ingress(api, api.wait_ready("tight", 2), pids=2)
+    lowest = [2]
+
+    def back(o) -> bool:
+        lowest[0] = min(lowest[0], o["readyReplicas"])
+        return rolled_back("HandlerImportError")(o)
+    with Traffic(url + "/x") as traffic:
+        api.put("tight", version="b", handler="no_such_module:Handler", **tight)
+        api.wait("tight", back, 120, "the bad version rolled back in place")
+    assert lowest[0] >= 1
+    assert traffic.failures == [] and traffic.last["greeting"] == "old", traffic.failures[:3]
+    api.delete("tight")
+
+
 def test_a_canary_that_answers_500s_is_rolled_back_and_only_its_own_requests_failed(api):
     api.put("sour", replicas=2, version="a", **OLD)
     url = wait_ingress(api, api.wait_ready("sour", 2), pids=2)

@@ -147,7 +147,7 @@ class Revisions:
         if active is None or active.promoted or canary is None:
             return None
         weight = self._weight(spec)
-        count = 0 if weight == 0 else max(1, math.ceil(target * weight / 100))
+        count = 0 if weight == 0 or target == 0 else max(1, math.ceil(target * weight / 100))
         return overlay(spec, self.get(active.revision).desired), count, weight
 
     def _weight(self, spec: DesiredState) -> int:
