@@ -9,6 +9,9 @@ leaving the table still gets requests.
 
 Routing: a request goes to the deployment whose prefix is the longest one equal to the path or followed
 by ``/`` in it (``/echo`` matches ``/echo`` and ``/echo/x`` but not ``/echoes``); ``/`` catches the rest.
+A deployment in a canary rollout (``Route.canary``) has a second backend, ``Backend.canary``, with the canary
+revision's replicas and limits; ``canary_weight`` % of the deployment's requests go there (drawn per request,
+in HAProxy), while it has a replica up.
 
 The wire form (``to_wire``, the JSON an ingress keeps to serve again after its actor restarts) is::
 
@@ -22,6 +25,10 @@ The wire form (``to_wire``, the JSON an ingress keeps to serve again after its a
             "maxQueued": 800,                  # optional; default maxConcurrency x replicas
             "scaleFromZero": true,             # optional; with no replicas, requests wait in the activator
             "replicas": [{"id": "echo-0", "host": "127.0.0.1", "port": 43123, "nodeId": "..."}],
+            "canary": {                        # optional: a new revision gets `weight` % of the requests
+                "weight": 10,                  # percent, 0..100 (0, or no replica: it gets none)
+                "maxConcurrency": 50, ...,     # its own limits, as above (no routePrefix, no scaleFromZero)
+                "replicas": [...]},
         }}}
 
 ``from_wire`` reads any such mapping without failing: what it can't use is left out, with the reason in
@@ -33,7 +40,7 @@ import hashlib
 import ipaddress
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
 from rayfleet_api.desired import ROUTE_PREFIX, DesiredState
@@ -78,6 +85,19 @@ class Backend:
     max_body_bytes: int | None
     scale_from_zero: bool = False
     servers: tuple[Server, ...] = ()
+    # The deployment's canary revision: a backend of its own (its replicas, its limits, never the
+    # activator's) that gets canary_weight % of the deployment's requests while it has a replica up.
+    canary: Backend | None = None
+    canary_weight: int = 0
+
+    @property
+    def routes_canary(self) -> bool:
+        """Some of the deployment's requests go to its canary (else the canary backend is only checked)."""
+        return self.canary is not None and self.canary_weight > 0 and bool(self.canary.servers)
+
+    def revisions(self) -> tuple[Backend, ...]:
+        """The deployment's backends: this one, then its canary's if it has one."""
+        return (self,) if self.canary is None else (self, self.canary)
 
     def held_by_activator(self, activator_socket: str | None) -> bool:
         """Requests wait in the activator for a replica, instead of a 503 at once."""
@@ -99,17 +119,17 @@ class RoutingTable:
         return next((be for be in self.backends if be.deployment == deployment), None)
 
     def names(self) -> dict[str, Any]:
-        """HAProxy names -> table names, for mapping ``show stat`` back."""
-        return {be.name: {"deployment": be.deployment, "servers": {s.name: s.replica_id for s in be.servers}}
-                for be in self.backends}
+        """HAProxy names -> table names, for mapping ``show stat`` back. A canary's backend maps to its
+        deployment too, marked ``"revision": "canary"``: its replicas are the deployment's."""
+        return {b.name: {"deployment": b.deployment, "servers": {s.name: s.replica_id for s in b.servers},
+                         **({"revision": "canary"} if b is be.canary else {})}
+                for be in self.backends for b in be.revisions()}
 
     def to_wire(self) -> dict[str, Any]:
         return {"deployments": {be.deployment: {
-            "routePrefix": be.prefix, "maxConcurrency": be.max_concurrency,
-            "requestTimeoutSeconds": be.request_timeout_s, "queueTimeoutSeconds": be.queue_timeout_s,
-            "maxQueued": be.max_queued, "maxRequestBodyBytes": be.max_body_bytes,
+            "routePrefix": be.prefix, **_limits_to_wire(be),
             **({"scaleFromZero": True} if be.scale_from_zero else {}),
-            "replicas": [{"id": s.replica_id, **_host_port(s.addr), "nodeId": s.node_id} for s in be.servers],
+            **({"canary": {"weight": be.canary_weight, **_limits_to_wire(be.canary)}} if be.canary else {}),
         } for be in self.backends}}
 
     @classmethod
@@ -124,16 +144,6 @@ class RoutingTable:
 
 
 @dataclass(frozen=True)
-class CanaryRoute:
-    """A deployment's canary revision: its own desired state (its limits are versioned, so they may differ
-    from the stable revision's), its READY replicas, and the percent (0..100) of the requests it gets."""
-
-    desired: DesiredState
-    replicas: tuple[tuple[str, str, int, str | None], ...]
-    weight: int
-
-
-@dataclass(frozen=True)
 class Route:
     """One deployment as the controller routes it: its desired state and its READY replicas."""
 
@@ -143,23 +153,45 @@ class Route:
     canary: CanaryRoute | None = None
 
 
+@dataclass(frozen=True)
+class CanaryRoute:
+    """A deployment's canary revision: its own desired state (its limits are versioned, so they may differ
+    from the stable revision's), its READY replicas, and the percent (0..100) of the requests it gets."""
+
+    desired: DesiredState
+    replicas: tuple[tuple[str, str, int, str | None], ...]
+    weight: int
+
+
 def build_table(routes: Iterable[Route]) -> RoutingTable:
     """The table for these deployments (the controller's, once per change)."""
     skipped: list[str] = []
     entries = []
     for route in sorted(routes, key=lambda r: r.deployment):
-        d, scaled = route.desired, route.desired.autoscaling
-        entries.append(_Entry(
-            route.deployment, d.route_prefix, d.max_concurrency, float(d.request_timeout_seconds),
-            # Autoscaled, the ingress queues what maxReplicas could run, up to the request timeout: the
-            # queue is the load that brings more replicas, and they are coming (not a 503 at once).
-            queue_timeout_s=float(d.request_timeout_seconds) if scaled else QUEUE_TIMEOUT_S,
-            max_queued=d.max_concurrency * scaled.max_replicas if scaled else None,
-            max_body_bytes=d.max_request_body_bytes,
-            # With no replica the ingress holds a request (it starts one) instead of refusing it.
-            scale_from_zero=bool(scaled and scaled.min_replicas == 0),
-            servers=_servers(route.deployment, route.replicas, skipped)))
+        entry = _entry(route.deployment, route.desired, route.replicas, f"deployment {route.deployment!r}", skipped)
+        if route.canary is not None:
+            c = route.canary
+            # The stable revision owns the prefix and scale-from-zero: the canary only takes a share.
+            canary = replace(_entry(route.deployment, c.desired, c.replicas,
+                                    f"deployment {route.deployment!r} canary", skipped),
+                             prefix=entry.prefix, scale_from_zero=False)
+            entry = replace(entry, canary=canary, canary_weight=min(max(int(c.weight), 0), 100))
+        entries.append(entry)
     return _assemble(entries, skipped)
+
+
+def _entry(deployment: str, d: DesiredState, replicas: Iterable[Any], who: str, skipped: list[str]) -> _Entry:
+    scaled = d.autoscaling
+    return _Entry(
+        deployment, d.route_prefix, d.max_concurrency, float(d.request_timeout_seconds),
+        # Autoscaled, the ingress queues what maxReplicas could run, up to the request timeout: the
+        # queue is the load that brings more replicas, and they are coming (not a 503 at once).
+        queue_timeout_s=float(d.request_timeout_seconds) if scaled else QUEUE_TIMEOUT_S,
+        max_queued=d.max_concurrency * scaled.max_replicas if scaled else None,
+        max_body_bytes=d.max_request_body_bytes,
+        # With no replica the ingress holds a request (it starts one) instead of refusing it.
+        scale_from_zero=bool(scaled and scaled.min_replicas == 0),
+        servers=_servers(who, replicas, skipped))
 
 
 def normalize_prefix(prefix: Any) -> str:
@@ -203,6 +235,12 @@ def backend_name(deployment: str) -> str:
     return "be_" + sanitize_name(deployment)
 
 
+def canary_backend_name(stable: str) -> str:
+    """The canary's backend, named after the stable one's: ``:`` is no deployment name's (rayfleet_api's
+    validate_name), so no deployment's own backend is called that."""
+    return stable + ":canary"
+
+
 def server_name(replica_id: str) -> str:
     return sanitize_name(replica_id)
 
@@ -227,6 +265,13 @@ def join_addr(host: str, port: int) -> str:
     return f"{host}:{int(port)}"
 
 
+def _limits_to_wire(be: Backend) -> dict[str, Any]:
+    return {"maxConcurrency": be.max_concurrency, "requestTimeoutSeconds": be.request_timeout_s,
+            "queueTimeoutSeconds": be.queue_timeout_s, "maxQueued": be.max_queued,
+            "maxRequestBodyBytes": be.max_body_bytes,
+            "replicas": [{"id": s.replica_id, **_host_port(s.addr), "nodeId": s.node_id} for s in be.servers]}
+
+
 def _host_port(addr: str) -> dict[str, Any]:
     host, _, port = addr.rpartition(":")
     return {"host": host.removeprefix("[").removesuffix("]"), "port": int(port)}
@@ -249,16 +294,19 @@ class _Entry:
     max_body_bytes: int | None
     scale_from_zero: bool
     servers: tuple[tuple[str, str, str | None], ...]  # (replica id, addr, node id)
+    canary: _Entry | None = None  # its prefix is this entry's, its scale_from_zero False
+    canary_weight: int = 0
 
 
-def _servers(deployment: str, replicas: Iterable[Any], skipped: list[str]) -> tuple[tuple[str, str, str | None], ...]:
+def _servers(who: str, replicas: Iterable[Any], skipped: list[str]) -> tuple[tuple[str, str, str | None], ...]:
+    """``who`` names the replicas' revision in a skip reason ("deployment 'x'", "deployment 'x' canary")."""
     parsed = set()
     for rep in replicas:
         try:
             rid, host, port, node = rep
             parsed.add((str(rid), server_addr(host, port), None if node is None else str(node)))
         except (TypeError, ValueError, OverflowError) as e:
-            skipped.append(f"deployment {deployment!r}: bad replica {rep!r}: {e}")
+            skipped.append(f"{who}: bad replica {rep!r}: {e}")
     return tuple(sorted(parsed))
 
 
@@ -271,24 +319,44 @@ def _entry_from_wire(name: str, spec: Any, skipped: list[str]) -> _Entry | None:
     except ValueError as e:
         skipped.append(f"deployment {name!r}: {e}")
         return None
+    entry = _limits_from_wire(name, prefix, spec, f"deployment {name!r}", skipped)
+    entry = replace(entry, scale_from_zero=spec.get("scaleFromZero") is True)
+    if spec.get("canary") is not None:
+        return _with_canary_from_wire(entry, spec["canary"], skipped)
+    return entry
+
+
+def _with_canary_from_wire(entry: _Entry, spec: Any, skipped: list[str]) -> _Entry:
+    """``entry`` with the canary ``spec`` describes; without one (the reason skipped) if it is unusable: the
+    stable revision then gets every request, as before the canary."""
+    who = f"deployment {entry.deployment!r} canary"
+    weight = spec.get("weight") if isinstance(spec, Mapping) else None
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
+        skipped.append(f"{who}: left out: not an object with a weight 0..100: {spec!r}"[:300])
+        return entry
+    return replace(entry, canary=_limits_from_wire(entry.deployment, entry.prefix, spec, who, skipped),
+                   canary_weight=weight)
+
+
+def _limits_from_wire(name: str, prefix: str, spec: Mapping[str, Any], who: str, skipped: list[str]) -> _Entry:
+    """A revision's limits and replicas as the wire has them (a deployment's, or its canary's)."""
     try:
         max_conc = int(spec.get("maxConcurrency") or DEFAULT_MAX_CONCURRENCY)
     except (TypeError, ValueError, OverflowError):
         max_conc = DEFAULT_MAX_CONCURRENCY
     replicas = spec.get("replicas") or []
     if not isinstance(replicas, list):
-        skipped.append(f"deployment {name!r}: replicas is not a list")
+        skipped.append(f"{who}: replicas is not a list")
         replicas = []
     rows = []
     for rep in replicas:
         try:
             rows.append((rep["id"], rep["host"], rep["port"], rep.get("nodeId")))
         except (KeyError, TypeError, AttributeError) as e:
-            skipped.append(f"deployment {name!r}: bad replica {rep!r}: {e!r}")
+            skipped.append(f"{who}: bad replica {rep!r}: {e!r}")
     return _Entry(name, prefix, max_conc, _secs(spec.get("requestTimeoutSeconds"), DEFAULT_REQUEST_TIMEOUT_S),
                   _secs(spec.get("queueTimeoutSeconds"), QUEUE_TIMEOUT_S), _count(spec.get("maxQueued")),
-                  _max_body(spec.get("maxRequestBodyBytes")), spec.get("scaleFromZero") is True,
-                  _servers(name, rows, skipped))
+                  _max_body(spec.get("maxRequestBodyBytes")), False, _servers(who, rows, skipped))
 
 
 def _assemble(entries: list[_Entry], skipped: list[str]) -> RoutingTable:
@@ -306,27 +374,40 @@ def _assemble(entries: list[_Entry], skipped: list[str]) -> RoutingTable:
         if name in seen_backend:
             name = f"be_{sanitize_name(e.deployment)[:40]}-{_short_hash('be:' + e.deployment)}"
         seen_backend.add(name)
-        servers: list[Server] = []
-        used: set[str] = set()
-        for rid, addr, node in e.servers:  # sorted: names don't depend on the order replicas are listed in
-            sname = server_name(rid)
-            if sname in used:
-                sname = f"{sname[:48]}-{_short_hash('dup:' + rid + addr)}"
-            if sname in used:
-                skipped.append(f"deployment {e.deployment!r}: duplicate replica id {rid!r}")
-                continue
-            used.add(sname)
-            servers.append(Server(sname, rid, addr, node))
-        servers.sort(key=lambda s: s.name)
-        max_conc = min(max(1, e.max_concurrency), MAX_SERVER_MAXCONN)
-        backends.append(Backend(
-            e.deployment, name, e.prefix, max_conc, min(e.request_timeout_s, MAX_TIMEOUT_S),
-            min(e.queue_timeout_s, MAX_TIMEOUT_S),
-            min(e.max_queued or default_max_queued(max_conc, len(servers)), MAX_SERVER_MAXCONN * 1000),
-            e.max_body_bytes, e.scale_from_zero, tuple(servers)))
+        backend = _backend(e, name, f"deployment {e.deployment!r}", skipped)
+        if e.canary is not None:
+            canary_name = canary_backend_name(name)
+            if canary_name in seen_backend:  # only a table no controller sends: names are checked there
+                canary_name = f"{canary_name[:48]}-{_short_hash('canary:' + e.deployment)}"
+            seen_backend.add(canary_name)
+            canary = _backend(e.canary, canary_name, f"deployment {e.deployment!r} canary", skipped)
+            backend = replace(backend, canary=canary, canary_weight=e.canary_weight)
+        backends.append(backend)
     # Longest prefix first; ties can't happen (prefixes are unique). "/" is len 1 -> last.
     backends.sort(key=lambda b: (-len(b.prefix), b.prefix))
     return RoutingTable(tuple(backends), tuple(skipped))
+
+
+def _backend(e: _Entry, name: str, who: str, skipped: list[str]) -> Backend:
+    """One revision's backend: its servers named, its limits held to what haproxy.cfg can take."""
+    servers: list[Server] = []
+    used: set[str] = set()
+    for rid, addr, node in e.servers:  # sorted: names don't depend on the order replicas are listed in
+        sname = server_name(rid)
+        if sname in used:
+            sname = f"{sname[:48]}-{_short_hash('dup:' + rid + addr)}"
+        if sname in used:
+            skipped.append(f"{who}: duplicate replica id {rid!r}")
+            continue
+        used.add(sname)
+        servers.append(Server(sname, rid, addr, node))
+    servers.sort(key=lambda s: s.name)
+    max_conc = min(max(1, e.max_concurrency), MAX_SERVER_MAXCONN)
+    return Backend(
+        e.deployment, name, e.prefix, max_conc, min(e.request_timeout_s, MAX_TIMEOUT_S),
+        min(e.queue_timeout_s, MAX_TIMEOUT_S),
+        min(e.max_queued or default_max_queued(max_conc, len(servers)), MAX_SERVER_MAXCONN * 1000),
+        e.max_body_bytes, e.scale_from_zero, tuple(servers))
 
 
 def _secs(value: Any, default: float) -> float:

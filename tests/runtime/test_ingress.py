@@ -1,6 +1,6 @@
 """The ingress actor with real Ray and a real HAProxy, in front of stand-in replicas.
 
-Stand-in replicas are tiny aiohttp servers on 127.0.0.1, run on a background
+Stand-in replicas (``stand_ins.Replicas``) are tiny aiohttp servers on 127.0.0.1, run on a background
 event loop in the test process. Everything listens on 127.0.0.1 only.
 """
 
@@ -18,7 +18,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
-web = pytest.importorskip("aiohttp.web")
+pytest.importorskip("aiohttp.web")
 
 from rayfleet_runtime.routing import RoutingTable  # noqa: E402
 from rayfleet_runtime.ingress.haproxy_bin import HAProxyNotFound, find_haproxy  # noqa: E402
@@ -26,6 +26,7 @@ from rayfleet.procs import cmdline  # noqa: E402
 from rayfleet.ports import free_port  # noqa: E402
 from rayfleet.waiting import eventually  # noqa: E402
 from rayfleet_api.constants import INGRESS_READY_PATH  # noqa: E402
+from tests.runtime.stand_ins import Replicas  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -49,63 +50,6 @@ def ppid(pid: int) -> int | None:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return None
-
-
-class Replicas:
-    """aiohttp servers standing in for replica actors, on one background loop."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.hits: collections.Counter[str] = collections.Counter()
-        self.cancelled: collections.Counter[str] = collections.Counter()
-        self.runners: dict[str, web.AppRunner] = {}
-        self.ports: dict[str, int] = {}
-
-    def _run(self, coro, timeout=10):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start(self, rid: str) -> dict:
-        port = free_port()
-
-        async def handle(request: web.Request) -> web.Response:
-            self.hits[rid] += 1
-            if request.query.get("drop") in (rid, "all"):  # as if killed mid-request: no answer at all
-                request.transport.abort()
-                return web.Response()
-            sleep = float(request.query.get("sleep", 0))
-            if sleep:
-                try:
-                    await asyncio.sleep(sleep)
-                except asyncio.CancelledError:
-                    self.cancelled[rid] += 1
-                    raise
-            return web.json_response({"replica": rid, "path": request.path,
-                                      "xff": request.headers.getall("X-Forwarded-For", [])},
-                                     status=int(request.query.get("status", 200)))
-
-        async def ready(request: web.Request) -> web.Response:
-            return web.Response(text="ok")
-
-        async def go():
-            app = web.Application()
-            app.router.add_get("/-/ready", ready)
-            app.router.add_route("*", "/{tail:.*}", handle)
-            runner = web.AppRunner(app, access_log=None, keepalive_timeout=75, handler_cancellation=True)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            return runner
-
-        self.runners[rid] = self._run(go())
-        self.ports[rid] = port
-        return {"id": rid, "host": "127.0.0.1", "port": port}
-
-    def close(self) -> None:
-        for runner in self.runners.values():
-            self._run(runner.cleanup())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @pytest.fixture(scope="module")
@@ -476,3 +420,4 @@ def test_a_killed_haproxy_worker_is_replaced_and_new_clients_wait_instead_of_bei
     assert codes == [200] * 5, codes
     info = ray.get(handle.ready.remote(), timeout=30)
     assert info["pid"] != master and info["restarts"] >= 1, info
+

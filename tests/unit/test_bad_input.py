@@ -36,7 +36,7 @@ from rayfleet_api.desired import ROUTE_PREFIX_PATTERN, DesiredState, parse_json,
 from rayfleet_api.errors import SpecError
 from rayfleet_api.states import ReplicaState
 from rayfleet_runtime.ingress import haproxy_config as hc
-from rayfleet_runtime.routing import RoutingTable
+from rayfleet_runtime.routing import CanaryRoute, Route, RoutingTable, build_table
 from rayfleet_runtime.controller.api_server import make_app
 from rayfleet_runtime.controller.deployment_state import ControllerCore
 from rayfleet_runtime.controller.records import ReplicaRecord
@@ -503,6 +503,31 @@ def test_another_deployment_never_reroutes_echo(candidates, tail):
 
 
 @st.composite
+def canary_routes(draw) -> Route:
+    """A deployment and its canary as the controller routes them: two revisions the API takes (their limits
+    may differ), some of each one's replicas READY, and a weight."""
+    name = draw(dns_shaped_names)
+    stable, canary = (DesiredState.from_json(draw(near_valid_desired_states(break_one=False))) for _ in range(2))
+
+    def ready(revision: str, node: str) -> tuple:
+        return tuple((f"{name}-{revision}{i}", draw(replica_hosts), draw(st.integers(1, 65535)), node)
+                     for i in range(draw(st.integers(0, 2))))
+
+    return Route(name, stable, ready("s", "n1"), CanaryRoute(canary, ready("c", "n2"), draw(st.integers(0, 100))))
+
+
+@settings(FIXED, max_examples=40)
+@given(st.lists(canary_routes(), max_size=5, unique_by=lambda route: route.deployment))  # as the controller has them
+def test_tables_with_canaries_pass_haproxy_check(haproxy_check, routes):
+    echo = DesiredState.from_json(ECHO[1])
+    table = build_table([Route("echo", echo, tuple((*r, None) for r in ECHO_REPLICAS)), *routes])
+    config = render(table)
+    ok, out = haproxy_check(config)
+    assert ok, out
+    assert_numbers_fit_haproxy(config)
+
+
+@st.composite
 def garbage_replicas(draw) -> Any:
     return draw(json_values(max_leaves=3) | st.fixed_dictionaries({}, optional={
         "id": st.text(max_size=20) | weird_values,
@@ -511,13 +536,27 @@ def garbage_replicas(draw) -> Any:
     }))
 
 
+usable_replicas = st.fixed_dictionaries({"id": st.text(max_size=20), "host": replica_hosts,
+                                         "port": st.integers(1, 65535)})
+# A canary that routes (a weight, a replica HAProxy can reach), with limits of any shape.
+routing_canaries = st.fixed_dictionaries({"weight": st.integers(0, 100), "replicas": st.lists(
+    usable_replicas | garbage_replicas(), min_size=1, max_size=3)}, optional={
+    "maxConcurrency": weird_values,
+    "requestTimeoutSeconds": weird_values,
+    "maxQueued": weird_values,
+    "maxRequestBodyBytes": weird_values,
+})
+garbage_canaries = routing_canaries | weird_values | st.fixed_dictionaries({}, optional={"weight": weird_values,
+                                                                                        "replicas": weird_values})
+
 garbage_specs = json_values(max_leaves=4) | st.fixed_dictionaries({}, optional={
     "routePrefix": any_prefixes | weird_values,
     "maxConcurrency": weird_values,
     "requestTimeoutSeconds": weird_values,
     "queueTimeoutSeconds": weird_values,
     "replicas": weird_values | st.lists(garbage_replicas(), max_size=3),
-})
+    "canary": garbage_canaries,
+}) | st.fixed_dictionaries({"routePrefix": prefixes_the_pattern_allows, "canary": routing_canaries})
 
 
 @settings(FIXED, max_examples=40)
@@ -528,6 +567,8 @@ garbage_specs = json_values(max_leaves=4) | st.fixed_dictionaries({}, optional={
 @example({"x": {"routePrefix": "/x", "requestTimeoutSeconds": 10**400}})  # OverflowError
 @example({"x": {"routePrefix": "/x", "replicas": [{"id": "x-0", "host": "10.0.0.1", "port": float("inf")}]}})
 @example({"x": ["not", "an", "object"]})  # AttributeError
+@example({"/": {"canary": {"weight": 100, "maxConcurrency": 10**30, "maxRequestBodyBytes": 2**63,
+                           "replicas": [{"id": "c x\n", "host": "::1", "port": 1}]}}})  # the catch-all's canary
 def test_garbage_tables_still_render_a_config_haproxy_accepts(haproxy_check, deployments):
     """A table no controller would send (names, prefixes, numbers, replicas of any shape): what can't be
     used is skipped, and one bad deployment never takes the config, and every other route, down."""

@@ -223,6 +223,55 @@ def test_scale_from_zero_must_be_true_itself():
     assert f"server {hc.ACTIVATOR_SERVER} " not in render(table, activator_socket=ACTIVATOR)
 
 
+CANARY_TABLE = {"deployments": {
+    "echo": {"routePrefix": "/echo", "maxConcurrency": 7, "replicas": [rep("echo-0", 9001), rep("echo-1", 9002)],
+             "canary": {"weight": 10, "maxConcurrency": 3, "maxRequestBodyBytes": 64, "requestTimeoutSeconds": 2.5,
+                        "replicas": [rep("echo-c0", 9005)]}},
+    "off": {"routePrefix": "/off", "replicas": [rep("off-0", 9006)],
+            "canary": {"weight": 0, "replicas": [rep("off-c0", 9007)]}},
+    "none": {"routePrefix": "/none", "replicas": [rep("none-0", 9008)], "canary": {"weight": 50, "replicas": []}},
+    "root": {"routePrefix": "/", "replicas": [rep("root-0", 9004)],
+             "canary": {"weight": 100, "replicas": [rep("root-c0", 9009)]}},
+}}
+
+
+def test_a_canary_takes_its_weight_of_its_deployments_requests_before_the_stable_rule():
+    fe = section(render(CANARY_TABLE), f"frontend {hc.FRONTEND_NAME}").splitlines()
+    draw = "{ rand(100) lt 10 } { nbsrv(be_echo:canary) gt 0 }"
+    canary = f"use_backend be_echo:canary if {{ path /echo }} {draw} || {{ path_beg /echo/ }} {draw}"
+    assert fe.index(canary) + 1 == fe.index("use_backend be_echo if { path /echo } || { path_beg /echo/ }")
+    # Weight 0, or no canary replica: no rule, every request is the stable backend's.
+    assert not [line for line in fe if "off:canary" in line or "none:canary" in line]
+    # The catch-all's canary takes what no prefix matched: after every prefix rule, before the default.
+    assert fe[-2:] == ["use_backend be_root:canary if { rand(100) lt 100 } { nbsrv(be_root:canary) gt 0 }",
+                       "default_backend be_root"]
+
+
+def test_a_canary_backend_has_every_backend_setting_with_its_own_limits():
+    cfg = render(CANARY_TABLE)
+    canary = section(cfg, "backend be_echo:canary")
+    assert "# deployment echo: canary, 10% of prefix /echo, 1 replica(s)" in cfg
+    assert re.findall(r"^server (\S+) (\S+)", canary, re.M) == [("echo-c0", "127.0.0.1:9005")]
+    assert re.search(r"default-server check inter \d+ms .* maxconn 3\b", canary)
+    assert "option httpchk" in canary and "timeout server 2500ms" in canary and "if { queue() ge 3 }" in canary
+    assert "if { req.hdr_val(content-length) gt 64 }" in canary
+    assert '"deployment":"echo"' in canary  # its 503s and 413 name the deployment, as the stable one's
+    assert "maxconn 7" in section(cfg, "backend be_echo") and "content-length" not in section(cfg, "backend be_echo")
+    # A canary routing nothing still gets its backend: its replicas are checked before the weight goes up.
+    assert "server off-c0 127.0.0.1:9007" in section(cfg, "backend be_off:canary")
+    assert "http-request return status 503" in section(cfg, "backend be_none:canary")
+    assert render(CANARY_TABLE) == cfg
+
+
+def test_the_activator_serves_a_stable_backend_scaled_to_zero_never_its_canary():
+    table = {"deployments": {"cold": {"routePrefix": "/cold", "scaleFromZero": True, "replicas": [],
+                                      "canary": {"weight": 20, "replicas": [rep("cold-c0", 9001)]}}}}
+    cfg = render(table, activator_socket=ACTIVATOR)
+    assert f"server {hc.ACTIVATOR_SERVER} unix@{ACTIVATOR}" in section(cfg, "backend be_cold")
+    assert "server cold-c0 127.0.0.1:9001" in section(cfg, "backend be_cold:canary")
+    assert cfg.count(f"server {hc.ACTIVATOR_SERVER} ") == 1
+
+
 @pytest.fixture(scope="module")
 def haproxy():
     from rayfleet_runtime.ingress.haproxy_bin import HAProxyNotFound, find_haproxy
@@ -244,6 +293,9 @@ def haproxy():
         {"deployments": {"cold x": {"routePrefix": "/", "scaleFromZero": True, "maxRequestBodyBytes": 10,
                                     "replicas": []},
                          "warm": {"routePrefix": "/w", "scaleFromZero": True, "replicas": [rep("w-0", 2)]}}},
+        CANARY_TABLE,
+        {"deployments": {"cold x": {"routePrefix": "/", "scaleFromZero": True, "replicas": [],
+                                    "canary": {"weight": 1, "replicas": [rep("c x#0", 3, host="::1")]}}}},
     ],
 )
 def test_config_passes_haproxy_check(haproxy, tmp_path, table):

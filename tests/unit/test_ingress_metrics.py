@@ -76,3 +76,20 @@ def test_the_endpoint_serves_prometheus_text():
         server.server_close()
     parsed = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     assert parsed["rayfleet_replica_requests_total"] == 5 and "rayfleet_replica_requests_created" not in parsed
+
+
+def test_a_canarys_rows_carry_its_deployment_and_revision_canary():
+    names = RoutingTable.from_wire({"deployments": {"team.web": {"routePrefix": "/web", "replicas": [
+        {"id": "web-0", "host": "10.0.0.1", "port": 8000}], "canary": {"weight": 5, "replicas": [
+            {"id": "web-c0", "host": "10.0.0.2", "port": 8000}]}}}}).names()
+    text = HAPROXY_TEXT + """\
+haproxy_backend_current_queue{proxy="be_team.web:canary"} 1
+haproxy_server_current_sessions{proxy="be_team.web:canary",server="web-c0"} 1
+"""
+    samples = {(s.name, s.labels.get("proxy"), s.labels.get("server")): s.labels
+               for f in ingress_metrics.label_haproxy(text, names) for s in f.samples}
+    assert samples[("haproxy_backend_current_queue", "be_team.web:canary", None)] == {
+        "proxy": "be_team.web:canary", "namespace": "team", "deployment": "web", "revision": "canary"}
+    server = samples[("haproxy_server_current_sessions", "be_team.web:canary", "web-c0")]
+    assert (server["deployment"], server["replica"], server["revision"]) == ("web", "web-c0", "canary")
+    assert "revision" not in samples[("haproxy_backend_current_queue", "be_team.web", None)]

@@ -2,7 +2,7 @@
 import pytest
 
 from rayfleet_api.desired import Autoscaling, DesiredState
-from rayfleet_runtime.routing import (QUEUE_TIMEOUT_S, Route, RoutingTable, build_table, normalize_prefix,
+from rayfleet_runtime.routing import (QUEUE_TIMEOUT_S, CanaryRoute, Route, RoutingTable, build_table, normalize_prefix,
                                       prefix_taken)
 
 
@@ -63,3 +63,71 @@ def test_normalize_prefix():
     assert normalize_prefix("/a/b/") == "/a/b"
     with pytest.raises(ValueError):
         normalize_prefix("no-slash")
+
+
+def canary_route(name, stable_replicas, canary_replicas, weight, canary_fields=None, **fields):
+    desired = DesiredState(handler="m:h", **fields)
+    canary = CanaryRoute(DesiredState(handler="m:h2", **{**fields, **(canary_fields or {})}), tuple(canary_replicas),
+                         weight)
+    return Route(name, desired, tuple(stable_replicas), canary)
+
+
+def test_a_canary_is_a_backend_of_its_own_with_its_revisions_limits():
+    scaled = Autoscaling(max_replicas=4, min_replicas=0)
+    table = build_table([canary_route("d", [("d-0", "10.0.0.1", 9000, "n1")], [("d-c0", "10.0.0.3", 9001, "n2")], 10,
+                                      {"max_concurrency": 3, "max_request_body_bytes": 99, "route_prefix": "/other"},
+                                      route_prefix="/d", max_concurrency=7, autoscaling=scaled)])
+    be = table.backend("d")
+    assert (be.name, be.canary_weight, be.routes_canary) == ("be_d", 10, True)
+    canary = be.canary
+    assert (canary.name, canary.deployment, canary.prefix) == ("be_d:canary", "d", "/d")  # the stable's prefix
+    assert (canary.max_concurrency, canary.max_body_bytes, canary.max_queued) == (3, 99, 12)  # its own limits
+    assert canary.scale_from_zero is False and be.scale_from_zero is True  # the activator serves no canary
+    assert [(s.replica_id, s.addr, s.node_id) for s in canary.servers] == [("d-c0", "10.0.0.3:9001", "n2")]
+    assert [s.replica_id for s in be.servers] == ["d-0"]
+    assert be.revisions() == (be, canary)
+    assert table.names()["be_d:canary"] == {"deployment": "d", "servers": {"d-c0": "d-c0"}, "revision": "canary"}
+    assert "revision" not in table.names()["be_d"]
+
+
+def test_a_canary_with_weight_0_or_no_replica_routes_nothing_and_weights_are_percents():
+    rep = [("d-c0", "10.0.0.3", 9001, None)]
+    assert not build_table([canary_route("d", [], rep, 0)]).backend("d").routes_canary
+    assert not build_table([canary_route("d", [], [], 50)]).backend("d").routes_canary
+    assert build_table([canary_route("d", [], rep, 250)]).backend("d").canary_weight == 100
+    assert build_table([canary_route("d", [], rep, -1)]).backend("d").canary_weight == 0
+    assert build_table([route("d")]).backend("d").canary is None
+
+
+def test_the_wire_form_of_a_canary_reads_back_as_the_same_table():
+    table = build_table([canary_route("d", [("d-0", "::1", 9000, "n1")], [("d-c0", "10.0.0.3", 9001, "n2")], 5,
+                                      {"max_concurrency": 2, "request_timeout_seconds": 7}, route_prefix="/d"),
+                         canary_route("root", [], [], 0)])
+    wire = table.to_wire()
+    assert RoutingTable.from_wire(wire) == table
+    assert wire["deployments"]["d"]["canary"] == {
+        "weight": 5, "maxConcurrency": 2, "requestTimeoutSeconds": 7.0, "queueTimeoutSeconds": QUEUE_TIMEOUT_S,
+        "maxQueued": 2, "maxRequestBodyBytes": DesiredState.max_request_body_bytes,
+        "replicas": [{"id": "d-c0", "host": "10.0.0.3", "port": 9001, "nodeId": "n2"}]}
+
+
+@pytest.mark.parametrize("canary", [[1, 2], "x", {"weight": 101}, {"weight": -1}, {"weight": True}, {"weight": 1.5},
+                                    {"replicas": []}])
+def test_an_unusable_canary_is_left_out_with_the_reason_and_the_stable_backend_serves(canary):
+    wire = {"deployments": {"d": {"routePrefix": "/d", "canary": canary,
+                                  "replicas": [{"id": "d-0", "host": "10.0.0.1", "port": 80}]}}}
+    table = RoutingTable.from_wire(wire)
+    assert table.backend("d").canary is None and [s.replica_id for s in table.backend("d").servers] == ["d-0"]
+    assert len(table.skipped) == 1 and "'d' canary" in table.skipped[0]
+
+
+def test_a_canarys_bad_replica_is_left_out_and_names_never_collide():
+    wire = {"deployments": {
+        "d": {"routePrefix": "/d", "canary": {"weight": 10, "replicas": [{"id": "c", "host": "a b", "port": 1}, "x"]}},
+        "d:canary": {"routePrefix": "/e"}}}  # no controller sends this name; its backend still has its own
+    table = RoutingTable.from_wire(wire)
+    assert table.backend("d").canary.servers == () and not table.backend("d").routes_canary
+    assert sum("'d' canary: bad replica" in reason for reason in table.skipped) == 2
+    names = [b.name for be in table.backends for b in be.revisions()]
+    assert len(names) == len(set(names)) == 3
+    assert table.backend("d").canary.name == "be_d:canary"

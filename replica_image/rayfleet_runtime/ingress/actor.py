@@ -19,8 +19,6 @@ threads of their own; what they ask Ray is in ``ray_sources``.
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import json
 import logging
 import os
@@ -37,9 +35,10 @@ from rayfleet_api.metrics_labels import split_deployment
 from rayfleet_runtime.ingress import metrics as ingress_metrics, node_drain
 from rayfleet_runtime.ingress.activator import Activator
 from rayfleet_runtime.ingress.haproxy_bin import HAProxyBinary, check_config, find_haproxy, haproxy_version
-from rayfleet_runtime.ingress.haproxy_config import ACTIVATOR_SERVER, render_config
+from rayfleet_runtime.ingress.haproxy_config import render_config
 from rayfleet_runtime.ingress.haproxy_process import HAProxyProcess, cli, listen
 from rayfleet_runtime.ingress.ray_sources import NodeRaySources
+from rayfleet_runtime.ingress.show_stat import parse_show_stat, stats_by_deployment
 from rayfleet_runtime.log_setup import configure_logging
 from rayfleet_runtime.routing import RoutingTable
 
@@ -50,22 +49,6 @@ MIN_RELOAD_INTERVAL_S = 0.2
 
 def actor_name(node_id: str) -> str:
     return f"rayfleet-ingress-{node_id}"
-
-
-def parse_show_stat(text: str) -> list[dict[str, str]]:
-    """Parse ``show stat`` CSV output into one dict per row."""
-    text = text.lstrip()
-    if text.startswith("# "):
-        text = text[2:]
-    rows = list(csv.DictReader(io.StringIO(text)))
-    return [{k: v for k, v in row.items() if k} for row in rows if row.get("pxname")]
-
-
-def _int(v: str | None) -> int:
-    try:
-        return int(v) if v not in (None, "") else 0
-    except ValueError:
-        return 0
 
 
 def default_maxconn(requested: int = 20000) -> int:
@@ -330,42 +313,13 @@ class Ingress:
         return {"applied": True, "changed": True, "error": None, "reloads": self._reloads}
 
     async def stats(self) -> dict[str, Any]:
-        """Per-deployment/replica state from HAProxy's ``show stat`` (current worker only), and the requests
-        the activator holds per deployment (``held``; HAProxy counts them in the deployment's ``sessions``,
-        never in its ``queue`` nor in any replica's row: the activator is not listed in ``servers``)."""
+        """Per-deployment/replica state from HAProxy's ``show stat`` (current worker only; see
+        ``stats_by_deployment``), and the requests the activator holds per deployment (``held``; HAProxy counts
+        them in the deployment's ``sessions``, never in its ``queue`` nor in any replica's row: the activator is
+        not listed in ``servers``)."""
         text = await asyncio.to_thread(cli, self.runtime_socket, "show stat")
-        rows = parse_show_stat(text)
-        out: dict[str, Any] = {"frontend": {}, "deployments": {}, "raw_backends": {}, "held": self._activator.held()}
-        names = self._table.names()
-        for row in rows:
-            px, sv = row["pxname"], row["svname"]
-            entry = {
-                "status": row.get("status", ""),
-                "sessions": _int(row.get("scur")),
-                "max_sessions": _int(row.get("smax")),
-                "limit": _int(row.get("slim")),
-                "total": _int(row.get("stot")),
-                "queue": _int(row.get("qcur")),
-                "max_queue": _int(row.get("qmax")),
-                "responses_5xx": _int(row.get("hrsp_5xx")),
-                "connect_errors": _int(row.get("econ")),
-                "retries": _int(row.get("wretr")),
-                "redispatches": _int(row.get("wredis")),
-                "check_status": row.get("check_status", ""),
-            }
-            if sv == "FRONTEND":
-                out["frontend"][px] = entry
-                continue
-            info = names.get(px)
-            if info is None:
-                out["raw_backends"].setdefault(px, {})[sv] = entry
-                continue
-            dep = out["deployments"].setdefault(info["deployment"], {"backend": px, "servers": {}})
-            if sv == "BACKEND":
-                dep.update(entry)
-            elif sv != ACTIVATOR_SERVER:  # servers are the replicas
-                dep["servers"][info["servers"].get(sv, sv)] = entry
-        return out
+        deployments, frontends, raw = stats_by_deployment(parse_show_stat(text), self._table.names())
+        return {"frontend": frontends, "deployments": deployments, "raw_backends": raw, "held": self._activator.held()}
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop HAProxy: soft stop (finish in-flight requests) for up to ``grace_s``, then hard."""

@@ -6,6 +6,10 @@ the same table always renders the same text (so the ingress can skip reloads whe
 The path is forwarded unchanged. With no ``/`` deployment, unmatched paths get a 404 JSON body from
 HAProxy itself.
 
+A deployment with a canary (``Backend.canary``) has a second backend, for the canary revision's replicas:
+the frontend sends it ``canary_weight`` % of the deployment's requests, drawn per request (``rand(100)``),
+while it has a replica up (``nbsrv``); with none up, or weight 0, every request goes to the stable backend.
+
 A deployment with no replica gets 503 from HAProxy, unless it has ``scaleFromZero`` and the ingress runs
 an activator (``activator_socket``): then the activator is the backend's only server, and holds its
 requests until a replica is ready (``activator.py``).
@@ -82,6 +86,84 @@ def _activator_backend(be: Backend, activator_socket: str) -> list[str]:
     ]
 
 
+def _routes(table: RoutingTable) -> list[str]:
+    """The frontend's routing rules: each deployment's by prefix, longest first, then the catch-all."""
+    out = []
+    for be in table.backends:
+        if be.prefix == "/":
+            continue
+        matches = [f"{{ path {be.prefix} }}", f"{{ path_beg {be.prefix}/ }}"]
+        out.append(f"    # deployment {_comment(be.deployment)}")
+        out.extend(_canary_route(be, matches))
+        out.append(f"    use_backend {be.name} if {' || '.join(matches)}")
+    catch_all = table.catch_all
+    if catch_all is not None and catch_all.routes_canary:
+        # After every prefix's rules: only the paths no other deployment matched reach it.
+        out.append(f"    # deployment {_comment(catch_all.deployment)}: its canary's share of the paths left")
+        out.extend(_canary_route(catch_all, []))
+    out.append(f"    default_backend {catch_all.name if catch_all else NOT_FOUND_BACKEND}")
+    return out
+
+
+def _canary_route(be: Backend, matches: list[str]) -> list[str]:
+    """The rule, before the deployment's own, that sends its canary ``canary_weight`` % of its requests
+    (``matches``: its paths' alternatives; none for the catch-all, whose rule comes after every other).
+
+    One draw per request: HAProxy stops an alternative at its first false term and the path terms exclude
+    each other, so only the alternative whose path matched draws. ``nbsrv``: with no canary replica up, the
+    request stays on the stable backend instead of a 503 from the canary's."""
+    if not be.routes_canary:
+        return []
+    draw = f"{{ rand(100) lt {be.canary_weight} }} {{ nbsrv({be.canary.name}) gt 0 }}"
+    condition = " || ".join(f"{match} {draw}" for match in matches) if matches else draw
+    return [f"    use_backend {be.canary.name} if {condition}"]
+
+
+def _title(deployment: Backend, revision: Backend) -> str:
+    if revision is deployment.canary:
+        return (f"# deployment {_comment(deployment.deployment)}: canary, {deployment.canary_weight}% of prefix "
+                f"{deployment.prefix}, {len(revision.servers)} replica(s)")
+    return f"# deployment {_comment(revision.deployment)}: prefix {revision.prefix}, {len(revision.servers)} replica(s)"
+
+
+def _replica_backend(be: Backend, title: str, health_inter_ms: int) -> list[str]:
+    """A backend of replicas: health-checked, each up to maxConcurrency, a bounded queue, its own 503s."""
+    out = [title, f"backend {be.name}"]
+    w = out.append
+    w("    balance random(2)")
+    w("    http-reuse always")
+    w("    option httpchk")
+    w(f"    http-check send meth GET uri {REPLICA_READY_PATH}")
+    w("    http-check expect status 200")
+    w(f"    timeout server {_ms(be.request_timeout_s)}")
+    # A WebSocket may be silent this long (uvicorn pings every 20 s, so a live session never is)
+    w(f"    timeout tunnel {_ms(be.request_timeout_s)}")
+    w(f"    timeout queue {_ms(be.queue_timeout_s)}")
+    no_replicas = _json_body({"error": "no ready replicas", "deployment": be.deployment})
+    if not be.servers:
+        w(f"    http-request return status 503 content-type application/json string {no_replicas}{RETRY_AFTER}")
+    else:
+        w(
+            "    http-request return status 503 content-type application/json string "
+            f"{no_replicas}{RETRY_AFTER} if {{ nbsrv() eq 0 }}"
+        )
+        overloaded = _json_body({"error": "overloaded", "deployment": be.deployment})
+        w(
+            "    http-request return status 503 content-type application/json string "
+            f"{overloaded}{RETRY_AFTER} if {{ queue() ge {be.max_queued} }}"
+        )
+    out.extend(_body_limit(be))
+    w(
+        f"    default-server check inter {int(health_inter_ms)}ms fastinter {max(100, int(health_inter_ms) // 2)}ms"
+        f" rise 1 fall 2 observe layer4 error-limit 3 on-error mark-down"
+        f" maxconn {be.max_concurrency} init-addr last,libc,none"
+    )
+    for s in be.servers:
+        comment = "" if s.name == s.replica_id else f"  # replica {_comment(s.replica_id)}"
+        w(f"    server {s.name} {s.addr}{comment}")
+    return out
+
+
 def render_config(
     table: RoutingTable,
     *,
@@ -106,7 +188,8 @@ def render_config(
     ``activator_socket``: the Unix socket of the ingress's activator, the server of every ``scaleFromZero``
     deployment with no replica (None: those answer 503 as any deployment with no replica).
     """
-    max_req_timeout = max([b.request_timeout_s for b in table.backends] + [DEFAULT_REQUEST_TIMEOUT_S])
+    max_req_timeout = max([b.request_timeout_s for be in table.backends for b in be.revisions()]
+                          + [DEFAULT_REQUEST_TIMEOUT_S])
     if hard_stop_after_s is None:
         # Old workers left by a reload get this long to finish in-flight requests.
         hard_stop_after_s = max_req_timeout + 30
@@ -182,13 +265,7 @@ def render_config(
     w("    http-request disable-l7-retry unless METH_GET || METH_OPTIONS")  # METH_GET is GET and HEAD
     if table.backends:  # the pod's readiness: this ingress routes (else the path falls through to 404)
         w(f"    http-request return status 200 content-type text/plain string ready if {{ path {INGRESS_READY_PATH} }}")
-    for be in table.backends:
-        if be.prefix == "/":
-            continue
-        w(f"    # deployment {_comment(be.deployment)}")
-        w(f"    use_backend {be.name} if {{ path {be.prefix} }} || {{ path_beg {be.prefix}/ }}")
-    catch_all = table.catch_all
-    w(f"    default_backend {catch_all.name if catch_all else NOT_FOUND_BACKEND}")
+    out.extend(_routes(table))
     if metrics_socket is not None:
         w("")
         w(f"frontend {METRICS_FRONTEND_NAME}")
@@ -196,45 +273,14 @@ def render_config(
         w("    http-request use-service prometheus-exporter")
 
     for be in table.backends:
-        w("")
-        if be.held_by_activator(activator_socket):
-            out.extend(_activator_backend(be, activator_socket))
-            continue
-        w(f"# deployment {_comment(be.deployment)}: prefix {be.prefix}, {len(be.servers)} replica(s)")
-        w(f"backend {be.name}")
-        w("    balance random(2)")
-        w("    http-reuse always")
-        w("    option httpchk")
-        w(f"    http-check send meth GET uri {REPLICA_READY_PATH}")
-        w("    http-check expect status 200")
-        w(f"    timeout server {_ms(be.request_timeout_s)}")
-        # A WebSocket may be silent this long (uvicorn pings every 20 s, so a live session never is)
-        w(f"    timeout tunnel {_ms(be.request_timeout_s)}")
-        w(f"    timeout queue {_ms(be.queue_timeout_s)}")
-        no_replicas = _json_body({"error": "no ready replicas", "deployment": be.deployment})
-        if not be.servers:
-            w(f"    http-request return status 503 content-type application/json string {no_replicas}{RETRY_AFTER}")
-        else:
-            w(
-                "    http-request return status 503 content-type application/json string "
-                f"{no_replicas}{RETRY_AFTER} if {{ nbsrv() eq 0 }}"
-            )
-            overloaded = _json_body({"error": "overloaded", "deployment": be.deployment})
-            w(
-                "    http-request return status 503 content-type application/json string "
-                f"{overloaded}{RETRY_AFTER} if {{ queue() ge {be.max_queued} }}"
-            )
-        out.extend(_body_limit(be))
-        w(
-            f"    default-server check inter {int(health_inter_ms)}ms fastinter {max(100, int(health_inter_ms) // 2)}ms"
-            f" rise 1 fall 2 observe layer4 error-limit 3 on-error mark-down"
-            f" maxconn {be.max_concurrency} init-addr last,libc,none"
-        )
-        for s in be.servers:
-            comment = "" if s.name == s.replica_id else f"  # replica {_comment(s.replica_id)}"
-            w(f"    server {s.name} {s.addr}{comment}")
+        for revision in be.revisions():
+            w("")
+            if revision.held_by_activator(activator_socket):  # never a canary: it has no scale-from-zero
+                out.extend(_activator_backend(revision, activator_socket))
+            else:
+                out.extend(_replica_backend(revision, _title(be, revision), health_inter_ms))
 
-    if catch_all is None:
+    if table.catch_all is None:
         w("")
         w(f"backend {NOT_FOUND_BACKEND}")
         w(

@@ -50,7 +50,9 @@ def merge(families: Iterable[Metric]) -> list[Metric]:
 
 def label_haproxy(text: str, names: Mapping[str, Any]) -> list[Metric]:
     """HAProxy's exporter output, with ``namespace``/``deployment`` on the rows of a deployment's backend
-    and ``replica`` on its servers' (``names`` is ``routing.RoutingTable.names()``)."""
+    and ``replica`` on its servers' (``names`` is ``routing.RoutingTable.names()``). A canary's backend is
+    its deployment's too, its rows also labelled ``revision="canary"`` (the stable rows keep the labels they
+    always had: a sum by deployment counts both, ``revision!="canary"`` selects the stable one)."""
     families = list(text_string_to_metric_families(text))
     for family in families:
         for i, sample in enumerate(family.samples):
@@ -59,6 +61,8 @@ def label_haproxy(text: str, names: Mapping[str, Any]) -> list[Metric]:
                 continue
             namespace, deployment = split_deployment(backend["deployment"])
             labels = {**sample.labels, "namespace": namespace, "deployment": deployment}
+            if "revision" in backend:
+                labels["revision"] = backend["revision"]
             if "server" in sample.labels:
                 labels["replica"] = backend["servers"].get(sample.labels["server"], sample.labels["server"])
             family.samples[i] = sample._replace(labels=labels)

@@ -38,8 +38,8 @@ class NodeRaySources:
         is left out of this scrape; the controller replaces a dead one, the next scrape has its successor)."""
         import ray
 
-        here = [(be.deployment, s.replica_id) for be in table.backends for s in be.servers
-                if s.node_id == self.node_id]
+        here = [(be.deployment, s.replica_id) for be in table.backends for revision in be.revisions()
+                for s in revision.servers if s.node_id == self.node_id]
         handles = {}
         for key in here:
             try:
