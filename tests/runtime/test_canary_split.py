@@ -13,10 +13,10 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("aiohttp.web")
 
 from rayfleet.ports import free_port  # noqa: E402
+from rayfleet.waiting import eventually  # noqa: E402
 from rayfleet_runtime.ingress.haproxy_bin import HAProxyNotFound, find_haproxy  # noqa: E402
 from rayfleet_runtime.routing import RoutingTable  # noqa: E402
 from tests.runtime.stand_ins import Replicas  # noqa: E402
-from rayfleet.waiting import eventually  # noqa: E402
 
 try:
     find_haproxy()
