@@ -95,7 +95,7 @@ def test_raycluster_service_status_and_printer_columns(control_plane, namespace,
     assert (ready["status"], ready["reason"]) == ("False", "RayClusterNotReady")
     assert status["observedGeneration"] == 1 and status["endpoint"] == f"http://echo.{namespace}.svc:8000/"
     table = control_plane.kubectl("get", "sd", "-n", namespace).stdout.splitlines()
-    assert table[0].split() == ["NAME", "DESIRED", "READY", "IN-FLIGHT", "REVISION", "CANARY", "STATUS", "ENDPOINT", "AGE"]
+    assert table[0].split() == ["NAME", "DESIRED", "READY", "IN-FLIGHT", "STATUS", "REVISION", "CANARY", "ENDPOINT", "AGE"]
     assert table[1].split()[:2] == ["echo", "2"] and "RayClusterNotReady" in table[1]
     events = control_plane.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
     assert "RayClusterCreated" in events
