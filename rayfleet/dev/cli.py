@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rayfleet_api.constants import INGRESS_PORT_NAME
+from rayfleet_api.spec import desired_state
 
 from .toolchain import cache_dir, ensure_binaries, ensure_tools, kuberay_crds
 
@@ -85,7 +86,7 @@ def url(name: str, namespace: str) -> int:
     if not port:
         print(f"RayCluster {cluster} is not up yet; try again shortly (kubectl get sd {name} -n {namespace})", file=sys.stderr)
         return 1
-    print(f"http://127.0.0.1:{port}{sd['spec'].get('routePrefix', '/')}")
+    print(f"http://127.0.0.1:{port}{desired_state(sd['spec']).route_prefix}")
     return 0
 
 
