@@ -160,7 +160,15 @@ def test_a_force_deleted_worker_pod_costs_at_most_what_was_in_flight_on_it(clust
         eventually(lambda: traffic.answers >= answered + 20, timeout=60, what="traffic after the fault")
     report_fault("worker pod force-deleted", traffic, seconds)
     print(f"[e2e] the lost replica left the ready count after {noticed:.1f} s", flush=True)
-    assert len(traffic.failures) <= FORCED_LOSS_BOUND, traffic.failures
+    # New connections kube-proxy still sends to the deleted pod's address are refused until its endpoint is
+    # gone (the cluster's window, a plain Deployment's too: 1 and 4 of them in two CI runs); what rayfleet
+    # loses is what was in flight on the pod. Refusals must end before the deployment is back at full strength.
+    refused = [sent - started for (_, body), sent in zip(traffic.failures, traffic.sent_failed)
+               if "Connection refused" in str(body.get("error"))]
+    lost = [f for f in traffic.failures if "Connection refused" not in str(f[1].get("error"))]
+    print(f"[e2e] force-deleted pod: {len(refused)} connection(s) refused, {len(lost)} other failure(s)", flush=True)
+    assert len(lost) <= FORCED_LOSS_BOUND, traffic.failures
+    assert all(at <= seconds for at in refused), (refused, seconds)
     assert len(set(replica_pids(cluster.sd(NAME))) & set(pids)) == 1
 
 
