@@ -106,8 +106,15 @@ class ControllerCore:
         return [dataclasses.replace(n, draining=n.id in self.draining, suspect=n.id in suspect) for n in self.nodes]
 
     def _placed(self) -> list[placement.Placed]:
-        return [placement.Placed(r.node, dep.name, needs(dep.desired_for(r.version))) for dep in self.deployments.values()
-                for r in dep.replicas.values() if r.node and r.state != ReplicaState.STOPPED]
+        out = []
+        for dep in self.deployments.values():
+            by_version: dict[str, dict[str, float]] = {}  # a deployment's replicas run one or two versions
+            for r in dep.replicas.values():
+                if r.node and r.state != ReplicaState.STOPPED:
+                    if r.version not in by_version:
+                        by_version[r.version] = needs(dep.desired_for(r.version))
+                    out.append(placement.Placed(r.node, dep.name, by_version[r.version]))
+        return out
 
     def _evictions(self, dep: DeploymentRecord) -> dict[str, str]:
         """The replicas of ``dep`` to move, and why: those on draining nodes, else one the spread asks for."""
