@@ -22,7 +22,7 @@ The wire form (``to_wire``, the JSON an ingress keeps to serve again after its a
             "requestTimeoutSeconds": 60,       # -> timeout server (504)
             "maxRequestBodyBytes": 16777216,   # optional; a larger Content-Length gets 413 at the ingress
             "queueTimeoutSeconds": 2,          # optional; default QUEUE_TIMEOUT_S (then 503)
-            "maxQueued": 800,                  # optional; default maxConcurrency x replicas
+            "maxQueued": 800,                  # optional; default maxConcurrency x replicas up
             "scaleFromZero": true,             # optional; with no replicas, requests wait in the activator
             "replicas": [{"id": "echo-0", "host": "127.0.0.1", "port": 43123, "nodeId": "..."}],
             "canary": {                        # optional: a new revision gets `weight` % of the requests
@@ -81,7 +81,9 @@ class Backend:
     max_concurrency: int
     request_timeout_s: float
     queue_timeout_s: float
-    max_queued: int
+    # None: what the replicas up could run at once (maxConcurrency x HAProxy's nbsrv), which a change of
+    # replicas alone leaves to HAProxy
+    max_queued: int | None
     max_body_bytes: int | None
     scale_from_zero: bool = False
     servers: tuple[Server, ...] = ()
@@ -92,16 +94,20 @@ class Backend:
 
     @property
     def routes_canary(self) -> bool:
-        """Some of the deployment's requests go to its canary (else the canary backend is only checked)."""
-        return self.canary is not None and self.canary_weight > 0 and bool(self.canary.servers)
+        """Some of the deployment's requests go to its canary while it has a replica up (else the canary
+        backend is only checked)."""
+        return self.canary is not None and self.canary_weight > 0
 
     def revisions(self) -> tuple[Backend, ...]:
         """The deployment's backends: this one, then its canary's if it has one."""
         return (self,) if self.canary is None else (self, self.canary)
 
-    def held_by_activator(self, activator_socket: str | None) -> bool:
-        """Requests wait in the activator for a replica, instead of a 503 at once."""
-        return activator_socket is not None and self.scale_from_zero and not self.servers
+    def uses_activator(self, activator_socket: str | None) -> bool:
+        """With no replica up, requests wait in the activator for one, instead of a 503 at once."""
+        return activator_socket is not None and self.scale_from_zero
+
+    def without_servers(self) -> Backend:
+        return replace(self, servers=(), canary=self.canary and self.canary.without_servers())
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,10 @@ class RoutingTable:
 
     def backend(self, deployment: str) -> Backend | None:
         return next((be for be in self.backends if be.deployment == deployment), None)
+
+    def without_servers(self) -> RoutingTable:
+        """The table's shape: what a change of replicas alone leaves as it is."""
+        return replace(self, backends=tuple(be.without_servers() for be in self.backends))
 
     def names(self) -> dict[str, Any]:
         """HAProxy names -> table names, for mapping ``show stat`` back. A canary's backend maps to its
@@ -212,11 +222,6 @@ def prefix_taken(deployment: str, prefix: str, owners: Mapping[str, str]) -> str
     return owner if owner is not None and owner != deployment else None
 
 
-def default_max_queued(max_concurrency: int, replicas: int) -> int:
-    """The ingress's queue for a deployment: what its replicas could run at once."""
-    return max_concurrency * max(1, replicas)
-
-
 def sanitize_name(raw: str) -> str:
     """A stable HAProxy identifier for ``raw``.
 
@@ -290,7 +295,7 @@ class _Entry:
     max_concurrency: int
     request_timeout_s: float
     queue_timeout_s: float
-    max_queued: int | None  # None: default_max_queued
+    max_queued: int | None  # None: Backend.max_queued's default
     max_body_bytes: int | None
     scale_from_zero: bool
     servers: tuple[tuple[str, str, str | None], ...]  # (replica id, addr, node id)
@@ -406,7 +411,7 @@ def _backend(e: _Entry, name: str, who: str, skipped: list[str]) -> Backend:
     return Backend(
         e.deployment, name, e.prefix, max_conc, min(e.request_timeout_s, MAX_TIMEOUT_S),
         min(e.queue_timeout_s, MAX_TIMEOUT_S),
-        min(e.max_queued or default_max_queued(max_conc, len(servers)), MAX_SERVER_MAXCONN * 1000),
+        None if e.max_queued is None else min(e.max_queued, MAX_SERVER_MAXCONN * 1000),
         e.max_body_bytes, e.scale_from_zero, tuple(servers))
 
 

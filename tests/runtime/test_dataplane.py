@@ -35,6 +35,20 @@ def wait_ingress(api, obs, pids: int = 1, timeout: float = 30.0) -> str:
     return url
 
 
+def ingress_counts(api) -> tuple[float, float]:
+    """(tables applied by a reload, tables applied through the runtime API) by the node's ingress."""
+    text = httpx.get(api.metrics, timeout=10).text
+    return tuple(sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+                 for name in ("rayfleet_ingress_config_reloads_total", "rayfleet_ingress_runtime_updates_total"))
+
+
+def alone(api, name: str) -> None:
+    """Once ``name`` is the only deployment (what earlier tests deleted is gone): no other's change, which
+    reloads the ingress, comes while a test counts reloads."""
+    eventually(lambda: [d["name"] for d in api.http.get("/v1/deployments").json()["deployments"]] == [name], 60, 0.2,
+               what=f"{name} to be the only deployment")
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -184,6 +198,8 @@ def test_scale_up_and_down_loses_no_request(api):
     api.put("scale", replicas=1, gracefulShutdownSeconds=10)
     obs = api.wait_ready("scale", 1)
     traffic = Traffic(api, "scale", wait_ingress(api, obs))
+    alone(api, "scale")
+    reloads, runtime_updates = ingress_counts(api)
     traffic.start()
     try:
         api.put("scale", replicas=3, gracefulShutdownSeconds=10)
@@ -207,6 +223,9 @@ def test_scale_up_and_down_loses_no_request(api):
         traffic.join(10)
     assert traffic.ok > 20
     assert traffic.failures == [], traffic.failures[:5]
+    # Scaling changed replicas only: HAProxy's runtime API took each change, and no reload came.
+    after = ingress_counts(api)
+    assert after[0] == reloads and after[1] > runtime_updates, (reloads, runtime_updates, after)
     api.delete("scale", wait=False)
 
 
@@ -241,12 +260,23 @@ def test_sigkill_replica_is_replaced_and_restart_counted(api):
     api.delete("victim", wait=False)
 
 
-def test_rolling_update_replaces_every_replica(api):
+def test_rolling_update_under_traffic_replaces_every_replica_loses_nothing_and_reloads_nothing(api):
     api.put("roll", replicas=2, handlerArgs={"greeting": "old"}, version="a")
     old = api.wait_ready("roll", 2)
+    traffic = Traffic(api, "roll", wait_ingress(api, old, pids=2))
+    alone(api, "roll")
+    reloads, _ = ingress_counts(api)
+    traffic.start()
     api.put("roll", replicas=2, handlerArgs={"greeting": "new"}, version="b")
     obs = api.wait("roll", lambda o: o["status"] == "Running" and o["version"] == "b" and o["readyReplicas"] == 2
                    and len(o["replicas"]) == 2 and all(r["version"] == "b" for r in o["replicas"]), 60, "rollout")
+    served = traffic.ok
+    eventually(lambda: traffic.ok >= served + 20, 30, 0.05, what="20 requests served after the rollout",
+               diagnostics=lambda: f"failures {traffic.failures[:5]}")
+    traffic.stop.set()
+    traffic.join(10)
+    assert traffic.failures == [], traffic.failures[:5]
+    assert ingress_counts(api)[0] == reloads  # a new version's replicas are a change of replicas alone
     assert not {r["pid"] for r in obs["replicas"]} & {r["pid"] for r in old["replicas"]}
     assert {httpx.get(u + "/x").json()["greeting"] for u in replica_urls(obs)} == {"new"}
     assert obs["restarts"] == 0

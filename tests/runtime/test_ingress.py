@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import re
 import signal
 import socket
 import threading
@@ -22,6 +23,7 @@ pytest.importorskip("aiohttp.web")
 
 from rayfleet_runtime.routing import RoutingTable  # noqa: E402
 from rayfleet_runtime.ingress.haproxy_bin import HAProxyNotFound, find_haproxy  # noqa: E402
+from rayfleet_runtime.ingress.haproxy_process import cli  # noqa: E402
 from rayfleet.procs import cmdline  # noqa: E402
 from rayfleet.ports import free_port  # noqa: E402
 from rayfleet.waiting import eventually  # noqa: E402
@@ -122,12 +124,19 @@ def test_balances_across_replicas(ingress, replicas):
     assert sum(s["total"] for s in servers.values()) >= 200
 
 
-def test_update_under_keepalive_load_drops_nothing(ingress, replicas):
-    handle, port, _ = ingress
+def haproxy_worker(info) -> str:
+    """The pid of the HAProxy worker that serves now (a reload starts a new one)."""
+    reply = cli(os.path.join(os.path.dirname(info["config_path"]), "admin.sock"), "show info")
+    return re.search(r"^Pid: (\d+)$", reply, re.M).group(1)
+
+
+def test_replica_changes_under_keepalive_load_drop_nothing_and_reload_nothing(ingress, replicas):
+    handle, port, info = ingress
     a = {"id": "echo-a", "host": "127.0.0.1", "port": replicas.ports["echo-a"]}
     b = {"id": "echo-b", "host": "127.0.0.1", "port": replicas.ports["echo-b"]}
     c = replicas.start("echo-c")
     push(handle, {"deployments": {"echo": dep("/echo", [a, b])}})
+    reloads_before = ray.get(handle.ready.remote(), timeout=30)["reloads"]
 
     statuses: collections.Counter = collections.Counter()
     failures: list[str] = []
@@ -184,14 +193,19 @@ def test_update_under_keepalive_load_drops_nothing(ingress, replicas):
             [a, b, c],
             [b],
         ]
-        reloads = 0
+        serving = haproxy_worker(info)
+        applied = []
         for reps in tables:
             since = snapshot()
-            reloads += bool(push(handle, {"deployments": {"echo": dep("/echo", reps)}})["changed"])
+            applied.append(push(handle, {"deployments": {"echo": dep("/echo", reps)}}).get("via"))
             # Traffic flows through the new table (for a while) before the next one.
             eventually(lambda: served(since, reps, 30), 30, 0.05,
                        what=f"traffic through the table {[r['id'] for r in reps]}", diagnostics=load_state)
-        assert reloads == len(tables)
+        # Replicas alone changed: each table went through the runtime API, and the same HAProxy worker
+        # served throughout (a reload would have started a new one).
+        assert applied == ["runtime"] * len(tables)
+        assert haproxy_worker(info) == serving
+        assert ray.get(handle.ready.remote(), timeout=30)["reloads"] == reloads_before
         last = snapshot()
         before = last[0]
         # Only then: b takes plenty of new requests, and a and c (asserted below) none but stragglers.

@@ -17,7 +17,7 @@ from rayfleet.waiting import eventually_async
 from rayfleet_api.desired import DesiredState
 from rayfleet_runtime.routing import RoutingTable  # noqa: E402
 from rayfleet_runtime.ingress.haproxy_bin import HAProxyNotFound, find_haproxy
-from rayfleet_runtime.ingress.haproxy_config import ACTIVATOR_BACKEND_HEADER, ACTIVATOR_SERVER
+from rayfleet_runtime.ingress.haproxy_config import ACTIVATOR_SERVER
 from rayfleet_runtime.ingress.actor import Ingress
 from rayfleet_runtime.replica.actor import ReplicaServer
 
@@ -72,9 +72,10 @@ def cold(replicas=(), **fields):
                                      "replicas": list(replicas), **fields}}}
 
 
-async def push(ing: Ingress, table) -> None:
+async def push(ing: Ingress, table) -> dict:
     result = await ing.update(RoutingTable.from_wire(table))
     assert result["error"] is None, result
+    return result
 
 
 async def held(ing: Ingress, count: int) -> None:
@@ -116,10 +117,11 @@ def test_the_first_request_is_held_until_a_replica_is_ready_then_served(ingress,
         assert response.status_code == 200, response.text
         assert response.json() == {"path": "/cold/first", "body": "hello", "xff": ["127.0.0.1"],
                                    "backend_header": None}
-        # HAProxy now routes new connections to the replica itself: the activator sees no more. (The old
-        # worker answers one more request on the first's keep-alive connection, by the old table.)
+        # HAProxy now routes to the replica itself, on a new connection as on the first's: the activator sees
+        # no more.
         async with httpx.AsyncClient(base_url=client.base_url) as fresh:
             assert (await fresh.get("/cold/second")).status_code == 200
+        assert (await client.get("/cold/third")).json()["backend_header"] is None
         assert ingress._activator.outcomes()[("cold", "forwarded")] == before + 1
         stats = await ingress.stats()
         assert stats["held"] == {"cold": 0}
@@ -187,11 +189,18 @@ def test_without_scale_from_zero_no_replica_is_503_at_once(ingress, handler_modu
     run(ingress, handler_module, test)
 
 
-def test_the_config_names_the_activator_only_while_the_deployment_has_no_replica(ingress, handler_module):
+def test_scaling_to_and_from_zero_reloads_no_haproxy(ingress, handler_module):
     async def test(client, start_replica):
         assert f"server {ACTIVATOR_SERVER} unix@{ingress.activator_socket}" in ingress._config
-        assert ACTIVATOR_BACKEND_HEADER in ingress._config
-        await push(ingress, cold([await start_replica()]))
-        assert ACTIVATOR_BACKEND_HEADER not in ingress._config
+        reloads = ingress._reloads
+        replica = await start_replica()
+        assert (await push(ingress, cold([replica])))["via"] == "runtime"
+        assert (await client.get("/cold/direct")).json()["backend_header"] is None  # not through the activator
+        assert (await push(ingress, cold()))["via"] == "runtime"  # back at zero: held again, on the same connection
+        request = asyncio.create_task(client.get("/cold/held"))
+        await held(ingress, 1)
+        assert (await push(ingress, cold([replica])))["via"] == "runtime"
+        assert (await request).status_code == 200
+        assert ingress._reloads == reloads
 
     run(ingress, handler_module, test)

@@ -85,11 +85,12 @@ def test_backend_settings():
     assert "option httpchk" in be
     assert "http-check send meth GET uri /-/ready" in be
     assert "http-check expect status 200" in be
-    assert re.search(r"default-server check inter \d+ms .* maxconn 7\b", be)
+    assert re.search(r"^server echo-0 127.0.0.1:9001 check inter \d+ms .* maxconn 7 init-addr last,libc,none$", be, re.M)
     # Servers sorted by stable name, address host:port.
     assert re.findall(r"^server (\S+) (\S+)", be, re.M) == [("echo-0", "127.0.0.1:9001"), ("echo-1", "127.0.0.1:9002")]
-    # Bounded queue: maxConcurrency * replicas by default, plus a short queue timeout.
-    assert "if { queue() ge 14 }" in be
+    # Bounded queue: maxConcurrency x the replicas up (HAProxy's count: a change of replicas needs no reload),
+    # plus a short queue timeout.
+    assert "http-request set-var(txn.max_queued) nbsrv,mul(7)" in be and "if { queue,sub(txn.max_queued) ge 0 }" in be
     assert "timeout queue 2s" in be
     assert "timeout server 60s" in be
     api = section(cfg, "backend be_echo-api")
@@ -132,14 +133,35 @@ def test_global_section():
     assert "bind 127.0.0.1:8000" in cfg
 
 
-def test_empty_backend_returns_503():
+def test_a_backend_with_no_replica_up_returns_503():
     cfg = render(TABLE)
     be = section(cfg, "backend be_zz")
-    assert "http-request return status 503" in be
-    assert "if {" not in be.split("http-request return status 503", 1)[1].splitlines()[0]
     assert not re.search(r"^server ", be, re.M)
-    # Backends with replicas answer 503 (with a body) when all are down.
-    assert "if { nbsrv() eq 0 }" in section(cfg, "backend be_echo")
+    # With none in the table, or all of them down: the same rule, HAProxy's own count.
+    for name in ("be_zz", "be_echo"):
+        no_replicas = [line for line in section(cfg, f"backend {name}").splitlines() if "no ready replicas" in line]
+        assert len(no_replicas) == 1 and no_replicas[0].endswith("if { nbsrv() eq 0 }"), no_replicas
+
+
+def shape(table):
+    """What a change of replicas alone leaves as it is (the ingress reloads only when it changes)."""
+    return hc.render_config(RoutingTable.from_wire(table).without_servers(), port=8000, bind_host="127.0.0.1",
+                            runtime_socket=SOCK, maxconn=4000)
+
+
+def test_a_change_of_replicas_alone_keeps_the_shape_and_gives_the_runtime_api_the_config_lines():
+    other = {"deployments": {**TABLE["deployments"],
+                             "echo": {**TABLE["deployments"]["echo"], "replicas": [rep("echo-2", 9010)]},
+                             "zz": {"routePrefix": "/z", "replicas": [rep("zz-0", 9011)]}}}
+    assert render(other) != render(TABLE) and shape(other) == shape(TABLE)
+    servers = hc.runtime_servers(RoutingTable.from_wire(other))
+    assert set(servers) == {("be_echo", "echo-2"), ("be_echo-api", "a-0"), ("be_root", "root-0"), ("be_zz", "zz-0")}
+    # What `add server` gets is the config's own server line, less init-addr (no dynamic server takes it).
+    lines = re.findall(r"^\s+server (\S+) (.*) init-addr last,libc,none$", render(other), re.M)
+    assert sorted(lines) == sorted((name, args) for (_, name), args in servers.items())
+    # A deployment's own setting is its shape: that change is a reload.
+    limits = {"deployments": {**TABLE["deployments"], "zz": {"routePrefix": "/z", "maxConcurrency": 3, "replicas": []}}}
+    assert shape(limits) != shape(TABLE)
 
 
 def test_sanitised_stable_server_names():
@@ -191,7 +213,7 @@ def test_names_map_back_to_table():
 ACTIVATOR = "/tmp/rayfleet-test/activator.sock"
 
 
-def test_a_deployment_scaled_to_zero_is_served_by_the_activator_alone():
+def test_a_scale_from_zero_deployment_with_no_replica_up_is_served_by_the_activator():
     table = {"deployments": {
         "cold": {"routePrefix": "/cold", "scaleFromZero": True, "requestTimeoutSeconds": 2.5,
                  "maxRequestBodyBytes": 1024, "replicas": []},
@@ -199,28 +221,42 @@ def test_a_deployment_scaled_to_zero_is_served_by_the_activator_alone():
         "fixed": {"routePrefix": "/fixed", "replicas": []},
     }}
     cfg = render(table, activator_socket=ACTIVATOR)
-    cold = section(cfg, "backend be_cold").splitlines()
+    cold = section(cfg, "backend be_cold:activator").splitlines()
     assert cold[-1] == f"server {hc.ACTIVATOR_SERVER} unix@{ACTIVATOR}"  # its only server: no check, no maxconn
-    assert f"http-request set-header {hc.ACTIVATOR_BACKEND_HEADER} be_cold" in cold
+    assert f"http-request set-header {hc.ACTIVATOR_BACKEND_HEADER} be_cold" in cold  # the deployment's backend
     assert "timeout server 3500ms" in cold  # requestTimeoutSeconds + the margin: the activator's own 504 comes first
     assert "retry-on conn-failure" in cold  # its 503s and 504s are final
     too_large = [i for i, line in enumerate(cold) if line.startswith("http-request return status 413")]
     assert too_large and "gt 1024" in cold[too_large[0]] and too_large[0] < len(cold) - 1  # refused before it
     assert not any("status 503" in line or "check" in line for line in cold)
-    # With a replica, or without scaleFromZero, as before: HAProxy routes to replicas or answers 503 itself.
+    # The frontend sends there while the deployment's own backend has no server up, whatever the table
+    # lists (a replica added or removed is no reload): before the deployment's own rule.
+    fe = section(cfg, f"frontend {hc.FRONTEND_NAME}").splitlines()
+    none_up = "{ nbsrv(be_cold) eq 0 }"
+    rule = f"use_backend be_cold:activator if {{ path /cold }} {none_up} || {{ path_beg /cold/ }} {none_up}"
+    assert fe.index(rule) + 1 == fe.index("use_backend be_cold if { path /cold } || { path_beg /cold/ }")
+    assert "use_backend be_warm:activator if" in section(cfg, f"frontend {hc.FRONTEND_NAME}")
+    # The deployment's own backend is as any other; without scaleFromZero there is no activator at all.
     assert re.findall(r"^server (\S+) (\S+)", section(cfg, "backend be_warm"), re.M) == [("warm-0", "127.0.0.1:9001")]
-    assert section(cfg, "backend be_fixed") == section(render(table), "backend be_fixed")
-    assert cfg.count(f"server {hc.ACTIVATOR_SERVER} ") == 1 and cfg.count(hc.ACTIVATOR_BACKEND_HEADER) == 1
+    assert section(cfg, "backend be_cold") == section(render(table), "backend be_cold")
+    assert "be_fixed:activator" not in cfg
+    assert cfg.count(f"server {hc.ACTIVATOR_SERVER} ") == 2 and cfg.count(hc.ACTIVATOR_BACKEND_HEADER) == 2
     # An ingress without an activator answers 503 for all three as any deployment with no replica.
-    assert f"server {hc.ACTIVATOR_SERVER} " not in render(table)
-    assert "http-request return status 503" in section(render(table), "backend be_cold")
+    assert f"server {hc.ACTIVATOR_SERVER} " not in render(table) and ":activator" not in render(table)
     # A replica shows up under its id in show stat; the activator is no replica.
     assert RoutingTable.from_wire(table).names()["be_cold"] == {"deployment": "cold", "servers": {}}
 
 
+def test_a_scale_from_zero_catch_all_reaches_the_activator_only_for_the_paths_left():
+    table = {"deployments": {"cold": {"routePrefix": "/", "scaleFromZero": True, "replicas": []},
+                             "x": {"routePrefix": "/x", "replicas": [rep("x-0", 9001)]}}}
+    fe = section(render(table, activator_socket=ACTIVATOR), f"frontend {hc.FRONTEND_NAME}").splitlines()
+    assert fe[-2:] == ["use_backend be_cold:activator if { nbsrv(be_cold) eq 0 }", "default_backend be_cold"]
+
+
 def test_scale_from_zero_must_be_true_itself():
     table = {"deployments": {"x": {"routePrefix": "/x", "scaleFromZero": "yes", "replicas": []}}}
-    assert f"server {hc.ACTIVATOR_SERVER} " not in render(table, activator_socket=ACTIVATOR)
+    assert ":activator" not in render(table, activator_socket=ACTIVATOR)
 
 
 CANARY_TABLE = {"deployments": {
@@ -240,8 +276,9 @@ def test_a_canary_takes_its_weight_of_its_deployments_requests_before_the_stable
     draw = "{ rand(100) lt 10 } { nbsrv(be_echo:canary) gt 0 }"
     canary = f"use_backend be_echo:canary if {{ path /echo }} {draw} || {{ path_beg /echo/ }} {draw}"
     assert fe.index(canary) + 1 == fe.index("use_backend be_echo if { path /echo } || { path_beg /echo/ }")
-    # Weight 0, or no canary replica: no rule, every request is the stable backend's.
-    assert not [line for line in fe if "off:canary" in line or "none:canary" in line]
+    # Weight 0: no rule, every request is the stable backend's; no canary replica up: the rule's nbsrv.
+    assert not [line for line in fe if "off:canary" in line]
+    assert [line for line in fe if "none:canary" in line]
     # The catch-all's canary takes what no prefix matched: after every prefix rule, before the default.
     assert fe[-2:] == ["use_backend be_root:canary if { rand(100) lt 100 } { nbsrv(be_root:canary) gt 0 }",
                        "default_backend be_root"]
@@ -250,10 +287,10 @@ def test_a_canary_takes_its_weight_of_its_deployments_requests_before_the_stable
 def test_a_canary_backend_has_every_backend_setting_with_its_own_limits():
     cfg = render(CANARY_TABLE)
     canary = section(cfg, "backend be_echo:canary")
-    assert "# deployment echo: canary, 10% of prefix /echo, 1 replica(s)" in cfg
+    assert "# deployment echo: canary, 10% of prefix /echo" in cfg
     assert re.findall(r"^server (\S+) (\S+)", canary, re.M) == [("echo-c0", "127.0.0.1:9005")]
-    assert re.search(r"default-server check inter \d+ms .* maxconn 3\b", canary)
-    assert "option httpchk" in canary and "timeout server 2500ms" in canary and "if { queue() ge 3 }" in canary
+    assert re.search(r"^server echo-c0 \S+ check inter \d+ms .* maxconn 3\b", canary, re.M)
+    assert "option httpchk" in canary and "timeout server 2500ms" in canary and "nbsrv,mul(3)" in canary
     assert "if { req.hdr_val(content-length) gt 64 }" in canary
     assert '"deployment":"echo"' in canary  # its 503s and 413 name the deployment, as the stable one's
     assert "maxconn 7" in section(cfg, "backend be_echo") and "content-length" not in section(cfg, "backend be_echo")
@@ -267,9 +304,14 @@ def test_the_activator_serves_a_stable_backend_scaled_to_zero_never_its_canary()
     table = {"deployments": {"cold": {"routePrefix": "/cold", "scaleFromZero": True, "replicas": [],
                                       "canary": {"weight": 20, "replicas": [rep("cold-c0", 9001)]}}}}
     cfg = render(table, activator_socket=ACTIVATOR)
-    assert f"server {hc.ACTIVATOR_SERVER} unix@{ACTIVATOR}" in section(cfg, "backend be_cold")
+    assert f"server {hc.ACTIVATOR_SERVER} unix@{ACTIVATOR}" in section(cfg, "backend be_cold:activator")
     assert "server cold-c0 127.0.0.1:9001" in section(cfg, "backend be_cold:canary")
     assert cfg.count(f"server {hc.ACTIVATOR_SERVER} ") == 1
+    # The activator holds only while the stable backend has no replica up, and the canary's rule comes
+    # after: the canary's share is drawn from what the stable revision would serve.
+    fe = section(cfg, f"frontend {hc.FRONTEND_NAME}").splitlines()
+    order = [line.split()[1] for line in fe if line.startswith("use_backend")]
+    assert order == ["be_cold:activator", "be_cold:canary", "be_cold"]
 
 
 @pytest.fixture(scope="module")
@@ -321,4 +363,6 @@ def test_an_autoscaled_deployment_queues_what_its_max_replicas_could_run():
                                    "replicas": [{"id": "e-0", "host": "127.0.0.1", "port": 9001}]}}}
     backends = {b.deployment: b for b in RoutingTable.from_wire(table).backends}
     assert (backends["d"].max_queued, backends["d"].queue_timeout_s) == (80, 60)
-    assert backends["e"].max_queued == 10  # not a count: maxConcurrency x replicas, as without autoscaling
+    assert backends["e"].max_queued is None  # not a count: maxConcurrency x replicas up, as without autoscaling
+    cfg = render(table)
+    assert "if { queue() ge 80 }" in section(cfg, "backend be_d") and "nbsrv,mul(10)" in section(cfg, "backend be_e")

@@ -10,11 +10,12 @@ def route(name, replicas=(), **fields):
     return Route(name, DesiredState(handler="m:h", **fields), tuple(replicas))
 
 
-def test_a_fixed_deployment_queues_what_its_replicas_run_for_two_seconds():
+def test_a_fixed_deployment_queues_what_its_replicas_up_run_for_two_seconds():
     table = build_table([route("d", [("d-0", "10.0.0.1", 9000, "n1"), ("d-1", "10.0.0.2", 9000, "n2")],
                               max_concurrency=7, route_prefix="/d")])
     be = table.backend("d")
-    assert (be.max_queued, be.queue_timeout_s, be.scale_from_zero) == (14, QUEUE_TIMEOUT_S, False)
+    # None: HAProxy counts the replicas up (maxConcurrency x nbsrv), so a change of replicas changes no setting.
+    assert (be.max_queued, be.queue_timeout_s, be.scale_from_zero) == (None, QUEUE_TIMEOUT_S, False)
     assert [(s.replica_id, s.addr, s.node_id) for s in be.servers] == [("d-0", "10.0.0.1:9000", "n1"),
                                                                        ("d-1", "10.0.0.2:9000", "n2")]
 
@@ -90,10 +91,11 @@ def test_a_canary_is_a_backend_of_its_own_with_its_revisions_limits():
     assert "revision" not in table.names()["be_d"]
 
 
-def test_a_canary_with_weight_0_or_no_replica_routes_nothing_and_weights_are_percents():
+def test_a_canary_with_weight_0_routes_nothing_and_weights_are_percents():
     rep = [("d-c0", "10.0.0.3", 9001, None)]
     assert not build_table([canary_route("d", [], rep, 0)]).backend("d").routes_canary
-    assert not build_table([canary_route("d", [], [], 50)]).backend("d").routes_canary
+    # With no replica yet it routes as soon as one is up (HAProxy's nbsrv): adding it is no reload.
+    assert build_table([canary_route("d", [], [], 50)]).backend("d").routes_canary
     assert build_table([canary_route("d", [], rep, 250)]).backend("d").canary_weight == 100
     assert build_table([canary_route("d", [], rep, -1)]).backend("d").canary_weight == 0
     assert build_table([route("d")]).backend("d").canary is None
@@ -107,7 +109,7 @@ def test_the_wire_form_of_a_canary_reads_back_as_the_same_table():
     assert RoutingTable.from_wire(wire) == table
     assert wire["deployments"]["d"]["canary"] == {
         "weight": 5, "maxConcurrency": 2, "requestTimeoutSeconds": 7.0, "queueTimeoutSeconds": QUEUE_TIMEOUT_S,
-        "maxQueued": 2, "maxRequestBodyBytes": DesiredState.max_request_body_bytes,
+        "maxQueued": None, "maxRequestBodyBytes": DesiredState.max_request_body_bytes,
         "replicas": [{"id": "d-c0", "host": "10.0.0.3", "port": 9001, "nodeId": "n2"}]}
 
 
@@ -126,7 +128,7 @@ def test_a_canarys_bad_replica_is_left_out_and_names_never_collide():
         "d": {"routePrefix": "/d", "canary": {"weight": 10, "replicas": [{"id": "c", "host": "a b", "port": 1}, "x"]}},
         "d:canary": {"routePrefix": "/e"}}}  # no controller sends this name; its backend still has its own
     table = RoutingTable.from_wire(wire)
-    assert table.backend("d").canary.servers == () and not table.backend("d").routes_canary
+    assert table.backend("d").canary.servers == ()
     assert sum("'d' canary: bad replica" in reason for reason in table.skipped) == 2
     names = [b.name for be in table.backends for b in be.revisions()]
     assert len(names) == len(set(names)) == 3

@@ -4,10 +4,12 @@ One ``IngressManager`` actor per Ray node (see :func:`ensure_ingress`) owns one 
 (``haproxy_process``) serving ``bind_host:port``. Requests flow client -> HAProxy -> replica; no Python
 process is on the request path.
 
-Updates (``update(table)``, a ``routing.RoutingTable`` the controller built) re-render the config and,
-when it changed, apply it with a seamless reload; the old worker answers the next request on each idle
-keep-alive connection with ``Connection: close`` (``option idle-close-on-response``) before it exits.
-Configs are validated with ``haproxy -c`` first; an invalid one is logged and the running config is kept.
+Updates (``update(table)``, a ``routing.RoutingTable`` the controller built) re-render the config. When
+only the replicas changed, they are applied through HAProxy's runtime API (``server_updates``: no new
+worker) and the config written for a later start. Else (a deployment added, removed, or its settings
+changed) the config is validated with ``haproxy -c`` (an invalid one is logged and the running config kept)
+and applied with a seamless reload: the old worker answers the next request on each idle keep-alive
+connection with ``Connection: close`` (``option idle-close-on-response``) before it exits.
 
 A ``scaleFromZero`` deployment with no replica is served by the actor's activator (``activator.py``, on
 ``activator.sock`` in the workdir): it holds those requests until a table gives the deployment a replica,
@@ -35,9 +37,10 @@ from rayfleet_api.metrics_labels import split_deployment
 from rayfleet_runtime.ingress import metrics as ingress_metrics, node_drain
 from rayfleet_runtime.ingress.activator import Activator
 from rayfleet_runtime.ingress.haproxy_bin import HAProxyBinary, check_config, find_haproxy, haproxy_version
-from rayfleet_runtime.ingress.haproxy_config import render_config
+from rayfleet_runtime.ingress.haproxy_config import render_config, runtime_servers
 from rayfleet_runtime.ingress.haproxy_process import HAProxyProcess, cli, listen
 from rayfleet_runtime.ingress.ray_sources import NodeRaySources
+from rayfleet_runtime.ingress.server_updates import RuntimeServers, plan
 from rayfleet_runtime.ingress.show_stat import parse_show_stat, stats_by_deployment
 from rayfleet_runtime.log_setup import configure_logging
 from rayfleet_runtime.routing import RoutingTable
@@ -45,6 +48,7 @@ from rayfleet_runtime.routing import RoutingTable
 logger = logging.getLogger("rayfleet.ingress")
 
 MIN_RELOAD_INTERVAL_S = 0.2
+SWEEP_INTERVAL_S = 1.0  # how often a server that left is deleted again, while HAProxy still holds it
 
 
 def actor_name(node_id: str) -> str:
@@ -91,6 +95,7 @@ class Ingress:
         self._table = RoutingTable()
         self._config = self._render(self._table)
         self._reloads = 0
+        self._runtime_updates = 0
         self._reload_failures = 0
         self._last_reload = 0.0
         self._last_error: str | None = None
@@ -99,6 +104,7 @@ class Ingress:
         self._desired = self._table
         self._last_result: dict[str, Any] = {"applied": True, "changed": False, "error": None}
         self._lock: asyncio.Lock | None = None  # created on the actor's event loop
+        self._sweeper: asyncio.Task | None = None
 
         restored = self._restore_table()
         if restored is not None:
@@ -108,6 +114,9 @@ class Ingress:
         if not ok:
             raise RuntimeError(f"initial HAProxy config is invalid: {out}")
         self._write_config(self._config)
+        self._shape = self._render(self._table.without_servers())
+        self._servers = RuntimeServers(lambda command: cli(self.runtime_socket, command))
+        self._haproxy.on_start = self._servers.forget  # a restarted HAProxy runs the config on disk
         self._activator = Activator(self.activator_socket)
         self._activator.start(self._table)  # before HAProxy, which may route to it from its first request
         self._haproxy.start(self._listener)
@@ -199,6 +208,8 @@ class Ingress:
         out = []
         for name, doc, value in (
                 ("rayfleet_ingress_config_reloads", "Routing tables applied by a HAProxy reload", self._reloads),
+                ("rayfleet_ingress_runtime_updates", "Routing tables that changed only replicas, applied through "
+                 "HAProxy's runtime API (no reload)", self._runtime_updates),
                 ("rayfleet_ingress_config_reload_failures", "Routing tables rejected (invalid config or a failed "
                  "reload; the previous config kept serving)", self._reload_failures),
                 ("rayfleet_ingress_haproxy_restarts", "HAProxy masters restarted after they died", self._haproxy.restarts)):
@@ -247,6 +258,7 @@ class Ingress:
             "version": self.version,
             "config_path": self.cfg_path,
             "reloads": self._reloads,
+            "runtime_updates": self._runtime_updates,
             "restarts": self._haproxy.restarts,
             "last_error": self._last_error,
         }
@@ -254,7 +266,8 @@ class Ingress:
     async def update(self, table: RoutingTable) -> dict[str, Any]:
         """Apply the routing table the controller built. Idempotent; a burst of updates is coalesced to the latest.
 
-        Returns ``{"applied": bool, "changed": bool, "error": str | None, ...}``.
+        Returns ``{"applied": bool, "changed": bool, "error": str | None, ...}``; ``"via"`` says how a change
+        was applied: ``"runtime"`` (HAProxy's runtime API) or ``"reload"``.
         """
         if self._lock is None:
             self._lock = asyncio.Lock()
@@ -278,6 +291,12 @@ class Ingress:
             self._applied_seq = seq
             self._table = desired
             return {"applied": True, "changed": False, "error": None}
+        shape = self._render(desired.without_servers())
+        if shape == self._shape and await self._update_servers(desired):
+            self._write_config(config)
+            self._applied(seq, desired, config, shape)
+            self._runtime_updates += 1
+            return {"applied": True, "changed": True, "error": None, "via": "runtime"}
         ok, out = await asyncio.to_thread(self._check, config)
         if not ok:
             self._last_error = f"invalid config, keeping the previous one: {out}"
@@ -304,13 +323,42 @@ class Ingress:
             self._write_config(self._config)
             self._applied_seq = seq
             return {"applied": False, "changed": False, "error": err}
-        self._config = config
-        self._table = desired
+        self._servers.forget()
+        self._applied(seq, desired, config, shape)
+        self._reloads += 1
+        return {"applied": True, "changed": True, "error": None, "via": "reload"}
+
+    async def _update_servers(self, desired: RoutingTable) -> bool:
+        """Apply ``desired``'s replicas through the runtime API; False (reload instead) if HAProxy refused one.
+        The activator first: HAProxy may send it a request for a replica of this table at once."""
+        if not self._haproxy.running:
+            return False
+        await self._activator.apply(desired)
+        update = plan(runtime_servers(self._table), runtime_servers(desired))
+        try:
+            err = await asyncio.to_thread(self._servers.apply, update)
+        except OSError as e:  # the runtime socket went away: HAProxy is restarting
+            err = repr(e)
+        if err is None:
+            if self._servers.leaving and (self._sweeper is None or self._sweeper.done()):
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep_leaving())
+            return True
+        logger.warning("HAProxy's runtime API refused a replica change, reloading instead: %s", err[:300])
+        return False
+
+    async def _sweep_leaving(self) -> None:
+        """Delete the servers that left as soon as HAProxy lets go of them (their requests finish)."""
+        while self._servers.leaving:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            async with self._lock:
+                await asyncio.to_thread(self._servers.sweep)
+
+    def _applied(self, seq: int, desired: RoutingTable, config: str, shape: str) -> None:
+        """``desired`` runs now, and ``config`` (on disk: a restarted HAProxy starts from it) says so."""
+        self._config, self._shape, self._table = config, shape, desired
         self._save_table(desired)
         self._applied_seq = seq
         self._last_error = None
-        self._reloads += 1
-        return {"applied": True, "changed": True, "error": None, "reloads": self._reloads}
 
     async def stats(self) -> dict[str, Any]:
         """Per-deployment/replica state from HAProxy's ``show stat`` (current worker only; see

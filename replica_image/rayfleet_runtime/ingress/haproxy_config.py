@@ -3,6 +3,11 @@
 Pure: no Ray, no HAProxy, no I/O. ``render_config(table, ...)`` returns the text of a complete
 ``haproxy.cfg`` for a ``routing.RoutingTable`` (which holds every routing rule: prefixes, limits, names);
 the same table always renders the same text (so the ingress can skip reloads when nothing changed).
+
+Only the ``server`` lines depend on which replicas a deployment has: the rest of the text (its *shape*,
+``render_config(table.without_servers())``) does not, so a table that differs only in replicas is applied
+through HAProxy's runtime API (``runtime_servers``: ``add server`` with the same ``server_args``) instead of
+a reload. Hence the rules that read a replica count read HAProxy's own (``nbsrv``), not the table's.
 The path is forwarded unchanged. With no ``/`` deployment, unmatched paths get a 404 JSON body from
 HAProxy itself.
 
@@ -10,9 +15,10 @@ A deployment with a canary (``Backend.canary``) has a second backend, for the ca
 the frontend sends it ``canary_weight`` % of the deployment's requests, drawn per request (``rand(100)``),
 while it has a replica up (``nbsrv``); with none up, or weight 0, every request goes to the stable backend.
 
-A deployment with no replica gets 503 from HAProxy, unless it has ``scaleFromZero`` and the ingress runs
-an activator (``activator_socket``): then the activator is the backend's only server, and holds its
-requests until a replica is ready (``activator.py``).
+A deployment with no replica up gets 503 from HAProxy, unless it has ``scaleFromZero`` and the ingress runs
+an activator (``activator_socket``): then the frontend sends its requests to the deployment's activator
+backend (``<backend>:activator``, whose only server is the activator) while ``nbsrv`` of its own is 0, and the
+activator holds them until a replica is ready (``activator.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any, Mapping
 
 from rayfleet_api.constants import INGRESS_READY_PATH, REPLICA_READY_PATH
 from rayfleet_runtime.routing import (DEFAULT_REQUEST_TIMEOUT_S, KEEPALIVE_TIMEOUT_S, QUEUE_TIMEOUT_S, Backend,
-                                      RoutingTable, join_addr)
+                                      RoutingTable, Server, join_addr)
 
 # Short: a connect in the cluster takes well under a millisecond, and HAProxy waits min(this, 1 s)
 # before it retries a refused connect elsewhere (a killed replica's GETs would stall a second).
@@ -72,12 +78,18 @@ def _body_limit(be: Backend) -> list[str]:
             f"{too_large} hdr Connection close if {{ req.hdr_val(content-length) gt {be.max_body_bytes} }}"]
 
 
+def activator_backend_name(backend: str) -> str:
+    """Named after the deployment's backend: ``:`` is in no deployment's backend name (see canary_backend_name)."""
+    return backend + ":activator"
+
+
 def _activator_backend(be: Backend, activator_socket: str) -> list[str]:
-    """A deployment scaled to zero: the activator, its only server, holds each request until a replica is
-    ready (or answers 504/503 itself: no health check, no maxconn, no queue here)."""
+    """Where a scale-from-zero deployment's requests go while it has no replica up: the activator, its only
+    server, holds each one until a replica is ready (or answers 504/503 itself: no health check, no maxconn,
+    no queue here)."""
     return [
-        f"# deployment {_comment(be.deployment)}: prefix {be.prefix}, no replica: held by the activator",
-        f"backend {be.name}",
+        f"# deployment {_comment(be.deployment)}: prefix {be.prefix}, with no replica up: held by the activator",
+        f"backend {activator_backend_name(be.name)}",
         f"    timeout server {_ms(be.request_timeout_s + ACTIVATOR_TIMEOUT_MARGIN_S)}",
         *_body_limit(be),
         f"    http-request set-header {ACTIVATOR_BACKEND_HEADER} {be.name}",
@@ -86,7 +98,7 @@ def _activator_backend(be: Backend, activator_socket: str) -> list[str]:
     ]
 
 
-def _routes(table: RoutingTable) -> list[str]:
+def _routes(table: RoutingTable, activator_socket: str | None) -> list[str]:
     """The frontend's routing rules: each deployment's by prefix, longest first, then the catch-all."""
     out = []
     for be in table.backends:
@@ -94,15 +106,27 @@ def _routes(table: RoutingTable) -> list[str]:
             continue
         matches = [f"{{ path {be.prefix} }}", f"{{ path_beg {be.prefix}/ }}"]
         out.append(f"    # deployment {_comment(be.deployment)}")
+        out.extend(_activator_route(be, matches, activator_socket))
         out.extend(_canary_route(be, matches))
         out.append(f"    use_backend {be.name} if {' || '.join(matches)}")
     catch_all = table.catch_all
-    if catch_all is not None and catch_all.routes_canary:
+    if catch_all is not None and (catch_all.routes_canary or catch_all.uses_activator(activator_socket)):
         # After every prefix's rules: only the paths no other deployment matched reach it.
-        out.append(f"    # deployment {_comment(catch_all.deployment)}: its canary's share of the paths left")
+        out.append(f"    # deployment {_comment(catch_all.deployment)}: the paths left, with no replica up or to its canary")
+        out.extend(_activator_route(catch_all, [], activator_socket))
         out.extend(_canary_route(catch_all, []))
     out.append(f"    default_backend {catch_all.name if catch_all else NOT_FOUND_BACKEND}")
     return out
+
+
+def _activator_route(be: Backend, matches: list[str], activator_socket: str | None) -> list[str]:
+    """The rule that sends a scale-from-zero deployment's requests to the activator while none of its
+    replicas is up (``matches`` as for ``_canary_route``)."""
+    if not be.uses_activator(activator_socket):
+        return []
+    none_up = f"{{ nbsrv({be.name}) eq 0 }}"
+    condition = " || ".join(f"{match} {none_up}" for match in matches) if matches else none_up
+    return [f"    use_backend {activator_backend_name(be.name)} if {condition}"]
 
 
 def _canary_route(be: Backend, matches: list[str]) -> list[str]:
@@ -122,8 +146,22 @@ def _canary_route(be: Backend, matches: list[str]) -> list[str]:
 def _title(deployment: Backend, revision: Backend) -> str:
     if revision is deployment.canary:
         return (f"# deployment {_comment(deployment.deployment)}: canary, {deployment.canary_weight}% of prefix "
-                f"{deployment.prefix}, {len(revision.servers)} replica(s)")
-    return f"# deployment {_comment(revision.deployment)}: prefix {revision.prefix}, {len(revision.servers)} replica(s)"
+                f"{deployment.prefix}")
+    return f"# deployment {_comment(revision.deployment)}: prefix {revision.prefix}"
+
+
+def server_args(be: Backend, server: Server, health_inter_ms: int = HEALTH_INTER_MS) -> str:
+    """What follows ``server <name>`` for a replica: the same in haproxy.cfg and in a runtime ``add server``
+    (which takes no ``default-server``). Health-checked, and marked down after 3 failed connects in a row."""
+    inter = int(health_inter_ms)
+    return (f"{server.addr} check inter {inter}ms fastinter {max(100, inter // 2)}ms rise 1 fall 2"
+            f" observe layer4 error-limit 3 on-error mark-down maxconn {be.max_concurrency}")
+
+
+def runtime_servers(table: RoutingTable, health_inter_ms: int = HEALTH_INTER_MS) -> dict[tuple[str, str], str]:
+    """(backend, server) -> ``server_args`` for every replica in ``table``: what the runtime API must hold."""
+    return {(revision.name, s.name): server_args(revision, s, health_inter_ms)
+            for be in table.backends for revision in be.revisions() for s in revision.servers}
 
 
 def _replica_backend(be: Backend, title: str, health_inter_ms: int) -> list[str]:
@@ -140,27 +178,21 @@ def _replica_backend(be: Backend, title: str, health_inter_ms: int) -> list[str]
     w(f"    timeout tunnel {_ms(be.request_timeout_s)}")
     w(f"    timeout queue {_ms(be.queue_timeout_s)}")
     no_replicas = _json_body({"error": "no ready replicas", "deployment": be.deployment})
-    if not be.servers:
-        w(f"    http-request return status 503 content-type application/json string {no_replicas}{RETRY_AFTER}")
+    w(f"    http-request return status 503 content-type application/json string {no_replicas}{RETRY_AFTER}"
+      " if { nbsrv() eq 0 }")
+    overloaded = _json_body({"error": "overloaded", "deployment": be.deployment})
+    if be.max_queued is None:  # what the replicas up could run at once
+        w(f"    http-request set-var(txn.max_queued) nbsrv,mul({be.max_concurrency})")
+        full = "queue,sub(txn.max_queued) ge 0"
     else:
-        w(
-            "    http-request return status 503 content-type application/json string "
-            f"{no_replicas}{RETRY_AFTER} if {{ nbsrv() eq 0 }}"
-        )
-        overloaded = _json_body({"error": "overloaded", "deployment": be.deployment})
-        w(
-            "    http-request return status 503 content-type application/json string "
-            f"{overloaded}{RETRY_AFTER} if {{ queue() ge {be.max_queued} }}"
-        )
+        full = f"queue() ge {be.max_queued}"
+    w(f"    http-request return status 503 content-type application/json string {overloaded}{RETRY_AFTER}"
+      f" if {{ {full} }}")
     out.extend(_body_limit(be))
-    w(
-        f"    default-server check inter {int(health_inter_ms)}ms fastinter {max(100, int(health_inter_ms) // 2)}ms"
-        f" rise 1 fall 2 observe layer4 error-limit 3 on-error mark-down"
-        f" maxconn {be.max_concurrency} init-addr last,libc,none"
-    )
     for s in be.servers:
         comment = "" if s.name == s.replica_id else f"  # replica {_comment(s.replica_id)}"
-        w(f"    server {s.name} {s.addr}{comment}")
+        # init-addr: a host name that doesn't resolve (yet) leaves its server down, not the config invalid
+        w(f"    server {s.name} {server_args(be, s, health_inter_ms)} init-addr last,libc,none{comment}")
     return out
 
 
@@ -265,7 +297,7 @@ def render_config(
     w("    http-request disable-l7-retry unless METH_GET || METH_OPTIONS")  # METH_GET is GET and HEAD
     if table.backends:  # the pod's readiness: this ingress routes (else the path falls through to 404)
         w(f"    http-request return status 200 content-type text/plain string ready if {{ path {INGRESS_READY_PATH} }}")
-    out.extend(_routes(table))
+    out.extend(_routes(table, activator_socket))
     if metrics_socket is not None:
         w("")
         w(f"frontend {METRICS_FRONTEND_NAME}")
@@ -275,10 +307,10 @@ def render_config(
     for be in table.backends:
         for revision in be.revisions():
             w("")
-            if revision.held_by_activator(activator_socket):  # never a canary: it has no scale-from-zero
-                out.extend(_activator_backend(revision, activator_socket))
-            else:
-                out.extend(_replica_backend(revision, _title(be, revision), health_inter_ms))
+            out.extend(_replica_backend(revision, _title(be, revision), health_inter_ms))
+        if be.uses_activator(activator_socket):  # never a canary's: it has no scale-from-zero
+            w("")
+            out.extend(_activator_backend(be, activator_socket))
 
     if table.catch_all is None:
         w("")

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import threading
 import time
+from typing import Callable
 
 from rayfleet_runtime.ingress.haproxy_bin import HAProxyBinary
 
@@ -105,6 +106,7 @@ class HAProxyProcess:
         self.master_socket = os.path.join(workdir, "master.sock")
         self.runtime_socket = os.path.join(workdir, "admin.sock")  # the config's `stats socket`
         self.restarts = 0
+        self.on_start: Callable[[], None] = lambda: None  # called as each master starts (a restart too)
         self._log_tail: collections.deque[str] = collections.deque(maxlen=200)
         self._proc: subprocess.Popen | None = None
         self._proc_lock = threading.Lock()
@@ -188,6 +190,7 @@ class HAProxyProcess:
                     if self._stopping.is_set():
                         break
                     self._proc = proc = self._spawn()
+                self.on_start()
             except BaseException as e:  # noqa: BLE001
                 self._spawn_error = e
                 self._spawned.set()

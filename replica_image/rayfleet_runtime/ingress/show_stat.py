@@ -7,8 +7,6 @@ import csv
 import io
 from typing import Any
 
-from rayfleet_runtime.ingress.haproxy_config import ACTIVATOR_SERVER
-
 
 def parse_show_stat(text: str) -> list[dict[str, str]]:
     """Parse ``show stat`` CSV output into one dict per row."""
@@ -71,8 +69,8 @@ def stats_by_deployment(rows: list[dict[str, str]], names: dict[str, Any]) -> tu
                 dep["canary"] = {"backend": px, **entry}
             elif sv == "BACKEND":
                 dep.update(entry, backend=px)
-            elif sv != ACTIVATOR_SERVER:  # servers are the replicas
-                dep["servers"][info["servers"].get(sv, sv)] = entry
+            elif sv in info["servers"]:  # the table's replicas, not one still leaving (server_updates)
+                dep["servers"][info["servers"][sv]] = entry
     for dep in deployments.values():
         if "canary" in dep:
             dep.update({key: dep.get(key, 0) + dep["canary"][key] for key in _ADDITIVE})
