@@ -71,6 +71,9 @@ class Server:
     replica_id: str
     addr: str  # host:port, as haproxy.cfg writes it
     node_id: str | None = None
+    # What the ingress of its own node last found (RoutingTable.shared_health): False, every other
+    # ingress takes it out of rotation
+    up: bool = True
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,13 @@ class RoutingTable:
 
     backends: tuple[Backend, ...] = ()
     skipped: tuple[str, ...] = ()  # why deployments or replicas were left out (from_wire only)
+    # Each replica is health-checked by its own node's ingress alone, which tells the controller, whose
+    # table tells the others (Server.up); False: every ingress checks every replica itself
+    shared_health: bool = False
+
+    def checks(self, server: Server, node_id: str | None) -> bool:
+        """The ingress of ``node_id`` (None: not known) health-checks ``server`` itself."""
+        return not self.shared_health or None in (server.node_id, node_id) or server.node_id == node_id
 
     @property
     def catch_all(self) -> Backend | None:
@@ -136,7 +146,7 @@ class RoutingTable:
                 for be in self.backends for b in be.revisions()}
 
     def to_wire(self) -> dict[str, Any]:
-        return {"deployments": {be.deployment: {
+        return {**({"sharedHealth": True} if self.shared_health else {}), "deployments": {be.deployment: {
             "routePrefix": be.prefix, **_limits_to_wire(be),
             **({"scaleFromZero": True} if be.scale_from_zero else {}),
             **({"canary": {"weight": be.canary_weight, **_limits_to_wire(be.canary)}} if be.canary else {}),
@@ -150,7 +160,7 @@ class RoutingTable:
             entry = _entry_from_wire(name, deployments[name] or {}, skipped)
             if entry is not None:
                 entries.append(entry)
-        return _assemble(entries, skipped)
+        return _assemble(entries, skipped, (wire or {}).get("sharedHealth") is True)
 
 
 @dataclass(frozen=True)
@@ -173,24 +183,27 @@ class CanaryRoute:
     weight: int
 
 
-def build_table(routes: Iterable[Route]) -> RoutingTable:
-    """The table for these deployments (the controller's, once per change)."""
+def build_table(routes: Iterable[Route], shared_health: bool = False, down: frozenset[str] = frozenset()) -> RoutingTable:
+    """The table for these deployments (the controller's, once per change); ``down``: the replicas their own
+    node's ingress found down (with ``shared_health``)."""
     skipped: list[str] = []
     entries = []
     for route in sorted(routes, key=lambda r: r.deployment):
-        entry = _entry(route.deployment, route.desired, route.replicas, f"deployment {route.deployment!r}", skipped)
+        entry = _entry(route.deployment, route.desired, route.replicas, f"deployment {route.deployment!r}", skipped,
+                       down)
         if route.canary is not None:
             c = route.canary
             # The stable revision owns the prefix and scale-from-zero: the canary only takes a share.
             canary = replace(_entry(route.deployment, c.desired, c.replicas,
-                                    f"deployment {route.deployment!r} canary", skipped),
+                                    f"deployment {route.deployment!r} canary", skipped, down),
                              prefix=entry.prefix, scale_from_zero=False)
             entry = replace(entry, canary=canary, canary_weight=min(max(int(c.weight), 0), 100))
         entries.append(entry)
-    return _assemble(entries, skipped)
+    return _assemble(entries, skipped, shared_health)
 
 
-def _entry(deployment: str, d: DesiredState, replicas: Iterable[Any], who: str, skipped: list[str]) -> _Entry:
+def _entry(deployment: str, d: DesiredState, replicas: Iterable[Any], who: str, skipped: list[str],
+           down: frozenset[str]) -> _Entry:
     scaled = d.autoscaling
     return _Entry(
         deployment, d.route_prefix, d.max_concurrency, float(d.request_timeout_seconds),
@@ -201,7 +214,7 @@ def _entry(deployment: str, d: DesiredState, replicas: Iterable[Any], who: str, 
         max_body_bytes=d.max_request_body_bytes,
         # With no replica the ingress holds a request (it starts one) instead of refusing it.
         scale_from_zero=bool(scaled and scaled.min_replicas == 0),
-        servers=_servers(who, replicas, skipped))
+        servers=_servers(who, ((*rep, rep[0] not in down) for rep in replicas), skipped))
 
 
 def normalize_prefix(prefix: Any) -> str:
@@ -274,7 +287,8 @@ def _limits_to_wire(be: Backend) -> dict[str, Any]:
     return {"maxConcurrency": be.max_concurrency, "requestTimeoutSeconds": be.request_timeout_s,
             "queueTimeoutSeconds": be.queue_timeout_s, "maxQueued": be.max_queued,
             "maxRequestBodyBytes": be.max_body_bytes,
-            "replicas": [{"id": s.replica_id, **_host_port(s.addr), "nodeId": s.node_id} for s in be.servers]}
+            "replicas": [{"id": s.replica_id, **_host_port(s.addr), "nodeId": s.node_id, **({} if s.up else {"up": False})}
+                         for s in be.servers]}
 
 
 def _host_port(addr: str) -> dict[str, Any]:
@@ -298,18 +312,19 @@ class _Entry:
     max_queued: int | None  # None: Backend.max_queued's default
     max_body_bytes: int | None
     scale_from_zero: bool
-    servers: tuple[tuple[str, str, str | None], ...]  # (replica id, addr, node id)
+    servers: tuple[tuple[str, str, str | None, bool], ...]  # (replica id, addr, node id, up)
     canary: _Entry | None = None  # its prefix is this entry's, its scale_from_zero False
     canary_weight: int = 0
 
 
-def _servers(who: str, replicas: Iterable[Any], skipped: list[str]) -> tuple[tuple[str, str, str | None], ...]:
-    """``who`` names the replicas' revision in a skip reason ("deployment 'x'", "deployment 'x' canary")."""
+def _servers(who: str, replicas: Iterable[Any], skipped: list[str]) -> tuple[tuple[str, str, str | None, bool], ...]:
+    """From (replica id, host, port, node id, up) rows; ``who`` names the replicas' revision in a skip reason
+    ("deployment 'x'", "deployment 'x' canary")."""
     parsed = set()
     for rep in replicas:
         try:
-            rid, host, port, node = rep
-            parsed.add((str(rid), server_addr(host, port), None if node is None else str(node)))
+            rid, host, port, node, up = rep
+            parsed.add((str(rid), server_addr(host, port), None if node is None else str(node), up is not False))
         except (TypeError, ValueError, OverflowError) as e:
             skipped.append(f"{who}: bad replica {rep!r}: {e}")
     return tuple(sorted(parsed))
@@ -356,7 +371,7 @@ def _limits_from_wire(name: str, prefix: str, spec: Mapping[str, Any], who: str,
     rows = []
     for rep in replicas:
         try:
-            rows.append((rep["id"], rep["host"], rep["port"], rep.get("nodeId")))
+            rows.append((rep["id"], rep["host"], rep["port"], rep.get("nodeId"), rep.get("up")))
         except (KeyError, TypeError, AttributeError) as e:
             skipped.append(f"{who}: bad replica {rep!r}: {e!r}")
     return _Entry(name, prefix, max_conc, _secs(spec.get("requestTimeoutSeconds"), DEFAULT_REQUEST_TIMEOUT_S),
@@ -364,7 +379,7 @@ def _limits_from_wire(name: str, prefix: str, spec: Mapping[str, Any], who: str,
                   _max_body(spec.get("maxRequestBodyBytes")), False, _servers(who, rows, skipped))
 
 
-def _assemble(entries: list[_Entry], skipped: list[str]) -> RoutingTable:
+def _assemble(entries: list[_Entry], skipped: list[str], shared_health: bool) -> RoutingTable:
     """Names, prefix owners, the queue default and routing order: the same for both ways a table is made."""
     owners: dict[str, str] = {}
     backends: list[Backend] = []
@@ -390,14 +405,14 @@ def _assemble(entries: list[_Entry], skipped: list[str]) -> RoutingTable:
         backends.append(backend)
     # Longest prefix first; ties can't happen (prefixes are unique). "/" is len 1 -> last.
     backends.sort(key=lambda b: (-len(b.prefix), b.prefix))
-    return RoutingTable(tuple(backends), tuple(skipped))
+    return RoutingTable(tuple(backends), tuple(skipped), shared_health)
 
 
 def _backend(e: _Entry, name: str, who: str, skipped: list[str]) -> Backend:
     """One revision's backend: its servers named, its limits held to what haproxy.cfg can take."""
     servers: list[Server] = []
     used: set[str] = set()
-    for rid, addr, node in e.servers:  # sorted: names don't depend on the order replicas are listed in
+    for rid, addr, node, up in e.servers:  # sorted: names don't depend on the order replicas are listed in
         sname = server_name(rid)
         if sname in used:
             sname = f"{sname[:48]}-{_short_hash('dup:' + rid + addr)}"
@@ -405,7 +420,7 @@ def _backend(e: _Entry, name: str, who: str, skipped: list[str]) -> Backend:
             skipped.append(f"{who}: duplicate replica id {rid!r}")
             continue
         used.add(sname)
-        servers.append(Server(sname, rid, addr, node))
+        servers.append(Server(sname, rid, addr, node, up))
     servers.sort(key=lambda s: s.name)
     max_conc = min(max(1, e.max_concurrency), MAX_SERVER_MAXCONN)
     return Backend(

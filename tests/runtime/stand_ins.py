@@ -19,6 +19,7 @@ class Replicas:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.hits: collections.Counter[str] = collections.Counter()
+        self.checks: collections.Counter[str] = collections.Counter()  # health checks (GET /-/ready) each got
         self.cancelled: collections.Counter[str] = collections.Counter()
         self.runners: dict[str, web.AppRunner] = {}
         self.ports: dict[str, int] = {}
@@ -46,6 +47,7 @@ class Replicas:
                                      status=int(request.query.get("status", 200)))
 
         async def ready(request: web.Request) -> web.Response:
+            self.checks[rid] += 1
             return web.Response(text="ok")
 
         async def go():

@@ -456,7 +456,7 @@ def test_delete_drains_every_replica_then_forgets_the_deployment():
         assert obs["status"] == DeploymentStatus.DELETING and obs["targetReplicas"] == 0
         assert json.loads(backend.checkpoints["d"])["deleting"] is True  # a restarted controller goes on deleting
         await settle(core, lambda: core.get_deployment("d") is None, "d forgotten")
-        assert "d" not in backend.checkpoints and core.routing_table() == RoutingTable()
+        assert "d" not in backend.checkpoints and core.routing_table().backends == ()
         unrouted = backend.index(("routes", {}))
         for rid in ("d-0", "d-1"):
             assert unrouted < backend.index(("drain", rid)) < backend.index(("kill", rid)) < backend.index(("forget", "d"))
@@ -827,5 +827,22 @@ def test_a_deployment_crowded_on_one_node_is_spread_again_when_another_can_take_
             core.reconcile_once()
             await asyncio.sleep(0.01)
         assert len(backend.created()) == 3
+
+    run(test)
+
+
+def test_a_replica_its_own_nodes_ingress_finds_down_is_marked_down_in_the_table_every_ingress_gets():
+    async def test(core: ControllerCore, backend: FakeBackend):
+        core.put_deployment("d", desired(2))
+        await settle(core, lambda: core.get_deployment("d")["readyReplicas"] == 2, "2 ready replicas")
+        assert core.routing_table().shared_health  # every node runs an ingress, which checks its own replicas
+        version = core.routes._version
+        core.replicas_down("n1", ["d-1"])
+        assert core.routes._version == version + 1  # pushed at once
+        assert {s.replica_id: s.up for s in core.routing_table().backend("d").servers} == {"d-0": True, "d-1": False}
+        core.replicas_down("n1", ["d-1"])  # the same finding again (as every RESEND_S): no new table
+        assert core.routes._version == version + 1
+        core.replicas_down("n1", [])
+        assert all(s.up for s in core.routing_table().backend("d").servers)
 
     run(test)

@@ -130,7 +130,7 @@ def test_graceful_stop_drains_only_after_the_proxies_dropped_the_replica():
         await asyncio.wait_for(rec.task, 5)
         publish.cancel()
         assert rec.state == ReplicaState.STOPPED
-        assert ingress.tables[-1].to_wire() == {"deployments": {"d": {
+        assert ingress.tables[-1].to_wire() == {"sharedHealth": True, "deployments": {"d": {
             "routePrefix": "/", "maxConcurrency": 100, "requestTimeoutSeconds": 60, "maxRequestBodyBytes": 16 * 2**20,
             "queueTimeoutSeconds": 2.0, "maxQueued": None, "replicas": []}}}
         assert events == ["unrouted", "drain", "kill"]

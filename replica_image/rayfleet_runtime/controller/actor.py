@@ -64,6 +64,10 @@ class Controller:
         replicas away; how many are still there."""
         return self.core.drain_node(node_id, timeout_s)
 
+    async def replicas_down(self, node_id: str, down: list[str]) -> None:
+        """The ingress of ``node_id`` found these of its own replicas down (``ingress.health_watch``)."""
+        self.core.replicas_down(node_id, down)
+
     async def metrics(self) -> list[Any]:
         """The controller's Prometheus metrics (``prometheus_client`` ``Metric`` objects), for the head node's
         ingress to serve. Async, so it reads the controller's state on the loop that changes it."""

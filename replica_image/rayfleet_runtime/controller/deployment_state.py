@@ -76,6 +76,8 @@ class ControllerCore:
         self._nodes_task: asyncio.Task | None = None
         self._next_nodes_at = 0.0
         self.draining: dict[str, float] = {}  # node id -> when its drain gives up (time.time()); see drain_node
+        # node id -> the replicas of that node its own ingress found down (replicas_down)
+        self.down: dict[str, frozenset[str]] = {}
 
     # ---------- nodes: spread and drain ----------
     def drain_node(self, node_id: str, timeout_s: float) -> int:
@@ -88,6 +90,14 @@ class ControllerCore:
         self.draining[node_id] = max(self.draining.get(node_id, 0.0), time.time() + timeout_s)
         return sum(1 for dep in self.deployments.values() for r in dep.replicas.values()
                    if r.node == node_id and r.state != ReplicaState.STOPPED)
+
+    def replicas_down(self, node_id: str, down: list[str]) -> None:
+        """What the ingress of ``node_id`` finds of its own replicas (it alone checks them when every node runs
+        an ingress): a change goes into the next table, and through it to every other ingress."""
+        found = frozenset(down)
+        if self.down.get(node_id, frozenset()) != found:
+            self.down[node_id] = found
+            self.routes.changed()
 
     async def _refresh_nodes(self) -> None:
         try:
@@ -471,7 +481,8 @@ class ControllerCore:
     # ---------- routing ----------
     def routing_table(self) -> RoutingTable:
         """The table of READY replicas the ingresses route by (built here, once per change; they only read it)."""
-        return build_table(self._route(dep) for dep in self.deployments.values() if not dep.deleting)
+        return build_table((self._route(dep) for dep in self.deployments.values() if not dep.deleting),
+                           shared_health=self.ingress_nodes == "all", down=frozenset().union(*self.down.values()))
 
     @staticmethod
     def _route(dep: DeploymentRecord) -> Route:

@@ -28,7 +28,7 @@ import resource
 import subprocess
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -39,6 +39,7 @@ from rayfleet_runtime.ingress.activator import Activator
 from rayfleet_runtime.ingress.haproxy_bin import HAProxyBinary, check_config, find_haproxy, haproxy_version
 from rayfleet_runtime.ingress.haproxy_config import render_config, runtime_servers
 from rayfleet_runtime.ingress.haproxy_process import HAProxyProcess, cli, listen
+from rayfleet_runtime.ingress import health_watch
 from rayfleet_runtime.ingress.ray_sources import NodeRaySources
 from rayfleet_runtime.ingress.server_updates import RuntimeServers, plan
 from rayfleet_runtime.ingress.show_stat import parse_show_stat, stats_by_deployment
@@ -75,7 +76,12 @@ class Ingress:
         nbthread: int | None = None,
         maxconn: int | None = None,
         metrics_port: int | None = None,
+        node_id: str | None = None,
+        report_down: Callable[[list[str]], None] | None = None,
     ) -> None:
+        """``node_id``: the node this ingress serves (default: its Ray actor's; None outside Ray).
+        ``report_down``: tells the controller which of this node's replicas HAProxy finds down (default: the
+        controller actor's ``replicas_down``; None outside Ray: nobody is told)."""
         configure_logging()
         self.port = int(port)
         self.bind_host = bind_host
@@ -91,6 +97,9 @@ class Ingress:
         self.metrics_socket = os.path.join(self.workdir, "metrics.sock")  # HAProxy's own exporter
         self.activator_socket = os.path.join(self.workdir, "activator.sock")
         self._listener = listen(self.bind_host, self.port)
+        self._ray = NodeRaySources.for_this_actor()
+        self.node_id = node_id or (self._ray.node_id if self._ray is not None else None)
+        self._report_down = report_down or (self._ray.report_down if self._ray is not None else None)
 
         self._table = RoutingTable()
         self._config = self._render(self._table)
@@ -105,6 +114,7 @@ class Ingress:
         self._last_result: dict[str, Any] = {"applied": True, "changed": False, "error": None}
         self._lock: asyncio.Lock | None = None  # created on the actor's event loop
         self._sweeper: asyncio.Task | None = None
+        self._health_watch: asyncio.Task | None = None
 
         restored = self._restore_table()
         if restored is not None:
@@ -120,7 +130,6 @@ class Ingress:
         self._activator = Activator(self.activator_socket)
         self._activator.start(self._table)  # before HAProxy, which may route to it from its first request
         self._haproxy.start(self._listener)
-        self._ray = NodeRaySources.for_this_actor()
         self._metrics_server = self._serve_metrics(metrics_port) if metrics_port is not None else None
         # The pod's preStop hook (node_drain) asks here for this node's replicas to move before it stops.
         self._drain_server = (node_drain.serve(os.path.join(self.workdir, node_drain.SOCKET_NAME), self._ray.drain)
@@ -139,6 +148,7 @@ class Ingress:
             listen_fd=self._listener.fileno(),
             metrics_socket=self.metrics_socket,
             activator_socket=self.activator_socket,
+            node_id=self.node_id,
         )
 
     @property
@@ -271,6 +281,8 @@ class Ingress:
         """
         if self._lock is None:
             self._lock = asyncio.Lock()
+        if self._health_watch is None and self._report_down is not None:
+            self._health_watch = asyncio.get_running_loop().create_task(self._watch_health())
         self._seq += 1
         my_seq = self._seq
         self._desired = table
@@ -334,7 +346,7 @@ class Ingress:
         if not self._haproxy.running:
             return False
         await self._activator.apply(desired)
-        update = plan(runtime_servers(self._table), runtime_servers(desired))
+        update = plan(runtime_servers(self._table, self.node_id), runtime_servers(desired, self.node_id))
         try:
             err = await asyncio.to_thread(self._servers.apply, update)
         except OSError as e:  # the runtime socket went away: HAProxy is restarting
@@ -345,6 +357,23 @@ class Ingress:
             return True
         logger.warning("HAProxy's runtime API refused a replica change, reloading instead: %s", err[:300])
         return False
+
+    async def _watch_health(self) -> None:
+        """Tell the controller which of this node's replicas HAProxy finds down (``health_watch``)."""
+        findings = health_watch.Findings()
+        while True:
+            await asyncio.sleep(health_watch.WATCH_INTERVAL_S)
+            table = self._table
+            if not table.shared_health:
+                continue
+            try:
+                rows = parse_show_stat(await asyncio.to_thread(cli, self.runtime_socket, health_watch.SERVERS_STAT))
+                down = health_watch.down_here(rows, table, self.node_id)
+                if findings.to_send(down, time.monotonic()):
+                    await asyncio.to_thread(self._report_down, sorted(down))
+                    findings.sent(down, time.monotonic())
+            except Exception as exc:  # noqa: BLE001 - HAProxy restarting, the controller not up yet: next round
+                logger.debug("health of this node's replicas not reported: %s", exc)
 
     async def _sweep_leaving(self) -> None:
         """Delete the servers that left as soon as HAProxy lets go of them (their requests finish)."""

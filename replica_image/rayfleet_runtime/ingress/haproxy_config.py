@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from rayfleet_api.constants import INGRESS_READY_PATH, REPLICA_READY_PATH
@@ -150,21 +151,35 @@ def _title(deployment: Backend, revision: Backend) -> str:
     return f"# deployment {_comment(revision.deployment)}: prefix {revision.prefix}"
 
 
-def server_args(be: Backend, server: Server, health_inter_ms: int = HEALTH_INTER_MS) -> str:
-    """What follows ``server <name>`` for a replica: the same in haproxy.cfg and in a runtime ``add server``
-    (which takes no ``default-server``). Health-checked, and marked down after 3 failed connects in a row."""
+@dataclass(frozen=True)
+class ServerLine:
+    """One replica as this node's HAProxy runs it."""
+
+    args: str  # what follows `server <name>`: the same in haproxy.cfg and in a runtime `add server`
+    checked: bool  # health-checked here; else by its own node's ingress, whose finding `enabled` follows
+    enabled: bool  # in rotation (a replica checked elsewhere and found down is in maintenance here)
+
+
+def server_line(table: RoutingTable, be: Backend, server: Server, node_id: str | None,
+                health_inter_ms: int = HEALTH_INTER_MS) -> ServerLine:
+    """A replica of ``be`` for the ingress of ``node_id``: checked there if ``table.checks`` says so, then
+    also marked down after 3 failed connects in a row. (A runtime ``add server`` takes no ``default-server``.)"""
+    checked = table.checks(server, node_id)
     inter = int(health_inter_ms)
-    return (f"{server.addr} check inter {inter}ms fastinter {max(100, inter // 2)}ms rise 1 fall 2"
-            f" observe layer4 error-limit 3 on-error mark-down maxconn {be.max_concurrency}")
+    health = (f" check inter {inter}ms fastinter {max(100, inter // 2)}ms rise 1 fall 2"
+              " observe layer4 error-limit 3 on-error mark-down") if checked else ""
+    return ServerLine(f"{server.addr}{health} maxconn {be.max_concurrency}", checked, checked or server.up)
 
 
-def runtime_servers(table: RoutingTable, health_inter_ms: int = HEALTH_INTER_MS) -> dict[tuple[str, str], str]:
-    """(backend, server) -> ``server_args`` for every replica in ``table``: what the runtime API must hold."""
-    return {(revision.name, s.name): server_args(revision, s, health_inter_ms)
+def runtime_servers(table: RoutingTable, node_id: str | None,
+                    health_inter_ms: int = HEALTH_INTER_MS) -> dict[tuple[str, str], ServerLine]:
+    """(backend, server) -> its ``ServerLine`` for every replica in ``table``: what the runtime API must hold."""
+    return {(revision.name, s.name): server_line(table, revision, s, node_id, health_inter_ms)
             for be in table.backends for revision in be.revisions() for s in revision.servers}
 
 
-def _replica_backend(be: Backend, title: str, health_inter_ms: int) -> list[str]:
+def _replica_backend(table: RoutingTable, be: Backend, title: str, node_id: str | None,
+                     health_inter_ms: int) -> list[str]:
     """A backend of replicas: health-checked, each up to maxConcurrency, a bounded queue, its own 503s."""
     out = [title, f"backend {be.name}"]
     w = out.append
@@ -191,8 +206,9 @@ def _replica_backend(be: Backend, title: str, health_inter_ms: int) -> list[str]
     out.extend(_body_limit(be))
     for s in be.servers:
         comment = "" if s.name == s.replica_id else f"  # replica {_comment(s.replica_id)}"
+        line = server_line(table, be, s, node_id, health_inter_ms)
         # init-addr: a host name that doesn't resolve (yet) leaves its server down, not the config invalid
-        w(f"    server {s.name} {server_args(be, s, health_inter_ms)} init-addr last,libc,none{comment}")
+        w(f"    server {s.name} {line.args}{'' if line.enabled else ' disabled'} init-addr last,libc,none{comment}")
     return out
 
 
@@ -211,6 +227,7 @@ def render_config(
     listen_fd: int | None = None,
     metrics_socket: str | None = None,
     activator_socket: str | None = None,
+    node_id: str | None = None,
 ) -> str:
     """Render a complete haproxy.cfg for ``table`` (see the module docstring).
 
@@ -219,6 +236,7 @@ def render_config(
     actor, which serves the node's metrics; no TCP port of its own).
     ``activator_socket``: the Unix socket of the ingress's activator, the server of every ``scaleFromZero``
     deployment with no replica (None: those answer 503 as any deployment with no replica).
+    ``node_id``: this ingress's node, whose replicas alone it health-checks in a ``shared_health`` table.
     """
     max_req_timeout = max([b.request_timeout_s for be in table.backends for b in be.revisions()]
                           + [DEFAULT_REQUEST_TIMEOUT_S])
@@ -307,7 +325,7 @@ def render_config(
     for be in table.backends:
         for revision in be.revisions():
             w("")
-            out.extend(_replica_backend(revision, _title(be, revision), health_inter_ms))
+            out.extend(_replica_backend(table, revision, _title(be, revision), node_id, health_inter_ms))
         if be.uses_activator(activator_socket):  # never a canary's: it has no scale-from-zero
             w("")
             out.extend(_activator_backend(be, activator_socket))

@@ -1,5 +1,6 @@
-"""What the ingress's metrics endpoint and drain hook ask Ray for: the metrics of the replicas on this
-node and of the controller if it runs here, and the controller's drain of this node. Ray calls, made
+"""What the ingress's metrics endpoint, drain hook and health watch ask Ray for: the metrics of the replicas
+on this node and of the controller if it runs here, the controller's drain of this node, and telling the
+controller which of this node's replicas are down. Ray calls, made
 from the metrics server's (or the drain socket's) thread, never the actor's event loop."""
 from __future__ import annotations
 
@@ -65,6 +66,13 @@ class NodeRaySources:
 
         handle = ray.get_actor(CONTROLLER_NAME, namespace=RAY_NAMESPACE)
         return ray.get(handle.drain_node.remote(self.node_id, timeout_s), timeout=SOURCE_TIMEOUT_S)
+
+    def report_down(self, down: list[str]) -> None:
+        """Tell the controller which of this node's replicas this node's HAProxy finds down (it answers
+        nothing: the table it pushes next says what every ingress does)."""
+        import ray
+
+        ray.get_actor(CONTROLLER_NAME, namespace=RAY_NAMESPACE).replicas_down.remote(self.node_id, down)
 
     def controller(self) -> list[Any]:
         import ray

@@ -5,9 +5,10 @@ them by the old table) until they close or ``hard-stop-after``; at many replicas
 started or stopped would do that on every node. When a new table differs from the running one only in its
 servers (``RoutingTable.without_servers`` renders the same), the ingress instead:
 
-- adds each new replica (``add server`` with ``haproxy_config.server_args``, then ``enable server`` and
-  ``enable health``: it is up at once, as a server of a freshly loaded config is, for the controller lists
-  only READY replicas), before it removes any, so a rollout's surge never routes to fewer;
+- adds each new replica (``add server`` with its ``haproxy_config.ServerLine``, then ``enable server`` and,
+  if checked here, ``enable health``: it is up at once, as a server of a freshly loaded config is, for the
+  controller lists only READY replicas), before it removes any, so a rollout's surge never routes to fewer;
+- puts a replica checked by another node's ingress in or out of maintenance as that one found it;
 - puts each replica that left in maintenance (no new request goes there, the queued ones move to another,
   those in flight finish) and deletes it once HAProxy holds no connection to it (``sweep`` tries again);
   one back before that, with the same arguments, is made ready again.
@@ -20,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+from rayfleet_runtime.ingress.haproxy_config import ServerLine
+
 Key = tuple[str, str]  # (backend, server), as HAProxy names them
 
 ADDED = "New server registered."
@@ -31,19 +34,25 @@ STILL_USED = "Server still has connections attached to it, cannot remove it."
 
 @dataclass(frozen=True)
 class ServerUpdate:
-    add: tuple[tuple[Key, str], ...] = ()  # (key, server_args)
-    remove: tuple[tuple[Key, str], ...] = ()  # (key, the server_args it ran with)
+    add: tuple[tuple[Key, ServerLine], ...] = ()
+    remove: tuple[tuple[Key, ServerLine], ...] = ()  # (key, the line it ran with)
+    enable: tuple[Key, ...] = ()  # back in rotation / out of it, as their own node's ingress found them
+    disable: tuple[Key, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.add or self.remove)
+        return bool(self.add or self.remove or self.enable or self.disable)
 
 
-def plan(running: Mapping[Key, str], wanted: Mapping[Key, str]) -> ServerUpdate:
-    """From the servers HAProxy runs to those ``wanted`` (both: key -> server_args). A server whose
-    arguments changed (its address, its maxconn) is removed and added again."""
-    changed = {key for key in running.keys() & wanted.keys() if running[key] != wanted[key]}
+def plan(running: Mapping[Key, ServerLine], wanted: Mapping[Key, ServerLine]) -> ServerUpdate:
+    """From the servers HAProxy runs to those ``wanted``. A server whose arguments changed (its address, its
+    maxconn, where it is checked) is removed and added again."""
+    kept = running.keys() & wanted.keys()
+    changed = {key for key in kept if running[key].args != wanted[key].args}
+    toggled = sorted(key for key in kept - changed if running[key].enabled != wanted[key].enabled)
     return ServerUpdate(add=tuple(sorted((key, wanted[key]) for key in wanted.keys() - running.keys() | changed)),
-                        remove=tuple(sorted((key, running[key]) for key in running.keys() - wanted.keys() | changed)))
+                        remove=tuple(sorted((key, running[key]) for key in running.keys() - wanted.keys() | changed)),
+                        enable=tuple(key for key in toggled if wanted[key].enabled),
+                        disable=tuple(key for key in toggled if not wanted[key].enabled))
 
 
 def _name(key: Key) -> str:
@@ -55,35 +64,45 @@ class RuntimeServers:
 
     def __init__(self, send: Callable[[str], str]):
         self._send = send
-        # In maintenance (key -> its server_args), deleted once HAProxy holds no connection to them
-        self.leaving: dict[Key, str] = {}
+        # In maintenance (key -> the line it ran with), deleted once HAProxy holds no connection to them
+        self.leaving: dict[Key, ServerLine] = {}
 
     def apply(self, update: ServerUpdate) -> str | None:
         """None once HAProxy runs ``update``; else what it answered (the caller reloads instead)."""
-        for key, args in update.add:
+        for key, line in update.add:
             if key in self.leaving and not self._delete(key):
-                if self.leaving.pop(key) != args:
+                if self.leaving.pop(key).args != line.args:
                     return f"{_name(key)} is back, changed, while HAProxy still holds connections to it"
-                reply = self._command(f"set server {_name(key)} state ready")
-                if reply:
-                    return f"set server {_name(key)} state ready: {reply}"
-                continue
-            reply = self._command(f"add server {_name(key)} {args}")
-            if reply != ADDED:
-                return f"add server {_name(key)}: {reply}"
-            for command in (f"enable server {_name(key)}", f"enable health {_name(key)}"):
-                reply = self._command(command)
-                if reply:
-                    return f"{command}: {reply}"
-        for key, args in update.remove:
+                err = self._run(f"set server {_name(key)} state ready" if line.enabled else "")
+            else:
+                err = self._add(key, line)
+            if err:
+                return err
+        for key, state in [*((key, "ready") for key in update.enable), *((key, "maint") for key in update.disable)]:
+            if err := self._run(f"set server {_name(key)} state {state}"):
+                return err
+        for key, line in update.remove:
             reply = self._command(f"set server {_name(key)} state maint")
             if reply in (NO_SUCH_SERVER, NO_SUCH_BACKEND):
                 continue
             if reply:
                 return f"set server {_name(key)} state maint: {reply}"
-            self.leaving[key] = args
+            self.leaving[key] = line
         self.sweep()
         return None
+
+    def _add(self, key: Key, line: ServerLine) -> str | None:
+        reply = self._command(f"add server {_name(key)} {line.args}")
+        if reply != ADDED:
+            return f"add server {_name(key)}: {reply}"
+        # A new server is in maintenance, its checks off, until told otherwise
+        return (self._run(f"enable server {_name(key)}" if line.enabled else "")
+                or self._run(f"enable health {_name(key)}" if line.checked else ""))
+
+    def _run(self, command: str) -> str | None:
+        """None once HAProxy did ``command`` (nothing to do for ""); else what it answered."""
+        reply = self._command(command) if command else ""
+        return f"{command}: {reply}" if reply else None
 
     def sweep(self) -> None:
         """Delete the servers that left and that HAProxy no longer holds a connection to."""
