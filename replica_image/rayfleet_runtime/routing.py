@@ -15,7 +15,8 @@ in HAProxy), while it has a replica up.
 
 The wire form (``to_wire``, the JSON an ingress keeps to serve again after its actor restarts) is::
 
-    {"deployments": {
+    {"sharedHealth": true,                 # optional: each replica checked by its own node's ingress alone
+     "deployments": {
         "echo": {
             "routePrefix": "/echo",            # normalised: "/echo/" -> "/echo"
             "maxConcurrency": 100,             # per replica -> per-server maxconn
@@ -24,7 +25,8 @@ The wire form (``to_wire``, the JSON an ingress keeps to serve again after its a
             "queueTimeoutSeconds": 2,          # optional; default QUEUE_TIMEOUT_S (then 503)
             "maxQueued": 800,                  # optional; default maxConcurrency x replicas up
             "scaleFromZero": true,             # optional; with no replicas, requests wait in the activator
-            "replicas": [{"id": "echo-0", "host": "127.0.0.1", "port": 43123, "nodeId": "..."}],
+            "replicas": [{"id": "echo-0", "host": "127.0.0.1", "port": 43123, "nodeId": "...",
+                          "up": false}],   # optional: its own node's ingress found it down
             "canary": {                        # optional: a new revision gets `weight` % of the requests
                 "weight": 10,                  # percent, 0..100 (0, or no replica: it gets none)
                 "maxConcurrency": 50, ...,     # its own limits, as above (no routePrefix, no scaleFromZero)
