@@ -156,7 +156,7 @@ def test_a_change_of_replicas_alone_keeps_the_shape_and_gives_the_runtime_api_th
     assert render(other) != render(TABLE) and shape(other) == shape(TABLE)
     servers = hc.runtime_servers(RoutingTable.from_wire(other), None)
     assert set(servers) == {("be_echo", "echo-2"), ("be_echo-api", "a-0"), ("be_root", "root-0"), ("be_zz", "zz-0")}
-    assert all(line.checked and line.enabled for line in servers.values())
+    assert all(line.own and line.enabled for line in servers.values())
     # What `add server` gets is the config's own server line, less init-addr (no dynamic server takes it).
     lines = re.findall(r"^\s+server (\S+) (.*) init-addr last,libc,none$", render(other), re.M)
     assert sorted(lines) == sorted((name, line.args) for (_, name), line in servers.items())
@@ -376,15 +376,19 @@ def test_with_shared_health_each_ingress_checks_its_own_nodes_replicas_and_follo
         {"id": "d-2", "host": "10.0.0.2", "port": 3, "nodeId": "n2"},
         {"id": "d-3", "host": "10.0.0.9", "port": 4}]}}}  # no node known: checked everywhere
     on_n1 = {name: line for (_, name), line in hc.runtime_servers(RoutingTable.from_wire(table), "n1").items()}
-    assert [name for name, line in sorted(on_n1.items()) if line.checked] == ["d-0", "d-3"]
+    assert [name for name, line in sorted(on_n1.items()) if line.own] == ["d-0", "d-3"]
     assert not on_n1["d-1"].enabled and on_n1["d-2"].enabled  # as n2's ingress found them
-    assert " check " not in on_n1["d-1"].args and "observe" not in on_n1["d-2"].args
+    # n2's replicas are checked here only once traffic fails to reach them (observe needs check on), then
+    # every second until they answer again; up, only hourly.
+    assert f"check inter {hc.ELSEWHERE_HEALTH_INTER_MS}ms downinter 1000ms" in on_n1["d-2"].args
+    assert "observe layer4 error-limit 3 on-error mark-down" in on_n1["d-2"].args
+    assert "check inter 1000ms downinter 1000ms" in on_n1["d-0"].args
     be = section(render(table, node_id="n1"), "backend be_d")
-    assert re.search(r"^server d-1 10.0.0.2:2 maxconn 100 disabled init-addr", be, re.M)
-    assert re.search(r"^server d-2 10.0.0.2:3 maxconn 100 init-addr", be, re.M)
+    assert re.search(r"^server d-1 10.0.0.2:2 check .* maxconn 100 disabled init-addr", be, re.M)
+    assert re.search(r"^server d-2 10.0.0.2:3 check .* maxconn 100 init-addr", be, re.M)
     # n2 checks its own, and its own down one stays in rotation until its checks say otherwise.
     on_n2 = {name: line for (_, name), line in hc.runtime_servers(RoutingTable.from_wire(table), "n2").items()}
-    assert on_n2["d-1"].checked and on_n2["d-1"].enabled and not on_n2["d-0"].checked
+    assert on_n2["d-1"].own and on_n2["d-1"].enabled and not on_n2["d-0"].own
     # Without shared health (one ingress for the cluster), every ingress checks every replica.
     alone = {**table, "sharedHealth": False}
-    assert all(line.checked and line.enabled for line in hc.runtime_servers(RoutingTable.from_wire(alone), "n1").values())
+    assert all(line.own and line.enabled for line in hc.runtime_servers(RoutingTable.from_wire(alone), "n1").values())

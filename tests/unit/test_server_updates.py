@@ -4,8 +4,8 @@ from rayfleet_runtime.ingress import server_updates as su
 from rayfleet_runtime.ingress.haproxy_config import ServerLine
 
 
-def line(args, checked=True, enabled=True):
-    return ServerLine(args, checked, enabled)
+def line(args, own=True, enabled=True):
+    return ServerLine(args, own, enabled)
 
 
 class FakeRuntimeAPI:
@@ -69,8 +69,8 @@ def test_a_new_server_is_enabled_with_its_checks_and_one_that_left_is_deleted_on
     api.servers[("be_a", "a-0")]["connections"] = 1  # a request still in flight there
     servers = su.RuntimeServers(api)
     assert servers.apply(su.plan({("be_a", "a-0"): line("x")}, {("be_a", "a-1"): line("127.0.0.1:2 check maxconn 5")})) is None
-    assert api.commands[:3] == ["add server be_a/a-1 127.0.0.1:2 check maxconn 5", "enable server be_a/a-1",
-                                "enable health be_a/a-1"]
+    assert api.commands[:3] == ["add server be_a/a-1 127.0.0.1:2 check maxconn 5", "enable health be_a/a-1",
+                                "enable server be_a/a-1"]
     assert api.servers[("be_a", "a-1")]["state"] == "ready"
     # The one that left gets no new request, and stays until its last connection is gone.
     assert api.servers[("be_a", "a-0")]["state"] == "maint" and set(servers.leaving) == {("be_a", "a-0")}
@@ -88,10 +88,11 @@ def test_what_haproxy_refuses_is_an_error_for_the_ingress_to_reload_instead():
     assert "No such backend" in su.RuntimeServers(api).apply(su.ServerUpdate(add=((("be_b", "b-0"), line("127.0.0.1:3")),)))
 
 
-def test_a_replica_checked_elsewhere_and_found_down_is_added_out_of_rotation_and_unchecked():
+def test_a_replica_found_down_by_its_own_node_is_added_out_of_rotation():
     api = FakeRuntimeAPI()
     assert su.RuntimeServers(api).apply(su.ServerUpdate(add=((("be_a", "a-0"), line("x:1 maxconn 5", False, False)),))) is None
-    assert api.commands == ["add server be_a/a-0 x:1 maxconn 5"] and api.servers[("be_a", "a-0")]["state"] == "maint"
+    assert api.commands == ["add server be_a/a-0 x:1 maxconn 5", "enable health be_a/a-0"]
+    assert api.servers[("be_a", "a-0")]["state"] == "maint"
 
 
 def test_a_server_gone_already_is_no_error_and_one_back_while_still_leaving_is_ready_again_unless_changed():

@@ -36,6 +36,10 @@ from rayfleet_runtime.routing import (DEFAULT_REQUEST_TIMEOUT_S, KEEPALIVE_TIMEO
 # before it retries a refused connect elsewhere (a killed replica's GETs would stall a second).
 CONNECT_TIMEOUT_MS = 250
 HEALTH_INTER_MS = 1000
+# A replica another node's ingress checks (RoutingTable.shared_health) is checked here this rarely while up:
+# what marks it down here is its own node's finding (the table) or this node's traffic failing to reach it
+# (`observe`, which needs checks on); once down it is checked every HEALTH_INTER_MS until it answers.
+ELSEWHERE_HEALTH_INTER_MS = 3_600_000
 # On every 503 HAProxy answers itself (no replica, queue full, queue timeout), as the replica does on its own.
 RETRY_AFTER_S = 1
 RETRY_AFTER = f" hdr Retry-After {RETRY_AFTER_S}"
@@ -156,19 +160,21 @@ class ServerLine:
     """One replica as this node's HAProxy runs it."""
 
     args: str  # what follows `server <name>`: the same in haproxy.cfg and in a runtime `add server`
-    checked: bool  # health-checked here; else by its own node's ingress, whose finding `enabled` follows
-    enabled: bool  # in rotation (a replica checked elsewhere and found down is in maintenance here)
+    own: bool  # health-checked here every HEALTH_INTER_MS; else by its own node's ingress (see ELSEWHERE_...)
+    enabled: bool  # in rotation (a replica its own node's ingress found down is in maintenance elsewhere)
 
 
 def server_line(table: RoutingTable, be: Backend, server: Server, node_id: str | None,
                 health_inter_ms: int = HEALTH_INTER_MS) -> ServerLine:
-    """A replica of ``be`` for the ingress of ``node_id``: checked there if ``table.checks`` says so, then
-    also marked down after 3 failed connects in a row. (A runtime ``add server`` takes no ``default-server``.)"""
-    checked = table.checks(server, node_id)
+    """A replica of ``be`` for the ingress of ``node_id``: checked every interval there if ``table.checks``
+    says so, else rarely (``ELSEWHERE_HEALTH_INTER_MS``); marked down after 3 failed connects in a row either
+    way, then checked every interval until it answers. (A runtime ``add server`` takes no ``default-server``.)"""
+    own = table.checks(server, node_id)
     inter = int(health_inter_ms)
-    health = (f" check inter {inter}ms fastinter {max(100, inter // 2)}ms rise 1 fall 2"
-              " observe layer4 error-limit 3 on-error mark-down") if checked else ""
-    return ServerLine(f"{server.addr}{health} maxconn {be.max_concurrency}", checked, checked or server.up)
+    up_inter = inter if own else max(inter, ELSEWHERE_HEALTH_INTER_MS)
+    health = (f"check inter {up_inter}ms downinter {inter}ms fastinter {max(100, inter // 2)}ms rise 1 fall 2"
+              " observe layer4 error-limit 3 on-error mark-down")
+    return ServerLine(f"{server.addr} {health} maxconn {be.max_concurrency}", own, own or server.up)
 
 
 def runtime_servers(table: RoutingTable, node_id: str | None,

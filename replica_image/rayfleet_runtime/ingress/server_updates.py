@@ -5,9 +5,10 @@ them by the old table) until they close or ``hard-stop-after``; at many replicas
 started or stopped would do that on every node. When a new table differs from the running one only in its
 servers (``RoutingTable.without_servers`` renders the same), the ingress instead:
 
-- adds each new replica (``add server`` with its ``haproxy_config.ServerLine``, then ``enable server`` and,
-  if checked here, ``enable health``: it is up at once, as a server of a freshly loaded config is, for the
-  controller lists only READY replicas), before it removes any, so a rollout's surge never routes to fewer;
+- adds each new replica (``add server`` with its ``haproxy_config.ServerLine``, then ``enable health`` and,
+  unless its own node's ingress found it down, ``enable server``: it is up at once, as a server of a freshly
+  loaded config is, for the controller lists only READY replicas), before it removes any, so a rollout's
+  surge never routes to fewer;
 - puts a replica checked by another node's ingress in or out of maintenance as that one found it;
 - puts each replica that left in maintenance (no new request goes there, the queued ones move to another,
   those in flight finish) and deletes it once HAProxy holds no connection to it (``sweep`` tries again);
@@ -96,8 +97,7 @@ class RuntimeServers:
         if reply != ADDED:
             return f"add server {_name(key)}: {reply}"
         # A new server is in maintenance, its checks off, until told otherwise
-        return (self._run(f"enable server {_name(key)}" if line.enabled else "")
-                or self._run(f"enable health {_name(key)}" if line.checked else ""))
+        return self._run(f"enable health {_name(key)}") or self._run(f"enable server {_name(key)}" if line.enabled else "")
 
     def _run(self, command: str) -> str | None:
         """None once HAProxy did ``command`` (nothing to do for ""); else what it answered."""
