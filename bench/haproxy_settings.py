@@ -27,7 +27,7 @@ from rayfleet_api.desired import DesiredState
 from rayfleet_api.http_probe import wait_http
 from rayfleet_runtime.ingress.haproxy_bin import find_haproxy
 from rayfleet_runtime.ingress.actor import default_maxconn
-from rayfleet_runtime.ingress.haproxy_config import render_config
+from rayfleet_runtime.ingress.haproxy_config import canary_weights_text, render_config
 from rayfleet_runtime.routing import Route, build_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def _sub(pattern: str, repl: str) -> Callable[[str], str]:
 VARIANTS: dict[str, Callable[[str], str]] = {
     "as rendered": lambda cfg: cfg,
     "nbthread 1": _sub(r"^    nbthread \d+$", "    nbthread 1"),
-    "no health checks": _sub(r" check inter \S+ fastinter \S+ rise 1 fall 2 observe layer4 error-limit 3 on-error mark-down", ""),
+    "no health checks": _sub(r" check inter \S+ downinter \S+ fastinter \S+ rise 1 fall 2 observe layer4 error-limit 3 on-error mark-down", ""),
     "http-reuse safe": _sub(r"^    http-reuse always$", "    http-reuse safe"),
     "no keep-alive to replicas": _sub(r"^    http-reuse always$", "    option http-server-close"),
     "balance roundrobin": _sub(r"^    balance random\(2\)$", "    balance roundrobin"),
@@ -144,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     table = build_table([Route("bench", desired, tuple((f"bench-{i}", "127.0.0.1", rp, None)
                                                        for i, rp in enumerate(ports)))])  # as the controller does
     with tempfile.TemporaryDirectory() as tmp:
+        weights_map = f"{tmp}/canary_weights.map"
+        with open(weights_map, "w") as f:
+            f.write(canary_weights_text(table))
         cfg = render_config(table, port=port, bind_host="127.0.0.1", runtime_socket=f"{tmp}/admin.sock",
-                            maxconn=default_maxconn())  # as the ingress renders it
+                            maxconn=default_maxconn(), weights_map=weights_map)  # as the ingress renders it
         report = {"started": time.strftime("%Y-%m-%d %H:%M"), "duration": args.duration, "points": []}
         replicas = _start_replicas(ports)
         try:

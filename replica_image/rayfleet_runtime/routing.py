@@ -96,12 +96,16 @@ class Backend:
     # activator's) that gets canary_weight % of the deployment's requests while it has a replica up.
     canary: Backend | None = None
     canary_weight: int = 0
+    canary_name: str = ""  # the canary's backend, whether a canary runs or not (canary_slot)
 
     @property
-    def routes_canary(self) -> bool:
-        """Some of the deployment's requests go to its canary while it has a replica up (else the canary
-        backend is only checked)."""
-        return self.canary is not None and self.canary_weight > 0
+    def canary_slot(self) -> Backend:
+        """The backend for the deployment's canary: its own while one runs, else an empty one with this
+        backend's limits, so that a canary starting with those (a new version of the code alone) or ending
+        changes no backend, and HAProxy needs no reload."""
+        if self.canary is not None:
+            return self.canary
+        return replace(self, name=self.canary_name, servers=(), scale_from_zero=False, canary=None, canary_weight=0)
 
     def revisions(self) -> tuple[Backend, ...]:
         """The deployment's backends: this one, then its canary's if it has one."""
@@ -142,10 +146,16 @@ class RoutingTable:
 
     def names(self) -> dict[str, Any]:
         """HAProxy names -> table names, for mapping ``show stat`` back. A canary's backend maps to its
-        deployment too, marked ``"revision": "canary"``: its replicas are the deployment's."""
-        return {b.name: {"deployment": b.deployment, "servers": {s.name: s.replica_id for s in b.servers},
-                         **({"revision": "canary"} if b is be.canary else {})}
-                for be in self.backends for b in be.revisions()}
+        deployment too, marked ``"revision": "canary"``: its replicas are the deployment's. The canary
+        backend of a deployment with no canary maps to None: ours, with nothing to report."""
+        out: dict[str, Any] = {}
+        for be in self.backends:
+            out[be.name] = {"deployment": be.deployment, "servers": {s.name: s.replica_id for s in be.servers}}
+            out[be.canary_name] = None
+            if be.canary is not None:
+                out[be.canary.name] = {"deployment": be.deployment, "revision": "canary",
+                                       "servers": {s.name: s.replica_id for s in be.canary.servers}}
+        return out
 
     def to_wire(self) -> dict[str, Any]:
         return {**({"sharedHealth": True} if self.shared_health else {}), "deployments": {be.deployment: {
@@ -396,12 +406,12 @@ def _assemble(entries: list[_Entry], skipped: list[str], shared_health: bool) ->
         if name in seen_backend:
             name = f"be_{sanitize_name(e.deployment)[:40]}-{_short_hash('be:' + e.deployment)}"
         seen_backend.add(name)
-        backend = _backend(e, name, f"deployment {e.deployment!r}", skipped)
+        canary_name = canary_backend_name(name)
+        if canary_name in seen_backend:  # only a table no controller sends: names are checked there
+            canary_name = f"{canary_name[:48]}-{_short_hash('canary:' + e.deployment)}"
+        seen_backend.add(canary_name)
+        backend = replace(_backend(e, name, f"deployment {e.deployment!r}", skipped), canary_name=canary_name)
         if e.canary is not None:
-            canary_name = canary_backend_name(name)
-            if canary_name in seen_backend:  # only a table no controller sends: names are checked there
-                canary_name = f"{canary_name[:48]}-{_short_hash('canary:' + e.deployment)}"
-            seen_backend.add(canary_name)
             canary = _backend(e.canary, canary_name, f"deployment {e.deployment!r} canary", skipped)
             backend = replace(backend, canary=canary, canary_weight=e.canary_weight)
         backends.append(backend)

@@ -26,7 +26,7 @@ def test_every_variant_changes_the_rendered_config_and_two_of_them_serve(tmp_pat
 
     table = RoutingTable.from_wire({"deployments": {"d": {"routePrefix": "/d", "replicas": [
         {"id": "d-0", "host": "127.0.0.1", "port": 1}]}}})
-    cfg = render_config(table, port=2, bind_host="127.0.0.1", runtime_socket="/tmp/x.sock")
+    cfg = render_config(table, port=2, bind_host="127.0.0.1", runtime_socket="/tmp/x.sock", weights_map="/tmp/x.map")
     changed = {name: change(cfg) for name, change in VARIANTS.items()}
     assert [name for name, text in changed.items() if text == cfg] == ["as rendered"]  # each changes one thing
     if shutil.which("wrk") is None:

@@ -44,9 +44,10 @@ def ingress_in_process(tmp_path):
         asyncio.run(ing.stop(1))
 
 
-def apply(ing, table) -> None:
+def apply(ing, table) -> dict:
     result = asyncio.run(ing.update(RoutingTable.from_wire(table)))
     assert result["applied"] and result["error"] is None, result
+    return result
 
 
 def answers(port: int, path: str, n: int) -> collections.Counter:
@@ -96,3 +97,24 @@ def test_weight_0_sends_the_canary_nothing_and_100_everything_the_catch_alls_too
                                     "root": with_canary(root, root_canary, 0, "/")}})
         assert answers(ing.port, "/edge", 200) == {"edge-c0": 200}
         assert answers(ing.port, "/elsewhere", 200) == {"root-s0": 200}
+
+
+def test_a_canary_starts_steps_and_is_promoted_with_no_reload(replicas, tmp_path):
+    """A new version of the code alone (the canary has the deployment's limits): its replicas and weights
+    change through HAProxy's runtime API, the process that serves stays the same."""
+    stable, canary = [replicas.start("step-s0")], [replicas.start("step-c0")]
+    with ingress_in_process(tmp_path) as ing:
+        apply(ing, {"deployments": {"step": {"routePrefix": "/step", "replicas": stable}}})
+        before = asyncio.run(ing.ready())
+        for weight in (0, 50, 100):
+            result = apply(ing, {"deployments": {"step": with_canary(stable, canary, weight, "/step")}})
+            assert result["via"] == "runtime", (weight, result)
+            seen = answers(ing.port, "/step", 200)
+            assert set(seen) == ({"step-s0"} if weight == 0 else {"step-c0"} if weight == 100
+                                 else {"step-s0", "step-c0"}), (weight, seen)
+        result = apply(ing, {"deployments": {"step": {"routePrefix": "/step", "replicas": canary}}})  # promoted
+        assert result["via"] == "runtime", result
+        assert answers(ing.port, "/step", 200) == {"step-c0": 200}
+        after = asyncio.run(ing.ready())
+        assert (after["reloads"], after["restarts"], after["pid"]) == (
+            before["reloads"], before["restarts"], before["pid"]), (before, after)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import tempfile
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
@@ -429,6 +431,7 @@ def haproxy_check(tmp_path_factory):
     except HAProxyNotFound:
         pytest.skip("no HAProxy binary")
     path = tmp_path_factory.mktemp("haproxy") / "haproxy.cfg"
+    open(WEIGHTS_MAP, "w").close()  # a map the config names must exist (its weights don't matter to a check)
 
     def check(config: str) -> tuple[bool, str]:
         path.write_text(config)
@@ -450,8 +453,12 @@ def assert_numbers_fit_haproxy(config: str) -> None:
         assert int(value) < 2**31, value
 
 
+WEIGHTS_MAP = os.path.join(tempfile.gettempdir(), "rayfleet-test-canary-weights.map")  # haproxy_check makes it
+
+
 def render(table: RoutingTable) -> str:
-    return hc.render_config(table, port=8000, bind_host="0.0.0.0", runtime_socket="/tmp/rayfleet-admin.sock")
+    return hc.render_config(table, port=8000, bind_host="0.0.0.0", runtime_socket="/tmp/rayfleet-admin.sock",
+                            weights_map=WEIGHTS_MAP)
 
 
 def routes_to(config: str, path: str) -> str:

@@ -10,6 +10,7 @@ from rayfleet_runtime.ingress import haproxy_config as hc
 from rayfleet_runtime.routing import RoutingTable, server_name
 
 SOCK = "/tmp/rayfleet-test/admin.sock"
+WEIGHTS = "/tmp/rayfleet-test/canary_weights.map"
 
 
 def render(table, **kw):
@@ -17,6 +18,7 @@ def render(table, **kw):
     kw.setdefault("bind_host", "127.0.0.1")
     kw.setdefault("runtime_socket", SOCK)
     kw.setdefault("maxconn", 4000)
+    kw.setdefault("weights_map", WEIGHTS)
     return hc.render_config(RoutingTable.from_wire(table), **kw)
 
 
@@ -146,7 +148,7 @@ def test_a_backend_with_no_replica_up_returns_503():
 def shape(table):
     """What a change of replicas alone leaves as it is (the ingress reloads only when it changes)."""
     return hc.render_config(RoutingTable.from_wire(table).without_servers(), port=8000, bind_host="127.0.0.1",
-                            runtime_socket=SOCK, maxconn=4000)
+                            runtime_socket=SOCK, maxconn=4000, weights_map=WEIGHTS)
 
 
 def test_a_change_of_replicas_alone_keeps_the_shape_and_gives_the_runtime_api_the_config_lines():
@@ -235,7 +237,7 @@ def test_a_scale_from_zero_deployment_with_no_replica_up_is_served_by_the_activa
     fe = section(cfg, f"frontend {hc.FRONTEND_NAME}").splitlines()
     none_up = "{ nbsrv(be_cold) eq 0 }"
     rule = f"use_backend be_cold:activator if {{ path /cold }} {none_up} || {{ path_beg /cold/ }} {none_up}"
-    assert fe.index(rule) + 1 == fe.index("use_backend be_cold if { path /cold } || { path_beg /cold/ }")
+    assert fe.index(rule) + 2 == fe.index("use_backend be_cold if { path /cold } || { path_beg /cold/ }")  # its canary's rule between
     assert "use_backend be_warm:activator if" in section(cfg, f"frontend {hc.FRONTEND_NAME}")
     # The deployment's own backend is as any other; without scaleFromZero there is no activator at all.
     assert re.findall(r"^server (\S+) (\S+)", section(cfg, "backend be_warm"), re.M) == [("warm-0", "127.0.0.1:9001")]
@@ -252,7 +254,7 @@ def test_a_scale_from_zero_catch_all_reaches_the_activator_only_for_the_paths_le
     table = {"deployments": {"cold": {"routePrefix": "/", "scaleFromZero": True, "replicas": []},
                              "x": {"routePrefix": "/x", "replicas": [rep("x-0", 9001)]}}}
     fe = section(render(table, activator_socket=ACTIVATOR), f"frontend {hc.FRONTEND_NAME}").splitlines()
-    assert fe[-2:] == ["use_backend be_cold:activator if { nbsrv(be_cold) eq 0 }", "default_backend be_cold"]
+    assert fe[-3] == "use_backend be_cold:activator if { nbsrv(be_cold) eq 0 }" and fe[-1] == "default_backend be_cold"
 
 
 def test_scale_from_zero_must_be_true_itself():
@@ -274,21 +276,42 @@ CANARY_TABLE = {"deployments": {
 
 def test_a_canary_takes_its_weight_of_its_deployments_requests_before_the_stable_rule():
     fe = section(render(CANARY_TABLE), f"frontend {hc.FRONTEND_NAME}").splitlines()
-    draw = "{ rand(100) lt 10 } { nbsrv(be_echo:canary) gt 0 }"
+    assert "http-request set-var(txn.canary_draw) rand(100)" in fe  # one draw per request, 0..99
+    # Its weight, from the map, less the draw: positive for `weight` of the 100 draws.
+    draw = (f"{{ str(be_echo:canary),map_str_int({WEIGHTS},0),sub(txn.canary_draw) gt 0 }}"
+            " { nbsrv(be_echo:canary) gt 0 }")
     canary = f"use_backend be_echo:canary if {{ path /echo }} {draw} || {{ path_beg /echo/ }} {draw}"
     assert fe.index(canary) + 1 == fe.index("use_backend be_echo if { path /echo } || { path_beg /echo/ }")
-    # Weight 0: no rule, every request is the stable backend's; no canary replica up: the rule's nbsrv.
-    assert not [line for line in fe if "off:canary" in line]
-    assert [line for line in fe if "none:canary" in line]
     # The catch-all's canary takes what no prefix matched: after every prefix rule, before the default.
-    assert fe[-2:] == ["use_backend be_root:canary if { rand(100) lt 100 } { nbsrv(be_root:canary) gt 0 }",
-                       "default_backend be_root"]
+    assert fe[-2:] == [f"use_backend be_root:canary if {{ str(be_root:canary),map_str_int({WEIGHTS},0),"
+                       "sub(txn.canary_draw) gt 0 } { nbsrv(be_root:canary) gt 0 }", "default_backend be_root"]
+    # The weights are the map file's, not the config's: a change of weight alone is no reload.
+    weights = hc.canary_weights(RoutingTable.from_wire(CANARY_TABLE))
+    assert weights == {"be_echo:canary": 10, "be_off:canary": 0, "be_none:canary": 50, "be_root:canary": 100}
+    assert hc.canary_weights_text(RoutingTable.from_wire(CANARY_TABLE)).splitlines()[0] == "be_echo:canary 10"
+    stepped = {"deployments": {**CANARY_TABLE["deployments"], "echo": {
+        **CANARY_TABLE["deployments"]["echo"], "canary": {**CANARY_TABLE["deployments"]["echo"]["canary"], "weight": 50}}}}
+    assert render(stepped) == render(CANARY_TABLE)
+
+
+def test_every_deployment_has_an_empty_canary_backend_with_its_limits_so_a_canary_like_it_is_no_reload():
+    plain = {"deployments": {"d": {"routePrefix": "/d", "maxConcurrency": 7, "replicas": [rep("d-0", 9001)]}}}
+    slot = section(render(plain), "backend be_d:canary")
+    assert not re.search(r"^server ", slot, re.M) and "nbsrv,mul(7)" in slot
+    assert hc.canary_weights(RoutingTable.from_wire(plain)) == {"be_d:canary": 0}
+    canary = {"deployments": {"d": {**plain["deployments"]["d"], "canary": {
+        "weight": 10, "maxConcurrency": 7, "replicas": [rep("d-c0", 9002)]}}}}
+    assert shape(canary) == shape(plain)  # the same limits: its replicas and weight go in at runtime
+    other_limits = {"deployments": {"d": {**canary["deployments"]["d"], "canary": {
+        **canary["deployments"]["d"]["canary"], "maxConcurrency": 3}}}}
+    assert shape(other_limits) != shape(plain)
+    assert RoutingTable.from_wire(plain).names()["be_d:canary"] is None  # nothing to report while empty
 
 
 def test_a_canary_backend_has_every_backend_setting_with_its_own_limits():
     cfg = render(CANARY_TABLE)
     canary = section(cfg, "backend be_echo:canary")
-    assert "# deployment echo: canary, 10% of prefix /echo" in cfg
+    assert "# deployment echo: its canary, for a share of prefix /echo" in cfg
     assert re.findall(r"^server (\S+) (\S+)", canary, re.M) == [("echo-c0", "127.0.0.1:9005")]
     assert re.search(r"^server echo-c0 \S+ check inter \d+ms .* maxconn 3\b", canary, re.M)
     assert "option httpchk" in canary and "timeout server 2500ms" in canary and "nbsrv,mul(3)" in canary
@@ -344,9 +367,10 @@ def haproxy():
 def test_config_passes_haproxy_check(haproxy, tmp_path, table):
     from rayfleet_runtime.ingress.haproxy_bin import check_config
 
-    path = tmp_path / "haproxy.cfg"
+    path, weights = tmp_path / "haproxy.cfg", tmp_path / "canary_weights.map"
+    weights.write_text(hc.canary_weights_text(RoutingTable.from_wire(table)))
     path.write_text(render(table, runtime_socket=str(tmp_path / "admin.sock"), bind_host="0.0.0.0",
-                           activator_socket=str(tmp_path / "activator.sock")))
+                           activator_socket=str(tmp_path / "activator.sock"), weights_map=str(weights)))
     ok, out = check_config(haproxy, str(path))
     assert ok, out
 

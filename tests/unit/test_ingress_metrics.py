@@ -93,3 +93,11 @@ haproxy_server_current_sessions{proxy="be_team.web:canary",server="web-c0"} 1
     server = samples[("haproxy_server_current_sessions", "be_team.web:canary", "web-c0")]
     assert (server["deployment"], server["replica"], server["revision"]) == ("web", "web-c0", "canary")
     assert "revision" not in samples[("haproxy_backend_current_queue", "be_team.web", None)]
+
+
+def test_the_canary_backend_of_a_deployment_with_no_canary_has_no_series():
+    names = RoutingTable.from_wire({"deployments": {"team.web": {"routePrefix": "/web", "replicas": [
+        {"id": "web-0", "host": "10.0.0.1", "port": 8000}]}}}).names()
+    text = HAPROXY_TEXT + 'haproxy_backend_current_queue{proxy="be_team.web:canary"} 0\n'
+    proxies = {s.labels.get("proxy") for f in ingress_metrics.label_haproxy(text, names) for s in f.samples}
+    assert "be_team.web:canary" not in proxies and "be_team.web" in proxies

@@ -79,7 +79,7 @@ def test_a_canary_is_a_backend_of_its_own_with_its_revisions_limits():
                                       {"max_concurrency": 3, "max_request_body_bytes": 99, "route_prefix": "/other"},
                                       route_prefix="/d", max_concurrency=7, autoscaling=scaled)])
     be = table.backend("d")
-    assert (be.name, be.canary_weight, be.routes_canary) == ("be_d", 10, True)
+    assert (be.name, be.canary_weight, be.canary_slot) == ("be_d", 10, be.canary)
     canary = be.canary
     assert (canary.name, canary.deployment, canary.prefix) == ("be_d:canary", "d", "/d")  # the stable's prefix
     assert (canary.max_concurrency, canary.max_body_bytes, canary.max_queued) == (3, 99, 12)  # its own limits
@@ -91,14 +91,14 @@ def test_a_canary_is_a_backend_of_its_own_with_its_revisions_limits():
     assert "revision" not in table.names()["be_d"]
 
 
-def test_a_canary_with_weight_0_routes_nothing_and_weights_are_percents():
+def test_weights_are_percents_and_without_a_canary_its_slot_is_empty_with_the_deployments_limits():
     rep = [("d-c0", "10.0.0.3", 9001, None)]
-    assert not build_table([canary_route("d", [], rep, 0)]).backend("d").routes_canary
-    # With no replica yet it routes as soon as one is up (HAProxy's nbsrv): adding it is no reload.
-    assert build_table([canary_route("d", [], [], 50)]).backend("d").routes_canary
     assert build_table([canary_route("d", [], rep, 250)]).backend("d").canary_weight == 100
     assert build_table([canary_route("d", [], rep, -1)]).backend("d").canary_weight == 0
-    assert build_table([route("d")]).backend("d").canary is None
+    plain = build_table([route("d", max_concurrency=7)]).backend("d")
+    assert plain.canary is None and plain.canary_weight == 0
+    slot = plain.canary_slot
+    assert (slot.name, slot.servers, slot.max_concurrency, slot.canary) == ("be_d:canary", (), 7, None)
 
 
 def test_the_wire_form_of_a_canary_reads_back_as_the_same_table():

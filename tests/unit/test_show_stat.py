@@ -36,6 +36,8 @@ def test_a_canarys_backend_counts_for_its_deployment_and_its_queue_adds_to_the_s
 def test_without_a_canary_a_deployment_is_its_backends_row():
     table = RoutingTable.from_wire({"deployments": {"web": {"routePrefix": "/web", "replicas": [
         {"id": "web-0", "host": "10.0.0.1", "port": 8000}]}}})
-    rows = [row for row in parse_show_stat(SHOW_STAT) if not row["pxname"].endswith(":canary")]
-    web = stats_by_deployment(rows, table.names())[0]["web"]
+    rows = [row for row in parse_show_stat(SHOW_STAT) if row["svname"] != "web-c0"]  # its empty canary slot stays
+    deployments, _, raw = stats_by_deployment(rows, table.names())
+    web = deployments["web"]
     assert "canary" not in web and (web["queue"], web["total"], set(web["servers"])) == (3, 90, {"web-0"})
+    assert set(raw) == {"rayfleet_no_route"}  # the slot is the deployment's, with nothing to report

@@ -37,7 +37,7 @@ from rayfleet_api.metrics_labels import split_deployment
 from rayfleet_runtime.ingress import metrics as ingress_metrics, node_drain
 from rayfleet_runtime.ingress.activator import Activator
 from rayfleet_runtime.ingress.haproxy_bin import HAProxyBinary, check_config, find_haproxy, haproxy_version
-from rayfleet_runtime.ingress.haproxy_config import render_config, runtime_servers
+from rayfleet_runtime.ingress.haproxy_config import canary_weights, canary_weights_text, render_config, runtime_servers
 from rayfleet_runtime.ingress.haproxy_process import HAProxyProcess, cli, listen
 from rayfleet_runtime.ingress import health_watch
 from rayfleet_runtime.ingress.ray_sources import NodeRaySources
@@ -96,6 +96,7 @@ class Ingress:
         self.runtime_socket = self._haproxy.runtime_socket
         self.metrics_socket = os.path.join(self.workdir, "metrics.sock")  # HAProxy's own exporter
         self.activator_socket = os.path.join(self.workdir, "activator.sock")
+        self.weights_map = os.path.join(self.workdir, "canary_weights.map")
         self._listener = listen(self.bind_host, self.port)
         self._ray = NodeRaySources.for_this_actor()
         self.node_id = node_id or (self._ray.node_id if self._ray is not None else None)
@@ -120,6 +121,7 @@ class Ingress:
         if restored is not None:
             self._table = self._desired = restored
             self._config = self._render(restored)
+        self._write_weights(self._table)
         ok, out = self._check(self._config)
         if not ok:
             raise RuntimeError(f"initial HAProxy config is invalid: {out}")
@@ -149,6 +151,7 @@ class Ingress:
             metrics_socket=self.metrics_socket,
             activator_socket=self.activator_socket,
             node_id=self.node_id,
+            weights_map=self.weights_map,
         )
 
     @property
@@ -192,10 +195,11 @@ class Ingress:
             return False, f"haproxy -c failed to run: {e}"
 
     def _write_config(self, config: str) -> None:
-        tmp = self.cfg_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(config)
-        os.replace(tmp, self.cfg_path)
+        _write_file(self.cfg_path, config)
+
+    def _write_weights(self, table: RoutingTable) -> None:
+        """The canary weights HAProxy loads with the config (at a reload or a restart)."""
+        _write_file(self.weights_map, canary_weights_text(table))
 
     # ----------------------------------------------------------------- metrics
 
@@ -298,19 +302,22 @@ class Ingress:
         """Apply the newest table given to ``update()`` (under ``self._lock``)."""
         seq, desired = self._seq, self._desired
         config = self._render(desired)
-        if config == self._config:
+        if config == self._config and canary_weights(desired) == canary_weights(self._table):
             await self._activator.apply(desired)
             self._applied_seq = seq
             self._table = desired
             return {"applied": True, "changed": False, "error": None}
         shape = self._render(desired.without_servers())
-        if shape == self._shape and await self._update_servers(desired):
+        if shape == self._shape and await self._update_in_place(desired):
             self._write_config(config)
+            self._write_weights(desired)
             self._applied(seq, desired, config, shape)
             self._runtime_updates += 1
             return {"applied": True, "changed": True, "error": None, "via": "runtime"}
+        self._write_weights(desired)  # the candidate config loads them (the running one read its own at start)
         ok, out = await asyncio.to_thread(self._check, config)
         if not ok:
+            self._write_weights(self._table)
             self._last_error = f"invalid config, keeping the previous one: {out}"
             self._reload_failures += 1
             logger.error("rejected routing table: %s", self._last_error)
@@ -333,6 +340,7 @@ class Ingress:
             # The master keeps the old workers when a reload fails; keep the
             # old config on disk too so a restart brings back what runs.
             self._write_config(self._config)
+            self._write_weights(self._table)
             self._applied_seq = seq
             return {"applied": False, "changed": False, "error": err}
         self._servers.forget()
@@ -340,15 +348,20 @@ class Ingress:
         self._reloads += 1
         return {"applied": True, "changed": True, "error": None, "via": "reload"}
 
-    async def _update_servers(self, desired: RoutingTable) -> bool:
-        """Apply ``desired``'s replicas through the runtime API; False (reload instead) if HAProxy refused one.
-        The activator first: HAProxy may send it a request for a replica of this table at once."""
+    async def _update_in_place(self, desired: RoutingTable) -> bool:
+        """Apply ``desired``'s replicas and canary weights through the runtime API; False (reload instead) if
+        HAProxy refused a command. The activator first: HAProxy may send it a request for a replica of this
+        table at once. Replicas before weights: a canary's share goes up once its replicas are in."""
         if not self._haproxy.running:
             return False
         await self._activator.apply(desired)
         update = plan(runtime_servers(self._table, self.node_id), runtime_servers(desired, self.node_id))
+
+        def apply() -> str | None:
+            return self._servers.apply(update) or self._servers.set_weights(
+                self.weights_map, canary_weights(self._table), canary_weights(desired))
         try:
-            err = await asyncio.to_thread(self._servers.apply, update)
+            err = await asyncio.to_thread(apply)
         except OSError as e:  # the runtime socket went away: HAProxy is restarting
             err = repr(e)
         if err is None:
@@ -436,3 +449,11 @@ def ensure_ingress(node_id: str, port: int = INGRESS_PORT, bind_host: str = "0.0
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         num_cpus=0,
     ).remote(port=port, bind_host=bind_host, metrics_port=metrics_port)
+
+
+def _write_file(path: str, text: str) -> None:
+    """Whole or not at all: HAProxy may start from it at any moment (a restart)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

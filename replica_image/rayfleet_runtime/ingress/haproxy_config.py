@@ -11,9 +11,12 @@ a reload. Hence the rules that read a replica count read HAProxy's own (``nbsrv`
 The path is forwarded unchanged. With no ``/`` deployment, unmatched paths get a 404 JSON body from
 HAProxy itself.
 
-A deployment with a canary (``Backend.canary``) has a second backend, for the canary revision's replicas:
-the frontend sends it ``canary_weight`` % of the deployment's requests, drawn per request (``rand(100)``),
-while it has a replica up (``nbsrv``); with none up, or weight 0, every request goes to the stable backend.
+Every deployment has a second backend, for a canary revision's replicas (``Backend.canary_slot``: empty,
+with the deployment's limits, while no canary runs): the frontend sends it the canary's weight % of the
+deployment's requests, drawn per request (``rand(100)``), while it has a replica up (``nbsrv``); with none
+up, or weight 0, every request goes to the stable backend. The weights are in a map file
+(``canary_weights``), which the runtime API changes in place (``set map``), so a canary's start, steps and
+end with the deployment's own limits need no reload.
 
 A deployment with no replica up gets 503 from HAProxy, unless it has ``scaleFromZero`` and the ingress runs
 an activator (``activator_socket``): then the frontend sends its requests to the deployment's activator
@@ -44,6 +47,7 @@ ELSEWHERE_HEALTH_INTER_MS = 3_600_000
 RETRY_AFTER_S = 1
 RETRY_AFTER = f" hdr Retry-After {RETRY_AFTER_S}"
 FRONTEND_NAME = "rayfleet"
+CANARY_DRAW_VAR = "txn.canary_draw"  # one draw (0..99) per request, against every canary weight
 METRICS_FRONTEND_NAME = "metrics"
 NOT_FOUND_BACKEND = "rayfleet_no_route"
 ACTIVATOR_SERVER = "activator"
@@ -103,7 +107,7 @@ def _activator_backend(be: Backend, activator_socket: str) -> list[str]:
     ]
 
 
-def _routes(table: RoutingTable, activator_socket: str | None) -> list[str]:
+def _routes(table: RoutingTable, activator_socket: str | None, weights_map: str) -> list[str]:
     """The frontend's routing rules: each deployment's by prefix, longest first, then the catch-all."""
     out = []
     for be in table.backends:
@@ -112,14 +116,14 @@ def _routes(table: RoutingTable, activator_socket: str | None) -> list[str]:
         matches = [f"{{ path {be.prefix} }}", f"{{ path_beg {be.prefix}/ }}"]
         out.append(f"    # deployment {_comment(be.deployment)}")
         out.extend(_activator_route(be, matches, activator_socket))
-        out.extend(_canary_route(be, matches))
+        out.extend(_canary_route(be, matches, weights_map))
         out.append(f"    use_backend {be.name} if {' || '.join(matches)}")
     catch_all = table.catch_all
-    if catch_all is not None and (catch_all.routes_canary or catch_all.uses_activator(activator_socket)):
+    if catch_all is not None:
         # After every prefix's rules: only the paths no other deployment matched reach it.
         out.append(f"    # deployment {_comment(catch_all.deployment)}: the paths left, with no replica up or to its canary")
         out.extend(_activator_route(catch_all, [], activator_socket))
-        out.extend(_canary_route(catch_all, []))
+        out.extend(_canary_route(catch_all, [], weights_map))
     out.append(f"    default_backend {catch_all.name if catch_all else NOT_FOUND_BACKEND}")
     return out
 
@@ -134,24 +138,31 @@ def _activator_route(be: Backend, matches: list[str], activator_socket: str | No
     return [f"    use_backend {activator_backend_name(be.name)} if {condition}"]
 
 
-def _canary_route(be: Backend, matches: list[str]) -> list[str]:
-    """The rule, before the deployment's own, that sends its canary ``canary_weight`` % of its requests
-    (``matches``: its paths' alternatives; none for the catch-all, whose rule comes after every other).
-
-    One draw per request: HAProxy stops an alternative at its first false term and the path terms exclude
-    each other, so only the alternative whose path matched draws. ``nbsrv``: with no canary replica up, the
-    request stays on the stable backend instead of a 503 from the canary's."""
-    if not be.routes_canary:
-        return []
-    draw = f"{{ rand(100) lt {be.canary_weight} }} {{ nbsrv({be.canary.name}) gt 0 }}"
+def _canary_route(be: Backend, matches: list[str], weights_map: str) -> list[str]:
+    """The rule, before the deployment's own, that sends its canary slot its weight % of its requests
+    (``matches``: its paths' alternatives; none for the catch-all, whose rule comes after every other): the
+    weight, from the map, less the request's draw (0..99) is positive. ``nbsrv``: with no canary replica up,
+    the request stays on the stable backend instead of a 503 from the canary's."""
+    slot = be.canary_slot.name
+    draw = (f"{{ str({slot}),map_str_int({weights_map},0),sub({CANARY_DRAW_VAR}) gt 0 }}"
+            f" {{ nbsrv({slot}) gt 0 }}")
     condition = " || ".join(f"{match} {draw}" for match in matches) if matches else draw
-    return [f"    use_backend {be.canary.name} if {condition}"]
+    return [f"    use_backend {slot} if {condition}"]
+
+
+def canary_weights(table: RoutingTable) -> dict[str, int]:
+    """Canary backend -> the percent of its deployment's requests it gets: the weights map's entries."""
+    return {be.canary_slot.name: be.canary_weight if be.canary is not None else 0 for be in table.backends}
+
+
+def canary_weights_text(table: RoutingTable) -> str:
+    """The weights map file HAProxy loads with the config (``render_config``'s ``weights_map``)."""
+    return "".join(f"{name} {weight}\n" for name, weight in canary_weights(table).items())
 
 
 def _title(deployment: Backend, revision: Backend) -> str:
-    if revision is deployment.canary:
-        return (f"# deployment {_comment(deployment.deployment)}: canary, {deployment.canary_weight}% of prefix "
-                f"{deployment.prefix}")
+    if revision is not deployment:
+        return f"# deployment {_comment(deployment.deployment)}: its canary, for a share of prefix {deployment.prefix}"
     return f"# deployment {_comment(revision.deployment)}: prefix {revision.prefix}"
 
 
@@ -221,6 +232,7 @@ def _replica_backend(table: RoutingTable, be: Backend, title: str, node_id: str 
 def render_config(
     table: RoutingTable,
     *,
+    weights_map: str,
     port: int,
     bind_host: str,
     runtime_socket: str,
@@ -243,6 +255,7 @@ def render_config(
     ``activator_socket``: the Unix socket of the ingress's activator, the server of every ``scaleFromZero``
     deployment with no replica (None: those answer 503 as any deployment with no replica).
     ``node_id``: this ingress's node, whose replicas alone it health-checks in a ``shared_health`` table.
+    ``weights_map``: the file with ``canary_weights_text(table)`` (HAProxy loads it with the config).
     """
     max_req_timeout = max([b.request_timeout_s for be in table.backends for b in be.revisions()]
                           + [DEFAULT_REQUEST_TIMEOUT_S])
@@ -321,7 +334,8 @@ def render_config(
     w("    http-request disable-l7-retry unless METH_GET || METH_OPTIONS")  # METH_GET is GET and HEAD
     if table.backends:  # the pod's readiness: this ingress routes (else the path falls through to 404)
         w(f"    http-request return status 200 content-type text/plain string ready if {{ path {INGRESS_READY_PATH} }}")
-    out.extend(_routes(table, activator_socket))
+        w(f"    http-request set-var({CANARY_DRAW_VAR}) rand(100)")
+    out.extend(_routes(table, activator_socket, weights_map))
     if metrics_socket is not None:
         w("")
         w(f"frontend {METRICS_FRONTEND_NAME}")
@@ -329,7 +343,7 @@ def render_config(
         w("    http-request use-service prometheus-exporter")
 
     for be in table.backends:
-        for revision in be.revisions():
+        for revision in (be, be.canary_slot):
             w("")
             out.extend(_replica_backend(table, revision, _title(be, revision), node_id, health_inter_ms))
         if be.uses_activator(activator_socket):  # never a canary's: it has no scale-from-zero

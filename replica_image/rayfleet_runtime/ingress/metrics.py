@@ -52,9 +52,12 @@ def label_haproxy(text: str, names: Mapping[str, Any]) -> list[Metric]:
     """HAProxy's exporter output, with ``namespace``/``deployment`` on the rows of a deployment's backend
     and ``replica`` on its servers' (``names`` is ``routing.RoutingTable.names()``). A canary's backend is
     its deployment's too, its rows also labelled ``revision="canary"`` (the stable rows keep the labels they
-    always had: a sum by deployment counts both, ``revision!="canary"`` selects the stable one)."""
+    always had: a sum by deployment counts both, ``revision!="canary"`` selects the stable one). The rows of
+    a canary backend with no canary (``names`` maps it to None) are left out: no series for what isn't there."""
     families = list(text_string_to_metric_families(text))
     for family in families:
+        family.samples = [s for s in family.samples
+                          if s.labels.get("proxy") not in names or names[s.labels["proxy"]] is not None]
         for i, sample in enumerate(family.samples):
             backend = names.get(sample.labels.get("proxy", ""))
             if backend is None:

@@ -12,7 +12,8 @@ servers (``RoutingTable.without_servers`` renders the same), the ingress instead
 - puts a replica checked by another node's ingress in or out of maintenance as that one found it;
 - puts each replica that left in maintenance (no new request goes there, the queued ones move to another,
   those in flight finish) and deletes it once HAProxy holds no connection to it (``sweep`` tries again);
-  one back before that, with the same arguments, is made ready again.
+  one back before that, with the same arguments, is made ready again;
+- sets each canary weight that changed in the weights map (``set map``: the canary slots are there always).
 
 ``plan`` is pure; ``RuntimeServers`` holds the runtime API socket and the servers still leaving. Any
 reply that isn't success is returned as an error, and the ingress reloads instead.
@@ -103,6 +104,13 @@ class RuntimeServers:
         """None once HAProxy did ``command`` (nothing to do for ""); else what it answered."""
         reply = self._command(command) if command else ""
         return f"{command}: {reply}" if reply else None
+
+    def set_weights(self, weights_map: str, running: Mapping[str, int], wanted: Mapping[str, int]) -> str | None:
+        """The canary weights that changed, set in HAProxy's weights map; None once done, else its answer."""
+        for name in sorted(wanted):
+            if running.get(name) != wanted[name] and (err := self._run(f"set map {weights_map} {name} {wanted[name]}")):
+                return err
+        return None
 
     def sweep(self) -> None:
         """Delete the servers that left and that HAProxy no longer holds a connection to."""

@@ -61,6 +61,8 @@ def stats_by_deployment(rows: list[dict[str, str]], names: dict[str, Any]) -> tu
         info = names.get(px)
         if sv == "FRONTEND":
             frontends[px] = entry
+        elif px in names and info is None:  # a canary backend with no canary
+            continue
         elif info is None:
             raw.setdefault(px, {})[sv] = entry
         else:
