@@ -45,10 +45,12 @@ def start_local_ray(system: str, pythonpath: str) -> None:
     """A fresh local Ray for ``system``, with ``pythonpath`` for every worker."""
     import ray  # here: bench.run imports this module for its names and never starts Ray
 
+    # In the environment Ray's processes inherit, as `rayfleet run` does (rayfleet.local_run.worker_env): a
+    # job runtime_env would send every worker start, either system's, through Ray's runtime-env agent.
+    os.environ["PYTHONPATH"] = pythonpath
     # address="local": always a fresh cluster of our own, never a Ray someone else started on this machine
     ray.init(address="local", num_cpus=CLUSTER_CPUS, include_dashboard=False, _node_ip_address=HOST,
-             namespace=RAY_NAMESPACE if system == "rayfleet" else "bench-serve", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+             namespace=RAY_NAMESPACE if system == "rayfleet" else "bench-serve", log_to_driver=False)
 
 
 def wait_serving(url: str) -> None:

@@ -44,6 +44,15 @@ def local_cpus(manifests: list, asked: int | None) -> tuple[int, str | None]:
                   f"{cpus} logical CPUs, so every replica starts (they share the cores; --num-cpus to choose)")
 
 
+def worker_env(cwd: str, pythonpath: str, verbose: bool) -> dict[str, str]:
+    """The environment every Ray worker needs: this directory first on ``PYTHONPATH`` (handlers import as in
+    this shell) and the log level. Set in this process's environment, which Ray's processes inherit, and not
+    as the job's ``runtime_env``: any ``runtime_env``, even variables alone, sends each worker start through
+    Ray's runtime-env agent and keeps replicas off the workers Ray starts ahead, so they start one by one."""
+    path = os.pathsep.join(dict.fromkeys([cwd] + [p for p in pythonpath.split(os.pathsep) if p]))
+    return {"PYTHONPATH": path, LOG_LEVEL_ENV: "DEBUG" if verbose else "INFO"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rayfleet run", description=__doc__.splitlines()[0])
     parser.add_argument("file", help="YAML with one or more ServeDeployment manifests, followed: each saved edit is applied")
@@ -80,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    cwd = os.getcwd()
-    pythonpath = os.pathsep.join(dict.fromkeys([cwd] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    os.environ["PYTHONPATH"] = pythonpath  # Ray's processes inherit it; runtime_env pins it for workers
+    os.environ.update(worker_env(os.getcwd(), os.environ.get("PYTHONPATH", ""), args.verbose))
     control_port = args.control_port or free_port("127.0.0.1")
 
     import ray  # noqa: PLC0415 - keep `rayfleet --help` and manifest errors fast
@@ -103,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         # The actors' lines (lifecycle events, handler errors, access logs) reach this terminal; Ray's own
         # start-up chatter and HAProxy's notices only with --verbose, so the status lines stand out.
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, namespace=RAY_NAMESPACE,
-                 num_cpus=num_cpus, log_to_driver=True, logging_level=logging.INFO if args.verbose else logging.ERROR,
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath,
-                                           LOG_LEVEL_ENV: "DEBUG" if args.verbose else "INFO"}})
+                 num_cpus=num_cpus, log_to_driver=True, logging_level=logging.INFO if args.verbose else logging.ERROR)
         # ray.init replaces the SIGTERM handler with sys.exit(15) (and its core worker logs a crash-style
         # "SIGTERM received" trace): take it back so SIGTERM is an orderly stop, exit 0, like Ctrl-C.
         for sig in old_handlers:

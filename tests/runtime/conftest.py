@@ -90,8 +90,8 @@ def _connect_ray(ray, **init) -> None:
     pythonpath = os.pathsep.join(dict.fromkeys([str(REPO), str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     os.environ["PYTHONPATH"] = pythonpath
     sys.path[:0] = [p for p in (str(REPO), str(HERE)) if p not in sys.path]
-    ray.init(namespace="rayfleet", log_to_driver=os.environ.get("RAYFLEET_TEST_LOGS") == "1",
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init)
+    # Inherited by Ray's processes, as `rayfleet run` does it (rayfleet.local_run.worker_env): no runtime_env
+    ray.init(namespace="rayfleet", log_to_driver=os.environ.get("RAYFLEET_TEST_LOGS") == "1", **init)
 
 
 @pytest.fixture(scope="module")

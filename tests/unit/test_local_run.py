@@ -5,7 +5,7 @@ import os
 import pytest
 
 from rayfleet.follow import Follower, WatchedFile, status_line as _status_line
-from rayfleet.local_run import local_cpus
+from rayfleet.local_run import local_cpus, worker_env
 from rayfleet.manifest import validate, Manifest
 from rayfleet_api.controller_client import ControllerRejected, ControllerUnreachable
 
@@ -22,6 +22,12 @@ def test_the_local_ray_fits_the_replicas_it_is_given():
     cpus, note = local_cpus([manifest(cores * 2, 1), manifest(1, 0.5)], None)
     assert cpus == cores * 2 + 1 and f"this machine has {cores} cores" in note  # said, not silently
     assert local_cpus([manifest(cores * 2, 1)], 1) == (1, None)  # --num-cpus wins
+
+
+def test_workers_import_from_this_directory_first_and_log_at_the_level_asked():
+    env = worker_env("/here", os.pathsep.join(["/lib", "/here", ""]), verbose=False)
+    assert env["PYTHONPATH"] == os.pathsep.join(["/here", "/lib"])  # once each, this directory first
+    assert env["RAYFLEET_LOG_LEVEL"] == "INFO" and worker_env("/here", "", True)["RAYFLEET_LOG_LEVEL"] == "DEBUG"
 
 
 def test_the_status_line_says_why_a_replica_waits():
