@@ -140,6 +140,9 @@ class RoutingTable:
     def backend(self, deployment: str) -> Backend | None:
         return next((be for be in self.backends if be.deployment == deployment), None)
 
+    def server_count(self) -> int:
+        return sum(len(b.servers) for be in self.backends for b in be.revisions())
+
     def without_servers(self) -> RoutingTable:
         """The table's shape: what a change of replicas alone leaves as it is."""
         return replace(self, backends=tuple(be.without_servers() for be in self.backends))

@@ -416,3 +416,19 @@ def test_with_shared_health_each_ingress_checks_its_own_nodes_replicas_and_follo
     # Without shared health (one ingress for the cluster), every ingress checks every replica.
     alone = {**table, "sharedHealth": False}
     assert all(line.own and line.enabled for line in hc.runtime_servers(RoutingTable.from_wire(alone), "n1").values())
+
+
+def test_maxconn_leaves_haproxy_its_fds_and_changes_with_no_change_of_replicas(monkeypatch):
+    import resource
+
+    from rayfleet_runtime.ingress import actor
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (20_000, 20_000))
+    for servers in (0, 1_000, actor.SERVER_FDS, 6_000):
+        maxconn = actor.default_maxconn(20_000, servers)
+        assert 2 * maxconn + servers + actor.OWN_FDS <= 20_000, servers  # else HAProxy refuses to start
+    assert actor.default_maxconn(20_000, 0) == actor.default_maxconn(20_000, actor.SERVER_FDS)  # no reload
+    assert actor.default_maxconn(20_000, 6_000) < actor.default_maxconn(20_000, 0)
+    assert actor.default_maxconn(500, 1_000) == 500  # what was asked, when it fits
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert actor.default_maxconn(20_000, 10_000) == 20_000

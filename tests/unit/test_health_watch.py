@@ -8,16 +8,24 @@ TABLE = RoutingTable.from_wire({"sharedHealth": True, "deployments": {"d": {"rou
     {"id": "d-2", "host": "10.0.0.2", "port": 3, "nodeId": "n2"}]}}})
 
 
-def row(server, status, backend="be_d"):
-    return {"pxname": backend, "svname": server, "status": status}
+def stat(*rows):
+    """``show stat`` CSV as HAProxy writes it (the header's columns in its order, abridged)."""
+    return "# pxname,svname,qcur,scur,status,weight,check_status,\n" + "".join(
+        f"{backend},{server},0,0,{status},1,L7OK,\n" for server, status, backend in rows) + "\n"
+
+
+def down_here(text, node_id):
+    return hw.down_here(text, hw.checked_here(TABLE, node_id))
 
 
 def test_only_this_nodes_replicas_found_down_are_reported():
-    rows = [row("d-0", "DOWN"), row("d-1", "UP 1/2"), row("d-2", "DOWN"), row("d-0", "DOWN", "be_other")]
-    assert hw.down_here(rows, TABLE, "n1") == {"d-0"}
-    assert hw.down_here(rows, TABLE, "n2") == {"d-2"}
-    assert hw.down_here([row("d-0", "DOWN 1/2")], TABLE, "n1") == {"d-0"}  # going up: still down
-    assert hw.down_here([row("d-0", "MAINT")], TABLE, "n1") == frozenset()  # leaving: not a finding
+    rows = stat(("d-0", "DOWN", "be_d"), ("d-1", "UP 1/2", "be_d"), ("d-2", "DOWN", "be_d"),
+                ("d-0", "DOWN", "be_other"))
+    assert down_here(rows, "n1") == {"d-0"}
+    assert down_here(rows, "n2") == {"d-2"}
+    assert down_here(stat(("d-0", "DOWN 1/2", "be_d")), "n1") == {"d-0"}  # going up: still down
+    assert down_here(stat(("d-0", "MAINT", "be_d")), "n1") == frozenset()  # leaving: not a finding
+    assert down_here("", "n1") == frozenset()  # HAProxy restarting
 
 
 def test_a_finding_is_sent_when_it_changes_and_again_after_a_while():

@@ -56,12 +56,17 @@ def actor_name(node_id: str) -> str:
     return f"rayfleet-ingress-{node_id}"
 
 
-def default_maxconn(requested: int = 20000) -> int:
-    """A global maxconn HAProxy can actually honour under RLIMIT_NOFILE (~2 fds/conn)."""
+OWN_FDS = 256  # HAProxy's listeners, runtime and metrics sockets, logs, a reload's passed sockets
+SERVER_FDS = 4096  # the servers (one check socket each) a table may hold before maxconn gives way
+
+def default_maxconn(requested: int = 20000, servers: int = 0) -> int:
+    """A global maxconn HAProxy can honour under RLIMIT_NOFILE: it wants 2 fds a connection, one a checked
+    server and a few of its own, and refuses to start without them. Room for ``SERVER_FDS`` servers is kept
+    whatever the table, so a change of replicas alone changes no maxconn (a reload); past them, less."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         return requested
-    return max(256, min(requested, (hard - 256) // 2))
+    return max(256, min(requested, (hard - OWN_FDS - max(SERVER_FDS, servers)) // 2))
 
 
 class Ingress:
@@ -88,7 +93,7 @@ class Ingress:
         self.binary: HAProxyBinary = find_haproxy()
         self.version = haproxy_version(self.binary)
         self.nbthread = nbthread or max(1, min(2, os.cpu_count() or 1))
-        self.maxconn = default_maxconn(maxconn or 20000)
+        self.requested_maxconn = maxconn or 20000
         self.workdir = workdir or node_drain.ingress_workdir(self.port)
         os.makedirs(self.workdir, mode=0o700, exist_ok=True)
         self.cfg_path = os.path.join(self.workdir, "haproxy.cfg")
@@ -146,7 +151,7 @@ class Ingress:
             bind_host=self.bind_host,
             runtime_socket=self.runtime_socket,
             nbthread=self.nbthread,
-            maxconn=self.maxconn,
+            maxconn=default_maxconn(self.requested_maxconn, table.server_count()),
             listen_fd=self._listener.fileno(),
             metrics_socket=self.metrics_socket,
             activator_socket=self.activator_socket,
@@ -374,14 +379,16 @@ class Ingress:
     async def _watch_health(self) -> None:
         """Tell the controller which of this node's replicas HAProxy finds down (``health_watch``)."""
         findings = health_watch.Findings()
+        table, mine = None, {}
         while True:
             await asyncio.sleep(health_watch.WATCH_INTERVAL_S)
-            table = self._table
+            if self._table is not table:
+                table, mine = self._table, health_watch.checked_here(self._table, self.node_id)
             if not table.shared_health:
                 continue
             try:
-                rows = parse_show_stat(await asyncio.to_thread(cli, self.runtime_socket, health_watch.SERVERS_STAT))
-                down = health_watch.down_here(rows, table, self.node_id)
+                stat = await asyncio.to_thread(cli, self.runtime_socket, health_watch.SERVERS_STAT)
+                down = health_watch.down_here(stat, mine)
                 if findings.to_send(down, time.monotonic()):
                     await asyncio.to_thread(self._report_down, sorted(down))
                     findings.sent(down, time.monotonic())
