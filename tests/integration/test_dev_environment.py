@@ -210,8 +210,11 @@ def test_a_bad_version_applied_with_kubectl_rolls_back_and_a_canary_gets_its_sha
     eventually(lambda: fetch(url)[0] == 200, timeout=WAIT_S, what="rolls routed")
     with Traffic(url + "/x") as traffic:
         env.apply(sd("rolls", **{**spec, "handler": "examples.ecko:Echo"}))
+        # Until the controller stops the rollout, the new revision's start error alone may show (its own
+        # message): wait for the stop, which names the revision rolled back to.
         progressing = eventually(lambda: (c := env.condition("Progressing", "rolls")).get("reason") == "HandlerImportError"
-                                 and c, timeout=WAIT_S, what="the rollout stopped",
+                                 and "rolled back to revision 1" in c.get("message", "") and c, timeout=WAIT_S,
+                                 what="the rollout stopped and rolled back",
                                  diagnostics=lambda: f"{env.status('rolls')}\n{env.operator.log_tail(40)}")
         eventually(lambda: env.ready_with(2, "rolls"), timeout=WAIT_S, what="two old replicas again")
     assert progressing["status"] == "False" and "rolled back to revision 1" in progressing["message"]
