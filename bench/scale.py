@@ -42,7 +42,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench.processes import mem_kib
+from bench.processes import haproxy_procs, mem_kib
 from bench.wrk import run_wrk, wrk_path
 from rayfleet.procs import cmdline, descendants, stat_fields
 
@@ -95,12 +95,7 @@ def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
 
 def haproxy_children(master: int) -> list[int]:
     """The HAProxy workers of a master (the current one and those a reload left)."""
-    out = []
-    for pid in descendants(master):
-        with contextlib.suppress(OSError):
-            if os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("haproxy"):
-                out.append(pid)
-    return out
+    return [p["pid"] for p in haproxy_procs(descendants(master))]
 
 
 def rss_kib(pid: int) -> int:

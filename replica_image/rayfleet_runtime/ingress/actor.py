@@ -59,6 +59,7 @@ def actor_name(node_id: str) -> str:
 OWN_FDS = 256  # HAProxy's listeners, runtime and metrics sockets, logs, a reload's passed sockets
 SERVER_FDS = 4096  # the servers (one check socket each) a table may hold before maxconn gives way
 
+
 def default_maxconn(requested: int = 20000, servers: int = 0) -> int:
     """A global maxconn HAProxy can honour under RLIMIT_NOFILE: it wants 2 fds a connection, one a checked
     server and a few of its own, and refuses to start without them. Room for ``SERVER_FDS`` servers is kept
