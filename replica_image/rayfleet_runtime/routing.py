@@ -26,6 +26,7 @@ The wire form (``to_wire``, the JSON an ingress keeps to serve again after its a
             "maxQueued": 800,                  # optional; default maxConcurrency x replicas up
             "scaleFromZero": true,             # optional; with no replicas, requests wait in the activator
             "replicas": [{"id": "echo-0", "host": "127.0.0.1", "port": 43123, "nodeId": "...",
+                          "local": "rayfleet/812/43123",  # optional: its node-local socket
                           "up": false}],   # optional: its own node's ingress found it down
             "canary": {                        # optional: a new revision gets `weight` % of the requests
                 "weight": 10,                  # percent, 0..100 (0, or no replica: it gets none)
@@ -46,7 +47,10 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
 from rayfleet_api.desired import ROUTE_PREFIX, DesiredState
+from rayfleet_runtime import local_socket
 
+# A READY replica as the controller routes it: (replica id, host, port, node id[, local socket])
+ReplicaRow = tuple[Any, ...]
 QUEUE_TIMEOUT_S = 2.0  # a request waits this long for a free replica slot, then gets 503
 # How long a client's keep-alive connection may sit idle at the ingress. After a reload, an old HAProxy
 # worker keeps such a connection, routing it by the old table, until it times out or carries one more
@@ -76,6 +80,13 @@ class Server:
     # What the ingress of its own node last found (RoutingTable.shared_health): False, every other
     # ingress takes it out of rotation
     up: bool = True
+    local: str | None = None  # its node-local socket (rayfleet_runtime.local_socket), for its own node's ingress
+
+    def address_for(self, node_id: str | None) -> str:
+        """How the ingress of ``node_id`` reaches it: its local socket from its own node, else TCP."""
+        if self.local is not None and node_id is not None and node_id == self.node_id:
+            return local_socket.haproxy_address(self.local)
+        return self.addr
 
 
 @dataclass(frozen=True)
@@ -184,7 +195,7 @@ class Route:
 
     deployment: str
     desired: DesiredState
-    replicas: tuple[tuple[str, str, int, str | None], ...]  # (replica id, host, port, node id)
+    replicas: tuple[ReplicaRow, ...]
     canary: CanaryRoute | None = None
 
 
@@ -194,7 +205,7 @@ class CanaryRoute:
     from the stable revision's), its READY replicas, and the percent (0..100) of the requests it gets."""
 
     desired: DesiredState
-    replicas: tuple[tuple[str, str, int, str | None], ...]
+    replicas: tuple[ReplicaRow, ...]
     weight: int
 
 
@@ -229,7 +240,12 @@ def _entry(deployment: str, d: DesiredState, replicas: Iterable[Any], who: str, 
         max_body_bytes=d.max_request_body_bytes,
         # With no replica the ingress holds a request (it starts one) instead of refusing it.
         scale_from_zero=bool(scaled and scaled.min_replicas == 0),
-        servers=_servers(who, ((*rep, rep[0] not in down) for rep in replicas), skipped))
+        servers=_servers(who, ((*_row(rep), rep[0] not in down) for rep in replicas), skipped))
+
+
+def _row(rep: Any) -> tuple[Any, ...]:
+    """A ``ReplicaRow`` with its optional local socket."""
+    return (*rep, None) if len(rep) == 4 else tuple(rep)
 
 
 def normalize_prefix(prefix: Any) -> str:
@@ -302,7 +318,8 @@ def _limits_to_wire(be: Backend) -> dict[str, Any]:
     return {"maxConcurrency": be.max_concurrency, "requestTimeoutSeconds": be.request_timeout_s,
             "queueTimeoutSeconds": be.queue_timeout_s, "maxQueued": be.max_queued,
             "maxRequestBodyBytes": be.max_body_bytes,
-            "replicas": [{"id": s.replica_id, **_host_port(s.addr), "nodeId": s.node_id, **({} if s.up else {"up": False})}
+            "replicas": [{"id": s.replica_id, **_host_port(s.addr), "nodeId": s.node_id,
+                          **({} if s.local is None else {"local": s.local}), **({} if s.up else {"up": False})}
                          for s in be.servers]}
 
 
@@ -327,22 +344,24 @@ class _Entry:
     max_queued: int | None  # None: Backend.max_queued's default
     max_body_bytes: int | None
     scale_from_zero: bool
-    servers: tuple[tuple[str, str, str | None, bool], ...]  # (replica id, addr, node id, up)
+    servers: tuple[tuple[str, str, str | None, bool, str | None], ...]  # (replica id, addr, node id, up, local)
     canary: _Entry | None = None  # its prefix is this entry's, its scale_from_zero False
     canary_weight: int = 0
 
 
-def _servers(who: str, replicas: Iterable[Any], skipped: list[str]) -> tuple[tuple[str, str, str | None, bool], ...]:
-    """From (replica id, host, port, node id, up) rows; ``who`` names the replicas' revision in a skip reason
-    ("deployment 'x'", "deployment 'x' canary")."""
+def _servers(who: str, replicas: Iterable[Any], skipped: list[str]) -> tuple[tuple[str, str, str | None, bool, str | None], ...]:
+    """From (replica id, host, port, node id, local socket, up) rows; ``who`` names the replicas' revision in a
+    skip reason ("deployment 'x'", "deployment 'x' canary"). A local socket haproxy.cfg can't hold is dropped
+    (the replica is still reached over TCP)."""
     parsed = set()
     for rep in replicas:
         try:
-            rid, host, port, node, up = rep
-            parsed.add((str(rid), server_addr(host, port), None if node is None else str(node), up is not False))
+            rid, host, port, node, local, up = rep
+            local = local if isinstance(local, str) and local_socket.NAME_OK.fullmatch(local) else None
+            parsed.add((str(rid), server_addr(host, port), None if node is None else str(node), up is not False, local))
         except (TypeError, ValueError, OverflowError) as e:
             skipped.append(f"{who}: bad replica {rep!r}: {e}")
-    return tuple(sorted(parsed))
+    return tuple(sorted(parsed, key=lambda row: tuple(map(str, row))))
 
 
 def _entry_from_wire(name: str, spec: Any, skipped: list[str]) -> _Entry | None:
@@ -386,7 +405,7 @@ def _limits_from_wire(name: str, prefix: str, spec: Mapping[str, Any], who: str,
     rows = []
     for rep in replicas:
         try:
-            rows.append((rep["id"], rep["host"], rep["port"], rep.get("nodeId"), rep.get("up")))
+            rows.append((rep["id"], rep["host"], rep["port"], rep.get("nodeId"), rep.get("local"), rep.get("up")))
         except (KeyError, TypeError, AttributeError) as e:
             skipped.append(f"{who}: bad replica {rep!r}: {e!r}")
     return _Entry(name, prefix, max_conc, _secs(spec.get("requestTimeoutSeconds"), DEFAULT_REQUEST_TIMEOUT_S),
@@ -427,7 +446,7 @@ def _backend(e: _Entry, name: str, who: str, skipped: list[str]) -> Backend:
     """One revision's backend: its servers named, its limits held to what haproxy.cfg can take."""
     servers: list[Server] = []
     used: set[str] = set()
-    for rid, addr, node, up in e.servers:  # sorted: names don't depend on the order replicas are listed in
+    for rid, addr, node, up, local in e.servers:  # sorted: names don't depend on the order replicas are listed in
         sname = server_name(rid)
         if sname in used:
             sname = f"{sname[:48]}-{_short_hash('dup:' + rid + addr)}"
@@ -435,7 +454,7 @@ def _backend(e: _Entry, name: str, who: str, skipped: list[str]) -> Backend:
             skipped.append(f"{who}: duplicate replica id {rid!r}")
             continue
         used.add(sname)
-        servers.append(Server(sname, rid, addr, node, up))
+        servers.append(Server(sname, rid, addr, node, up, local))
     servers.sort(key=lambda s: s.name)
     max_conc = min(max(1, e.max_concurrency), MAX_SERVER_MAXCONN)
     return Backend(

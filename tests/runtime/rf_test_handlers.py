@@ -35,3 +35,8 @@ class Failing:
 
     async def __call__(self, request):
         raise RuntimeError("this version fails every request")
+
+
+async def peer(request):
+    """Who connected (``request.remote``) and who the ingress says the client is."""
+    return {"pid": os.getpid(), "remote": request.remote, "xff": request.headers.get("X-Forwarded-For")}

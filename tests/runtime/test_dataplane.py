@@ -83,6 +83,16 @@ def test_two_replicas_answer_from_distinct_pids(api):
     api.delete("pids", wait=False)
 
 
+def test_the_ingress_reaches_a_replica_on_its_node_by_its_local_socket(api):
+    """Over the replica's abstract Unix socket there is no peer address; over its TCP port, the peer's."""
+    api.put("peer", handler="rf_test_handlers:peer")
+    obs = api.wait_ready("peer", 1)
+    through_ingress = httpx.get(wait_ingress(api, obs) + "/x", timeout=10).json()
+    assert through_ingress["remote"] is None and through_ingress["xff"] == "127.0.0.1", through_ingress
+    assert httpx.get(replica_urls(obs)[0] + "/x", timeout=10).json()["remote"] == "127.0.0.1"
+    api.delete("peer", wait=False)
+
+
 def test_async_handlers_overlap_sync_handlers_queue(api):
     api.put("aio", handler="rf_test_handlers:async_sleep")
     api.put("blocking", handler="rf_test_handlers:sync_sleep")

@@ -218,3 +218,44 @@ def test_an_asgi_apps_requests_are_counted_by_status_and_access_logged(caplog):
     assert [line.split(" ms=")[0] for line in lines] == [
         "method=POST path=/api/orders status=200", "method=POST path=/api/orders status=422",
         "method=GET path=/api/nowhere status=404"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract Unix sockets are Linux's")
+def test_over_the_local_socket_an_app_sees_the_client_the_ingress_forwarded(tmp_path, monkeypatch):
+    import socket
+
+    from rayfleet_runtime import local_socket
+
+    (tmp_path / "rf_client_app.py").write_text(
+        "async def app(scope, receive, send):\n"
+        "    if scope['type'] != 'http':\n"
+        "        return\n"
+        "    body = repr(scope['client']).encode()\n"
+        "    await send({'type': 'http.response.start', 'status': 200,\n"
+        "                'headers': [(b'content-length', str(len(body)).encode())]})\n"
+        "    await send({'type': 'http.response.body', 'body': body})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def over_local(name):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(local_socket.address(name))
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.7\r\nConnection: close\r\n\r\n")
+            out = b""
+            while chunk := sock.recv(65536):
+                out += chunk
+            return out
+
+    async def main():
+        server = ReplicaServer(DesiredState(handler="rf_client_app:app", version="v"))
+        await server.start("127.0.0.1")
+        try:
+            out = await asyncio.to_thread(over_local, server.local_socket)
+            assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"('203.0.113.7', 0)"), out
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as client:
+                assert (await client.get("/")).text.startswith("('127.0.0.1', ")  # over TCP: the peer, as before
+        finally:
+            await server.stop()
+            sys.modules.pop("rf_client_app", None)
+
+    asyncio.run(main())

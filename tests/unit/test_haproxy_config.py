@@ -432,3 +432,27 @@ def test_maxconn_leaves_haproxy_its_fds_and_changes_with_no_change_of_replicas(m
     assert actor.default_maxconn(500, 1_000) == 500  # what was asked, when it fits
     monkeypatch.setattr(resource, "getrlimit", lambda _: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     assert actor.default_maxconn(20_000, 10_000) == 20_000
+
+
+LOCAL_TABLE = {"deployments": {"d": {"routePrefix": "/d", "replicas": [
+    {"id": "d-0", "host": "10.0.0.1", "port": 1, "nodeId": "n1", "local": "rayfleet/7/1"},
+    {"id": "d-1", "host": "10.0.0.2", "port": 2, "nodeId": "n2", "local": "rayfleet/8/2"},
+    {"id": "d-2", "host": "10.0.0.1", "port": 3, "nodeId": "n1"}]}}}  # a replica with no local socket
+
+
+def test_an_ingress_reaches_its_own_nodes_replicas_by_their_local_socket_and_the_others_by_tcp(haproxy, tmp_path):
+    from rayfleet_runtime.ingress.haproxy_bin import check_config
+
+    on_n1 = {name: line.args.split()[0]
+             for (_, name), line in hc.runtime_servers(RoutingTable.from_wire(LOCAL_TABLE), "n1").items()}
+    assert on_n1 == {"d-0": "abns@rayfleet/7/1", "d-1": "10.0.0.2:2", "d-2": "10.0.0.1:3"}
+    # a node it doesn't know: TCP for all (a local socket is only reachable from its own pod)
+    assert all(":" in line.args.split()[0] and "@" not in line.args.split()[0]
+               for line in hc.runtime_servers(RoutingTable.from_wire(LOCAL_TABLE), None).values())
+    path, weights = tmp_path / "haproxy.cfg", tmp_path / "canary_weights.map"
+    weights.write_text(hc.canary_weights_text(RoutingTable.from_wire(LOCAL_TABLE)))
+    cfg = render(LOCAL_TABLE, node_id="n1", runtime_socket=str(tmp_path / "admin.sock"), weights_map=str(weights))
+    assert re.search(r"^server d-0 abns@rayfleet/7/1 check .* init-addr", section(cfg, "backend be_d"), re.M)
+    path.write_text(cfg)
+    ok, out = check_config(haproxy, str(path))
+    assert ok, out

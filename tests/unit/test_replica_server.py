@@ -296,3 +296,39 @@ def test_a_client_that_expects_100_continue_gets_it_once_admitted(module):
         writer.close()
 
     serve(module, test)
+
+
+def _over_local_socket(name: str, raw: bytes, responses: int = 1) -> bytes:
+    """``raw`` sent over the replica's local socket, as HAProxy's ``abns@`` connects; what came back."""
+    from rayfleet_runtime import local_socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(local_socket.address(name))
+        sock.sendall(raw)
+        out = b""
+        while out.count(b"HTTP/1.1 ") < responses or not out.endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract Unix sockets are Linux's")
+def test_its_local_socket_serves_the_same_requests_as_its_port_until_it_stops(module):
+    names = []
+
+    async def test(url, server):
+        assert server.local_socket == f"rayfleet/{__import__('os').getpid()}/{server.port}"
+        assert server.stats()["localSocket"] == server.local_socket
+        names.append(server.local_socket)
+        request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nX-Forwarded-For: 203.0.113.7\r\n\r\nabc"
+        out = await asyncio.to_thread(_over_local_socket, server.local_socket, request * 2, 2)  # kept alive
+        assert out.count(b"HTTP/1.1 200 OK\r\n") == 2 and out.endswith(b'{"bytes": 3}'), out
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            assert (await client.post("/", content=b"abcd")).json() == {"bytes": 4}
+
+    serve(module, test)
+    with pytest.raises(ConnectionRefusedError):
+        _over_local_socket(names[0], b"GET / HTTP/1.1\r\n\r\n")

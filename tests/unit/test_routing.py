@@ -133,3 +133,15 @@ def test_a_canarys_bad_replica_is_left_out_and_names_never_collide():
     names = [b.name for be in table.backends for b in be.revisions()]
     assert len(names) == len(set(names)) == 3
     assert table.backend("d").canary.name == "be_d:canary"
+
+
+def test_a_replicas_local_socket_travels_with_it_and_one_haproxy_cannot_hold_is_dropped():
+    table = build_table([route("d", [("d-0", "10.0.0.1", 9000, "n1", "rayfleet/12/9000"),
+                                     ("d-1", "10.0.0.1", 9001, "n1", "bad name\nbackend x"),
+                                     ("d-2", "10.0.0.2", 9000, "n2")], route_prefix="/d")])
+    servers = {s.replica_id: s for s in table.backend("d").servers}
+    assert [servers[r].local for r in ("d-0", "d-1", "d-2")] == ["rayfleet/12/9000", None, None]
+    assert servers["d-0"].address_for("n1") == "abns@rayfleet/12/9000"
+    assert servers["d-0"].address_for("n2") == servers["d-0"].address_for(None) == "10.0.0.1:9000"
+    assert RoutingTable.from_wire(table.to_wire()) == table
+    assert table.to_wire()["deployments"]["d"]["replicas"][0]["local"] == "rayfleet/12/9000"

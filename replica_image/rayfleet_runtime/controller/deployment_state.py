@@ -47,7 +47,8 @@ from rayfleet_runtime.controller.replica_actions import PROBE_INTERVAL_S, Replic
 from rayfleet_runtime.controller.rollouts import Revisions
 from rayfleet_runtime.controller.route_publisher import RoutePublisher
 from rayfleet_runtime.lifecycle_log import lifecycle
-from rayfleet_runtime.routing import KEEPALIVE_TIMEOUT_S, CanaryRoute, Route, RoutingTable, build_table, prefix_taken
+from rayfleet_runtime.routing import (KEEPALIVE_TIMEOUT_S, CanaryRoute, ReplicaRow, Route, RoutingTable, build_table,
+                                      prefix_taken)
 
 TICK_S = 0.25
 RECOVER_PROBE_TIMEOUT_S = 10.0
@@ -489,8 +490,9 @@ class ControllerCore:
         """The deployment's READY replicas; while a canary runs, its own apart, with its weight."""
         canary = dep.canary()
 
-        def ready(of_canary: bool) -> tuple[tuple[str, str, int, str | None], ...]:
-            return tuple((r.id, r.info["host"], r.info["port"], r.info.get("nodeId")) for r in dep.replicas.values()
+        def ready(of_canary: bool) -> tuple[ReplicaRow, ...]:
+            return tuple((r.id, r.info["host"], r.info["port"], r.info.get("nodeId"), r.info.get("localSocket"))
+                         for r in dep.replicas.values()
                          if r.state == ReplicaState.READY and r.info.get("port")
                          and (canary is not None and r.version == canary[0].version) == of_canary)
         if canary is None:

@@ -177,7 +177,8 @@ class ServerLine:
 
 def server_line(table: RoutingTable, be: Backend, server: Server, node_id: str | None,
                 health_inter_ms: int = HEALTH_INTER_MS) -> ServerLine:
-    """A replica of ``be`` for the ingress of ``node_id``: checked every interval there if ``table.checks``
+    """A replica of ``be`` for the ingress of ``node_id``, by its local socket if it is on that node
+    (``Server.address_for``): checked every interval there if ``table.checks``
     says so, else rarely (``ELSEWHERE_HEALTH_INTER_MS``); marked down after 3 failed connects in a row either
     way, then checked every interval until it answers. (A runtime ``add server`` takes no ``default-server``.)"""
     own = table.checks(server, node_id)
@@ -185,7 +186,7 @@ def server_line(table: RoutingTable, be: Backend, server: Server, node_id: str |
     up_inter = inter if own else max(inter, ELSEWHERE_HEALTH_INTER_MS)
     health = (f"check inter {up_inter}ms downinter {inter}ms fastinter {max(100, inter // 2)}ms rise 1 fall 2"
               " observe layer4 error-limit 3 on-error mark-down")
-    return ServerLine(f"{server.addr} {health} maxconn {be.max_concurrency}", own, own or server.up)
+    return ServerLine(f"{server.address_for(node_id)} {health} maxconn {be.max_concurrency}", own, own or server.up)
 
 
 def runtime_servers(table: RoutingTable, node_id: str | None,

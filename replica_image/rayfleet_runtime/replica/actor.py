@@ -22,6 +22,7 @@ from typing import Any
 import ray
 
 from rayfleet_api.desired import DesiredState
+from rayfleet_runtime.local_socket import bind_local, local_name
 from rayfleet_runtime.replica.asgi import AsgiRunner, AsgiServer, is_asgi_app
 from rayfleet_runtime.replica.admission import replica_max_queued
 from rayfleet_runtime.replica.handler import HandlerLoadError, HandlerRunner, load_handler
@@ -43,6 +44,7 @@ class ReplicaServer:
         self.draining = False
         self.host: str | None = None
         self.port: int | None = None
+        self.local_socket: str | None = None  # its node's ingress connects here (local_socket)
         self.started_at = time.time()
         self._http: PlainServer | AsgiServer | None = None
 
@@ -55,14 +57,18 @@ class ReplicaServer:
         sock = socket.socket(socket.AF_INET6 if ":" in bind_host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((bind_host, port))
+        name = local_name(sock.getsockname()[1])
+        local = bind_local(name)
+        sockets = [sock] if local is None else [sock, local]
         if is_asgi_app(handler):
             self.runner = AsgiRunner(handler, self.desired, lambda: self.draining)
             self._http = AsgiServer(self.runner)
             try:
-                await self._http.start(sock)  # the app's lifespan startup, before the replica is ready
+                await self._http.start(sockets)  # the app's lifespan startup, before the replica is ready
             except HandlerLoadError as exc:
                 self.runner, self._http = None, None
-                sock.close()
+                for s in sockets:
+                    s.close()
                 self._failed(exc)
                 return
         else:
@@ -71,8 +77,9 @@ class ReplicaServer:
                                         max_queued=replica_max_queued(self.desired))
             self._http = PlainServer(self.runner, self.desired.max_request_body_bytes, self.desired.access_log,
                                      lambda: self.draining)
-            await self._http.start(sock)
+            await self._http.start(sockets)
         self.port = sock.getsockname()[1]
+        self.local_socket = None if local is None else name
         wildcard = bind_host in ("0.0.0.0", "::", "")
         self.host = (advertise_host or "127.0.0.1") if wildcard else bind_host
 
@@ -86,6 +93,7 @@ class ReplicaServer:
             "version": self.version,
             "host": self.host,
             "port": self.port,
+            "localSocket": self.local_socket,
             "pid": os.getpid(),
             "inFlight": r.in_flight if r else 0,
             "queued": r.queued if r else 0,

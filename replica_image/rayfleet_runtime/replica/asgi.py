@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable
 from rayfleet_api.constants import REPLICA_READY_PATH
 from rayfleet_api.desired import DesiredState
 from rayfleet_runtime.replica.admission import Admission, replica_max_queued
-from rayfleet_runtime.replica.handler import HandlerLoadError, PayloadTooLarge, log_access
+from rayfleet_runtime.replica.handler import HandlerLoadError, PayloadTooLarge, forwarded_client, log_access
 
 logger = logging.getLogger("rayfleet.replica")
 
@@ -206,7 +206,7 @@ class AsgiRunner(Admission):
             if length is not None and length.isdigit() and int(length) > self.max_body:
                 exchange.too_large = True  # refused before a byte of the body is read
             else:
-                await self.app({**scope, "root_path": self.root_path}, exchange.receive, exchange.send)
+                await self.app(self._scope(scope), exchange.receive, exchange.send)
         except asyncio.CancelledError:
             self.cancelled += 1
             if not exchange.disconnected:
@@ -227,10 +227,20 @@ class AsgiRunner(Admission):
             status = 499 if exchange.disconnected else exchange.status or (413 if exchange.too_large else 500)
             self.answered(status, started)
             if self.access_log:
-                log_access(scope["method"], scope["path"], status, started, (scope.get("client") or ("",))[0])
+                log_access(scope["method"], scope["path"], status, started,
+                           (scope.get("client") or (forwarded_client(scope["headers"]),))[0])
         if exchange.too_large and not exchange.status:
             await _respond(send, 413, f"413 Request Entity Too Large: {PayloadTooLarge.over(self.max_body)}",
                            [(b"connection", b"close")])
+
+    def _scope(self, scope: Message) -> Message:
+        """The app's scope: under the deployment's prefix; over the local socket, with no peer address, the
+        client's from the ingress's X-Forwarded-For (uvicorn trusts it from 127.0.0.1, as over TCP there)."""
+        if scope.get("client") is None:
+            client = forwarded_client(scope["headers"])
+            if client is not None:
+                return {**scope, "root_path": self.root_path, "client": (client, 0)}
+        return {**scope, "root_path": self.root_path}
 
     async def _session(self, scope: Message, receive: Receive, send: Send) -> None:
         """A WebSocket session: one request against ``maxConcurrency`` for its whole life."""
@@ -241,7 +251,7 @@ class AsgiRunner(Admission):
             return
         started, status = time.perf_counter(), 101  # a session counts as its upgrade's status
         try:
-            await self.app({**scope, "root_path": self.root_path}, receive, send)
+            await self.app(self._scope(scope), receive, send)
         except asyncio.CancelledError:
             self.cancelled += 1
             status = 499
@@ -277,10 +287,10 @@ class AsgiServer:
         self.server = uvicorn.Server(self.config)
         self.server.lifespan = self.config.lifespan_class(self.config)
 
-    async def start(self, sock: socket.socket) -> None:
-        """Run the app's lifespan startup, then serve; ``HandlerLoadError`` if the startup failed."""
+    async def start(self, sockets: list[socket.socket]) -> None:
+        """Run the app's lifespan startup, then serve on each socket; ``HandlerLoadError`` if the startup failed."""
         try:
-            await self.server.startup(sockets=[sock])
+            await self.server.startup(sockets=sockets)
         except SystemExit:  # uvicorn's answer to a failed lifespan startup
             raise HandlerLoadError("HandlerInitError", "the ASGI app's lifespan startup failed (its error is in the "
                                    "replica's log)", "") from None

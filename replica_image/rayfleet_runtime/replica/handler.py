@@ -91,8 +91,22 @@ def log_access(method: str, path: str, status: int, started: float, client: str 
                               ms=round((time.perf_counter() - started) * 1000, 2), client=client))
 
 
+def forwarded_client(headers: Any) -> str | None:
+    """The client's address as the ingress forwarded it, from ``(name, value)`` byte pairs: the last
+    X-Forwarded-For entry (HAProxy drops one the client sent and appends the address it saw)."""
+    value = None
+    for name, v in headers:
+        if name.lower() == b"x-forwarded-for":
+            value = v
+    client = value.rpartition(b",")[2].strip().decode("latin-1") if value else ""
+    return client or None
+
+
 class Request:
-    """What a handler receives: method, full path, query, headers and the whole body as bytes."""
+    """What a handler receives: method, full path, query, headers and the whole body as bytes.
+
+    ``remote`` is the address the connection came from: the ingress's over TCP, None over the replica's
+    local socket (its own node's ingress); the client's own is the last ``X-Forwarded-For`` entry."""
 
     __slots__ = ("method", "path", "query", "headers", "body", "remote")
 

@@ -30,7 +30,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from rayfleet_api.constants import REPLICA_READY_PATH
 from rayfleet_runtime.replica.asgi import SERVER_KEEPALIVE_S
-from rayfleet_runtime.replica.handler import HandlerRunner, PayloadTooLarge, Request, log_access
+from rayfleet_runtime.replica.handler import HandlerRunner, PayloadTooLarge, Request, forwarded_client, log_access
 
 logger = logging.getLogger("rayfleet.replica")
 
@@ -111,7 +111,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.remote = peer[0] if peer else None
+        self.remote = peer[0] if isinstance(peer, tuple) else None  # a Unix socket's peer has no address
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -191,7 +191,7 @@ class _Connection(asyncio.Protocol):
     # serving
 
     def _start(self, ex: _Exchange) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._serve(ex))
+        self.task = self.server.loop.create_task(self._serve(ex))
 
     async def _serve(self, ex: _Exchange) -> None:
         started = time.perf_counter()
@@ -230,7 +230,7 @@ class _Connection(asyncio.Protocol):
             self._write_text(ex, 500, "500 Internal Server Error")
         finally:
             if self.server.access_log and status:
-                log_access(ex.method, path, status, started, self.remote)
+                log_access(ex.method, path, status, started, forwarded_client(ex.headers) or self.remote)
             self._done(ex)
 
     def _write_text(self, ex: _Exchange, status: int, text: str) -> None:
@@ -367,12 +367,16 @@ class PlainServer:
         self.access_log = access_log
         self.is_draining = is_draining
         self.connections: set[_Connection] = set()
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task | None = None
+        # asyncio.get_running_loop() makes a getpid() syscall each time: one a request was measurable
+        self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def start(self, sock) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024)
+    async def start(self, sockets: list) -> None:
+        """Serve on each bound socket (its TCP port and, for its own node's ingress, its local socket)."""
+        loop = self.loop = asyncio.get_running_loop()
+        for sock in sockets:
+            self._servers.append(await loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024))
         self._sweeper = loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
@@ -386,8 +390,8 @@ class PlainServer:
         """Stop listening and close every connection (a request still in flight is cancelled)."""
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         tasks = [c.task for c in self.connections if c.task is not None]
         for conn in list(self.connections):
             conn.closing = True
