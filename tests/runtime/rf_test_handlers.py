@@ -1,6 +1,7 @@
 """Handlers only the runtime tests use (on the Ray workers' PYTHONPATH via conftest)."""
 import asyncio
 import os
+import threading
 import time
 
 
@@ -38,5 +39,6 @@ class Failing:
 
 
 async def peer(request):
-    """Who connected (``request.remote``) and who the ingress says the client is."""
-    return {"pid": os.getpid(), "remote": request.remote, "xff": request.headers.get("X-Forwarded-For")}
+    """Who connected (``request.remote``), who the ingress says the client is, and the serving thread's nice."""
+    return {"pid": os.getpid(), "remote": request.remote, "xff": request.headers.get("X-Forwarded-For"),
+            "nice": os.getpriority(os.PRIO_PROCESS, threading.get_native_id())}
