@@ -1,7 +1,6 @@
 """Handlers only the runtime tests use (on the Ray workers' PYTHONPATH via conftest)."""
 import asyncio
 import os
-import threading
 import time
 
 
@@ -39,6 +38,5 @@ class Failing:
 
 
 async def peer(request):
-    """Who connected (``request.remote``), who the ingress says the client is, and the serving thread's nice."""
-    return {"pid": os.getpid(), "remote": request.remote, "xff": request.headers.get("X-Forwarded-For"),
-            "nice": os.getpriority(os.PRIO_PROCESS, threading.get_native_id())}
+    """Who connected (``request.remote``) and who the ingress says the client is."""
+    return {"pid": os.getpid(), "remote": request.remote, "xff": request.headers.get("X-Forwarded-For")}

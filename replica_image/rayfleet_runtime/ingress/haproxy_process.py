@@ -29,7 +29,6 @@ import time
 from typing import Callable
 
 from rayfleet_runtime.ingress.haproxy_bin import HAProxyBinary
-from rayfleet_runtime.priority import normal_priority
 
 logger = logging.getLogger("rayfleet.ingress")
 
@@ -46,7 +45,12 @@ def _die_with_parent_of(parent_pid: int):
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
             os._exit(1)
-        normal_priority()  # not Ray's nice 15 for workers, where allowed (rayfleet_runtime.priority)
+        # Ray runs its workers at nice 15 and HAProxy would inherit it, yet every request passes
+        # through HAProxy: give it normal priority where allowed (needs CAP_SYS_NICE; else keep 15).
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        except OSError:
+            pass
 
     return preexec
 

@@ -23,7 +23,6 @@ import ray
 
 from rayfleet_api.desired import DesiredState
 from rayfleet_runtime.local_socket import bind_local, local_name
-from rayfleet_runtime.priority import normal_priority
 from rayfleet_runtime.replica.asgi import AsgiRunner, AsgiServer, is_asgi_app
 from rayfleet_runtime.replica.admission import replica_max_queued
 from rayfleet_runtime.replica.handler import HandlerLoadError, HandlerRunner, load_handler
@@ -127,7 +126,6 @@ class Replica:
 
     async def __init__(self, deployment: str, replica_id: str, desired: DesiredState, bind_host: str):
         configure_logging()
-        normal_priority()  # this is the data-plane thread: at the priority of the HAProxy in front of it
         self.deployment = deployment
         self.replica_id = replica_id
         self._loop = asyncio.get_running_loop()  # the data-plane loop (default concurrency group)
