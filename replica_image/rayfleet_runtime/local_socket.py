@@ -10,10 +10,13 @@ that node's ingress (and whatever else runs in the pod) can connect, as with the
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
 import sys
+
+logger = logging.getLogger("rayfleet.replica")
 
 # What a routing table may carry as a name: it goes into haproxy.cfg and runtime commands verbatim
 NAME_OK = re.compile(r"[A-Za-z0-9_./-]{1,100}")
@@ -28,15 +31,17 @@ def local_name(port: int) -> str:
 
 
 def bind_local(name: str) -> socket.socket | None:
-    """The abstract socket named ``name``, bound (not listening); None where there are none (not Linux)."""
+    """The abstract socket named ``name``, bound (not listening); None where there is none (not Linux, or
+    refused): then its node's ingress reaches the replica over TCP like any other."""
     if not sys.platform.startswith("linux"):
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(address(name))
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        logger.warning("no local socket %s (%s): this replica is reached over TCP only", name, exc)
+        return None
     return sock
 
 

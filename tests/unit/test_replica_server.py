@@ -332,3 +332,14 @@ def test_its_local_socket_serves_the_same_requests_as_its_port_until_it_stops(mo
     serve(module, test)
     with pytest.raises(ConnectionRefusedError):
         _over_local_socket(names[0], b"GET / HTTP/1.1\r\n\r\n")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract Unix sockets are Linux's")
+def test_a_local_socket_that_cannot_be_bound_leaves_the_replica_on_tcp_alone():
+    from rayfleet_runtime import local_socket
+
+    taken = local_socket.bind_local("rayfleet/test/taken")
+    try:
+        assert taken is not None and local_socket.bind_local("rayfleet/test/taken") is None
+    finally:
+        taken.close()
