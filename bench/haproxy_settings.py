@@ -28,7 +28,7 @@ from rayfleet_api.http_probe import wait_http
 from rayfleet_runtime.ingress.haproxy_bin import find_haproxy
 from rayfleet_runtime.ingress.actor import default_maxconn
 from rayfleet_runtime.ingress.haproxy_config import canary_weights_text, render_config
-from rayfleet_runtime.routing import Route, build_table
+from rayfleet_runtime.routing import ReplicaRow, Route, build_table
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ports = [free_port() for _ in range(REPLICAS)]
     port = free_port()
     desired = DesiredState(handler="bench.handlers:trivial", route_prefix="/bench", max_concurrency=1000)
-    table = build_table([Route("bench", desired, tuple((f"bench-{i}", "127.0.0.1", rp, None)
+    table = build_table([Route("bench", desired, tuple(ReplicaRow(f"bench-{i}", "127.0.0.1", rp, None)
                                                        for i, rp in enumerate(ports)))])  # as the controller does
     with tempfile.TemporaryDirectory() as tmp:
         weights_map = f"{tmp}/canary_weights.map"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -735,9 +736,7 @@ def ready_worker(system: str, n: int, out: str) -> int:
 
 
 def part_ready(shape: dict[str, Any]) -> dict[str, Any]:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("ray") is None:
         return {"skipped": "ray is not installed"}
     runs = []
     for n in shape["counts"]:

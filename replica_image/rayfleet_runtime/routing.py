@@ -44,13 +44,11 @@ import ipaddress
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 from rayfleet_api.desired import ROUTE_PREFIX, DesiredState
 from rayfleet_runtime import local_socket
 
-# A READY replica as the controller routes it: (replica id, host, port, node id[, local socket])
-ReplicaRow = tuple[Any, ...]
 QUEUE_TIMEOUT_S = 2.0  # a request waits this long for a free replica slot, then gets 503
 # How long a client's keep-alive connection may sit idle at the ingress. After a reload, an old HAProxy
 # worker keeps such a connection, routing it by the old table, until it times out or carries one more
@@ -189,6 +187,16 @@ class RoutingTable:
         return _assemble(entries, skipped, (wire or {}).get("sharedHealth") is True)
 
 
+class ReplicaRow(NamedTuple):
+    """A READY replica as the controller routes it."""
+
+    id: str
+    host: str
+    port: int
+    node: str | None  # its Ray node: the ingress there reaches it by ``local``
+    local: str | None = None  # its abstract Unix socket's name (local_socket), if it bound one
+
+
 @dataclass(frozen=True)
 class Route:
     """One deployment as the controller routes it: its desired state and its READY replicas."""
@@ -240,12 +248,7 @@ def _entry(deployment: str, d: DesiredState, replicas: Iterable[Any], who: str, 
         max_body_bytes=d.max_request_body_bytes,
         # With no replica the ingress holds a request (it starts one) instead of refusing it.
         scale_from_zero=bool(scaled and scaled.min_replicas == 0),
-        servers=_servers(who, ((*_row(rep), rep[0] not in down) for rep in replicas), skipped))
-
-
-def _row(rep: Any) -> tuple[Any, ...]:
-    """A ``ReplicaRow`` with its optional local socket."""
-    return (*rep, None) if len(rep) == 4 else tuple(rep)
+        servers=_servers(who, ((*rep, rep[0] not in down) for rep in replicas), skipped))
 
 
 def normalize_prefix(prefix: Any) -> str:

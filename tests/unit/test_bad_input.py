@@ -38,7 +38,7 @@ from rayfleet_api.desired import ROUTE_PREFIX_PATTERN, DesiredState, parse_json,
 from rayfleet_api.errors import SpecError
 from rayfleet_api.states import ReplicaState
 from rayfleet_runtime.ingress import haproxy_config as hc
-from rayfleet_runtime.routing import CanaryRoute, Route, RoutingTable, build_table
+from rayfleet_runtime.routing import CanaryRoute, ReplicaRow, Route, RoutingTable, build_table
 from rayfleet_runtime.controller.api_server import make_app
 from rayfleet_runtime.controller.deployment_state import ControllerCore
 from rayfleet_runtime.controller.records import ReplicaRecord
@@ -517,7 +517,7 @@ def canary_routes(draw) -> Route:
     stable, canary = (DesiredState.from_json(draw(near_valid_desired_states(break_one=False))) for _ in range(2))
 
     def ready(revision: str, node: str) -> tuple:
-        return tuple((f"{name}-{revision}{i}", draw(replica_hosts), draw(st.integers(1, 65535)), node)
+        return tuple(ReplicaRow(f"{name}-{revision}{i}", draw(replica_hosts), draw(st.integers(1, 65535)), node)
                      for i in range(draw(st.integers(0, 2))))
 
     return Route(name, stable, ready("s", "n1"), CanaryRoute(canary, ready("c", "n2"), draw(st.integers(0, 100))))
@@ -527,7 +527,7 @@ def canary_routes(draw) -> Route:
 @given(st.lists(canary_routes(), max_size=5, unique_by=lambda route: route.deployment))  # as the controller has them
 def test_tables_with_canaries_pass_haproxy_check(haproxy_check, routes):
     echo = DesiredState.from_json(ECHO[1])
-    table = build_table([Route("echo", echo, tuple((*r, None) for r in ECHO_REPLICAS)), *routes])
+    table = build_table([Route("echo", echo, tuple(ReplicaRow(*r, None) for r in ECHO_REPLICAS)), *routes])
     config = render(table)
     ok, out = haproxy_check(config)
     assert ok, out

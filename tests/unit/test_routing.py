@@ -2,12 +2,16 @@
 import pytest
 
 from rayfleet_api.desired import Autoscaling, DesiredState
-from rayfleet_runtime.routing import (QUEUE_TIMEOUT_S, CanaryRoute, Route, RoutingTable, build_table, normalize_prefix,
-                                      prefix_taken)
+from rayfleet_runtime.routing import (QUEUE_TIMEOUT_S, CanaryRoute, ReplicaRow, Route, RoutingTable, build_table,
+                                      normalize_prefix, prefix_taken)
 
 
 def route(name, replicas=(), **fields):
-    return Route(name, DesiredState(handler="m:h", **fields), tuple(replicas))
+    return Route(name, DesiredState(handler="m:h", **fields), rows(replicas))
+
+
+def rows(replicas):
+    return tuple(ReplicaRow(*r) for r in replicas)
 
 
 def test_a_fixed_deployment_queues_what_its_replicas_up_run_for_two_seconds():
@@ -68,9 +72,9 @@ def test_normalize_prefix():
 
 def canary_route(name, stable_replicas, canary_replicas, weight, canary_fields=None, **fields):
     desired = DesiredState(handler="m:h", **fields)
-    canary = CanaryRoute(DesiredState(handler="m:h2", **{**fields, **(canary_fields or {})}), tuple(canary_replicas),
+    canary = CanaryRoute(DesiredState(handler="m:h2", **{**fields, **(canary_fields or {})}), rows(canary_replicas),
                          weight)
-    return Route(name, desired, tuple(stable_replicas), canary)
+    return Route(name, desired, rows(stable_replicas), canary)
 
 
 def test_a_canary_is_a_backend_of_its_own_with_its_revisions_limits():

@@ -491,7 +491,8 @@ class ControllerCore:
         canary = dep.canary()
 
         def ready(of_canary: bool) -> tuple[ReplicaRow, ...]:
-            return tuple((r.id, r.info["host"], r.info["port"], r.info.get("nodeId"), r.info.get("localSocket"))
+            return tuple(ReplicaRow(r.id, r.info["host"], r.info["port"], r.info.get("nodeId"),
+                                    r.info.get("localSocket"))
                          for r in dep.replicas.values()
                          if r.state == ReplicaState.READY and r.info.get("port")
                          and (canary is not None and r.version == canary[0].version) == of_canary)

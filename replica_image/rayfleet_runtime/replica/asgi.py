@@ -199,6 +199,7 @@ class AsgiRunner(Admission):
             return
         started = time.perf_counter()
         exchange = _Exchange(receive, send, self.max_body, self._watchers)
+        app_scope = self._scope(scope)
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is None and not any(k == b"transfer-encoding" for k, _ in scope["headers"]):
             exchange.watch_for_disconnect()  # no body to read first
@@ -206,7 +207,7 @@ class AsgiRunner(Admission):
             if length is not None and length.isdigit() and int(length) > self.max_body:
                 exchange.too_large = True  # refused before a byte of the body is read
             else:
-                await self.app(self._scope(scope), exchange.receive, exchange.send)
+                await self.app(app_scope, exchange.receive, exchange.send)
         except asyncio.CancelledError:
             self.cancelled += 1
             if not exchange.disconnected:
@@ -227,8 +228,7 @@ class AsgiRunner(Admission):
             status = 499 if exchange.disconnected else exchange.status or (413 if exchange.too_large else 500)
             self.answered(status, started)
             if self.access_log:
-                log_access(scope["method"], scope["path"], status, started,
-                           (scope.get("client") or (forwarded_client(scope["headers"]),))[0])
+                log_access(scope["method"], scope["path"], status, started, (app_scope.get("client") or (None,))[0])
         if exchange.too_large and not exchange.status:
             await _respond(send, 413, f"413 Request Entity Too Large: {PayloadTooLarge.over(self.max_body)}",
                            [(b"connection", b"close")])
