@@ -33,6 +33,7 @@ class Reason:
     INSUFFICIENT_RESOURCES = "InsufficientResources"
     OVERLOADED = "Overloaded"
     DELETING = "Deleting"
+    REPLICA_RESTARTED = "ReplicaRestarted"  # an Event's reason: a replica's restart count went up
 
 
 UNHEALTHY_STATES = {ReplicaState.UNHEALTHY, ReplicaState.FAILED, ReplicaState.STOPPED}
@@ -230,9 +231,10 @@ def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, A
 
 def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str]]:
     """Events (type, reason, message) for what changed: the autoscaler changing the count (with its
-    reason), Ready changing reason (Warning when not ready), and a rollout failing or completing or
-    progress stopping (a replica Ray can't place), which Ready alone doesn't show."""
-    events = []
+    reason), Ready changing reason (Warning when not ready), a rollout failing or completing or
+    progress stopping (a replica Ray can't place), which Ready alone doesn't show, and a replica restarted,
+    which no condition may show: the controller can replace one between two reconciles."""
+    events = _restart_events(old, new)
     scaled = (new.get("autoscaling") or {}).get("lastScaleTime")
     if (scaled and scaled != (old.get("autoscaling") or {}).get("lastScaleTime")
             and old.get("desiredReplicas", new["desiredReplicas"]) != new["desiredReplicas"]):
@@ -245,6 +247,16 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[st
     progress = _progress_event(old, new)
     if progress is not None and not any(e[1] == progress[1] for e in events):
         events.append(progress)  # a blocked state Ready names too is in Ready's event already
+    return events
+
+
+def _restart_events(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str]]:
+    before = {r.get("id"): r.get("restarts", 0) for r in old.get("replicaStatuses") or []}
+    events = []
+    for r in new.get("replicaStatuses") or []:
+        if r["id"] in before and r["restarts"] > before[r["id"]]:
+            why = f": {r['lastError']}" if r.get("lastError") else ""
+            events.append(("Warning", Reason.REPLICA_RESTARTED, f"replica {r['id']} restarted ({r['restarts']} in all){why}"))
     return events
 
 

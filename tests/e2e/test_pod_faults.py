@@ -65,7 +65,7 @@ def sturdy(cluster):
         "redisAddress": f"redis.{REDIS_NAMESPACE}.svc:6379",
         "redisPasswordSecret": {"name": "redis-auth", "key": "password"}}}
     apply(cluster, sd)
-    cluster.wait_ready(NAME, 2)
+    spread(cluster)
     return sd
 
 
@@ -79,15 +79,20 @@ def pod_of(cluster, node_ip: str) -> dict:
     return pod
 
 
+def spread(cluster) -> dict:
+    """The deployment Ready with one replica on each worker pod. The controller places replicas on the Ray
+    nodes there are: a worker pod that joins after them takes one by a rebalance, which may follow Ready."""
+    full_strength(cluster, NAME, time.monotonic())
+    return cluster.wait_ready(NAME, 2)
+
+
 def a_replica_pod(cluster) -> tuple[dict, dict[str, int]]:
-    sd = cluster.wait_ready(NAME, 2)
-    replicas = sd["status"]["replicaStatuses"]
-    assert len({r["node"] for r in replicas}) == 2, replicas  # spread: one replica per worker pod
-    return pod_of(cluster, replicas[0]["node"]), replica_pids(sd)
+    sd = spread(cluster)
+    return pod_of(cluster, sd["status"]["replicaStatuses"][0]["node"]), replica_pids(sd)
 
 
 def test_replicas_are_spread_and_the_cluster_has_a_disruption_budget_and_redis(cluster, sturdy):
-    sd = cluster.wait_ready(NAME, 2)
+    sd = spread(cluster)
     assert len({r["node"] for r in sd["status"]["replicaStatuses"]}) == 2
     assert len(workers(cluster, NAME)) == 2  # the operator sized two worker pods for two replicas
     pdb = cluster.get("poddisruptionbudget", NAME, "-n", NAMESPACE)
@@ -173,7 +178,7 @@ def test_a_force_deleted_worker_pod_costs_at_most_what_was_in_flight_on_it(clust
 
 
 def test_deleting_the_head_replaces_no_replica_and_fails_no_request(cluster, sturdy):
-    sd = cluster.wait_ready(NAME, 2)
+    sd = spread(cluster)  # no rebalance to come, which would replace a replica
     pids = replica_pids(sd)
     (head,) = [p for p in cluster.pods(NAME) if p["metadata"]["labels"]["ray.io/node-type"] == "head"]
     worker_restarts = {p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"]

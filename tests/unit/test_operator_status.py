@@ -120,6 +120,19 @@ def test_events_for_readiness_changes_and_for_a_replica_ray_cant_place():
     assert [e[1] for e in transition_events(running, invalid)] == ["InvalidSpec"]
 
 
+def test_a_replica_restarted_between_two_reconciles_is_an_event_though_no_condition_changed():
+    def status(*replicas):
+        return compute_status(obs(controller=controller(*replicas)), None, "t")
+
+    running = status(replica("a"), replica("b"))
+    restarted = status(replica("a"), {**replica("b", restarts=1), "lastError": "the actor died: SIGKILL"})
+    assert transition_events(running, restarted) == [
+        ("Warning", "ReplicaRestarted", "replica b restarted (1 in all): the actor died: SIGKILL")]
+    assert transition_events(restarted, restarted) == []
+    # a new replica (a scale-up, a replacement under another id) is no restart, whatever it counts
+    assert transition_events(running, status(replica("a"), replica("b"), replica("c", restarts=2))) == []
+
+
 AUTOSCALED = {"replicas": 2, "maxConcurrency": 10, "autoscaling": {"minReplicas": 1, "maxReplicas": 5}}
 
 
